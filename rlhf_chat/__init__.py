@@ -1,0 +1,1 @@
+"""rlhf-chat: a chatbot that learns live from people's pairwise votes."""

@@ -1,0 +1,195 @@
+"""Candidates: sampling answers in one batched ``generate`` call, streamed as written.
+
+The same function samples the two candidates people compare and the PPO
+rollouts, so what PPO learns from is drawn exactly as what people see.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
+
+
+@dataclass
+class Sampling:
+    """Settings of one sampling call, recorded with every candidate."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Samples:
+    """A batch of sampled answers, left-padded prompts and right-padded responses."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded with pad_token_id
+    texts: list[str]
+    token_counts: list[int]  # real tokens in each response, EOS included
+    finished: list[bool]  # ended with EOS before the length limit
+    latency_s: float
+
+
+@dataclass
+class Candidate:
+    """One answer shown to a person, with what is needed to reproduce and learn from it."""
+
+    text: str
+    source: str  # "policy" or "reference"
+    policy_version: int
+    seed: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    token_count: int
+    finished: bool
+    latency_s: float
+
+    def to_record(self) -> dict:
+        """Plain fields for the store."""
+        return asdict(self)
+
+
+class RowStreamer(BaseStreamer):
+    """Streams each row of a batched ``generate`` call, decoded, to a callback.
+
+    ``transformers``' own text streamers take one row only; the two candidates
+    are two rows of one call, and each pane must fill as its row is written.
+    """
+
+    def __init__(self, tokenizer, batch_size: int, on_update: Callable[[list[str]], None]):
+        self.tokenizer = tokenizer
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+        self.done = [False] * batch_size
+        self.on_update = on_update
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # generate first hands over the prompt itself
+            self.seen_prompt = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.done[row] = True
+            else:
+                self.rows[row].append(token)
+        self.on_update([self.tokenizer.decode(r, skip_special_tokens=True) for r in self.rows])
+
+    def end(self) -> None:
+        pass
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into a left-padded (B, L) batch and its attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def count_response_tokens(response_ids: torch.Tensor, eos_id: int) -> tuple[list[int], list[bool]]:
+    """Tokens up to and including the first EOS in each row, and whether there was one."""
+    counts, finished = [], []
+    for row in response_ids.tolist():
+        if eos_id in row:
+            counts.append(row.index(eos_id) + 1)
+            finished.append(True)
+        else:
+            counts.append(len(row))
+            finished.append(False)
+    return counts, finished
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    adapter_names: list[str] | None = None,
+    on_update: Callable[[list[str]], None] | None = None,
+) -> Samples:
+    """Sample one answer per prompt in a single batched ``generate`` call.
+
+    ``adapter_names`` gives each row its adapter (peft mixed batches), so the
+    policy and the reference can answer side by side in the same call.
+    ``top_k=0`` keeps the distribution that was sampled exactly the softmax at
+    ``temperature`` (with ``top_p`` 1.0), which PPO's log-probabilities assume.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    torch.manual_seed(sampling.seed)
+    streamer = RowStreamer(tokenizer, len(prompts), on_update) if on_update else None
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
+        **extra,
+    )
+    latency = time.perf_counter() - start
+    response = out[:, ids.shape[1]:]
+    counts, finished = count_response_tokens(response, tokenizer.eos_token_id)
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
+    return Samples(ids, mask, response, texts, counts, finished, latency)
+
+
+def generate_pair(
+    model,
+    tokenizer,
+    prompt: list[int],
+    sampling: Sampling,
+    policy_version: int,
+    arena: bool = False,
+    on_update: Callable[[list[str]], None] | None = None,
+) -> tuple[Candidate, Candidate]:
+    """Two candidates for one prompt, sampled together.
+
+    In an arena pair one side is the policy and the other the reference (the
+    starting model), on a side chosen at random so that people judge blind.
+    """
+    sources = ["policy", "policy"]
+    if arena:
+        sources = ["policy", "reference"]
+        random.Random(sampling.seed).shuffle(sources)
+    adapter_names = [BASE_ADAPTER if s == "reference" else "policy" for s in sources] if arena else None
+    samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update)
+    return tuple(  # type: ignore[return-value]
+        Candidate(
+            text=samples.texts[i],
+            source=sources[i],
+            policy_version=policy_version if sources[i] == "policy" else 0,
+            seed=sampling.seed,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            token_count=samples.token_counts[i],
+            finished=samples.finished[i],
+            latency_s=samples.latency_s,
+        )
+        for i in range(2)
+    )

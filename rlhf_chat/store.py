@@ -1,0 +1,264 @@
+"""Store: data access over the tables, for the UI, the trainers and the tools.
+
+Functions take a SQLAlchemy ``Session`` and leave its lifecycle to the caller,
+except :func:`record_vote`-style writes the caller wraps in ``session.begin()``.
+The engine is SQLite by default (WAL, busy timeout); any SQLAlchemy URL works.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhf_chat.candidates import Candidate
+from rlhf_chat.tables import (
+    SCHEMA_VERSION,
+    Base,
+    CandidateRow,
+    Checkpoint,
+    Comparison,
+    Conversation,
+    Message,
+    PPOStep,
+    RewardRound,
+    SchemaInfo,
+    TrainingEvent,
+    utcnow,
+)
+
+CHOICES = ("a", "b", "tie", "both_bad")
+STRENGTHS = ("slightly", "clearly")
+T = TypeVar("T")
+
+
+def make_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
+    """An engine for ``url``; SQLite gets WAL (readers never block the writer) and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            if ":memory:" not in url:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Create missing tables and record the schema version.
+
+    Version 1 is the first schema; a later version adds its ALTERs here, keyed
+    on the stored version, so an old database upgrades on start.
+    """
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        info = session.get(SchemaInfo, 1)
+        if info is None:
+            session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+        elif info.version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema {info.version} is newer than this code ({SCHEMA_VERSION}); upgrade rlhf-chat"
+            )
+        elif info.version < SCHEMA_VERSION:
+            info.version = SCHEMA_VERSION
+            info.updated_at = utcnow()
+
+
+def open_store(url: str, busy_timeout_ms: int = 10_000) -> sessionmaker[Session]:
+    """Engine, schema and one session factory: what the app makes once at start-up."""
+    engine = make_engine(url, busy_timeout_ms)
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def with_retry(fn: Callable[[], T], attempts: int = 5, first_wait_s: float = 0.2) -> T:
+    """Run a database operation, retrying while the database is locked or unreachable."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+# --- conversations -------------------------------------------------------------------
+
+
+def start_conversation(session: Session, session_id: str) -> Conversation:
+    """A new conversation for one browser session."""
+    conversation = Conversation(session_id=session_id)
+    session.add(conversation)
+    session.flush()
+    return conversation
+
+
+def add_message(session: Session, conversation_id: int, role: str, content: str) -> Message:
+    """Append a message to a conversation."""
+    position = session.scalar(
+        select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)
+    )
+    message = Message(conversation_id=conversation_id, position=position or 0, role=role, content=content)
+    session.add(message)
+    session.flush()
+    return message
+
+
+# --- comparisons and votes -----------------------------------------------------------
+
+
+def save_pair(
+    session: Session,
+    *,
+    session_id: str,
+    context: list[dict],
+    a: Candidate,
+    b: Candidate,
+    conversation_id: int | None = None,
+    arena: bool = False,
+    source: str = "ui",
+) -> Comparison:
+    """Store two candidates as an open comparison (no choice yet)."""
+    comparison = Comparison(
+        conversation_id=conversation_id,
+        session_id=session_id,
+        context=context,
+        response_a=a.text,
+        response_b=b.text,
+        arena=arena,
+        policy_version_a=a.policy_version,
+        policy_version_b=b.policy_version,
+        source=source,
+    )
+    comparison.candidates = [CandidateRow(side=side, **c.to_record()) for side, c in (("a", a), ("b", b))]
+    session.add(comparison)
+    session.flush()
+    return comparison
+
+
+@dataclass
+class VoteResult:
+    ok: bool
+    message: str
+
+
+def record_vote(
+    session: Session, comparison_id: int, choice: str, strength: str | None = None, session_id: str | None = None
+) -> VoteResult:
+    """Store a vote exactly once.
+
+    The ``UPDATE ... WHERE choice IS NULL`` is atomic in every database, so a
+    double click (or two tabs) stores one vote and the second is told so. A
+    vote on a pair that was replaced by a newer one in its conversation is
+    refused: the person was looking at something else.
+    """
+    if choice not in CHOICES:
+        return VoteResult(False, f"Unknown choice {choice!r}.")
+    if strength is not None and strength not in STRENGTHS:
+        strength = None
+    comparison = session.get(Comparison, comparison_id)
+    if comparison is None or (session_id is not None and comparison.session_id != session_id):
+        return VoteResult(False, "That pair is unknown; please send a message first.")
+    if comparison.conversation_id is not None:
+        newer = session.scalar(
+            select(func.max(Comparison.id)).where(Comparison.conversation_id == comparison.conversation_id)
+        )
+        if newer != comparison.id:
+            return VoteResult(False, "That pair is no longer current; vote on the newest one.")
+    result = session.execute(
+        update(Comparison)
+        .where(Comparison.id == comparison_id, Comparison.choice.is_(None))
+        .values(choice=choice, strength=strength, voted_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return VoteResult(False, "This pair already has your vote.")
+    return VoteResult(True, "Vote recorded.")
+
+
+def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
+    """Every comparison with a vote, oldest first."""
+    query = select(Comparison).where(Comparison.choice.is_not(None), Comparison.id > after_id).order_by(Comparison.id)
+    return list(session.scalars(query))
+
+
+def count_votes(session: Session, choices: tuple[str, ...] = CHOICES) -> int:
+    """How many comparisons have a vote among ``choices``."""
+    return session.scalar(select(func.count()).select_from(Comparison).where(Comparison.choice.in_(choices))) or 0
+
+
+def user_contexts(session: Session, limit: int = 2000) -> list[list[dict]]:
+    """The contexts people actually typed, newest first, without duplicates: PPO's prompts."""
+    seen: set[str] = set()
+    contexts = []
+    for context in session.scalars(select(Comparison.context).order_by(Comparison.id.desc()).limit(limit * 2)):
+        key = repr(context)
+        if key not in seen:
+            seen.add(key)
+            contexts.append(context)
+    return contexts[:limit]
+
+
+# --- checkpoints, metrics and events --------------------------------------------------
+
+
+def add_checkpoint(session: Session, kind: str, version: int, path: str, extra: dict | None = None) -> Checkpoint:
+    """Name a saved checkpoint in the database."""
+    checkpoint = Checkpoint(kind=kind, version=version, path=path, extra=extra or {})
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def latest_checkpoint(session: Session, kind: str) -> Checkpoint | None:
+    """The newest checkpoint of a kind (``reward`` or ``policy``)."""
+    return session.scalar(
+        select(Checkpoint).where(Checkpoint.kind == kind).order_by(Checkpoint.version.desc(), Checkpoint.id.desc())
+    )
+
+
+def checkpoints(session: Session, kind: str) -> list[Checkpoint]:
+    """Every checkpoint of a kind, oldest first."""
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.kind == kind).order_by(Checkpoint.version)))
+
+
+def add_reward_round(session: Session, **metrics) -> RewardRound:
+    """Record a reward-model round's metrics."""
+    row = RewardRound(**metrics)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def add_ppo_step(session: Session, **metrics) -> PPOStep:
+    """Record a PPO step's metrics."""
+    row = PPOStep(**metrics)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def reward_rounds(session: Session) -> list[RewardRound]:
+    """Every reward round, oldest first."""
+    return list(session.scalars(select(RewardRound).order_by(RewardRound.id)))
+
+
+def ppo_steps(session: Session) -> list[PPOStep]:
+    """Every PPO step, oldest first."""
+    return list(session.scalars(select(PPOStep).order_by(PPOStep.id)))
+
+
+def add_event(session: Session, kind: str, message: str) -> None:
+    """Log a training event (an error, a pause) for the UI."""
+    session.add(TrainingEvent(kind=kind, message=message[:4000]))

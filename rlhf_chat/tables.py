@@ -1,0 +1,176 @@
+"""Tables: the database schema (SQLAlchemy 2.0 ORM).
+
+A *comparison* is created when two candidates are shown, with ``choice`` NULL;
+the vote fills ``choice`` once (see ``store.record_vote``). So an unanswered
+pair, a double click and a vote on a stale pair are all questions about one row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1  # bump with a migration in store.migrate() when a table changes
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class SchemaInfo(Base):
+    __tablename__ = "schema_info"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    messages: Mapped[list[Message]] = relationship(back_populates="conversation", order_by="Message.position")
+    comparisons: Mapped[list[Comparison]] = relationship(back_populates="conversation")
+
+    def __repr__(self) -> str:
+        return f"Conversation(id={self.id}, session_id={self.session_id!r})"
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id}, role={self.role!r}, content={self.content[:30]!r})"
+
+
+class Comparison(Base):
+    __tablename__ = "comparisons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    context: Mapped[list] = mapped_column(JSON)  # role/content messages the candidates answer
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    choice: Mapped[str | None] = mapped_column(String(16), index=True)  # a | b | tie | both_bad
+    strength: Mapped[str | None] = mapped_column(String(16))  # slightly | clearly
+    arena: Mapped[bool] = mapped_column(Boolean, default=False)  # policy vs reference, blind
+    policy_version_a: Mapped[int] = mapped_column(Integer, default=0)
+    policy_version_b: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str] = mapped_column(String(16), default="ui")  # ui | simulate
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    voted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    conversation: Mapped[Conversation | None] = relationship(back_populates="comparisons")
+    candidates: Mapped[list[CandidateRow]] = relationship(back_populates="comparison", order_by="CandidateRow.side")
+
+    def __repr__(self) -> str:
+        return f"Comparison(id={self.id}, choice={self.choice!r}, arena={self.arena})"
+
+
+class CandidateRow(Base):
+    """How one candidate was made: who wrote it, with which settings, how fast."""
+
+    __tablename__ = "candidates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    side: Mapped[str] = mapped_column(String(1))  # a | b
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # policy | reference
+    policy_version: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    temperature: Mapped[float] = mapped_column(Float)
+    top_p: Mapped[float] = mapped_column(Float)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)
+    token_count: Mapped[int] = mapped_column(Integer)
+    finished: Mapped[bool] = mapped_column(Boolean)
+    latency_s: Mapped[float] = mapped_column(Float)
+
+    comparison: Mapped[Comparison] = relationship(back_populates="candidates")
+
+    def __repr__(self) -> str:
+        return f"CandidateRow(comparison={self.comparison_id}, side={self.side!r}, source={self.source!r})"
+
+
+class Checkpoint(Base):
+    """A saved adapter + head; the weights live in ``path`` on disk."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # reward | policy
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    extra: Mapped[dict] = mapped_column(JSON, default=dict)  # e.g. reward statistics, KL coefficient
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(kind={self.kind!r}, version={self.version}, path={self.path!r})"
+
+
+class RewardRound(Base):
+    """Metrics of one reward-model training round."""
+
+    __tablename__ = "reward_rounds"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    heldout_accuracy: Mapped[float | None] = mapped_column(Float)
+    mean_margin: Mapped[float] = mapped_column(Float)
+    train_pairs: Mapped[int] = mapped_column(Integer)
+    heldout_pairs: Mapped[int] = mapped_column(Integer)
+    votes: Mapped[int] = mapped_column(Integer)  # usable votes when the round began
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PPOStep(Base):
+    """Metrics of one PPO step."""
+
+    __tablename__ = "ppo_steps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)  # policy version this step produced
+    mean_reward: Mapped[float] = mapped_column(Float)  # raw reward-model score
+    mean_kl: Mapped[float] = mapped_column(Float)
+    kl_coef: Mapped[float] = mapped_column(Float)
+    policy_loss: Mapped[float] = mapped_column(Float)
+    value_loss: Mapped[float] = mapped_column(Float)
+    clip_fraction: Mapped[float] = mapped_column(Float)
+    approx_kl: Mapped[float] = mapped_column(Float)
+    entropy: Mapped[float] = mapped_column(Float)
+    mean_length: Mapped[float] = mapped_column(Float)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)  # non-finite loss: adapter kept
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrainingEvent(Base):
+    """Errors and state changes of the background loop, shown in the UI."""
+
+    __tablename__ = "training_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # error | info
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,300 @@
+"""UI: the Gradio app. Chat, two candidates side by side, four vote buttons.
+
+The handlers are plain functions over a per-browser :class:`ChatState`, so
+tests call them directly; :func:`build_demo` only lays out components and wires
+events. Every use of the model goes through the model worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator
+
+import gradio as gr
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhf_chat import store
+from rlhf_chat.candidates import Candidate, Sampling, generate_pair
+from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
+from rlhf_chat.config import AppConfig
+from rlhf_chat.worker import CHAT, ModelWorker
+
+log = logging.getLogger(__name__)
+
+VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+STRENGTH_LABELS = {"slightly better": "slightly", "clearly better": "clearly"}
+
+
+@dataclass
+class Services:
+    """What the handlers need: settings, the model worker, the database, the training loop."""
+
+    config: AppConfig
+    worker: ModelWorker
+    sessions: sessionmaker[Session]
+    loop: object | None = None  # training_loop.TrainingLoop, when training runs
+
+
+@dataclass
+class ChatState:
+    """One browser tab's conversation. Gradio keeps one per session."""
+
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    conversation_id: int | None = None
+    history: list[dict] = field(default_factory=list)  # the conversation the model continues
+    pair_id: int | None = None  # the comparison on screen, None when there is none
+    pair: tuple[str, str] = ("", "")
+    phase: str = "chat"  # chat: type a message | vote: choose | regenerate: both were bad
+    vote_times: list[float] = field(default_factory=list)
+
+
+# --- what the screen shows ---------------------------------------------------------------
+
+
+def view(
+    state: ChatState,
+    notice: str = "",
+    generating: bool = False,
+    panes: tuple[str, str] | None = None,
+    clear_input: bool = False,
+) -> tuple:
+    """Every output of every handler, in the order of ``build_demo``'s outputs.
+
+    The input box is cleared only once its message is safely stored, so a
+    refused message stays where the person typed it.
+    """
+    pane_a, pane_b = panes if panes is not None else state.pair
+    can_vote = state.phase == "vote" and not generating
+    can_type = state.phase == "chat" and not generating
+    can_regenerate = state.phase in ("vote", "regenerate") and not generating
+    placeholder = {
+        "chat": "Type a message and press Enter",
+        "vote": "Pick the better answer first (or Regenerate)",
+        "regenerate": "Press Regenerate for two new answers",
+    }[state.phase]
+    return (
+        list(state.history),
+        pane_a,
+        pane_b,
+        notice,
+        gr.update(interactive=can_type, placeholder="Writing..." if generating else placeholder)
+        if not clear_input
+        else gr.update(value="", interactive=can_type, placeholder="Writing..." if generating else placeholder),
+        *[gr.update(interactive=can_vote) for _ in VOTE_LABELS],
+        gr.update(interactive=can_regenerate),
+        state,
+    )
+
+
+def status_line(services: Services) -> str:
+    """Policy version and vote count, for the header."""
+    worker = services.worker
+    if worker.load_error is not None:
+        return f"**The model failed to load:** {worker.load_error}"
+    if not worker.ready.is_set():
+        return "Loading the model..."
+    with services.sessions() as session:
+        votes = store.count_votes(session)
+    loop_state = getattr(services.loop, "state_text", lambda: "")()
+    parts = [f"Policy version **{worker.serving_version}**", f"votes collected: **{votes}**"]
+    if loop_state:
+        parts.append(loop_state)
+    return " · ".join(parts)
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+def _context_for(services: Services, state: ChatState, tokenizer) -> list[dict]:
+    cfg = services.config.sampling
+    return trim_to_budget(tokenizer, with_system_prompt(state.history, cfg.system_prompt), cfg.context_tokens)
+
+
+def _generate(services: Services, state: ChatState, clear_input: bool = False, notice: str = "") -> Iterator[tuple]:
+    """Stream two candidates for the current history into the panes, then store the pair."""
+    updates: queue.Queue = queue.Queue()
+    cfg = services.config
+    arena = services.worker.serving_version > 0 and random.random() < cfg.loop.arena_fraction
+    sampling = Sampling(
+        cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, secrets.randbelow(2**31)
+    )
+
+    def job(models) -> tuple[list[dict], Candidate, Candidate]:
+        context = _context_for(services, state, models.tokenizer)
+        prompt = render_prompt(models.tokenizer, context)
+        a, b = generate_pair(
+            models.serving, models.tokenizer, prompt, sampling, models.serving_version, arena, updates.put
+        )
+        return context, a, b
+
+    future = services.worker.submit(CHAT, job)
+    panes = ("", "")
+    while not future.done():
+        try:
+            panes = tuple(updates.get(timeout=0.1))  # type: ignore[assignment]
+            while not updates.empty():  # skip to the newest text
+                panes = tuple(updates.get_nowait())  # type: ignore[assignment]
+            yield view(state, notice or "Writing two answers...", generating=True, panes=panes, clear_input=clear_input)
+        except queue.Empty:
+            continue
+    try:
+        context, a, b = future.result()
+    except Exception as exc:  # the message is stored; the person can press Regenerate
+        log.exception("generation failed")
+        state.phase = "regenerate" if state.history else "chat"
+        yield view(state, f"Sorry, generating failed ({exc}). Press Regenerate to try again.", clear_input=clear_input)
+        return
+
+    def save() -> int:
+        with services.sessions() as session, session.begin():
+            return store.save_pair(
+                session,
+                session_id=state.session_id,
+                context=context,
+                a=a,
+                b=b,
+                conversation_id=state.conversation_id,
+                arena=arena,
+            ).id
+
+    state.pair_id = store.with_retry(save)
+    state.pair = (a.text, b.text)
+    state.phase = "vote"
+    yield view(state, f"{notice} Which answer is better?".strip(), clear_input=clear_input)
+
+
+def respond(services: Services, message: str, state: ChatState | None) -> Iterator[tuple]:
+    """A person sent a message: store it, then stream two candidates."""
+    state = state or ChatState()
+    if state.phase != "chat":
+        yield view(state, "Please vote on the two answers first (or press Regenerate).")
+        return
+    try:
+        cleaned = clean_message(message, services.config.sampling.max_message_chars)
+    except EmptyMessage as exc:
+        yield view(state, str(exc))
+        return
+
+    def save() -> int:
+        with services.sessions() as session, session.begin():
+            if state.conversation_id is None:
+                state.conversation_id = store.start_conversation(session, state.session_id).id
+            store.add_message(session, state.conversation_id, "user", cleaned.text)
+            return state.conversation_id
+
+    store.with_retry(save)
+    state.history.append({"role": "user", "content": cleaned.text})
+    state.pair, state.pair_id = ("", ""), None
+    yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
+    yield from _generate(services, state, clear_input=True, notice=cleaned.notice)
+
+
+def regenerate(services: Services, state: ChatState | None) -> Iterator[tuple]:
+    """Two new candidates for the same context; the old pair can no longer be voted on."""
+    state = state or ChatState()
+    if not state.history or state.history[-1]["role"] != "user":
+        yield view(state, "Send a message first.")
+        return
+    state.pair, state.pair_id = ("", ""), None
+    yield from _generate(services, state)
+
+
+def vote(
+    services: Services, choice: str, strength_label: str | None, state: ChatState | None, pair_id: int | None = None
+) -> tuple:
+    """Store a vote, then continue the conversation with the chosen answer.
+
+    ``pair_id`` is the pair the person saw; by default the one in the state.
+    The vote is committed before this returns, so what the UI shows as
+    recorded is in the database.
+    """
+    state = state or ChatState()
+    target = state.pair_id if pair_id is None else pair_id
+    if target is None or state.phase != "vote":
+        return view(state, "There is no pair to vote on right now.")
+    if _over_rate_limit(services, state):
+        return view(state, "You are voting very fast; please wait a few seconds and read the answers.")
+    strength = STRENGTH_LABELS.get(strength_label or "")
+
+    def save() -> store.VoteResult:
+        with services.sessions() as session, session.begin():
+            result = store.record_vote(session, target, choice, strength, state.session_id)
+            if result.ok and choice != "both_bad":
+                chosen = state.pair[1] if choice == "b" else state.pair[0]  # a tie continues with A
+                store.add_message(session, state.conversation_id, "assistant", chosen)
+            return result
+
+    result = store.with_retry(save)
+    if not result.ok:
+        return view(state, result.message)
+    state.vote_times.append(time.monotonic())
+    if choice == "both_bad":
+        state.phase = "regenerate"
+        return view(state, "Recorded: both are bad. Press Regenerate for two new answers.")
+    chosen = state.pair[1] if choice == "b" else state.pair[0]
+    state.history.append({"role": "assistant", "content": chosen})
+    state.pair, state.pair_id, state.phase = ("", ""), None, "chat"
+    return view(state, f"Recorded: {VOTE_LABELS[choice]}. Thank you! Continue the conversation.")
+
+
+def new_conversation(services: Services, state: ChatState | None) -> tuple:
+    """Start over, keeping the browser session (and its rate limit)."""
+    fresh = ChatState(session_id=state.session_id if state else uuid.uuid4().hex)
+    if state:
+        fresh.vote_times = state.vote_times
+    return view(fresh, "New conversation started.")
+
+
+def _over_rate_limit(services: Services, state: ChatState) -> bool:
+    now = time.monotonic()
+    state.vote_times[:] = [t for t in state.vote_times if now - t < 60.0]
+    return len(state.vote_times) >= services.config.ui.votes_per_minute
+
+
+# --- layout ------------------------------------------------------------------------------
+
+CSS = ".pane textarea { font-size: 0.95rem; }"
+
+
+def build_demo(services: Services) -> gr.Blocks:
+    """Lay out the app and wire its events to the handlers."""
+    with gr.Blocks(title="rlhf-chat") as demo:
+        gr.Markdown(
+            "# rlhf-chat\nChat, compare two answers, pick the better one. "
+            "Your votes train a reward model, and PPO teaches the chatbot what people prefer, live."
+        )
+        status = gr.Markdown(partial(status_line, services), every=5.0)
+        state = gr.State(None)
+        chatbot = gr.Chatbot(label="Conversation", height=320)
+        with gr.Row():
+            pane_a = gr.Textbox(label="Response A", lines=8, max_lines=16, interactive=False, elem_classes="pane")
+            pane_b = gr.Textbox(label="Response B", lines=8, max_lines=16, interactive=False, elem_classes="pane")
+        with gr.Row():
+            vote_buttons = {c: gr.Button(label, interactive=False, variant="primary") for c, label in VOTE_LABELS.items()}
+        strength = gr.Radio(list(STRENGTH_LABELS), value=None, label="How much better? (optional)")
+        notice = gr.Markdown("")
+        textbox = gr.Textbox(label="Your message", placeholder="Type a message and press Enter", max_lines=8)
+        with gr.Row():
+            send = gr.Button("Send", variant="primary")
+            regen = gr.Button("Regenerate", interactive=False)
+            new = gr.Button("New conversation")
+
+        outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, state]
+        # Named endpoints let gradio_client drive the app as a person would.
+        for trigger, api_name in ((textbox.submit, "respond"), (send.click, False)):
+            trigger(partial(respond, services), [textbox, state], outputs, api_name=api_name)
+        regen.click(partial(regenerate, services), [state], outputs, api_name="regenerate")
+        new.click(partial(new_conversation, services), [state], outputs, api_name="new_conversation")
+        for choice, button in vote_buttons.items():
+            button.click(
+                partial(vote, services, choice), [strength, state], outputs, api_name=f"vote_{choice}"
+            ).then(lambda: None, None, strength, api_name=False)
+    demo.queue(default_concurrency_limit=None)
+    return demo

@@ -1,0 +1,58 @@
+"""Shared fixtures: the bundled tokenizer, a tiny random model built from a config,
+and app configs pointing at temporary databases."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_chat.config import AppConfig, ModelConfig
+from rlhf_chat.loading import load_models, prepare_bundled_model, write_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for a hub
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def bundled_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct as safetensors (converted once per machine)."""
+    return prepare_bundled_model(ModelConfig().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(bundled_path, tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with the real tokenizer and chat template."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), str(bundled_path))
+
+
+def make_config(model: str, tmp: Path) -> AppConfig:
+    """An app config on a temporary database and checkpoint folder."""
+    cfg = AppConfig()
+    cfg.model.name = model
+    cfg.store.db_url = f"sqlite:///{tmp / 'feedback.db'}"
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tiny_path, tmp_path) -> AppConfig:
+    """App config on the tiny model, with short answers so tests run in seconds."""
+    cfg = make_config(str(tiny_path), tmp_path)
+    cfg.sampling.max_new_tokens = 12
+    cfg.ppo.max_new_tokens = 12
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_path):
+    """The tiny model loaded the way the app loads a model (4-bit, two copies, adapters)."""
+    return load_models(ModelConfig(name=str(tiny_path)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_models):
+    return tiny_models.tokenizer

@@ -1,0 +1,81 @@
+"""The two-copy design: the serving copy generates, the training copy keeps its gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_chat.candidates import Sampling, generate_pair, sample
+from rlhf_chat.chat import render_prompt
+from rlhf_chat.config import ModelConfig
+from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models, sync_policy_weights
+
+
+def lora_grads(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of the policy adapter on a fixed batch."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in adapter_state(model, POLICY).items() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), grads
+
+
+def prompt_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": "Name three fruits, please."}])])
+
+
+def check_generation_keeps_gradients(models) -> None:
+    ids = prompt_ids(models.tokenizer)
+    loss_before, before = lora_grads(models.trainer, ids)
+    assert len(before) == len(adapter_state(models.trainer, POLICY))
+    generate_pair(models.serving, models.tokenizer, ids[0].tolist(), Sampling(8, 1.0, 1.0, seed=1), 0)
+    sample(models.serving, models.tokenizer, [ids[0].tolist()] * 2, Sampling(8, 0.7, seed=2))
+    loss_after, after = lora_grads(models.trainer, ids)
+    assert loss_after == loss_before
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_lora_gradients_same_before_and_after_generate(tiny_path):
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    assert models.trainer.training and not models.serving.training
+    check_generation_keeps_gradients(models)
+
+
+def test_generate_in_eval_mode_on_a_training_copy_loses_gradients(tiny_path):
+    """The trap itself (DESIGN.md), so that the test above is known to have teeth."""
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    ids = prompt_ids(models.tokenizer)
+    _, before = lora_grads(models.trainer, ids)
+    models.trainer.eval()
+    with torch.no_grad():
+        models.trainer.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=2)
+    models.trainer.train()
+    _, after = lora_grads(models.trainer, ids)
+    assert len(after) < len(before)
+
+
+def test_models_share_one_base_per_copy_with_two_adapters(tiny_models):
+    trainer = tiny_models.trainer
+    assert set(trainer.peft_config) == {POLICY, REWARD}
+    assert set(tiny_models.serving.peft_config) == {POLICY}
+    assert all(not p.requires_grad for n, p in trainer.named_parameters() if "lora_" not in n)
+    assert type(trainer.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+
+def test_sync_copies_policy_weights_to_serving(tiny_path):
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    with torch.no_grad():
+        for p in adapter_state(models.trainer, POLICY).values():
+            p.add_(0.01)
+    sync_policy_weights(models.trainer, models.serving)
+    src, dst = adapter_state(models.trainer, POLICY), adapter_state(models.serving, POLICY)
+    assert all(torch.equal(src[k], dst[k]) for k in src)
+
+
+@pytest.mark.slow
+def test_bundled_model_keeps_gradients_after_generate():
+    models = load_models(ModelConfig())
+    check_generation_keeps_gradients(models)

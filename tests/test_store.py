@@ -1,0 +1,123 @@
+"""The database: schema, pairs, votes stored exactly once, stale and unknown pairs refused."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from rlhf_chat import store
+from rlhf_chat.candidates import Candidate
+from rlhf_chat.tables import SCHEMA_VERSION, Comparison, SchemaInfo
+
+
+def cand(text: str, version: int = 0) -> Candidate:
+    return Candidate(text, "policy", version, 1, 0.8, 0.95, 64, len(text.split()), True, 0.5)
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return store.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+
+def new_pair(sessions, sid="s1", conversation_id=None, a="answer A", b="answer B") -> int:
+    with sessions() as s, s.begin():
+        if conversation_id == "new":
+            conversation_id = store.start_conversation(s, sid).id
+        ctx = [{"role": "user", "content": "hi"}]
+        return store.save_pair(s, session_id=sid, context=ctx, a=cand(a), b=cand(b), conversation_id=conversation_id).id
+
+
+def test_schema_version_recorded_and_wal_on(sessions):
+    with sessions() as s:
+        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION
+        assert s.connection().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_pair_and_candidates_stored(sessions):
+    pid = new_pair(sessions)
+    with sessions() as s:
+        c = s.get(Comparison, pid)
+        assert c.choice is None and c.context == [{"role": "user", "content": "hi"}]
+        assert [(r.side, r.text, r.seed, r.token_count) for r in c.candidates] == [("a", "answer A", 1, 2), ("b", "answer B", 1, 2)]
+
+
+def test_vote_is_stored_once(sessions):
+    pid = new_pair(sessions)
+    with sessions() as s, s.begin():
+        assert store.record_vote(s, pid, "a", "clearly", "s1").ok
+    with sessions() as s, s.begin():
+        second = store.record_vote(s, pid, "b", None, "s1")
+    assert not second.ok and "already" in second.message
+    with sessions() as s:
+        c = s.get(Comparison, pid)
+        assert (c.choice, c.strength) == ("a", "clearly") and c.voted_at is not None
+
+
+def test_concurrent_double_click_stores_one_vote(sessions):
+    pid = new_pair(sessions)
+    results = []
+
+    def click():
+        with sessions() as s, s.begin():
+            results.append(store.with_retry(lambda: store.record_vote(s, pid, "b", None, "s1")).ok)
+
+    threads = [threading.Thread(target=click) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results.count(True) == 1
+    with sessions() as s:
+        assert store.count_votes(s) == 1
+
+
+def test_stale_pair_refused(sessions):
+    with sessions() as s, s.begin():
+        conv = store.start_conversation(s, "s1").id
+    old = new_pair(sessions, conversation_id=conv)
+    new = new_pair(sessions, conversation_id=conv)
+    with sessions() as s, s.begin():
+        result = store.record_vote(s, old, "a", None, "s1")
+    assert not result.ok and "no longer current" in result.message
+    with sessions() as s, s.begin():
+        assert store.record_vote(s, new, "a", None, "s1").ok
+
+
+@pytest.mark.parametrize("pair_id, session_id", [(9999, "s1"), (None, "someone-else")])
+def test_unknown_pair_or_other_session_refused(sessions, pair_id, session_id):
+    pid = new_pair(sessions)
+    with sessions() as s, s.begin():
+        result = store.record_vote(s, pair_id or pid, "a", None, session_id)
+    assert not result.ok and "unknown" in result.message
+
+
+def test_bad_choice_refused(sessions):
+    pid = new_pair(sessions)
+    with sessions() as s, s.begin():
+        assert not store.record_vote(s, pid, "c").ok
+
+
+def test_user_contexts_deduplicated_newest_first(sessions):
+    for text in ["one", "two", "one"]:
+        with sessions() as s, s.begin():
+            store.save_pair(s, session_id="x", context=[{"role": "user", "content": text}], a=cand("a"), b=cand("b"))
+    with sessions() as s:
+        assert store.user_contexts(s) == [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
+
+
+def test_checkpoints_latest(sessions):
+    with sessions() as s, s.begin():
+        store.add_checkpoint(s, "reward", 1, "/a")
+        store.add_checkpoint(s, "reward", 2, "/b", {"mean": 0.5})
+        store.add_checkpoint(s, "policy", 7, "/c")
+    with sessions() as s:
+        latest = store.latest_checkpoint(s, "reward")
+        assert (latest.version, latest.path, latest.extra) == (2, "/b", {"mean": 0.5})
+        assert store.latest_checkpoint(s, "none") is None
+
+
+def test_newer_schema_refused(sessions, tmp_path):
+    with sessions() as s, s.begin():
+        s.get(SchemaInfo, 1).version = SCHEMA_VERSION + 1
+    with pytest.raises(RuntimeError, match="newer"):
+        store.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")

@@ -1,0 +1,119 @@
+"""The chat handlers end to end on the tiny model: message, two candidates, vote, database."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from rlhf_chat import store
+from rlhf_chat.runtime import start_services
+from rlhf_chat.tables import Comparison, Message
+from rlhf_chat.ui import ChatState, new_conversation, regenerate, respond, vote
+
+OUT_CHATBOT, OUT_A, OUT_B, OUT_NOTICE, OUT_TEXTBOX = 0, 1, 2, 3, 4
+OUT_VOTE_A, OUT_REGEN, OUT_STATE = 5, 9, 10
+
+
+@pytest.fixture
+def services(tiny_config):
+    services = start_services(tiny_config)
+    assert services.worker.ready.wait(120)
+    yield services
+    services.worker.stop()
+
+
+def last(updates):
+    updates = list(updates)
+    assert updates, "a handler must yield at least once"
+    return updates, updates[-1]
+
+
+def send(services, text, state=None):
+    return last(respond(services, text, state))
+
+
+def test_message_gives_two_streamed_candidates_and_vote_is_stored(services):
+    updates, final = send(services, "What is a good breakfast?")
+    state = final[OUT_STATE]
+    assert state.phase == "vote" and state.pair_id is not None
+    assert final[OUT_A] == state.pair[0] and final[OUT_B] == state.pair[1]
+    assert final[OUT_VOTE_A]["interactive"] is True
+    # while writing, the vote buttons are off and the input is closed
+    assert updates[0][OUT_VOTE_A]["interactive"] is False and updates[0][OUT_TEXTBOX]["interactive"] is False
+    assert updates[0][OUT_TEXTBOX]["value"] == ""  # the message is stored, so the box may clear
+
+    after = vote(services, "b", "clearly better", state)
+    assert "Recorded" in after[OUT_NOTICE]
+    with services.sessions() as s:
+        row = s.scalars(select(Comparison)).one()
+        assert (row.choice, row.strength) == ("b", "clearly")
+        assert row.response_a == state.pair[0] if state.pair[0] else True
+        assert row.context[-1] == {"role": "user", "content": "What is a good breakfast?"}
+        assert {c.side for c in row.candidates} == {"a", "b"}
+        msgs = s.scalars(select(Message).order_by(Message.position)).all()
+        assert [m.role for m in msgs] == ["user", "assistant"]
+    assert after[OUT_STATE].history[-1]["role"] == "assistant"
+    assert after[OUT_STATE].phase == "chat"
+
+
+def test_double_vote_and_stale_vote_refused(services):
+    _, final = send(services, "Tell me a joke.")
+    state = final[OUT_STATE]
+    pair = state.pair_id
+    vote(services, "a", None, state)
+    again = vote(services, "a", None, state, pair_id=pair)
+    assert "no pair" in again[OUT_NOTICE] or "already" in again[OUT_NOTICE]
+    with services.sessions() as s:
+        assert store.count_votes(s) == 1
+
+    _, final = send(services, "Another one?", state)
+    state = final[OUT_STATE]
+    stale = state.pair_id
+    _, final = last(regenerate(services, state))
+    state = final[OUT_STATE]
+    assert state.pair_id != stale
+    refused = vote(services, "a", None, state, pair_id=stale)
+    assert "no longer current" in refused[OUT_NOTICE]
+    assert vote(services, "tie", None, state)[OUT_STATE].history[-1]["content"] == state.history[-1]["content"]
+
+
+def test_empty_message_refused_and_kept(services):
+    _, final = send(services, "   ")
+    assert "type a message" in final[OUT_NOTICE]
+    assert "value" not in final[OUT_TEXTBOX]  # nothing the person typed is wiped
+    with services.sessions() as s:
+        assert s.scalars(select(Message)).first() is None
+
+
+def test_long_message_trimmed_with_notice(services):
+    text = "word " * 1000
+    _, final = send(services, text)
+    assert "only the first" in final[OUT_NOTICE]
+    assert len(final[OUT_STATE].history[0]["content"]) == services.config.sampling.max_message_chars
+
+
+def test_both_bad_asks_for_regenerate(services):
+    _, final = send(services, "Hi")
+    after = vote(services, "both_bad", None, final[OUT_STATE])
+    state = after[OUT_STATE]
+    assert state.phase == "regenerate" and "Regenerate" in after[OUT_NOTICE]
+    assert after[OUT_REGEN]["interactive"] is True and after[OUT_VOTE_A]["interactive"] is False
+    blocked = list(respond(services, "ignored", state))[-1]
+    assert "vote" in blocked[OUT_NOTICE].lower()
+    _, final = last(regenerate(services, state))
+    assert final[OUT_STATE].phase == "vote"
+
+
+def test_sessions_are_separate(services):
+    _, one = send(services, "first person")
+    _, two = send(services, "second person")
+    s1, s2 = one[OUT_STATE], two[OUT_STATE]
+    assert s1.session_id != s2.session_id and s1.conversation_id != s2.conversation_id
+    refused = vote(services, "a", None, s2, pair_id=s1.pair_id)
+    assert not refused[OUT_NOTICE].startswith("Recorded")
+
+
+def test_new_conversation_resets(services):
+    _, final = send(services, "Hi")
+    fresh = new_conversation(services, final[OUT_STATE])[OUT_STATE]
+    assert fresh.history == [] and fresh.pair_id is None and fresh.session_id == final[OUT_STATE].session_id
