@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from rlhf_chat.config import BUNDLED_MODEL, ModelConfig
+from rlhf_chat.heads import make_scalar_head
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Models:
     device: torch.device
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
+    reward_moments: object = None  # ppo_math.RunningMoments of the current reward model's scores
 
     @property
     def hidden_size(self) -> int:
@@ -197,15 +199,6 @@ def add_adapters(base: nn.Module, cfg: ModelConfig, names: tuple[str, ...]) -> n
     return model
 
 
-def make_scalar_head(hidden_size: int, device: torch.device) -> nn.Linear:
-    """A linear map from a hidden state to one number, initialised at zero output
-    so that a fresh value or reward head says nothing until it has learned."""
-    head = nn.Linear(hidden_size, 1)
-    nn.init.zeros_(head.weight)  # the first step's gradient still moves it: it is the hidden state
-    nn.init.zeros_(head.bias)
-    return head.to(device)
-
-
 def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
     """Load the tokenizer, the serving copy and the training copy of the base."""
     device = device or pick_device()
@@ -268,6 +261,9 @@ def write_tiny_model(folder: str | Path, tokenizer_source: str) -> Path:
         head_dim=16,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        # Wide weights give peaked next-token distributions, as a trained model
+        # has; at the usual 0.02 every answer is uniform noise that no update can shape.
+        initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,409 @@
+"""PPO: online updates of the 4-bit policy against the reward model (InstructGPT, sec. 3.5).
+
+One step, each phase a job on the model worker so that a person waits at most
+one slice:
+
+1. rollout   - the serving copy samples answers to prompts people typed
+2. score     - the training copy computes log-probs, values, reference
+               log-probs (adapters off) and reward-model scores
+3. advantage - reward = normalised score at the last token - β·KL per token;
+               GAE; whitened advantages
+4. update    - epochs x minibatches of clipped surrogate + clipped value loss
+               (+ optional PPO-ptx language-model loss)
+5. publish   - the updated adapter is copied into the serving copy and the
+               version goes up; a non-finite step restores the old adapter
+
+The math is in :mod:`rlhf_chat.ppo_math`; this module only moves tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlhf_chat import ppo_math as pm
+from rlhf_chat import store
+from rlhf_chat.candidates import Sampling, left_pad, sample
+from rlhf_chat.chat import render_prompt, render_response, trim_to_budget
+from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.config import PPOConfig
+from rlhf_chat.heads import hidden_states
+from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.reward import score_texts
+from rlhf_chat.worker import PPO as PPO_PRIORITY
+
+log = logging.getLogger(__name__)
+
+# (models, rollout) -> raw scores (B,). The reward model by default; tests pass
+# a rule, the way a scripted labeler stands in for people.
+ScoreFn = Callable[[Models, "Rollout"], torch.Tensor]
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled answers and everything PPO computes about them."""
+
+    contexts: list[list[dict]]
+    texts: list[str]
+    finished: list[bool]
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) right-padded
+    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    # filled in by score_rollout
+    logprobs: torch.Tensor | None = None  # (B, R) at the sampling temperature
+    ref_logprobs: torch.Tensor | None = None  # (B, R)
+    values: torch.Tensor | None = None  # (B, R)
+    raw_scores: torch.Tensor | None = None  # (B,) reward-model output
+    scores: torch.Tensor | None = None  # (B,) normalised, with the missing-EOS penalty
+    rewards: torch.Tensor | None = None  # (B, R)
+    kl: torch.Tensor | None = None  # (B, R)
+    advantages: torch.Tensor | None = None  # (B, R) whitened
+    returns: torch.Tensor | None = None  # (B, R)
+
+
+# --- 1) rollout ----------------------------------------------------------------------------
+
+
+def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: int) -> Rollout:
+    """Sample one answer per context from the serving copy (the last completed policy).
+
+    The serving copy holds exactly the training copy's policy weights between
+    steps, and samples in fast eval mode; ``top_k=0`` and ``top_p=1`` keep the
+    sampled distribution the plain softmax at ``temperature``.
+    """
+    tok = models.tokenizer
+    prompts = [render_prompt(tok, trim_to_budget(tok, c, cfg.max_prompt_tokens)) for c in contexts]
+    out = sample(models.serving, tok, prompts, Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, seed))
+    mask = pm.response_mask_after_eos(out.response_ids, tok.eos_token_id, tok.pad_token_id)
+    return Rollout(
+        contexts=contexts,
+        texts=out.texts,
+        finished=out.finished,
+        prompt_ids=out.prompt_ids,
+        prompt_mask=out.prompt_mask,
+        response_ids=out.response_ids,
+        response_mask=mask.to(out.response_ids.device),
+    )
+
+
+# --- 2) score ------------------------------------------------------------------------------
+
+
+def policy_forward(
+    models: Models, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float, with_values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probs (B, R) of the response tokens, values (B, R) and logits (B, R, V)
+    under the active adapter of the training copy."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
+    mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    hidden = hidden_states(models.trainer, ids, mask)  # (B, P+R, H)
+    p = prompt_ids.shape[1]
+    before_each = hidden[:, p - 1 : -1]  # (B, R, H): the state that emitted each response token
+    logits = models.trainer.get_base_model().lm_head(before_each).float()  # (B, R, V)
+    logprobs = pm.logprobs_from_logits(logits, response_ids, temperature)
+    values = models.value_head(before_each).squeeze(-1).float() if with_values else None
+    return logprobs, values, logits
+
+
+def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
+    """Raw reward-model scores of the rollout's answers; the default :data:`ScoreFn`."""
+    return score_texts(models, batch.contexts, batch.texts, max_length=512).to(models.device)
+
+
+@torch.no_grad()
+def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float, score_fn: ScoreFn) -> Rollout:
+    """Fill in log-probs, reference log-probs, values, scores, rewards and advantages."""
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, cfg.temperature)
+    models.trainer.set_adapter(POLICY)
+    batch.logprobs, batch.values, _ = policy_forward(models, *args)
+    with models.trainer.disable_adapter():  # the reference: the same base, no adapter
+        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)
+    models.trainer.set_adapter(POLICY)
+    batch.raw_scores = score_fn(models, batch).float()
+    batch.scores = normalized_scores(models, batch.raw_scores, batch.finished, cfg)
+    # 3) advantages
+    mask = batch.response_mask
+    batch.rewards, batch.kl = pm.penalized_rewards(
+        batch.scores, batch.logprobs, batch.ref_logprobs, mask, kl_coef, cfg.kl_estimator
+    )
+    advantages, batch.returns = pm.gae_advantages(batch.rewards, batch.values, mask, cfg.gamma, cfg.lam)
+    batch.advantages = pm.masked_whiten(advantages, mask)
+    return batch
+
+
+def normalized_scores(models: Models, raw: torch.Tensor, finished: list[bool], cfg: PPOConfig) -> torch.Tensor:
+    """Scores on a stable scale (the reward model's running statistics), with a fixed
+    penalty for answers cut at the length limit (TRL ``missing_eos_penalty``)."""
+    moments = models.reward_moments
+    scores = moments.normalize(raw) if moments is not None and moments.count >= 2 else raw
+    cut = torch.tensor([not f for f in finished], device=scores.device)
+    return torch.where(cut, scores + cfg.missing_eos_penalty, scores)
+
+
+# --- 4) update -----------------------------------------------------------------------------
+
+
+def policy_parameters(models: Models) -> list[torch.nn.Parameter]:
+    """What PPO trains: the policy's LoRA adapter and the value head."""
+    return [*adapter_state(models.trainer, POLICY).values(), *models.value_head.parameters()]
+
+
+def make_optimizer(models: Models, cfg: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW with a faster rate for the fresh value head (it starts knowing nothing)."""
+    return torch.optim.AdamW(
+        [
+            {"params": list(adapter_state(models.trainer, POLICY).values()), "lr": cfg.learning_rate},
+            {"params": list(models.value_head.parameters()), "lr": cfg.learning_rate * cfg.value_head_lr_mult},
+        ],
+        weight_decay=0.0,
+    )
+
+
+def ptx_loss(models: Models, examples: list[tuple[list[dict], str]], max_prompt_tokens: int) -> torch.Tensor:
+    """PPO-ptx (InstructGPT eq. 2): language-model loss on answers people preferred."""
+    tok = models.tokenizer
+    prompts = [render_prompt(tok, trim_to_budget(tok, c, max_prompt_tokens)) for c, _ in examples]
+    answers = [render_response(tok, a) for _, a in examples]
+    p_ids, p_mask = left_pad(prompts, tok.pad_token_id, models.device)
+    width = max(len(a) for a in answers)
+    r_ids = torch.full((len(answers), width), tok.pad_token_id, dtype=torch.long, device=models.device)
+    r_mask = torch.zeros_like(r_ids, dtype=torch.float32)
+    for row, ans in enumerate(answers):
+        r_ids[row, : len(ans)] = torch.tensor(ans)
+        r_mask[row, : len(ans)] = 1.0
+    logprobs, _, _ = policy_forward(models, p_ids, p_mask, r_ids, r_mask, 1.0, with_values=False)
+    return -pm.masked_mean(logprobs, r_mask)
+
+
+def minibatch_update(
+    models: Models,
+    optimizer: torch.optim.Optimizer,
+    batch: Rollout,
+    rows: list[int],
+    cfg: PPOConfig,
+    ptx_examples: list[tuple[list[dict], str]] | None = None,
+) -> dict:
+    """One gradient step on a minibatch of the rollout. Returns stats, with
+    ``finite=False`` (and no step taken) when the loss or a gradient is not finite."""
+    models.trainer.train()
+    models.trainer.set_adapter(POLICY)
+    idx = torch.tensor(rows, device=batch.response_ids.device)
+    mask = batch.response_mask[idx]
+    logprobs, values, logits = policy_forward(
+        models, batch.prompt_ids[idx], batch.prompt_mask[idx], batch.response_ids[idx], mask, cfg.temperature
+    )
+    pg_loss, pg_stats = pm.clipped_policy_loss(
+        logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.clip_range
+    )
+    vf_loss, vf_stats = pm.clipped_value_loss(
+        values, batch.values[idx], batch.returns[idx], mask, cfg.clip_range_value
+    )
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    if cfg.ptx_coef > 0 and ptx_examples:
+        loss = loss + cfg.ptx_coef * ptx_loss(models, ptx_examples, cfg.max_prompt_tokens)
+    with torch.no_grad():
+        entropy = pm.masked_mean(pm.entropy_from_logits(logits / cfg.temperature), mask).item()
+    optimizer.zero_grad(set_to_none=True)
+    stats = {**pg_stats, **vf_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
+    if not torch.isfinite(loss):
+        return stats
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(models), cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return stats
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**stats, "finite": True, "grad_norm": grad_norm.item()}
+
+
+# --- the trainer ---------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """Metrics of one PPO step; also stored in the ``ppo_steps`` table."""
+
+    version: int
+    mean_reward: float
+    mean_kl: float
+    kl_coef: float
+    policy_loss: float
+    value_loss: float
+    clip_fraction: float
+    approx_kl: float
+    entropy: float
+    mean_length: float
+    skipped: bool
+    seconds: float
+    rollout_s: float = 0.0
+    score_s: float = 0.0
+    update_s: float = 0.0
+    texts: list[str] | None = None
+
+
+def snapshot(models: Models, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Copies of the policy weights and optimizer state, to restore after a bad step."""
+    weights = {k: v.detach().clone() for k, v in policy_tensors(models).items()}
+    return weights, copy.deepcopy(optimizer.state_dict())
+
+
+def policy_tensors(models: Models) -> dict[str, torch.Tensor]:
+    """Everything a policy checkpoint holds (LoRA adapter and value head), keyed by name."""
+    lora = {f"lora.{k}": v for k, v in adapter_state(models.trainer, POLICY).items()}
+    return {**lora, **{f"head.{k}": v for k, v in models.value_head.named_parameters()}}
+
+
+def restore(models: Models, optimizer: torch.optim.Optimizer, saved: tuple[dict, dict]) -> None:
+    """Put the policy back as it was before the step."""
+    weights, opt_state = saved
+    copy_into(policy_tensors(models), weights)
+    optimizer.load_state_dict(opt_state)
+
+
+def publish(models: Models) -> int:
+    """Make the trained policy the one people talk to; returns the new version.
+
+    Runs as one worker job, so no request ever sees a half-copied adapter.
+    """
+    sync_policy_weights(models.trainer, models.serving)
+    models.serving_version += 1
+    return models.serving_version
+
+
+class PPOTrainer:
+    """Runs PPO steps through the model worker and records them."""
+
+    def __init__(self, worker, sessions, cfg: PPOConfig, checkpoint_dir: str, score_fn: ScoreFn | None = None):
+        self.worker = worker
+        self.sessions = sessions
+        self.cfg = cfg
+        self.checkpoint_dir = checkpoint_dir
+        self.score_fn = score_fn or reward_model_scores
+        self.kl_ctl = (
+            pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else pm.FixedKLController(cfg.kl_coef)
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.rng = random.Random(0)
+        self.ptx_examples: list[tuple[list[dict], str]] = []
+
+    def _call(self, fn):
+        return self.worker.call(PPO_PRIORITY, fn)
+
+    def step(self, contexts: list[list[dict]]) -> StepResult:
+        """One PPO step on a batch of contexts (phases in the module docstring)."""
+        cfg, start = self.cfg, time.perf_counter()
+        if self.optimizer is None:
+            self.optimizer = self._call(lambda m: make_optimizer(m, cfg))
+        seed = self.rng.randrange(2**31)
+        # 1) rollout on the serving copy
+        batch = self._call(lambda m: rollout(m, contexts, cfg, seed))
+        t_rollout = time.perf_counter()
+        # 2-3) scores, KL-penalised rewards, advantages
+        kl_coef = self.kl_ctl.value
+        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn))
+        t_score = time.perf_counter()
+        # 4) epochs x minibatches, one worker job each
+        saved = self._call(lambda m: snapshot(m, self.optimizer))
+        stats, finite = [], True
+        for _ in range(cfg.epochs):
+            order = list(range(len(contexts)))
+            self.rng.shuffle(order)
+            for i in range(0, len(order), cfg.minibatch_size):
+                rows = order[i : i + cfg.minibatch_size]
+                ptx = self.rng.sample(self.ptx_examples, min(len(self.ptx_examples), len(rows))) if cfg.ptx_coef else None
+                s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
+                stats.append(s)
+                finite = finite and s["finite"]
+                if not finite:
+                    break
+            if not finite:
+                break
+        t_update = time.perf_counter()
+        # 5) publish, or restore the adapter as it was
+        mean_kl = batch.kl.sum(-1).mean().item()  # KL of whole answers, as TRL reports it
+        if finite:
+            version = self._call(publish)
+            self.kl_ctl.update(mean_kl, len(contexts))
+        else:
+            log.warning("PPO step skipped: non-finite loss or gradient; adapter restored")
+            self._call(lambda m: restore(m, self.optimizer, saved))
+            version = self.worker.serving_version
+
+        def mean(key: str) -> float:
+            values = [s[key] for s in stats if key in s]
+            return float(sum(values) / len(values)) if values else float("nan")
+
+        result = StepResult(
+            version=version,
+            mean_reward=batch.raw_scores.mean().item(),
+            mean_kl=mean_kl,
+            kl_coef=kl_coef,
+            policy_loss=mean("policy_loss"),
+            value_loss=mean("value_loss"),
+            clip_fraction=mean("clip_fraction"),
+            approx_kl=mean("approx_kl"),
+            entropy=mean("entropy"),
+            mean_length=batch.response_mask.sum(-1).mean().item(),
+            skipped=not finite,
+            seconds=t_update - start,
+            rollout_s=t_rollout - start,
+            score_s=t_score - t_rollout,
+            update_s=t_update - t_score,
+            texts=batch.texts,
+        )
+        self._record(result)
+        if finite and version % cfg.checkpoint_every == 0:
+            self.save(version)
+        return result
+
+    def _record(self, r: StepResult) -> None:
+        fields = {k: getattr(r, k) for k in (
+            "version", "mean_reward", "mean_kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction",
+            "approx_kl", "entropy", "mean_length", "skipped", "seconds",
+        )}
+        fields = {k: (0.0 if isinstance(v, float) and v != v else v) for k, v in fields.items()}  # NaN -> 0
+
+        def write() -> None:
+            with self.sessions() as session, session.begin():
+                store.add_ppo_step(session, **fields)
+
+        store.with_retry(write)
+
+    def save(self, version: int) -> str:
+        """Save the policy adapter and value head as a versioned checkpoint."""
+        tensors = self._call(lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
+        meta = {"version": version, "kl_coef": self.kl_ctl.value}
+        path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)
+
+        def write() -> None:
+            with self.sessions() as session, session.begin():
+                store.add_checkpoint(session, "policy", version, str(path), meta)
+
+        store.with_retry(write)
+        return str(path)
+
+    def sample_contexts(self, contexts: list[list[dict]]) -> list[list[dict]]:
+        """A batch of prompts drawn from what people typed (with replacement when few)."""
+        if len(contexts) >= self.cfg.batch_size:
+            return self.rng.sample(contexts, self.cfg.batch_size)
+        return [self.rng.choice(contexts) for _ in range(self.cfg.batch_size)]
+
+
+def load_policy(models: Models, path: str) -> int:
+    """Load a saved policy adapter and value head into the training copy, publish it
+    to the serving copy, and return its version."""
+    tensors, meta = load_checkpoint(path)
+    copy_into(policy_tensors(models), tensors)
+    sync_policy_weights(models.trainer, models.serving)
+    models.serving_version = int(meta["version"])
+    return models.serving_version

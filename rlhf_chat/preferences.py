@@ -1,0 +1,62 @@
+"""Preferences: turning stored votes into (context, chosen, rejected) training pairs.
+
+Ties and "both bad" say nothing about which answer is better, so they do not
+enter the pairwise loss (they are still stored, and counted in exports).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from rlhf_chat.tables import Comparison
+
+
+@dataclass
+class PreferencePair:
+    """One usable vote: which of two answers to the same context a person preferred."""
+
+    comparison_id: int
+    context: list[dict]  # role/content messages, ending with the user's turn
+    chosen: str
+    rejected: str
+    strength: str | None = None  # slightly | clearly | None (not stated)
+
+
+def to_pair(comparison: Comparison) -> PreferencePair | None:
+    """The preference a vote expresses, or None for tie / both bad / no vote."""
+    if comparison.choice == "a":
+        chosen, rejected = comparison.response_a, comparison.response_b
+    elif comparison.choice == "b":
+        chosen, rejected = comparison.response_b, comparison.response_a
+    else:
+        return None
+    return PreferencePair(comparison.id, list(comparison.context), chosen, rejected, comparison.strength)
+
+
+def preference_pairs(comparisons: list[Comparison]) -> list[PreferencePair]:
+    """Every usable preference among the comparisons, in order."""
+    return [pair for pair in map(to_pair, comparisons) if pair is not None]
+
+
+def is_heldout(comparison_id: int, fraction: float) -> bool:
+    """Whether a comparison belongs to the held-out set.
+
+    A hash of the id, not a random draw: the same vote stays on the same side
+    across rounds, runs and restarts, so held-out accuracy is never measured on
+    a vote the model once trained on.
+    """
+    digest = hashlib.sha256(f"heldout:{comparison_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_pairs(pairs: list[PreferencePair], fraction: float) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out), split by comparison id."""
+    train = [p for p in pairs if not is_heldout(p.comparison_id, fraction)]
+    heldout = [p for p in pairs if is_heldout(p.comparison_id, fraction)]
+    return train, heldout
+
+
+def margin_for(strength: str | None, margin_slightly: float, margin_clearly: float) -> float:
+    """The Bradley-Terry margin a stated strength asks for (Llama 2's margin loss, Touvron et al. 2023)."""
+    return {"slightly": margin_slightly, "clearly": margin_clearly}.get(strength or "", 0.0)

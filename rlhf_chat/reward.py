@@ -1,0 +1,249 @@
+"""Reward model: a ``reward`` LoRA adapter plus a scalar head, trained on the votes.
+
+The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
+Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
+and TRL's optional centering term. Training runs in rounds: each round starts
+from the last adapter, trains on every usable vote (new ones included) for a
+bounded number of steps, measures accuracy on held-out votes, and saves a
+versioned checkpoint. Every step is one job on the model worker, so a person
+waiting for an answer waits at most one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_chat import store
+from rlhf_chat.candidates import left_pad
+from rlhf_chat.chat import render_prompt, render_response
+from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save_checkpoint
+from rlhf_chat.config import RewardConfig
+from rlhf_chat.heads import hidden_states, last_token_index
+from rlhf_chat.loading import REWARD, Models, adapter_state
+from rlhf_chat.ppo_math import RunningMoments, bradley_terry_loss
+from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
+from rlhf_chat.worker import REWARD as REWARD_PRIORITY
+
+log = logging.getLogger(__name__)
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+def encode(tokenizer, context: list[dict], response: str, max_length: int) -> list[int]:
+    """Token ids of (context, answer) as the chat template writes them.
+
+    Cut from the left when too long: the score is read at the end of the
+    answer, so the end is what must survive.
+    """
+    ids = render_prompt(tokenizer, context) + render_response(tokenizer, response)
+    return ids[-max_length:]
+
+
+def score_sequences(models: Models, sequences: list[list[int]]) -> torch.Tensor:
+    """Reward scores (B,) of token sequences; differentiable when grad is enabled."""
+    models.trainer.set_adapter(REWARD)
+    ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
+    hidden = hidden_states(models.trainer, ids, mask)  # (B, T, H)
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]  # (B, H)
+    return models.reward_head(last).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_texts(
+    models: Models, contexts: list[list[dict]], responses: list[str], max_length: int, batch_size: int = 16
+) -> torch.Tensor:
+    """Raw reward scores (B,) of answers to contexts."""
+    sequences = [encode(models.tokenizer, c, r, max_length) for c, r in zip(contexts, responses)]
+    chunks = [score_sequences(models, sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def reward_parameters(models: Models) -> list[torch.nn.Parameter]:
+    """What the reward model trains: its LoRA adapter and its head."""
+    return [*adapter_state(models.trainer, REWARD).values(), *models.reward_head.parameters()]
+
+
+def reward_tensors(models: Models) -> dict[str, torch.Tensor]:
+    """Everything a reward checkpoint holds, keyed by name."""
+    lora = {f"lora.{k}": v for k, v in adapter_state(models.trainer, REWARD).items()}
+    return {**lora, **module_state("head.", models.reward_head)}
+
+
+def pair_margins(pairs: list[PreferencePair], cfg: RewardConfig, device: torch.device) -> torch.Tensor:
+    """Per-pair Bradley-Terry margins (B,) from the stated strengths."""
+    values = [margin_for(p.strength, cfg.margin_slightly, cfg.margin_clearly) for p in pairs]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def pair_scores(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores, both (B,), from one forward over the 2B sequences."""
+    tok = models.tokenizer
+    chosen = [encode(tok, p.context, p.chosen, cfg.max_length) for p in pairs]
+    rejected = [encode(tok, p.context, p.rejected, cfg.max_length) for p in pairs]
+    scores = score_sequences(models, chosen + rejected)
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def train_step(models: Models, optimizer: torch.optim.Optimizer, pairs: list[PreferencePair], cfg: RewardConfig) -> dict:
+    """One minibatch of Bradley-Terry training. A non-finite loss is skipped."""
+    models.trainer.train()  # never eval: see loading.py
+    chosen, rejected = pair_scores(models, pairs, cfg)
+    loss, stats = bradley_terry_loss(chosen, rejected, pair_margins(pairs, cfg, models.device), cfg.center_coef)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return {**stats, "skipped": True}
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reward_parameters(models), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**stats, "skipped": False}
+
+
+@torch.no_grad()
+def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> dict:
+    """Loss, accuracy and mean margin over pairs (no training), plus every score seen."""
+    if not pairs:
+        return {"loss": float("nan"), "accuracy": None, "mean_margin": 0.0, "scores": []}
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), cfg.batch_size):
+        c, r = pair_scores(models, pairs[i : i + cfg.batch_size], cfg)
+        chosen.append(c)
+        rejected.append(r)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    _, stats = bradley_terry_loss(c, r, pair_margins(pairs, cfg, models.device), cfg.center_coef)
+    return {**stats, "scores": torch.cat([c, r]).tolist()}
+
+
+def round_steps(n_train: int, cfg: RewardConfig) -> int:
+    """Steps in a round: bounded by ``steps_per_round`` and by ``max_epochs_per_round``."""
+    return min(cfg.steps_per_round, max(1, math.ceil(cfg.max_epochs_per_round * n_train / cfg.batch_size)))
+
+
+def minibatches(pairs: list[PreferencePair], batch_size: int, steps: int, seed: int) -> list[list[PreferencePair]]:
+    """``steps`` minibatches drawn epoch by epoch in a shuffled order."""
+    rng = random.Random(seed)
+    order: list[PreferencePair] = []
+    while len(order) < steps * batch_size:
+        epoch = list(pairs)
+        rng.shuffle(epoch)
+        order += epoch
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+@dataclass
+class RoundResult:
+    """What one reward round did; also stored in the ``reward_rounds`` table."""
+
+    version: int
+    loss: float
+    heldout_accuracy: float | None
+    mean_margin: float
+    train_pairs: int
+    heldout_pairs: int
+    votes: int
+    seconds: float
+    checkpoint: str = ""
+    train_accuracy: float | None = None
+    moments: dict = field(default_factory=dict)
+
+
+def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: int = 0) -> RoundResult | None:
+    """Train one reward round on every usable vote; None when there are too few.
+
+    Each step is a worker job at reward priority, so chat requests cut in
+    between steps. The new adapter is only named in the database once its
+    checkpoint is completely on disk.
+    """
+    start = time.perf_counter()
+    # 1) votes -> pairs -> (train, held-out), stable by comparison id
+    with sessions() as session:
+        pairs = preference_pairs(store.voted_comparisons(session))
+        previous = store.latest_checkpoint(session, "reward")
+    train, heldout = split_pairs(pairs, cfg.heldout_fraction)
+    if len(train) < cfg.min_pairs:
+        return None
+    version = (previous.version if previous else 0) + 1
+    params_lr = cfg.learning_rate
+
+    # 2) a fresh optimizer over the adapter as the last round left it
+    def make_optimizer(models: Models) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(reward_parameters(models), lr=params_lr, weight_decay=cfg.weight_decay)
+
+    optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
+    losses = []
+    for batch in minibatches(train, cfg.batch_size, round_steps(len(train), cfg), seed + version):
+        stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg))
+        losses.append(stats["loss"])
+
+    # 3) measure on held-out votes; reward statistics from the training answers
+    held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg))
+    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg))
+    moments = RunningMoments()
+    moments.update(torch.tensor(fit["scores"]))
+
+    # 4) checkpoint (atomic), then name it in the database, then serve it
+    tensors = worker.call(REWARD_PRIORITY, lambda m: {k: v.detach().clone() for k, v in reward_tensors(m).items()})
+    meta = {"version": version, "moments": moments.to_dict(), "train_pairs": len(train)}
+    path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
+    result = RoundResult(
+        version=version,
+        loss=float(sum(losses[-10:]) / len(losses[-10:])),
+        heldout_accuracy=held["accuracy"],
+        mean_margin=fit["mean_margin"],
+        train_pairs=len(train),
+        heldout_pairs=len(heldout),
+        votes=len(pairs),
+        seconds=time.perf_counter() - start,
+        checkpoint=str(path),
+        train_accuracy=fit["accuracy"],
+        moments=moments.to_dict(),
+    )
+
+    def record() -> None:
+        with sessions() as session, session.begin():
+            store.add_checkpoint(session, "reward", version, str(path), meta)
+            store.add_reward_round(
+                session,
+                version=version,
+                loss=result.loss,
+                heldout_accuracy=result.heldout_accuracy,
+                mean_margin=result.mean_margin,
+                train_pairs=result.train_pairs,
+                heldout_pairs=result.heldout_pairs,
+                votes=result.votes,
+                seconds=result.seconds,
+            )
+
+    store.with_retry(record)
+    worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, version, moments))
+    return result
+
+
+# --- restoring -----------------------------------------------------------------------------
+
+
+def set_reward_version(models: Models, version: int, moments: RunningMoments) -> None:
+    """Mark the reward model in the worker as trained (PPO reads both)."""
+    models.reward_version = version
+    models.reward_moments = moments
+
+
+def load_reward(models: Models, path: str) -> int:
+    """Load a saved reward adapter and head into the models; returns its version."""
+    tensors, meta = load_checkpoint(path)
+    lora = {f"lora.{k}": v for k, v in adapter_state(models.trainer, REWARD).items()}
+    copy_into(lora, tensors)
+    head = {f"head.{k}": v for k, v in models.reward_head.named_parameters()}
+    copy_into(head, tensors)
+    set_reward_version(models, int(meta["version"]), RunningMoments.from_dict(meta["moments"]))
+    return models.reward_version

@@ -1,0 +1,143 @@
+"""Reward model: last-token selection, the held-out split, training and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_chat import store
+from rlhf_chat.candidates import Candidate
+from rlhf_chat.config import RewardConfig
+from rlhf_chat.heads import last_token_index, position_ids_from_mask
+from rlhf_chat.preferences import PreferencePair, is_heldout, split_pairs, to_pair
+from rlhf_chat.reward import (
+    encode,
+    evaluate,
+    load_reward,
+    minibatches,
+    round_steps,
+    run_round,
+    score_sequences,
+    score_texts,
+    train_step,
+    reward_parameters,
+)
+from rlhf_chat.tables import Comparison
+from rlhf_chat.worker import ModelWorker
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]])
+    assert last_token_index(mask).tolist() == [4, 2, 4, 1]
+
+
+def test_position_ids_ignore_left_padding():
+    assert position_ids_from_mask(torch.tensor([[0, 0, 1, 1]])).tolist() == [[0, 0, 0, 1]]
+
+
+def test_score_is_the_same_under_any_padding(tiny_models):
+    """The head reads the last real token: extra padding must not change a score."""
+    tok = tiny_models.tokenizer
+    with torch.no_grad():
+        torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
+        short = encode(tok, [{"role": "user", "content": "hi"}], "hello", 64)
+        long = encode(tok, [{"role": "user", "content": "tell me about the weather today"}], "It is sunny.", 64)
+        alone = score_sequences(tiny_models, [short])
+        batched = score_sequences(tiny_models, [short, long])  # short gets left padding
+        torch.nn.init.zeros_(tiny_models.reward_head.weight)
+    assert torch.allclose(alone[0], batched[0], atol=1e-4)
+
+
+def test_heldout_split_is_stable_and_about_ten_percent():
+    ids = range(1, 5001)
+    first = [i for i in ids if is_heldout(i, 0.1)]
+    assert first == [i for i in ids if is_heldout(i, 0.1)]
+    assert 400 < len(first) < 600
+    pairs = [PreferencePair(i, [], "a", "b") for i in range(1, 301)]
+    train, held = split_pairs(pairs, 0.1)
+    assert {p.comparison_id for p in held} == {i for i in range(1, 301) if is_heldout(i, 0.1)}
+    assert len(train) + len(held) == 300
+
+
+def test_ties_and_both_bad_give_no_pair():
+    def comp(choice):
+        return Comparison(id=1, context=[], response_a="A", response_b="B", choice=choice)
+
+    assert to_pair(comp("a")).chosen == "A" and to_pair(comp("b")).chosen == "B"
+    assert to_pair(comp("tie")) is None and to_pair(comp("both_bad")) is None and to_pair(comp(None)) is None
+
+
+def test_round_steps_bounded():
+    cfg = RewardConfig(batch_size=8, steps_per_round=60, max_epochs_per_round=2.0)
+    assert round_steps(16, cfg) == 4 and round_steps(1000, cfg) == 60
+
+
+def test_minibatches_cover_every_pair_each_epoch():
+    pairs = [PreferencePair(i, [], "a", "b") for i in range(10)]
+    batches = minibatches(pairs, 5, 2, seed=0)
+    assert sorted(p.comparison_id for b in batches for p in b) == list(range(10))
+
+
+def length_pairs(n: int) -> list[PreferencePair]:
+    """Shorter answer preferred: a rule a tiny model learns in a few steps."""
+    return [
+        PreferencePair(i, [{"role": "user", "content": f"question {i}"}], "Yes.", "Well, " + "it depends " * (2 + i % 5))
+        for i in range(n)
+    ]
+
+
+def test_training_steps_raise_accuracy_and_change_only_reward_weights(tiny_path):
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.loading import POLICY, adapter_state, load_models
+
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    cfg = RewardConfig(batch_size=8, learning_rate=5e-3)
+    pairs = length_pairs(16)
+    policy_before = {k: v.clone() for k, v in adapter_state(models.trainer, POLICY).items()}
+    before = evaluate(models, pairs, cfg)
+    opt = torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate)
+    for batch in minibatches(pairs, 8, 20, seed=0):
+        stats = train_step(models, opt, batch, cfg)
+        assert not stats["skipped"]
+    after = evaluate(models, pairs, cfg)
+    assert after["loss"] < before["loss"] and after["accuracy"] == 1.0
+    assert all(torch.equal(policy_before[k], v) for k, v in adapter_state(models.trainer, POLICY).items())
+
+
+def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_config):
+    from rlhf_chat.loading import load_models
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    for p in length_pairs(40):
+        cand = lambda t: Candidate(t, "policy", 0, 0, 1.0, 1.0, 8, 1, True, 0.1)  # noqa: E731
+        with sessions() as s, s.begin():
+            c = store.save_pair(s, session_id="t", context=p.context, a=cand(p.chosen), b=cand(p.rejected))
+            store.record_vote(s, c.id, "a", "clearly" if p.comparison_id % 2 else None)
+    cfg = tiny_config.reward
+    cfg.learning_rate, cfg.steps_per_round = 5e-3, 12
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        result = run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+        assert result.version == 1 and result.train_pairs + result.heldout_pairs == 40
+        assert result.heldout_pairs > 0 and result.heldout_accuracy is not None
+        contexts = [p.context for p in length_pairs(6)]
+        answers = ["Yes.", "No, not at all, never", "Hmm", "it depends it depends", "OK", "Sure thing, yes"]
+        scores = worker.call(0, lambda m: score_texts(m, contexts, answers, cfg.max_length))
+        second = run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+        assert second.version == 2
+    finally:
+        worker.stop()
+    with sessions() as s:
+        rounds = store.reward_rounds(s)
+        assert [r.version for r in rounds] == [1, 2] and rounds[0].train_pairs == result.train_pairs
+        assert store.latest_checkpoint(s, "reward").version == 2
+    fresh = load_models(tiny_config.model)
+    assert load_reward(fresh, result.checkpoint) == 1
+    reloaded = score_texts(fresh, contexts, answers, cfg.max_length)
+    assert torch.allclose(scores, reloaded, atol=1e-5)
+    assert fresh.reward_moments.count == min(2 * result.train_pairs, 512)
+
+
+def test_too_few_votes_gives_no_round(tiny_config):
+    sessions = store.open_store(tiny_config.store.db_url)
+    assert run_round(None, sessions, tiny_config.reward, tiny_config.store.checkpoint_dir) is None
