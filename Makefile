@@ -8,7 +8,23 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow bench clean
+# pytest with a throwaway PostgreSQL beside SQLite (scripts/postgres.sh): its URL
+# goes to the tests in RLHF_CHAT_TEST_PG_URL. Best effort: when the server cannot
+# start, the reason goes in RLHF_CHAT_TEST_PG_SKIP and the PostgreSQL tests skip
+# with it. The server is stopped (its data deleted) however pytest ends: the
+# EXIT trap runs on failure and on Ctrl-C too. `make ... PG=0` skips PostgreSQL.
+PG ?= 1
+define pytest_with_postgres
+	@trap 'bash scripts/postgres.sh stop' EXIT; trap 'exit 130' INT TERM; \
+	url=; skip="PostgreSQL was turned off (make ... PG=0)"; \
+	if [ "$(PG)" != 0 ]; then \
+		if url=$$(bash scripts/postgres.sh start); then skip=; \
+		else url=; skip="scripts/postgres.sh could not start PostgreSQL: $$(cat .pg/error 2>/dev/null || echo 'see its output above')"; fi; \
+	fi; \
+	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
+endef
+
+.PHONY: setup demo test test-fast test-slow test-db pg-start pg-stop bench clean
 
 setup: $(STAMP)
 
@@ -26,16 +42,27 @@ demo: setup
 	$(PY) app.py
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(call pytest_with_postgres,)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(call pytest_with_postgres,-m "not slow")
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# Only the storage tests, on SQLite and PostgreSQL (seconds, no model).
+test-db: setup
+	$(call pytest_with_postgres,tests/test_store.py tests/test_postgres.py tests/test_faults.py)
+
 bench: setup
 	$(PY) bench/generation.py
 
-clean:
-	rm -rf $(VENV) .pytest_cache
+# A throwaway PostgreSQL by hand, e.g. for `RLHF_CHAT_TEST_PG_URL=$$(cat .pg/url) pytest ...`.
+pg-start:
+	bash scripts/postgres.sh start
+
+pg-stop:
+	bash scripts/postgres.sh stop
+
+clean: pg-stop
+	rm -rf $(VENV) .pytest_cache .pg

@@ -25,6 +25,7 @@ class Sampling:
     temperature: float
     top_p: float = 1.0
     seed: int = 0
+    min_new_tokens: int = 0  # benchmarks force full-length answers with this
 
 
 @dataclass
@@ -146,6 +147,7 @@ def sample(
         top_p=sampling.top_p,
         top_k=0,
         max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens or None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         streamer=streamer,

@@ -7,6 +7,7 @@ chatbot and of TRL's conversational datasets.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ Message = dict[str, str]
 
 
 class EmptyMessage(ValueError):
-    """The person sent nothing but whitespace."""
+    """The person sent nothing but whitespace and invisible characters."""
 
 
 @dataclass
@@ -23,22 +24,66 @@ class CleanedMessage:
     notice: str = ""  # shown to the person when the text was changed
 
 
+# Lone surrogates: text that cannot be encoded to UTF-8 (see clean_message).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Format characters (category Cf) are invisible, but these carry meaning in
+# ordinary writing and are kept: the zero-width joiner builds emoji sequences
+# (family, rainbow flag) and Indic conjuncts, the non-joiner is part of Persian
+# spelling, the direction marks keep mixed right-to-left text in order, and the
+# Arabic prepended marks are visible signs. Other Cf characters (zero-width
+# spaces, BOMs, bidi overrides that make text display in an order other than
+# the one stored) are removed.
+_KEPT_FORMAT = frozenset(
+    "\u200c\u200d\u200e\u200f\u061c"
+    "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd"
+)
+# Subdivision flags (England, Scotland, Wales) spell their region in invisible
+# tag characters after a black flag. Anywhere else tag characters are removed:
+# they can smuggle text a person never sees into what the model reads.
+_TAG_FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]{1,16}\U000e007f")
+
+
+def _keep(ch: str) -> bool:
+    category = unicodedata.category(ch)
+    if category == "Cc":  # NUL, escapes, ...: they confuse tokenizers and terminals
+        return ch in "\n\t"  # newlines and tabs are part of normal writing
+    if category == "Cf":
+        return ch in _KEPT_FORMAT
+    # Cn (unassigned) is kept: it is also every character newer than this Python's
+    # Unicode tables, such as recent emoji. Co (private use) is harmless.
+    return True
+
+
+def _visible(ch: str) -> bool:
+    return not ch.isspace() and unicodedata.category(ch) != "Cf"
+
+
 def clean_message(raw: object, max_chars: int) -> CleanedMessage:
     """Normalise a typed message: valid text, no control characters, bounded length.
 
-    Raises :class:`EmptyMessage` for an empty one. An overlong message is cut at
-    ``max_chars`` and the notice says so, rather than being refused, so that
-    nothing the person wrote up to the limit is lost.
+    Raises :class:`EmptyMessage` for an empty one, including one of nothing but
+    invisible characters. An overlong message is cut at ``max_chars`` and the
+    notice says so, rather than being refused, so that nothing the person wrote
+    up to the limit is lost. Markup such as ``<script>`` stays as typed: it is
+    text to the model, and the UI shows it as text.
     """
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")  # invalid UTF-8 becomes U+FFFD, visibly
     text = "" if raw is None else str(raw)
+    if _SURROGATE.search(text):
+        # Lone surrogates (from JSON such as "\ud800") cannot be encoded to UTF-8 for
+        # the database or the tokenizer: each becomes U+FFFD, and a split pair is joined.
+        text = text.encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
     text = unicodedata.normalize("NFC", text)
-    # Control characters (NUL, escapes, ...) confuse tokenizers and terminals;
-    # newlines and tabs are part of normal writing.
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    text = text.strip()
-    if not text:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends
+    pieces, last = [], 0
+    for flag in _TAG_FLAG.finditer(text):
+        pieces += [ch for ch in text[last : flag.start()] if _keep(ch)]
+        pieces.append(flag.group())
+        last = flag.end()
+    pieces += [ch for ch in text[last:] if _keep(ch)]
+    text = "".join(pieces).strip()
+    if not any(_visible(ch) for ch in text):
         raise EmptyMessage("Please type a message first.")
     if len(text) > max_chars:
         return CleanedMessage(

@@ -7,13 +7,16 @@ of a new one. The database names each finished folder (``store.add_checkpoint``)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
@@ -26,26 +29,102 @@ def checkpoint_path(root: str | Path, kind: str, version: int) -> Path:
 
 
 def save_checkpoint(root: str | Path, kind: str, version: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write tensors and metadata atomically; returns the final folder."""
+    """Write tensors and metadata atomically; returns the final folder.
+
+    On any error (a full disk, an I/O error) the temporary folder is removed,
+    the error propagates, and whatever was in place before is untouched.
+    """
     target = checkpoint_path(root, kind, version)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    old = tmp.with_name(tmp.name + "-old")
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        if target.exists():  # a retried save of the same version replaces it whole
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _fsync_file(tmp / WEIGHTS)
+        with open(tmp / META, "w") as f:
+            f.write(json.dumps(meta, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        # A retried save of the same version replaces it whole: the old folder is
+        # moved aside, not deleted, until the new one is in place.
+        if target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            raise
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if target.exists():  # never delete the only copy of the old version
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a written file to the disk before it is renamed into place.
+
+    Without this a crash after the rename can leave a complete-looking folder
+    with an empty file; and on network or FUSE volumes (a Space's storage
+    bucket) a full disk may only be reported here, not by the write itself.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (best effort: some systems cannot sync a folder)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(target: Path, older_than_s: float = 3600.0) -> None:
+    """Delete temporary folders of ``target`` left by a process killed mid-save.
+
+    Only old ones: a young one may belong to a save still running elsewhere
+    (two processes sharing one volume).
+    """
+    now = time.time()
+    for stale in target.parent.glob(f".{target.name}-*"):
+        try:
+            if stale.is_dir() and now - stale.stat().st_mtime > older_than_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of a saved checkpoint."""
+    """Tensors and metadata of a saved checkpoint.
+
+    A missing folder raises OSError; a truncated or corrupt one (a half-copied
+    volume) raises ValueError, not safetensors' own error type, so that callers
+    such as ``runtime.restore_latest`` can fall back to an older checkpoint.
+    """
     path = Path(path)
-    return load_file(str(path / WEIGHTS)), json.loads((path / META).read_text())
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except SafetensorError as exc:
+        raise ValueError(f"unreadable checkpoint weights in {path}: {exc}") from exc
+    return tensors, json.loads((path / META).read_text())
 
 
 def module_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:

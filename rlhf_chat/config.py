@@ -31,6 +31,10 @@ class ModelConfig:
     # with dropout the train-mode forwards used for scoring would be noisy.
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # LoRA on the top layers only: backward stops there and the frozen layers below
+    # run without autograd. On the 2-core CPU a forward+backward over 16 x 100
+    # tokens took 18.6 s with all 30 layers adapted and 3.1 s with the top 10.
+    lora_top_layers: int = 8  # 0: every layer
     seed: int = 0
 
 
@@ -81,6 +85,7 @@ class PPOConfig:
     epochs: int = 4  # PPO epochs per batch
     learning_rate: float = 1e-4  # LoRA + value head; high enough to see learning in minutes
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # the step benchmark forces full-length answers with this
     temperature: float = 0.9  # applied when sampling and when scoring log-probs alike
     kl_coef: float = 0.05  # beta
     adaptive_kl: bool = False

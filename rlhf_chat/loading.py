@@ -174,15 +174,18 @@ def load_base(path: str, load_in_4bit: bool, device: torch.device) -> nn.Module:
     return model
 
 
-def lora_config(cfg: ModelConfig):
+def lora_config(cfg: ModelConfig, num_layers: int):
     """The LoRA settings shared by the policy and reward adapters."""
     from peft import LoraConfig
 
+    top = cfg.lora_top_layers
+    layers = list(range(max(0, num_layers - top), num_layers)) if 0 < top < num_layers else None
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets),
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
 
@@ -192,9 +195,10 @@ def add_adapters(base: nn.Module, cfg: ModelConfig, names: tuple[str, ...]) -> n
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)  # both copies start from the same LoRA init
-    model = get_peft_model(base, lora_config(cfg), adapter_name=names[0])
+    settings = lora_config(cfg, base.config.num_hidden_layers)
+    model = get_peft_model(base, settings, adapter_name=names[0])
     for name in names[1:]:
-        model.add_adapter(name, lora_config(cfg))
+        model.add_adapter(name, settings)
     model.set_adapter(names[0])
     return model
 

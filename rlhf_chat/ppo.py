@@ -33,9 +33,9 @@ from rlhf_chat.candidates import Sampling, left_pad, sample
 from rlhf_chat.chat import render_prompt, render_response, trim_to_budget
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
 from rlhf_chat.config import PPOConfig
-from rlhf_chat.heads import hidden_states
+from rlhf_chat.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.reward import score_texts
+from rlhf_chat.reward import score_prefix
 from rlhf_chat.worker import PPO as PPO_PRIORITY
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Rollout:
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
     # filled in by score_rollout
+    prefix: Prefix | None = None  # frozen layers' output over prompt + response, shared by every pass
     logprobs: torch.Tensor | None = None  # (B, R) at the sampling temperature
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     values: torch.Tensor | None = None  # (B, R)
@@ -80,7 +81,8 @@ def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: in
     """
     tok = models.tokenizer
     prompts = [render_prompt(tok, trim_to_budget(tok, c, cfg.max_prompt_tokens)) for c in contexts]
-    out = sample(models.serving, tok, prompts, Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, seed))
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, seed, cfg.min_new_tokens)
+    out = sample(models.serving, tok, prompts, sampling)
     mask = pm.response_mask_after_eos(out.response_ids, tok.eos_token_id, tok.pad_token_id)
     return Rollout(
         contexts=contexts,
@@ -96,16 +98,20 @@ def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: in
 # --- 2) score ------------------------------------------------------------------------------
 
 
+def full_prefix(models: Models, prompt_ids, prompt_mask, response_ids, response_mask) -> Prefix:
+    """The frozen layers' output over prompt + response (computed once per rollout)."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
+    mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return frozen_prefix(models.trainer, ids, mask)
+
+
 def policy_forward(
-    models: Models, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float, with_values: bool = True
+    models: Models, prefix: Prefix, prompt_len: int, response_ids, temperature: float, with_values: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probs (B, R) of the response tokens, values (B, R) and logits (B, R, V)
     under the active adapter of the training copy."""
-    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
-    mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    hidden = hidden_states(models.trainer, ids, mask)  # (B, P+R, H)
-    p = prompt_ids.shape[1]
-    before_each = hidden[:, p - 1 : -1]  # (B, R, H): the state that emitted each response token
+    hidden = top_hidden(models.trainer, prefix)  # (B, P+R, H)
+    before_each = hidden[:, prompt_len - 1 : -1]  # (B, R, H): the state that emitted each response token
     logits = models.trainer.get_base_model().lm_head(before_each).float()  # (B, R, V)
     logprobs = pm.logprobs_from_logits(logits, response_ids, temperature)
     values = models.value_head(before_each).squeeze(-1).float() if with_values else None
@@ -113,14 +119,16 @@ def policy_forward(
 
 
 def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
-    """Raw reward-model scores of the rollout's answers; the default :data:`ScoreFn`."""
-    return score_texts(models, batch.contexts, batch.texts, max_length=512).to(models.device)
+    """Raw reward-model scores of the rollout's answers, read on the sampled tokens
+    themselves (sharing the rollout's prefix); the default :data:`ScoreFn`."""
+    return score_prefix(models, batch.prefix)
 
 
 @torch.no_grad()
 def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float, score_fn: ScoreFn) -> Rollout:
     """Fill in log-probs, reference log-probs, values, scores, rewards and advantages."""
-    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, cfg.temperature)
+    batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, cfg.temperature)
     models.trainer.set_adapter(POLICY)
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
@@ -178,7 +186,8 @@ def ptx_loss(models: Models, examples: list[tuple[list[dict], str]], max_prompt_
     for row, ans in enumerate(answers):
         r_ids[row, : len(ans)] = torch.tensor(ans)
         r_mask[row, : len(ans)] = 1.0
-    logprobs, _, _ = policy_forward(models, p_ids, p_mask, r_ids, r_mask, 1.0, with_values=False)
+    prefix = full_prefix(models, p_ids, p_mask, r_ids, r_mask)
+    logprobs, _, _ = policy_forward(models, prefix, p_ids.shape[1], r_ids, 1.0, with_values=False)
     return -pm.masked_mean(logprobs, r_mask)
 
 
@@ -197,7 +206,7 @@ def minibatch_update(
     idx = torch.tensor(rows, device=batch.response_ids.device)
     mask = batch.response_mask[idx]
     logprobs, values, logits = policy_forward(
-        models, batch.prompt_ids[idx], batch.prompt_mask[idx], batch.response_ids[idx], mask, cfg.temperature
+        models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], cfg.temperature
     )
     pg_loss, pg_stats = pm.clipped_policy_loss(
         logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.clip_range

@@ -24,7 +24,7 @@ from rlhf_chat.candidates import left_pad
 from rlhf_chat.chat import render_prompt, render_response
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save_checkpoint
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import hidden_states, last_token_index
+from rlhf_chat.heads import Prefix, first_adapted_layer, frozen_prefix, last_token_index, top_hidden
 from rlhf_chat.loading import REWARD, Models, adapter_state
 from rlhf_chat.ppo_math import RunningMoments, bradley_terry_loss
 from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
@@ -46,13 +46,49 @@ def encode(tokenizer, context: list[dict], response: str, max_length: int) -> li
     return ids[-max_length:]
 
 
-def score_sequences(models: Models, sequences: list[list[int]]) -> torch.Tensor:
-    """Reward scores (B,) of token sequences; differentiable when grad is enabled."""
+class PrefixCache:
+    """Frozen-prefix hidden states per token sequence, kept for the steps of a round.
+
+    A round visits each vote several times; the frozen layers' output for it
+    never changes, so it is computed once (about 80 MB for 200 votes).
+    """
+
+    def __init__(self) -> None:
+        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def prefix(self, models: Models, sequences: list[list[int]]) -> Prefix:
+        """A left-padded batch prefix for the sequences, computing only the missing ones."""
+        missing = list({tuple(s): s for s in sequences if tuple(s) not in self.hidden}.values())
+        if missing:
+            ids, mask = left_pad(missing, models.tokenizer.pad_token_id, models.device)
+            computed = frozen_prefix(models.trainer, ids, mask)
+            for row, seq in enumerate(missing):
+                self.hidden[tuple(seq)] = computed.hidden[row, ids.shape[1] - len(seq) :].detach()
+            split = computed.split
+        else:
+            split = first_adapted_layer(models.trainer)
+        ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
+        hidden = torch.zeros(*ids.shape, models.hidden_size, device=models.device)
+        for row, seq in enumerate(sequences):
+            hidden[row, ids.shape[1] - len(seq) :] = self.hidden[tuple(seq)]
+        return Prefix(hidden, mask, split)
+
+
+def score_prefix(models: Models, prefix: Prefix) -> torch.Tensor:
+    """Reward scores (B,) read at the last real token; differentiable when grad is enabled."""
     models.trainer.set_adapter(REWARD)
-    ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
-    hidden = hidden_states(models.trainer, ids, mask)  # (B, T, H)
-    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]  # (B, H)
+    hidden = top_hidden(models.trainer, prefix)  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(prefix.mask)]  # (B, H)
     return models.reward_head(last).squeeze(-1).float()
+
+
+def score_sequences(models: Models, sequences: list[list[int]], cache: PrefixCache | None = None) -> torch.Tensor:
+    """Reward scores (B,) of token sequences; differentiable when grad is enabled."""
+    if cache is not None:
+        return score_prefix(models, cache.prefix(models, sequences))
+    ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
+    return score_prefix(models, frozen_prefix(models.trainer, ids, mask))
 
 
 @torch.no_grad()
@@ -85,19 +121,27 @@ def pair_margins(pairs: list[PreferencePair], cfg: RewardConfig, device: torch.d
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def pair_scores(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores, both (B,), from one forward over the 2B sequences."""
     tok = models.tokenizer
     chosen = [encode(tok, p.context, p.chosen, cfg.max_length) for p in pairs]
     rejected = [encode(tok, p.context, p.rejected, cfg.max_length) for p in pairs]
-    scores = score_sequences(models, chosen + rejected)
+    scores = score_sequences(models, chosen + rejected, cache)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def train_step(models: Models, optimizer: torch.optim.Optimizer, pairs: list[PreferencePair], cfg: RewardConfig) -> dict:
+def train_step(
+    models: Models,
+    optimizer: torch.optim.Optimizer,
+    pairs: list[PreferencePair],
+    cfg: RewardConfig,
+    cache: PrefixCache | None = None,
+) -> dict:
     """One minibatch of Bradley-Terry training. A non-finite loss is skipped."""
     models.trainer.train()  # never eval: see loading.py
-    chosen, rejected = pair_scores(models, pairs, cfg)
+    chosen, rejected = pair_scores(models, pairs, cfg, cache)
     loss, stats = bradley_terry_loss(chosen, rejected, pair_margins(pairs, cfg, models.device), cfg.center_coef)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
@@ -110,13 +154,13 @@ def train_step(models: Models, optimizer: torch.optim.Optimizer, pairs: list[Pre
 
 
 @torch.no_grad()
-def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> dict:
+def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None) -> dict:
     """Loss, accuracy and mean margin over pairs (no training), plus every score seen."""
     if not pairs:
         return {"loss": float("nan"), "accuracy": None, "mean_margin": 0.0, "scores": []}
     chosen, rejected = [], []
     for i in range(0, len(pairs), cfg.batch_size):
-        c, r = pair_scores(models, pairs[i : i + cfg.batch_size], cfg)
+        c, r = pair_scores(models, pairs[i : i + cfg.batch_size], cfg, cache)
         chosen.append(c)
         rejected.append(r)
     c, r = torch.cat(chosen), torch.cat(rejected)
@@ -180,14 +224,15 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         return torch.optim.AdamW(reward_parameters(models), lr=params_lr, weight_decay=cfg.weight_decay)
 
     optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
+    cache = PrefixCache()
     losses = []
     for batch in minibatches(train, cfg.batch_size, round_steps(len(train), cfg), seed + version):
-        stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg))
+        stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg, cache))
         losses.append(stats["loss"])
 
     # 3) measure on held-out votes; reward statistics from the training answers
     held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg))
-    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg))
+    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, cache))
     moments = RunningMoments()
     moments.update(torch.tensor(fit["scores"]))
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_chat import store
-from rlhf_chat.candidates import Candidate, Sampling, sample
+from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.labelers import Labeler, normalize_choice
+from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
 from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -141,3 +141,137 @@ class Report:
         """Save as JSON."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.__dict__, indent=2))
+
+
+def evaluate_against_reference(
+    worker: ModelWorker, prompts: list[str], labeler: Labeler, cfg: AppConfig, seed: int, batch_prompts: int = 8
+) -> dict[str, float]:
+    """Win-rate of the current policy against the reference, judged blind by the labeler.
+
+    For each prompt, one answer from each (one batched call, peft mixed
+    adapters), shown in random order. A tie or "both bad" counts as half a win:
+    neither was preferred.
+    """
+    rng = random.Random(seed)
+    wins = ties = losses = 0
+    for i in range(0, len(prompts), batch_prompts):
+        chunk = prompts[i : i + batch_prompts]
+        sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, rng.randrange(2**31))
+
+        def job(models, chunk=chunk, sampling=sampling) -> list[str]:
+            rendered = [render_prompt(models.tokenizer, as_context(p)) for p in chunk]
+            rows = [ids for ids in rendered for _ in range(2)]
+            names = ["policy", BASE_ADAPTER] * len(chunk)
+            return sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names).texts
+
+        texts = worker.call(CHAT, job)
+        for k, prompt in enumerate(chunk):
+            policy, reference = texts[2 * k], texts[2 * k + 1]
+            policy_first = rng.random() < 0.5
+            a, b = (policy, reference) if policy_first else (reference, policy)
+            choice = normalize_choice(labeler(prompt, a, b))
+            if choice in ("tie", "both_bad"):
+                ties += 1
+            elif (choice == "a") == policy_first:
+                wins += 1
+            else:
+                losses += 1
+    n = wins + ties + losses
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + 0.5 * ties) / n if n else 0.0}
+
+
+def plot_curve(report: Report, path: str | Path) -> Path:
+    """A PNG of the PPO reward and KL per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = range(1, len(report.reward_curve) + 1)
+    ax1.plot(steps, report.reward_curve, marker=".", color="tab:blue")
+    ax1.set(xlabel="PPO step", ylabel="mean reward-model score", title=f"Reward ({report.labeler} labeler)")
+    ax2.plot(steps, report.kl_curve, marker=".", color="tab:red")
+    ax2.set(xlabel="PPO step", ylabel="KL to reference (nats / answer)", title="KL to the starting model")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"{report.comparisons} comparisons, reward-model held-out accuracy {report.rm_heldout_accuracy or 0:.2f}, "
+        f"win-rate vs reference {report.win_rate_vs_reference or 0:.2f}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def simulate(
+    cfg: AppConfig,
+    labeler_spec: str,
+    comparisons: int = 200,
+    ppo_steps: int = 60,
+    prompts_file: str | None = None,
+    seed: int = 0,
+    report_path: str | Path | None = "simulation.json",
+    plot_path: str | Path | None = None,
+) -> Report:
+    """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report."""
+    from tqdm import tqdm
+
+    from rlhf_chat.ppo import PPOTrainer
+    from rlhf_chat.reward import run_round
+    from rlhf_chat.runtime import load_for_serving
+
+    start = time.perf_counter()
+    labeler = load_labeler(labeler_spec)
+    train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
+    report = Report(labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, eval_prompts=len(eval_prompts))
+    sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
+    worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
+    try:
+        worker.ready.wait()
+        if worker.load_error is not None:
+            raise RuntimeError(f"the model failed to load: {worker.load_error}")
+        marks = {"load": time.perf_counter() - start}
+        # 1) pairs and votes, stored as the UI stores them
+        with tqdm(total=comparisons, desc="pairs + votes", unit="pair") as bar:
+            report.votes = collect_votes(worker, sessions, train_prompts, labeler, comparisons, cfg, seed, progress=bar.update)
+        marks["votes"] = time.perf_counter() - start
+        # 2) the reward model
+        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed)
+        if result is not None:
+            report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
+        marks["reward"] = time.perf_counter() - start
+        # 3) PPO on the prompts the "people" typed
+        if result is not None and ppo_steps > 0:
+            with sessions() as session:
+                contexts = store.user_contexts(session)
+            trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+            trainer.rng.seed(seed)
+            with tqdm(total=ppo_steps, desc="PPO", unit="step") as bar:
+                for _ in range(ppo_steps):
+                    step = trainer.step(trainer.sample_contexts(contexts))
+                    report.reward_curve.append(step.mean_reward)
+                    report.kl_curve.append(step.mean_kl)
+                    report.length_curve.append(step.mean_length)
+                    bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
+                    bar.update(1)
+            trainer.save(worker.serving_version)
+            tail = report.kl_curve[-10:]
+            report.mean_kl = sum(tail) / len(tail)
+        marks["ppo"] = time.perf_counter() - start
+        # 4) blind evaluation against the starting model on held-out prompts
+        outcome = evaluate_against_reference(worker, eval_prompts, labeler, cfg, seed + 1)
+        report.win_rate_vs_reference = outcome.pop("win_rate")
+        report.eval_counts = outcome
+        marks["eval"] = time.perf_counter() - start
+    finally:
+        worker.stop()
+    report.wall_seconds = time.perf_counter() - start
+    report.seconds = {k: round(v, 1) for k, v in marks.items()}
+    if report_path:
+        report.write(report_path)
+        if report.reward_curve:
+            plot_curve(report, plot_path or Path(report_path).with_suffix(".png"))
+    return report

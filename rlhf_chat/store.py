@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, make_url, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,7 +37,16 @@ T = TypeVar("T")
 
 
 def make_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
-    """An engine for ``url``; SQLite gets WAL (readers never block the writer) and a busy timeout."""
+    """An engine for ``url``; SQLite gets WAL (readers never block the writer) and a busy timeout.
+
+    PostgreSQL URLs without a driver (``postgresql://``, and ``postgres://`` as
+    hosting providers write it) get psycopg 3, the driver in requirements.txt;
+    SQLAlchemy would otherwise look for psycopg2, which is not installed. The
+    pool pings a connection before handing it out, so a server restart or an
+    idle connection closed by a proxy costs one reconnect, not an error, and
+    connecting gives up after the busy timeout instead of hanging on an
+    unreachable host (``with_retry`` then tries again).
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False})
 
@@ -51,7 +60,15 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    connect_args = {}
+    if backend in ("postgres", "postgresql"):
+        driver = driver or "psycopg"
+        parsed = parsed.set(drivername=f"postgresql+{driver}")
+        if driver in ("psycopg", "psycopg2") and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = max(1, round(busy_timeout_ms / 1000))  # libpq: whole seconds
+    return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
 def migrate(engine: Engine) -> None:
@@ -93,6 +110,17 @@ def with_retry(fn: Callable[[], T], attempts: int = 5, first_wait_s: float = 0.2
     raise AssertionError("unreachable")
 
 
+def storable_text(text: str) -> str:
+    """Text as every supported database stores it: without NUL characters.
+
+    PostgreSQL refuses NUL in text columns (a DataError, which no retry fixes),
+    and a byte-level tokenizer can decode one from a model's answer; SQLite would
+    keep it, so removing it everywhere keeps both databases' contents the same.
+    What people type has no NUL already (``chat.clean_message``).
+    """
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 # --- conversations -------------------------------------------------------------------
 
 
@@ -109,7 +137,9 @@ def add_message(session: Session, conversation_id: int, role: str, content: str)
     position = session.scalar(
         select(func.count()).select_from(Message).where(Message.conversation_id == conversation_id)
     )
-    message = Message(conversation_id=conversation_id, position=position or 0, role=role, content=content)
+    message = Message(
+        conversation_id=conversation_id, position=position or 0, role=role, content=storable_text(content)
+    )
     session.add(message)
     session.flush()
     return message
@@ -134,14 +164,16 @@ def save_pair(
         conversation_id=conversation_id,
         session_id=session_id,
         context=context,
-        response_a=a.text,
-        response_b=b.text,
+        response_a=storable_text(a.text),
+        response_b=storable_text(b.text),
         arena=arena,
         policy_version_a=a.policy_version,
         policy_version_b=b.policy_version,
         source=source,
     )
-    comparison.candidates = [CandidateRow(side=side, **c.to_record()) for side, c in (("a", a), ("b", b))]
+    comparison.candidates = [
+        CandidateRow(side=side, **{**c.to_record(), "text": storable_text(c.text)}) for side, c in (("a", a), ("b", b))
+    ]
     session.add(comparison)
     session.flush()
     return comparison

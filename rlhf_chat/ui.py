@@ -1,4 +1,5 @@
-"""UI: the Gradio app. Chat, two candidates side by side, four vote buttons.
+"""UI: the Gradio app. Chat, two candidates side by side, four vote buttons;
+a Training tab that shows the loop improving the policy; admin controls.
 
 The handlers are plain functions over a per-browser :class:`ChatState`, so
 tests call them directly; :func:`build_demo` only lays out components and wires
@@ -11,6 +12,7 @@ import logging
 import queue
 import random
 import secrets
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Iterator
 import gradio as gr
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat import store
+from rlhf_chat import controls, dashboard, store
 from rlhf_chat.candidates import Candidate, Sampling, generate_pair
 from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
@@ -40,6 +42,12 @@ class Services:
     worker: ModelWorker
     sessions: sessionmaker[Session]
     loop: object | None = None  # training_loop.TrainingLoop, when training runs
+
+    def stop(self) -> None:
+        """Stop training, then the worker (each after the slice under way)."""
+        if self.loop is not None:
+            self.loop.stop()
+        self.worker.stop()
 
 
 @dataclass
@@ -258,43 +266,197 @@ def _over_rate_limit(services: Services, state: ChatState) -> bool:
     return len(state.vote_times) >= services.config.ui.votes_per_minute
 
 
+# --- the Training tab -------------------------------------------------------------------
+
+
+def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
+    """Everything the Training tab shows: :func:`dashboard.refresh`'s outputs, then the probe table.
+
+    The probes are read from the board without waiting; a changed policy
+    version only queues their recomputation (see :class:`dashboard.ProbeBoard`).
+    """
+    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(board.answers(services.worker)))
+
+
+# --- admin -------------------------------------------------------------------------------
+
+WRONG_PASSWORD_DELAY_S = 1.0  # slows password guessing to one try a second per connection
+
+
+def unlock(services: Services, password: str | None) -> tuple:
+    """Show the admin controls for the right password: (panel, message, rollback choices)."""
+    if not controls.check_admin(password, services.config):
+        time.sleep(WRONG_PASSWORD_DELAY_S)
+        return gr.update(visible=False), "Wrong password.", gr.update()
+    return gr.update(visible=True), "Unlocked.", _rollback_choices(services)
+
+
+def _rollback_choices(services: Services):
+    versions = controls.policy_versions(services.sessions)
+    return gr.update(choices=versions, value=versions[0] if versions else None)
+
+
+def admin_control(services: Services, action, password: str | None, *args) -> tuple:
+    """Run one control for an admin: (message, rollback choices).
+
+    The password is checked here, on the server, on every call: hidden
+    components are only hidden in the browser, and anyone can send an event.
+    """
+    if not controls.check_admin(password, services.config):
+        time.sleep(WRONG_PASSWORD_DELAY_S)
+        return "Not authorised: enter the admin password first.", gr.update()
+    try:
+        message = action(services, *args)
+    except controls.ControlError as exc:
+        return str(exc), gr.update()
+    except Exception as exc:  # shown to the admin; the chat is unaffected
+        log.exception("admin control failed")
+        return f"Failed: {type(exc).__name__}: {exc}", gr.update()
+    return message, _rollback_choices(services)
+
+
+def admin_export(services: Services, password: str | None) -> tuple:
+    """Write the preferences as JSON Lines for download: (file, message)."""
+    if not controls.check_admin(password, services.config):
+        time.sleep(WRONG_PASSWORD_DELAY_S)
+        return gr.update(value=None, visible=False), "Not authorised: enter the admin password first."
+    path, message = controls.export_preferences(services.sessions, tempfile.mkdtemp(prefix="rlhf-chat-export-"))
+    return gr.update(value=str(path), visible=True), message
+
+
 # --- layout ------------------------------------------------------------------------------
 
 CSS = ".pane textarea { font-size: 0.95rem; }"
+REFRESH_S = 5.0  # the Training tab's refresh period
+
+
+def build_chat(services: Services) -> None:
+    """The chat: conversation, two candidate panes, vote buttons, input."""
+    state = gr.State(None)
+    chatbot = gr.Chatbot(label="Conversation", height=320)
+    with gr.Row():
+        pane_a = gr.Textbox(label="Response A", lines=8, max_lines=16, interactive=False, elem_classes="pane")
+        pane_b = gr.Textbox(label="Response B", lines=8, max_lines=16, interactive=False, elem_classes="pane")
+    with gr.Row():
+        vote_buttons = {c: gr.Button(label, interactive=False, variant="primary") for c, label in VOTE_LABELS.items()}
+    strength = gr.Radio(list(STRENGTH_LABELS), value=None, label="How much better? (optional)")
+    notice = gr.Markdown("")
+    textbox = gr.Textbox(label="Your message", placeholder="Type a message and press Enter", max_lines=8)
+    with gr.Row():
+        send = gr.Button("Send", variant="primary")
+        regen = gr.Button("Regenerate", interactive=False)
+        new = gr.Button("New conversation")
+
+    outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, state]
+    # Named endpoints let gradio_client drive the app as a person would.
+    for trigger, api_name in ((textbox.submit, "respond"), (send.click, False)):
+        trigger(partial(respond, services), [textbox, state], outputs, api_name=api_name)
+    regen.click(partial(regenerate, services), [state], outputs, api_name="regenerate")
+    new.click(partial(new_conversation, services), [state], outputs, api_name="new_conversation")
+    for choice, button in vote_buttons.items():
+        button.click(
+            partial(vote, services, choice), [strength, state], outputs, api_name=f"vote_{choice}"
+        ).then(lambda: None, None, strength, api_name=False)
+
+
+def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeBoard]:
+    """The Training tab's components; returns its timer, the outputs of :func:`training_tick`
+    and the probe board it reads."""
+    loop_md = gr.Markdown("")
+    with gr.Row():
+        votes = gr.LinePlot(x="time", y="votes", title="Votes collected", height=220)
+        accuracy = gr.LinePlot(
+            x="time", y="accuracy", title="Reward model: held-out accuracy", y_lim=[0, 1], height=220
+        )
+    with gr.Row():
+        reward = gr.LinePlot(x="time", y="mean_reward", title="PPO: mean reward-model score", height=220)
+        kl = gr.LinePlot(x="time", y="mean_kl", title="PPO: KL to the reference", height=220)
+        version = gr.LinePlot(x="time", y="version", title="Policy version", height=220)
+    gr.Markdown(
+        "### Arena: the policy against where it started\n"
+        "Some pairs in the chat put the current policy against the starting model, blind, on random sides."
+    )
+    arena = gr.LinePlot(
+        x="version", y="win_rate", color="series", title="Win-rate against the reference (95% interval)",
+        y_lim=[0, 1], height=260,
+    )
+    arena_md = gr.Markdown("")
+    gr.Markdown(
+        "### Before and after\nFixed prompts answered greedily by the starting model and by the latest policy "
+        "(refreshed at most once a minute when the policy changes)."
+    )
+    probes = gr.Dataframe(wrap=True, interactive=False, label="Probe prompts")
+    events = gr.Markdown("")
+    timer = gr.Timer(REFRESH_S, active=False)  # runs only while the tab is open: each tick reads the database
+    outputs = [loop_md, votes, accuracy, reward, kl, version, arena, arena_md, events, probes]
+    board = dashboard.ProbeBoard()
+    timer.tick(partial(training_tick, services, board), None, outputs, api_name=False, show_progress="hidden")
+    return timer, outputs, board
+
+
+def build_admin(services: Services) -> None:
+    """The admin panel: a password box; the controls appear only for the right password."""
+    password = gr.Textbox(label="Admin password", type="password")
+    unlock_button = gr.Button("Unlock")
+    message = gr.Markdown("")
+    with gr.Column(visible=False) as panel:
+        with gr.Row():
+            pause_button = gr.Button("Pause training")
+            resume_button = gr.Button("Resume training")
+        with gr.Row():
+            beta = gr.Number(value=services.config.ppo.kl_coef, label="β (KL coefficient)", minimum=0)
+            beta_button = gr.Button("Set β")
+            lr = gr.Number(value=services.config.ppo.learning_rate, label="PPO learning rate")
+            lr_button = gr.Button("Set learning rate")
+        with gr.Row():
+            rollback_to = gr.Dropdown(choices=[], label="Policy checkpoint")
+            rollback_button = gr.Button("Roll back to this checkpoint")
+            reset_button = gr.Button("Reset the policy to the base model", variant="stop")
+        export_button = gr.Button("Download preferences (JSONL)")
+        export_file = gr.File(label="Preferences", visible=False, interactive=False)
+
+    unlock_button.click(partial(unlock, services), [password], [panel, message, rollback_to], api_name=False)
+    password.submit(partial(unlock, services), [password], [panel, message, rollback_to], api_name=False)
+    for button, action, extra in (
+        (pause_button, controls.pause, []),
+        (resume_button, controls.resume, []),
+        (beta_button, controls.set_kl_coef, [beta]),
+        (lr_button, controls.set_learning_rate, [lr]),
+        (rollback_button, controls.rollback, [rollback_to]),
+        (reset_button, controls.reset_policy, []),
+    ):
+        button.click(partial(admin_control, services, action), [password, *extra], [message, rollback_to],
+                     api_name=False)
+    export_button.click(partial(admin_export, services), [password], [export_file, message], api_name=False)
 
 
 def build_demo(services: Services) -> gr.Blocks:
-    """Lay out the app and wire its events to the handlers."""
+    """Lay out the app and wire its events to the handlers.
+
+    The Admin tab exists only when an admin password is configured
+    (``RLHF_CHAT_ADMIN_PASSWORD``): without one, nothing of it is rendered.
+    """
     with gr.Blocks(title="rlhf-chat") as demo:
         gr.Markdown(
             "# rlhf-chat\nChat, compare two answers, pick the better one. "
             "Your votes train a reward model, and PPO teaches the chatbot what people prefer, live."
         )
-        status = gr.Markdown(partial(status_line, services), every=5.0)
-        state = gr.State(None)
-        chatbot = gr.Chatbot(label="Conversation", height=320)
-        with gr.Row():
-            pane_a = gr.Textbox(label="Response A", lines=8, max_lines=16, interactive=False, elem_classes="pane")
-            pane_b = gr.Textbox(label="Response B", lines=8, max_lines=16, interactive=False, elem_classes="pane")
-        with gr.Row():
-            vote_buttons = {c: gr.Button(label, interactive=False, variant="primary") for c, label in VOTE_LABELS.items()}
-        strength = gr.Radio(list(STRENGTH_LABELS), value=None, label="How much better? (optional)")
-        notice = gr.Markdown("")
-        textbox = gr.Textbox(label="Your message", placeholder="Type a message and press Enter", max_lines=8)
-        with gr.Row():
-            send = gr.Button("Send", variant="primary")
-            regen = gr.Button("Regenerate", interactive=False)
-            new = gr.Button("New conversation")
-
-        outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, state]
-        # Named endpoints let gradio_client drive the app as a person would.
-        for trigger, api_name in ((textbox.submit, "respond"), (send.click, False)):
-            trigger(partial(respond, services), [textbox, state], outputs, api_name=api_name)
-        regen.click(partial(regenerate, services), [state], outputs, api_name="regenerate")
-        new.click(partial(new_conversation, services), [state], outputs, api_name="new_conversation")
-        for choice, button in vote_buttons.items():
-            button.click(
-                partial(vote, services, choice), [strength, state], outputs, api_name=f"vote_{choice}"
-            ).then(lambda: None, None, strength, api_name=False)
+        gr.Markdown(partial(status_line, services), every=5.0)
+        with gr.Tabs():
+            with gr.Tab("Chat") as chat_tab:
+                build_chat(services)
+            with gr.Tab("Training") as training_tab:
+                timer, training_outputs, board = build_training(services)
+            other_tabs = [chat_tab]
+            if services.config.ui.admin_password:
+                with gr.Tab("Admin") as admin_tab:
+                    build_admin(services)
+                other_tabs.append(admin_tab)
+        # The timer ticks only while the Training tab is shown, and the tab fills at once when opened.
+        training_tab.select(lambda: gr.Timer(active=True), None, timer, api_name=False).then(
+            partial(training_tick, services, board), None, training_outputs, api_name=False
+        )
+        for tab in other_tabs:
+            tab.select(lambda: gr.Timer(active=False), None, timer, api_name=False)
     demo.queue(default_concurrency_limit=None)
     return demo

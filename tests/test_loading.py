@@ -79,3 +79,21 @@ def test_sync_copies_policy_weights_to_serving(tiny_path):
 def test_bundled_model_keeps_gradients_after_generate():
     models = load_models(ModelConfig())
     check_generation_keeps_gradients(models)
+
+
+def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
+    """The shared-prefix shortcut must compute exactly what the whole model computes."""
+    from rlhf_chat.candidates import left_pad
+    from rlhf_chat.heads import frozen_prefix, hidden_states, top_hidden
+
+    cfg = ModelConfig(name=str(tiny_path), lora_top_layers=1)  # layer 0 frozen, layer 1 adapted
+    models = load_models(cfg)
+    with torch.no_grad():
+        for name, p in models.trainer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], models.tokenizer.pad_token_id, models.device)
+    with torch.no_grad():
+        prefix = frozen_prefix(models.trainer, ids, mask)
+        assert prefix.split == 1
+        assert torch.allclose(top_hidden(models.trainer, prefix)[mask.bool()], hidden_states(models.trainer, ids, mask)[mask.bool()], atol=1e-5)

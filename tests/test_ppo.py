@@ -10,7 +10,7 @@ import torch
 from rlhf_chat import store
 from rlhf_chat.config import ModelConfig, PPOConfig
 from rlhf_chat.loading import POLICY, adapter_state, load_models
-from rlhf_chat.ppo import PPOTrainer, load_policy, policy_forward, policy_tensors, rollout, score_rollout
+from rlhf_chat.ppo import PPOTrainer, full_prefix, load_policy, policy_forward, policy_tensors, rollout, score_rollout
 from rlhf_chat.worker import ModelWorker
 
 CONTEXTS = [[{"role": "user", "content": q}] for q in ("hi", "what is tea?", "name a colour", "tell me a story")]
@@ -41,9 +41,8 @@ def test_logprobs_match_a_plain_forward_at_temperature(fresh_models):
     m = fresh_models
     batch = rollout(m, CONTEXTS, tiny_ppo_config(), seed=3)
     with torch.no_grad():
-        lp, values, _ = policy_forward(
-            m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, 0.7
-        )
+        prefix = full_prefix(m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        lp, values, _ = policy_forward(m, prefix, batch.prompt_ids.shape[1], batch.response_ids, 0.7)
         # row 0 alone, no padding at all, through the ordinary causal-LM forward
         p_len = int(batch.prompt_mask[0].sum())
         ids = torch.cat([batch.prompt_ids[0, -p_len:], batch.response_ids[0]])[None]

@@ -16,7 +16,7 @@ OUT_VOTE_A, OUT_REGEN, OUT_STATE = 5, 9, 10
 
 @pytest.fixture
 def services(tiny_config):
-    services = start_services(tiny_config)
+    services = start_services(tiny_config, train=False)
     assert services.worker.ready.wait(120)
     yield services
     services.worker.stop()

@@ -1,0 +1,65 @@
+"""Benchmark: one PPO step on the bundled 4-bit model, split into rollout, scoring and update.
+
+    python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64]
+
+Answers are forced to the full ``--tokens`` length (the worst case). Target on
+a 2-core CPU: under 15 s a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine
+
+from rlhf_chat.config import AppConfig
+from rlhf_chat.ppo import PPOTrainer
+from rlhf_chat.runtime import load_for_serving
+from rlhf_chat.simulate import as_context, load_prompts
+from rlhf_chat.store import open_store
+from rlhf_chat.worker import ModelWorker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=None, help="override PPOConfig.epochs")
+    parser.add_argument("--minibatch", type=int, default=None, help="override PPOConfig.minibatch_size")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
+    cfg = AppConfig()
+    cfg.ppo.batch_size, cfg.ppo.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
+    cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
+    cfg.ppo.minibatch_size = args.minibatch or cfg.ppo.minibatch_size
+    sessions = open_store(f"sqlite:///{tmp / 'bench.db'}")
+    worker = ModelWorker(lambda: load_for_serving(cfg)).start()
+    worker.ready.wait()
+    print(f"machine: {machine()}")
+    print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
+    trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"))
+    contexts = [as_context(p) for p in load_prompts()]
+    rows = []
+    for i in range(args.steps):
+        r = trainer.step(trainer.sample_contexts(contexts))
+        rows.append(r)
+        print(f"step {i + 1}: rollout {r.rollout_s:.2f} s, scoring {r.score_s:.2f} s, update {r.update_s:.2f} s, total {r.seconds:.2f} s")
+    worker.stop()
+
+    def med(key: str) -> float:
+        return statistics.median(getattr(r, key) for r in rows)
+
+    print(
+        f"median: rollout {med('rollout_s'):.2f} s, scoring {med('score_s'):.2f} s, "
+        f"update {med('update_s'):.2f} s, total {med('seconds'):.2f} s a step"
+    )
+
+
+if __name__ == "__main__":
+    main()

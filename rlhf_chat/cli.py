@@ -1,0 +1,154 @@
+"""Command-line tools: train-reward, train-policy, simulate, export.
+
+    python -m rlhf_chat train-reward [--db URL]
+    python -m rlhf_chat train-policy --steps K [--db URL]
+    python -m rlhf_chat simulate --labeler NAME_OR_MODULE:CALLABLE [--comparisons N] [--ppo-steps K] ...
+    python -m rlhf_chat export --format jsonl|parquet [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from rlhf_chat.config import AppConfig, add_common_args, config_from_args
+
+
+def _start_worker(cfg: AppConfig):
+    from rlhf_chat.runtime import load_for_serving
+    from rlhf_chat.store import open_store
+    from rlhf_chat.worker import ModelWorker
+
+    sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
+    worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
+    worker.ready.wait()
+    if worker.load_error is not None:
+        raise SystemExit(f"the model failed to load: {worker.load_error}")
+    return worker, sessions
+
+
+def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
+    """Train one reward round on the votes in the database and print its metrics."""
+    from rlhf_chat.reward import run_round
+
+    worker, sessions = _start_worker(cfg)
+    try:
+        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
+    finally:
+        worker.stop()
+    if result is None:
+        print(f"Not enough usable votes yet (need {cfg.reward.min_pairs} training pairs).", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.__dict__.items() if k != "moments"}, indent=2))
+    return 0
+
+
+def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
+    """Run K PPO steps against the latest reward model, printing each step's metrics."""
+    from rlhf_chat import store
+    from rlhf_chat.ppo import PPOTrainer
+
+    worker, sessions = _start_worker(cfg)
+    try:
+        if worker.call(0, lambda m: m.reward_version) == 0:
+            print("No reward model yet: run `python -m rlhf_chat train-reward` first.", file=sys.stderr)
+            return 1
+        with sessions() as session:
+            contexts = store.user_contexts(session)
+        if not contexts:
+            print("No prompts in the database yet.", file=sys.stderr)
+            return 1
+        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        for _ in range(args.steps):
+            r = trainer.step(trainer.sample_contexts(contexts))
+            print(
+                f"v{r.version}: reward {r.mean_reward:+.3f} KL {r.mean_kl:.3f} policy {r.policy_loss:+.4f} "
+                f"value {r.value_loss:.4f} clip {r.clip_fraction:.2f} length {r.mean_length:.1f} {r.seconds:.1f} s",
+                flush=True,
+            )
+        trainer.save(worker.serving_version)
+    finally:
+        worker.stop()
+    return 0
+
+
+def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
+    """Run the whole loop headless with a scripted labeler; write the JSON report."""
+    from rlhf_chat.simulate import simulate
+
+    report = simulate(
+        cfg,
+        labeler_spec=args.labeler,
+        comparisons=args.comparisons,
+        ppo_steps=args.ppo_steps,
+        prompts_file=args.prompts,
+        seed=args.seed,
+        report_path=args.report,
+        plot_path=args.plot,
+    )
+    summary = {k: report.__dict__[k] for k in (
+        "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds"
+    )}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_export(cfg: AppConfig, args: argparse.Namespace) -> int:
+    """Write the preferences as JSON Lines or Parquet; count what was left out on stderr."""
+    from rlhf_chat.export import preference_rows, write_rows
+    from rlhf_chat.store import open_store
+
+    sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
+    with sessions() as session:
+        rows, skipped = preference_rows(session)
+    out = args.out or f"preferences.{args.format}"
+    write_rows(rows, out, args.format)
+    print(
+        f"wrote {len(rows)} preferences to {out}; left out {skipped.get('tie', 0)} ties "
+        f"and {skipped.get('both_bad', 0)} both-bad votes",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m rlhf_chat`` parser."""
+    parser = argparse.ArgumentParser(prog="python -m rlhf_chat", description="rlhf-chat command-line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-reward", help="train one reward-model round on the stored votes")
+    add_common_args(p)
+    p.set_defaults(run=cmd_train_reward)
+
+    p = sub.add_parser("train-policy", help="run PPO steps against the latest reward model")
+    add_common_args(p)
+    p.add_argument("--steps", type=int, required=True)
+    p.set_defaults(run=cmd_train_policy)
+
+    p = sub.add_parser("simulate", help="the whole loop headless, with a scripted labeler")
+    add_common_args(p)
+    p.add_argument("--labeler", required=True, help="a built-in name (concise, friendly) or package.module:function")
+    p.add_argument("--comparisons", type=int, default=200)
+    p.add_argument("--ppo-steps", type=int, default=60)
+    p.add_argument("--prompts", default=None, help="a file of prompts, one per line (default: the shipped set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default="simulation.json")
+    p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
+    p.set_defaults(run=cmd_simulate)
+
+    p = sub.add_parser("export", help="write preferences for TRL's reward / DPO trainers")
+    add_common_args(p)
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    p.add_argument("--out", default=None)
+    p.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    raise SystemExit(args.run(cfg, args))

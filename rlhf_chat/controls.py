@@ -1,0 +1,284 @@
+"""Controls: what an admin may do to the live loop, as plain functions over the services.
+
+Pause and resume; change β (the KL coefficient) and the learning rate; reset
+the policy to the base model; roll back to a saved checkpoint; export the votes.
+Each returns a message for the UI and raises :class:`ControlError` with a clear
+message for a bad request. The UI shows these only after :func:`check_admin`,
+and checks the password again on every call.
+
+Reset and rollback change the policy's weights, so they pause training first
+and wait for the step under way to end (a step half-run on the old weights
+would otherwise publish a mix), run as one model-worker job, give the result
+a new, never-used version number (so candidates written afterwards are told
+apart from earlier ones), save it as a checkpoint (so a restart serves it,
+not the newest checkpoint from before), drop the optimizer's Adam state (it
+describes weights that are gone), and resume if training was running.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import threading
+import time
+from pathlib import Path
+
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhf_chat import store
+from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.config import AppConfig
+from rlhf_chat.export import preference_rows, write_rows
+from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.ppo import policy_tensors
+from rlhf_chat.tables import Checkpoint, PPOStep
+from rlhf_chat.worker import CHAT
+
+PAUSE_TIMEOUT_S = 600.0  # a PPO step on a 2-core CPU takes tens of seconds; an error back-off up to 300 s
+_REPLACING = threading.Lock()  # two admins resetting at once would resume training under each other
+
+
+class ControlError(ValueError):
+    """A control request that cannot be carried out; the message says why."""
+
+
+# --- who may ------------------------------------------------------------------------------
+
+
+def check_admin(password: str | None, cfg: AppConfig) -> bool:
+    """Whether ``password`` is the admin password; always False when none is configured.
+
+    ``hmac.compare_digest`` takes the same time wherever the strings differ, so
+    the response time does not leak how much of a guess was right.
+    """
+    expected = cfg.ui.admin_password
+    if not expected or not password:
+        return False
+    return hmac.compare_digest(password.encode("utf-8"), expected.encode("utf-8"))
+
+
+# --- training on and off ------------------------------------------------------------------
+
+
+def _loop(services):
+    if services.loop is None:
+        raise ControlError("Training is not running in this process.")
+    return services.loop
+
+
+def pause(services) -> str:
+    """Stop training after the step under way (chat goes on)."""
+    _loop(services).pause()
+    return "Training paused; it stops after the step under way."
+
+
+def resume(services) -> str:
+    """Carry on training."""
+    _loop(services).resume()
+    return "Training resumed."
+
+
+def wait_until_paused(loop, timeout_s: float = PAUSE_TIMEOUT_S) -> None:
+    """Pause the loop and return only once its thread is between steps.
+
+    ``TrainingLoop.pause`` returns at once while a step may still be running,
+    and a step only ever sets the state to "paused" at the top of the loop,
+    after the step. So the state is first marked "pausing" here, and seeing
+    "paused" again proves the thread has passed that point and will start no
+    new step until resumed.
+    """
+    loop.pause()
+    loop.status.state = "pausing"
+    deadline = time.monotonic() + timeout_s
+    while loop.status.state != "paused":
+        if time.monotonic() > deadline:
+            raise ControlError("Training did not stop in time (a long step or an error back-off); try again.")
+        time.sleep(0.1)
+
+
+class _Paused:
+    """Context manager: training paused and idle inside, resumed after if it was running."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.was_running = loop is not None and not loop.paused
+
+    def __enter__(self) -> _Paused:
+        if self.loop is not None:
+            try:
+                wait_until_paused(self.loop)
+            except BaseException:  # nothing was changed: leave training as it was
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.loop is not None and self.was_running:
+            self.loop.resume()
+
+
+# --- β and the learning rate ---------------------------------------------------------------
+
+
+def _number(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ControlError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ControlError(f"{name} must be finite, got {value!r}.")
+    return number
+
+
+def set_kl_coef(services, value) -> str:
+    """Set β, the weight of the KL penalty to the reference, from the next PPO step on.
+
+    With the adaptive controller on, β goes on adapting from this value.
+    """
+    beta = _number(value, "β")
+    if beta < 0:
+        raise ControlError(f"β must be >= 0 (0 turns the KL penalty off), got {beta}.")
+    _loop(services).ppo.kl_ctl.value = beta
+    return f"β set to {beta:g}."
+
+
+def set_learning_rate(services, value) -> str:
+    """Set PPO's learning rate (the value head keeps its multiple), from the next update on."""
+    lr = _number(value, "The learning rate")
+    if not 0 < lr < 1:
+        raise ControlError(f"The learning rate must be between 0 and 1 (e.g. 1e-4), got {lr}.")
+    trainer = _loop(services).ppo
+    trainer.cfg.learning_rate = lr  # a fresh optimizer (after a reset) starts from it
+
+    def apply(_models: Models) -> None:
+        # In a worker job, so that no optimizer step runs half at the old rate.
+        if trainer.optimizer is not None:  # groups as ppo.make_optimizer makes them: LoRA, value head
+            lora, head = trainer.optimizer.param_groups
+            lora["lr"], head["lr"] = lr, lr * trainer.cfg.value_head_lr_mult
+
+    services.worker.call(CHAT, apply)
+    return f"Learning rate set to {lr:g} (value head {lr * trainer.cfg.value_head_lr_mult:g})."
+
+
+# --- reset and rollback -------------------------------------------------------------------
+
+
+def next_version(session: Session, serving_version: int) -> int:
+    """A policy version number never used before: one above every version seen anywhere."""
+    used = [
+        serving_version,
+        session.scalar(select(func.max(Checkpoint.version)).where(Checkpoint.kind == "policy")) or 0,
+        session.scalar(select(func.max(PPOStep.version))) or 0,
+    ]
+    return max(used) + 1
+
+
+def zero_policy(models: Models) -> None:
+    """Make the policy equal the reference: LoRA B = 0 makes each adapter's update B·A = 0,
+    and the value head starts at 0 as a fresh one does (``heads.make_scalar_head``)."""
+    with torch.no_grad():
+        for name, param in adapter_state(models.trainer, POLICY).items():
+            if "lora_B" in name:
+                param.zero_()
+        for param in models.value_head.parameters():
+            param.zero_()
+
+
+def _replace_policy(services, change, extra: dict) -> int:
+    """Pause, change the training copy's policy, publish it under a new version, save it; returns the version."""
+    if services.worker.load_error is not None:
+        raise ControlError(f"The model failed to load ({services.worker.load_error}); there is no policy to change.")
+    loop = services.loop
+    with _REPLACING, _Paused(loop):
+        with services.sessions() as session:
+            version = next_version(session, services.worker.serving_version)
+
+        def job(models: Models) -> dict[str, torch.Tensor]:
+            # One job: no chat request sees the serving copy half-changed.
+            change(models)
+            sync_policy_weights(models.trainer, models.serving)
+            models.serving_version = version
+            return {k: v.detach().clone() for k, v in policy_tensors(models).items()}
+
+        tensors = services.worker.call(CHAT, job)
+        if loop is not None:
+            loop.ppo.optimizer = None  # Adam's moments describe weights that are gone
+        kl_coef = loop.ppo.kl_ctl.value if loop is not None else services.config.ppo.kl_coef
+        meta = {"version": version, "kl_coef": kl_coef, **extra}
+        try:
+            path = save_checkpoint(services.config.store.checkpoint_dir, "policy", version, tensors, meta)
+        except OSError as exc:  # the change is live; only its survival across a restart failed
+            raise ControlError(
+                f"The policy now serves as v{version}, but saving it failed ({exc}): "
+                "a restart would serve the previous checkpoint."
+            ) from exc
+
+        def record() -> None:
+            with services.sessions() as session, session.begin():
+                store.add_checkpoint(session, "policy", version, str(path), meta)
+                store.add_event(session, "info", _describe(version, extra))
+
+        store.with_retry(record)
+    return version
+
+
+def _describe(version: int, extra: dict) -> str:
+    if "rolled_back_to" in extra:
+        return f"an admin rolled the policy back to v{extra['rolled_back_to']}; it now serves as v{version}"
+    return f"an admin reset the policy to the base model; it now serves as v{version}"
+
+
+def reset_policy(services) -> str:
+    """Reset the policy to the base model (the reference), as a new version."""
+    version = _replace_policy(services, zero_policy, {"reset": True})
+    return f"Policy reset to the base model; now serving v{version}."
+
+
+def rollback(services, version) -> str:
+    """Serve the policy saved as checkpoint ``version`` again, as a new version."""
+    try:
+        wanted = int(version)
+    except (TypeError, ValueError):
+        raise ControlError(f"Pick a checkpoint version, got {version!r}.") from None
+    with services.sessions() as session:
+        saved = {c.version: c.path for c in store.checkpoints(session, "policy")}
+    if wanted not in saved:
+        known = ", ".join(f"v{v}" for v in sorted(saved)) or "none yet"
+        raise ControlError(f"There is no policy checkpoint v{wanted} (saved: {known}).")
+    try:
+        tensors, _ = load_checkpoint(saved[wanted])  # read before pausing: a missing file changes nothing
+    except (OSError, ValueError) as exc:  # missing, truncated or corrupt
+        raise ControlError(f"Checkpoint v{wanted} cannot be read from {saved[wanted]}: {exc}") from None
+
+    def load(models: Models) -> None:
+        copy_into(policy_tensors(models), tensors)  # checks every name before copying any
+
+    try:
+        new = _replace_policy(services, load, {"rolled_back_to": wanted})
+    except KeyError as exc:  # nothing was changed
+        raise ControlError(f"Checkpoint v{wanted} does not fit this model: {exc}") from None
+    return f"Rolled back to v{wanted}; now serving it as v{new}."
+
+
+def policy_versions(sessions: sessionmaker[Session]) -> list[int]:
+    """Versions of the saved policy checkpoints, newest first: the rollback choices."""
+    with sessions() as session:
+        return sorted({c.version for c in store.checkpoints(session, "policy")}, reverse=True)
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def export_preferences(sessions: sessionmaker[Session], folder: str | Path, fmt: str = "jsonl") -> tuple[Path, str]:
+    """Write the preferences (as ``python -m rlhf_chat export`` does) into ``folder``;
+    returns the file and a message counting what was left out."""
+    with sessions() as session:
+        rows, skipped = preference_rows(session)
+    path = write_rows(rows, Path(folder) / f"preferences.{fmt}", fmt)
+    message = (
+        f"{len(rows)} preferences; left out {skipped.get('tie', 0)} ties "
+        f"and {skipped.get('both_bad', 0)} both-bad votes."
+    )
+    return path, message

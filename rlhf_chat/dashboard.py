@@ -1,0 +1,307 @@
+"""Dashboard: what the Training tab shows, read from the database and the loop's status.
+
+Every plot is a pandas DataFrame in the long layout ``gr.LinePlot`` reads, made
+by a pure function of a database session, so tests check the numbers a person
+would see. :func:`refresh` gathers them for the UI's timer.
+
+The before/after probes are the one part that needs the model: a fixed set of
+prompts answered by the reference and by the serving policy, recomputed in the
+background (:class:`ProbeBoard`) when the policy version changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhf_chat import store
+from rlhf_chat.arena import ArenaResult, arena_results, bucket_results, total
+from rlhf_chat.candidates import count_response_tokens, left_pad
+from rlhf_chat.chat import render_prompt
+from rlhf_chat.loading import Models
+from rlhf_chat.tables import Comparison, TrainingEvent
+from rlhf_chat.worker import PPO, ModelWorker
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 300  # a browser draws a few hundred points per plot smoothly; more only slows the page
+ARENA_MIN_VOTES = 10  # arena votes pooled per point of the win-rate curve (see arena.bucket_results)
+
+# What refresh() returns, in order; the UI wires its outputs in the same order.
+REFRESH_OUTPUTS = ("loop", "votes", "accuracy", "reward", "kl", "version", "arena", "arena_summary", "events")
+
+
+# --- plot data ---------------------------------------------------------------------------
+
+
+def _times(values: list[datetime]) -> pd.Series:
+    """Timestamps as naive UTC (SQLite drops the time zone, PostgreSQL keeps it)."""
+    return pd.Series(pd.to_datetime(values, utc=True).tz_localize(None), dtype="datetime64[ns]")
+
+
+def thin(frame: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """At most ``max_points`` evenly spaced rows, always keeping the first and the last.
+
+    >>> thin(pd.DataFrame({"x": range(10)}), 4)["x"].tolist()
+    [0, 3, 6, 9]
+    """
+    if len(frame) <= max_points:
+        return frame.reset_index(drop=True)
+    step = (len(frame) - 1) / (max_points - 1)
+    rows = sorted({round(i * step) for i in range(max_points)})
+    return frame.iloc[rows].reset_index(drop=True)
+
+
+def votes_over_time(session: Session, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """Columns ``time``, ``votes``: the running count of votes (every choice) as they came in."""
+    times = list(
+        session.scalars(
+            select(Comparison.voted_at).where(Comparison.choice.is_not(None)).order_by(Comparison.voted_at)
+        )
+    )
+    frame = pd.DataFrame({"time": _times(times), "votes": pd.Series(range(1, len(times) + 1), dtype="int64")})
+    return thin(frame, max_points)
+
+
+def reward_accuracy(session: Session) -> pd.DataFrame:
+    """Columns ``time``, ``version``, ``accuracy``, ``votes``: held-out accuracy of each reward round.
+
+    Rounds with no held-out pair (too few votes yet) have no accuracy and are left out.
+    """
+    rounds = [r for r in store.reward_rounds(session) if r.heldout_accuracy is not None]
+    return pd.DataFrame(
+        {
+            "time": _times([r.created_at for r in rounds]),
+            "version": pd.Series([r.version for r in rounds], dtype="int64"),
+            "accuracy": pd.Series([r.heldout_accuracy for r in rounds], dtype="float64"),
+            "votes": pd.Series([r.votes for r in rounds], dtype="int64"),
+        }
+    )
+
+
+def ppo_metrics(session: Session, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """Columns ``time``, ``version``, ``mean_reward``, ``mean_kl``, ``kl_coef``: one row per PPO step.
+
+    ``mean_reward`` is the raw reward-model score of the step's answers and
+    ``mean_kl`` the KL of whole answers to the reference (as TRL reports it).
+    """
+    steps = store.ppo_steps(session)
+    frame = pd.DataFrame(
+        {
+            "time": _times([s.created_at for s in steps]),
+            "version": pd.Series([s.version for s in steps], dtype="int64"),
+            "mean_reward": pd.Series([s.mean_reward for s in steps], dtype="float64"),
+            "mean_kl": pd.Series([s.mean_kl for s in steps], dtype="float64"),
+            "kl_coef": pd.Series([s.kl_coef for s in steps], dtype="float64"),
+        }
+    )
+    return thin(frame, max_points)
+
+
+def arena_curve(results: list[ArenaResult], min_votes: int = ARENA_MIN_VOTES) -> pd.DataFrame:
+    """Columns ``version``, ``win_rate``, ``series``, ``votes``: the policy's win-rate against the
+    reference and its 95% interval, one point per bucket of versions, in the long layout
+    (``series`` is "win rate", "95% low" or "95% high") so that one LinePlot draws all three."""
+    rows = []
+    for bucket in bucket_results(results, min_votes):
+        rate = bucket.win_rate()
+        for series, value in (("win rate", rate.rate), ("95% low", rate.low), ("95% high", rate.high)):
+            rows.append({"version": bucket.version, "win_rate": value, "series": series, "votes": bucket.n})
+    return pd.DataFrame(
+        {
+            "version": pd.Series([r["version"] for r in rows], dtype="int64"),
+            "win_rate": pd.Series([r["win_rate"] for r in rows], dtype="float64"),
+            "series": pd.Series([r["series"] for r in rows], dtype="str"),
+            "votes": pd.Series([r["votes"] for r in rows], dtype="int64"),
+        }
+    )
+
+
+def arena_summary(results: list[ArenaResult]) -> str:
+    """One line on the win-rate of all arena votes so far, with its interval."""
+    pooled = total(results)
+    if pooled.n == 0:
+        return "No arena votes yet: blind policy-vs-reference pairs start once the policy has been updated."
+    rate = pooled.win_rate()
+    return (
+        f"People preferred the policy to the starting model in **{rate.rate:.0%}** of {pooled.n} blind arena votes "
+        f"(95% interval {rate.low:.0%}–{rate.high:.0%}; a tie counts as half; 50% means no better than the start)."
+    )
+
+
+# --- the loop's state and its events -----------------------------------------------------
+
+
+def loop_state(loop) -> str:
+    """What the training loop is doing, in one Markdown line (training, paused, waiting, error)."""
+    if loop is None:
+        return "**Training:** off in this process."
+    status = loop.status
+    state = status.state
+    if getattr(loop, "paused", False) and state != "paused":
+        state = "pausing (finishing the current step)"
+    text = f"**Training:** {state}"
+    if status.detail:
+        text += f" — {status.detail}"
+    if status.state == "error" and status.last_error:
+        text += f"\n\n**Last error:** {status.last_error} (retrying with back-off)"
+    return text
+
+
+def recent_events(session: Session, limit: int = 5) -> str:
+    """The newest training events (errors, admin actions) as a Markdown list, newest first."""
+    events = list(session.scalars(select(TrainingEvent).order_by(TrainingEvent.id.desc()).limit(limit)))
+    if not events:
+        return ""
+    lines = [f"- {e.created_at:%Y-%m-%d %H:%M:%S} UTC · {e.kind}: {e.message.splitlines()[0][:200]}" for e in events]
+    return "**Recent events**\n\n" + "\n".join(lines)
+
+
+def refresh(sessions: sessionmaker[Session], loop) -> tuple:
+    """Everything the Training tab shows, in the order of :data:`REFRESH_OUTPUTS`.
+
+    One database session per refresh; every part is a plain value (Markdown or
+    a DataFrame), so the UI's ``gr.Timer`` hands them straight to its components.
+    """
+    with sessions() as session:
+        ppo = ppo_metrics(session)
+        arena = arena_results(session)
+        return (
+            loop_state(loop),
+            votes_over_time(session),
+            reward_accuracy(session),
+            ppo[["time", "mean_reward"]],
+            ppo[["time", "mean_kl"]],
+            ppo[["time", "version"]],
+            arena_curve(arena),
+            arena_summary(arena),
+            recent_events(session),
+        )
+
+
+# --- before and after: probe prompts -----------------------------------------------------
+
+PROBE_PROMPTS = (
+    "Give me three tips for sleeping better.",
+    "Explain what a black hole is to a ten-year-old.",
+    "Write a short, friendly reply declining a meeting invitation.",
+    "What should I pack for a weekend hiking trip?",
+)
+
+
+@torch.no_grad()
+def greedy_answers(models: Models, prompts: list[str], reference: bool, max_new_tokens: int) -> list[str]:
+    """Greedy answers of the serving copy, with its policy adapter or without (the reference).
+
+    Greedy, not sampled: the same weights always give the same answer, so a
+    difference between the two columns is the policy's doing, not the dice's,
+    and a policy equal to the reference (version 0, or after a reset) answers
+    exactly as the reference does.
+    """
+    tok = models.tokenizer
+    prompt_ids = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id, models.device)  # (B, P) each
+    with models.serving.disable_adapter() if reference else nullcontext():
+        out = models.serving.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    response = out[:, ids.shape[1]:]
+    counts, _ = count_response_tokens(response, tok.eos_token_id)
+    return [tok.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
+
+
+@dataclass
+class ProbeAnswers:
+    """The probes answered by the reference and by one policy version."""
+
+    version: int
+    prompts: list[str]
+    reference: list[str]
+    policy: list[str]
+
+    def table(self) -> pd.DataFrame:
+        """Columns ``prompt``, ``reference (start)``, ``policy vN``: the side-by-side view."""
+        return pd.DataFrame(
+            {"prompt": self.prompts, "reference (start)": self.reference, f"policy v{self.version}": self.policy}
+        )
+
+
+class ProbeBoard:
+    """Before/after answers to :data:`PROBE_PROMPTS`, kept current without blocking anyone.
+
+    :meth:`answers` returns the latest finished answers at once and, when the
+    serving version has changed, queues one job to recompute them. The job
+    runs at the lowest worker priority, so a person waiting for a chat answer
+    always goes first; and at most once per ``min_interval_s``, because PPO
+    makes a new version every few seconds and the probes must not eat its time.
+    The reference never changes, so its answers are computed once.
+    """
+
+    def __init__(
+        self, prompts: tuple[str, ...] = PROBE_PROMPTS, max_new_tokens: int = 48, min_interval_s: float = 60.0
+    ):
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()  # several browsers' timers call answers() at once
+        self._latest: ProbeAnswers | None = None
+        self._reference: list[str] | None = None
+        self._future: Future | None = None
+        self._started = float("-inf")
+
+    def _job(self, models: Models) -> ProbeAnswers:
+        if self._reference is None:
+            self._reference = greedy_answers(models, self.prompts, True, self.max_new_tokens)
+        policy = greedy_answers(models, self.prompts, False, self.max_new_tokens)
+        return ProbeAnswers(models.serving_version, self.prompts, self._reference, policy)
+
+    def answers(self, worker: ModelWorker, wait: bool = False) -> ProbeAnswers | None:
+        """The newest finished answers (None before the first); ``wait`` blocks for a fresh set."""
+        if not worker.ready.is_set() or worker.load_error is not None:
+            return self._latest
+        with self._lock:
+            self._collect()
+            stale = self._latest is None or self._latest.version != worker.serving_version
+            due = time.monotonic() - self._started >= self.min_interval_s or self._latest is None
+            if stale and self._future is None and (due or wait):
+                self._started = time.monotonic()
+                self._future = worker.submit(PPO, self._job)
+            future = self._future
+        if wait and future is not None:
+            future.exception()  # wait; a failure is logged by _collect
+            with self._lock:
+                self._collect()
+        return self._latest
+
+    def _collect(self) -> None:
+        """Take the finished job's answers (caller holds the lock)."""
+        if self._future is None or not self._future.done():
+            return
+        future, self._future = self._future, None
+        if future.exception() is not None:
+            log.warning("probe answers failed: %s", future.exception())
+            return
+        self._latest = future.result()
+
+
+def probe_table(answers: ProbeAnswers | None) -> pd.DataFrame:
+    """The side-by-side table, or the prompts with a note while the first answers are written."""
+    if answers is None:
+        waiting = ["(writing...)"] * len(PROBE_PROMPTS)
+        return pd.DataFrame({"prompt": list(PROBE_PROMPTS), "reference (start)": waiting, "policy": waiting})
+    return answers.table()

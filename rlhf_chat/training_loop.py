@@ -1,0 +1,171 @@
+"""Training loop: the background thread that turns votes into a better policy, live.
+
+It decides what to train next and hands the work to the model worker in
+slices (one reward step, one rollout, one PPO minibatch), so that people
+chatting wait at most one slice:
+
+* a reward round after every ``reward_every_votes`` new votes (and at start
+  when there are enough and no reward model yet);
+* otherwise PPO steps, continuously, while a reward model exists and people
+  have typed prompts;
+* pause/resume at any time; an exception is logged, shown in the UI, and
+  retried with exponential back-off; it never takes the chat down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+from rlhf_chat import store
+from rlhf_chat.config import AppConfig
+from rlhf_chat.ppo import PPOTrainer
+from rlhf_chat.reward import run_round
+from rlhf_chat.worker import REWARD, ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopStatus:
+    """What the loop is doing, for the UI (read from any thread)."""
+
+    state: str = "starting"  # starting | waiting for votes | training reward model | running PPO | paused | error
+    detail: str = ""
+    last_error: str = ""
+    reward_rounds: int = 0
+    ppo_steps: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+class TrainingLoop:
+    """The background trainer. One per app, beside the one model worker."""
+
+    def __init__(self, worker: ModelWorker, sessions, cfg: AppConfig):
+        self.worker = worker
+        self.sessions = sessions
+        self.cfg = cfg
+        self.status = LoopStatus()
+        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        self._votes_at_last_round = 0
+        self._paused = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
+
+    # --- control ----------------------------------------------------------------------
+
+    def start(self) -> TrainingLoop:
+        """Start training in the background (returns at once)."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the slice under way."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def pause(self) -> None:
+        """Finish the current step, then train no more until resumed."""
+        self._paused.set()
+        self.status.state = "paused"
+
+    def resume(self) -> None:
+        """Carry on training."""
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def state_text(self) -> str:
+        """One line for the status bar."""
+        s = self.status
+        text = f"training: **{s.state}**"
+        if s.detail:
+            text += f" ({s.detail})"
+        if s.state == "error" and s.last_error:
+            text += f" — last error: {s.last_error}"
+        return text
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.worker.ready.wait()
+        if self.worker.load_error is not None:
+            self.status.state, self.status.last_error = "error", str(self.worker.load_error)
+            return
+        self._restore_counters()
+        backoff = self.cfg.loop.retry_backoff_s
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self.status.state = "paused"
+                self._stop.wait(0.5)
+                continue
+            try:
+                did_work = self.run_once()
+                backoff = self.cfg.loop.retry_backoff_s
+                if not did_work:
+                    self._stop.wait(2.0)
+            except Exception as exc:  # never let training take the chat down
+                log.exception("training failed; retrying in %.0f s", backoff)
+                self._record_error(exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.loop.max_backoff_s)
+
+    def run_once(self) -> bool:
+        """Do the next piece of training; False when there is nothing to do yet."""
+        votes = self._count_votes()
+        reward_version = self.worker.call(REWARD, lambda m: m.reward_version)
+        due = votes - self._votes_at_last_round >= self.cfg.loop.reward_every_votes
+        if (reward_version == 0 and votes >= self.cfg.loop.min_votes) or (reward_version > 0 and due):
+            self.status.state, self.status.detail = "training reward model", f"{votes} votes"
+            result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir)
+            self._votes_at_last_round = votes
+            if result is not None:
+                self.status.reward_rounds += 1
+                acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
+                self.status.detail = f"reward v{result.version}, held-out accuracy {acc}"
+                return True
+        if reward_version == 0:
+            self.status.state = "waiting for votes"
+            self.status.detail = f"{votes}/{self.cfg.loop.min_votes} votes before the first reward model"
+            return False
+        if not self.cfg.loop.ppo_enabled:
+            self.status.state, self.status.detail = "waiting for votes", "PPO is off"
+            return False
+        with self.sessions() as session:
+            contexts = store.user_contexts(session)
+        if not contexts:
+            self.status.state, self.status.detail = "waiting for votes", "no prompts yet"
+            return False
+        self.status.state = "running PPO"
+        result = self.ppo.step(self.ppo.sample_contexts(contexts))
+        self.status.ppo_steps += 1
+        self.status.detail = f"policy v{result.version}, reward {result.mean_reward:+.2f}, KL {result.mean_kl:.2f}"
+        return True
+
+    def _count_votes(self) -> int:
+        with self.sessions() as session:
+            return store.count_votes(session, ("a", "b"))  # usable votes: ties teach the loss nothing
+
+    def _restore_counters(self) -> None:
+        """After a restart: votes already used by the last reward round, and the KL coefficient."""
+        with self.sessions() as session:
+            rounds = store.reward_rounds(session)
+            policy = store.latest_checkpoint(session, "policy")
+        if rounds:
+            self._votes_at_last_round = rounds[-1].votes
+        if policy is not None and "kl_coef" in policy.extra:
+            self.ppo.kl_ctl.value = float(policy.extra["kl_coef"])
+
+    def _record_error(self, exc: Exception) -> None:
+        self.status.state = "error"
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        try:
+            with self.sessions() as session, session.begin():
+                store.add_event(session, "error", detail)
+        except Exception:  # the database itself may be what failed
+            log.exception("could not record the training error")

@@ -1,0 +1,144 @@
+"""Controls: the admin check, input validation, and pause / β / learning rate / reset /
+rollback on a live loop over the tiny model (with the before/after probes as witness)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_chat import controls, ui
+from rlhf_chat.config import AppConfig
+from rlhf_chat.controls import ControlError, check_admin
+from rlhf_chat.dashboard import ProbeBoard
+from rlhf_chat.loading import POLICY, adapter_state, sync_policy_weights
+from rlhf_chat.ppo import make_optimizer, policy_tensors
+from rlhf_chat.runtime import start_services
+from rlhf_chat.tables import Checkpoint, TrainingEvent
+from rlhf_chat.training_loop import TrainingLoop
+
+
+def config_with_password(password: str) -> AppConfig:
+    cfg = AppConfig()
+    cfg.ui.admin_password = password
+    return cfg
+
+
+def test_check_admin():
+    cfg = config_with_password("correct horse ✓")
+    assert check_admin("correct horse ✓", cfg)
+    assert not check_admin("correct horse", cfg) and not check_admin("", cfg) and not check_admin(None, cfg)
+    unset = config_with_password("")
+    assert not check_admin("", unset) and not check_admin("anything", unset)  # no password: no admin
+
+
+def test_bad_values_are_refused_with_a_reason():
+    services = SimpleNamespace(loop=None)
+    for value in (-0.1, float("nan"), "abc", None):
+        with pytest.raises(ControlError, match="β"):
+            controls.set_kl_coef(services, value)
+    for value in (0, 1, -1e-4, float("inf")):
+        with pytest.raises(ControlError, match="learning rate"):
+            controls.set_learning_rate(services, value)
+    with pytest.raises(ControlError, match="not running"):
+        controls.pause(services)  # no loop in this process
+
+
+def test_every_admin_handler_checks_the_password(monkeypatch, tmp_path):
+    monkeypatch.setattr(ui, "WRONG_PASSWORD_DELAY_S", 0.0)
+    services = SimpleNamespace(config=config_with_password("pw"), sessions=None)
+    called = []
+    message, _ = ui.admin_control(services, lambda s: called.append(s) or "done", "wrong")
+    assert message.startswith("Not authorised") and called == []  # the action never ran
+    panel, message, _ = ui.unlock(services, "wrong")
+    assert panel["visible"] is False and message == "Wrong password."
+    file, message = ui.admin_export(services, "")
+    assert file["visible"] is False and message.startswith("Not authorised")
+    services.sessions = lambda: pytest.fail("a refused request must not read the database")
+    ui.admin_control(services, lambda s: "done", None)
+
+
+# --- on a live loop over the tiny model ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def services(tiny_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("controls")
+    cfg = AppConfig()
+    cfg.model.name = str(tiny_path)
+    cfg.store.db_url = f"sqlite:///{tmp / 'feedback.db'}"
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    services = start_services(cfg, train=False)
+    assert services.worker.ready.wait(120)
+    services.loop = TrainingLoop(services.worker, services.sessions, cfg).start()  # waits for votes: no training
+    yield services
+    services.stop()
+
+
+def lora_b(models, copy: str) -> list[torch.Tensor]:
+    model = models.trainer if copy == "trainer" else models.serving
+    return [p.detach().clone() for n, p in adapter_state(model, POLICY).items() if "lora_B" in n]
+
+
+def test_pause_resume_beta_and_learning_rate(services):
+    loop = services.loop
+    controls.wait_until_paused(loop, timeout_s=30)
+    assert loop.paused and loop.status.state == "paused"
+    assert controls.resume(services) == "Training resumed." and not loop.paused
+    assert "paused" in controls.pause(services) and loop.paused
+    controls.resume(services)
+
+    controls.set_kl_coef(services, 0.2)
+    assert loop.ppo.kl_ctl.value == 0.2
+    loop.ppo.optimizer = services.worker.call(0, lambda m: make_optimizer(m, loop.ppo.cfg))
+    controls.set_learning_rate(services, "3e-5")
+    groups = loop.ppo.optimizer.param_groups
+    assert groups[0]["lr"] == 3e-5 and groups[1]["lr"] == pytest.approx(3e-5 * loop.ppo.cfg.value_head_lr_mult)
+    assert loop.ppo.cfg.learning_rate == 3e-5  # the next fresh optimizer starts from it
+
+
+def test_reset_and_rollback_publish_new_versions(services):
+    loop, worker = services.loop, services.worker
+    board = ProbeBoard(max_new_tokens=8)
+
+    def perturb(models):  # stand-in for trained weights, saved as checkpoint v3
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in policy_tensors(models).values():
+                p.normal_(std=0.5)
+        sync_policy_weights(models.trainer, models.serving)
+        models.serving_version = 3
+
+    worker.call(0, perturb)
+    loop.ppo.save(3)
+    trained = worker.call(0, lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
+    assert board.answers(worker, wait=True).version == 3
+    loop.ppo.optimizer = worker.call(0, lambda m: make_optimizer(m, loop.ppo.cfg))
+
+    # reset: the policy equals the reference, under a new version, saved, training resumed
+    assert controls.reset_policy(services) == "Policy reset to the base model; now serving v4."
+    models = worker.call(0, lambda m: m)  # read-only look, for the test
+    assert worker.serving_version == 4 and not loop.paused and loop.ppo.optimizer is None
+    assert all(b.abs().max() == 0 for b in lora_b(models, "trainer") + lora_b(models, "serving"))
+    assert all(p.abs().max() == 0 for p in models.value_head.parameters())
+    probes = board.answers(worker, wait=True)
+    assert probes.version == 4 and probes.policy == probes.reference  # greedy: same weights, same words
+
+    # rollback to v3: its weights again, as v5
+    with pytest.raises(ControlError, match="no policy checkpoint v7"):
+        controls.rollback(services, 7)
+    controls.pause(services)  # an admin's pause survives a rollback
+    assert controls.rollback(services, 3) == "Rolled back to v3; now serving it as v5."
+    assert worker.serving_version == 5 and loop.paused and loop.ppo.optimizer is None
+    now = worker.call(0, lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
+    assert all(torch.equal(now[k], trained[k]) for k in trained)
+    assert all(torch.equal(a, b) for a, b in zip(lora_b(models, "trainer"), lora_b(models, "serving")))
+    controls.resume(services)
+
+    with services.sessions() as session:
+        saved = {c.version: c.extra for c in session.query(Checkpoint).filter_by(kind="policy")}
+        events = [e.message for e in session.query(TrainingEvent)]
+    assert saved[4]["reset"] is True and saved[5]["rolled_back_to"] == 3  # a restart serves them
+    assert controls.policy_versions(services.sessions) == [5, 4, 3]
+    assert any("reset" in e for e in events) and any("rolled the policy back to v3" in e for e in events)

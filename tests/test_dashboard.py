@@ -1,0 +1,124 @@
+"""Dashboard: the Training tab's refresh on a database with known metrics; what each plot shows."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import gradio as gr
+import pandas as pd
+import pytest
+from sqlalchemy import update
+
+from rlhf_chat import store
+from rlhf_chat.dashboard import REFRESH_OUTPUTS, loop_state, refresh, thin
+from rlhf_chat.tables import Comparison
+from rlhf_chat.training_loop import LoopStatus
+from tests.test_arena import add_pair
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class FakeLoop:
+    """What the dashboard reads of a TrainingLoop: its status and whether it is paused."""
+
+    def __init__(self, state: str, detail: str = "", last_error: str = "", paused: bool = False):
+        self.status = LoopStatus(state=state, detail=detail, last_error=last_error)
+        self.paused = paused
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return store.open_store(f"sqlite:///{tmp_path / 'dash.db'}")
+
+
+def fill(sessions) -> None:
+    """3 votes, 2 reward rounds (one without held-out pairs), 3 PPO steps, 3 arena votes on v2."""
+    with sessions() as session, session.begin():
+        add_pair(session, "a", 2, "a")  # arena: the policy won
+        add_pair(session, "b", 2, "a")  # arena: the policy lost
+        add_pair(session, "a", 2, "tie")  # arena: tie
+        add_pair(session, "a", 2, None)  # shown, not voted
+        for minute, comparison_id in ((1, 1), (2, 2), (4, 3)):
+            session.execute(update(Comparison).where(Comparison.id == comparison_id).values(voted_at=at(minute)))
+        common = dict(loss=0.5, mean_margin=0.1, train_pairs=8, seconds=1.0)
+        store.add_reward_round(session, version=1, heldout_accuracy=None, heldout_pairs=0, votes=8,
+                               created_at=at(5), **common)
+        store.add_reward_round(session, version=2, heldout_accuracy=0.75, heldout_pairs=4, votes=20,
+                               created_at=at(6), **common)
+        for version, reward, kl in ((1, -0.5, 0.0), (2, 0.25, 0.4), (3, 1.0, 1.5)):
+            store.add_ppo_step(
+                session, version=version, mean_reward=reward, mean_kl=kl, kl_coef=0.05, policy_loss=0.0,
+                value_loss=0.0, clip_fraction=0.0, approx_kl=0.0, entropy=1.0, mean_length=10.0,
+                seconds=1.0, created_at=at(6 + version),
+            )
+        store.add_event(session, "error", "RuntimeError: out of memory\ntraceback")
+
+
+def naive(minutes: float) -> pd.Timestamp:
+    return pd.Timestamp(at(minutes)).tz_localize(None)
+
+
+def test_refresh_plots_the_known_metrics(sessions):
+    fill(sessions)
+    out = dict(zip(REFRESH_OUTPUTS, refresh(sessions, FakeLoop("running PPO", "policy v3"))))
+
+    assert out["votes"]["votes"].tolist() == [1, 2, 3]
+    assert out["votes"]["time"].tolist() == [naive(1), naive(2), naive(4)]
+    # the round without held-out pairs has no accuracy to plot
+    assert out["accuracy"][["version", "accuracy", "votes"]].values.tolist() == [[2, 0.75, 20]]
+    assert out["accuracy"]["time"].tolist() == [naive(6)]
+    assert out["reward"]["mean_reward"].tolist() == [-0.5, 0.25, 1.0]
+    assert out["kl"]["mean_kl"].tolist() == [0.0, 0.4, 1.5]
+    assert out["version"]["version"].tolist() == [1, 2, 3]
+    assert out["version"]["time"].tolist() == [naive(7), naive(8), naive(9)]
+
+    # arena: 1 win, 1 tie, 1 loss on v2 -> p = 0.5; Wilson, n = 3: 1 + z²/n = 2.280533, centre 0.5,
+    # half = 1.96 / 2.280533 · sqrt(0.25/3 + 3.8416/36) = 0.859448 · 0.435941 = 0.374669
+    arena = out["arena"].set_index("series")
+    assert arena.loc["win rate", "win_rate"] == pytest.approx(0.5)
+    assert arena.loc["95% low", "win_rate"] == pytest.approx(0.5 - 0.374669, abs=1e-5)
+    assert arena.loc["95% high", "win_rate"] == pytest.approx(0.5 + 0.374669, abs=1e-5)
+    assert set(arena["version"]) == {2} and set(arena["votes"]) == {3}
+    assert "50%" in out["arena_summary"] and "3 blind arena votes" in out["arena_summary"]
+
+    assert "running PPO" in out["loop"] and "policy v3" in out["loop"]
+    assert "out of memory" in out["events"] and "traceback" not in out["events"]
+
+
+def test_every_plot_is_drawable_even_on_an_empty_database(sessions):
+    plots = {
+        "votes": gr.LinePlot(x="time", y="votes"),
+        "accuracy": gr.LinePlot(x="time", y="accuracy"),
+        "reward": gr.LinePlot(x="time", y="mean_reward"),
+        "kl": gr.LinePlot(x="time", y="mean_kl"),
+        "version": gr.LinePlot(x="time", y="version"),
+        "arena": gr.LinePlot(x="version", y="win_rate", color="series"),
+    }
+    empty = dict(zip(REFRESH_OUTPUTS, refresh(sessions, None)))
+    assert "off" in empty["loop"] and "No arena votes yet" in empty["arena_summary"]
+    fill(sessions)
+    full = dict(zip(REFRESH_OUTPUTS, refresh(sessions, None)))
+    for name, plot in plots.items():
+        for out in (empty, full):
+            data = plot.postprocess(out[name])  # raises on a column type the plot cannot draw
+            assert data.columns == list(out[name].columns)
+    assert full["votes"].dtypes["time"].kind == "M"  # drawn on a time axis
+
+
+def test_loop_state_shows_pausing_paused_and_errors():
+    assert "paused" in loop_state(FakeLoop("paused", paused=True))
+    assert "pausing" in loop_state(FakeLoop("running PPO", paused=True))  # the step under way still runs
+    text = loop_state(FakeLoop("error", last_error="ValueError: bad"))
+    assert "error" in text and "ValueError: bad" in text
+    assert "waiting for votes" in loop_state(FakeLoop("waiting for votes", "3/8 votes"))
+
+
+def test_thin_keeps_ends_and_bounds_points():
+    frame = pd.DataFrame({"x": range(1000)})
+    thinned = thin(frame, 50)
+    assert len(thinned) == 50 and thinned["x"].iloc[0] == 0 and thinned["x"].iloc[-1] == 999
+    assert thin(frame.head(3), 50)["x"].tolist() == [0, 1, 2]
