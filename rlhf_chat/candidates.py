@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
@@ -92,6 +93,21 @@ class RowStreamer(BaseStreamer):
         pass
 
 
+class EachStep(StoppingCriteria):
+    """Calls a function after every decoding step and never stops generation.
+
+    PPO rollouts pass the worker's yield point here, so a person's request runs
+    between two decoding steps instead of after the whole rollout.
+    """
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.fn()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token lists into a left-padded (B, L) batch and its attention mask."""
     width = max(len(s) for s in sequences)
@@ -125,6 +141,7 @@ def sample(
     sampling: Sampling,
     adapter_names: list[str] | None = None,
     on_update: Callable[[list[str]], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Samples:
     """Sample one answer per prompt in a single batched ``generate`` call.
 
@@ -137,7 +154,9 @@ def sample(
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     torch.manual_seed(sampling.seed)
     streamer = RowStreamer(tokenizer, len(prompts), on_update) if on_update else None
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    extra: dict = {"adapter_names": adapter_names} if adapter_names else {}
+    if on_step is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([EachStep(on_step)])
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,

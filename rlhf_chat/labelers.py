@@ -53,7 +53,7 @@ through ``normalize_choice``."""
 
 # Two answers whose lengths differ by no more than this fraction of the longer
 # one count as a tie for ``concise``: a person skimming two answers does not
-# notice that one is a few characters shorter, and voting on such noise would
+# notice that one is a few words shorter, and voting on such noise would
 # teach the model nothing but noise.
 CONCISE_TIE_FRACTION = 0.10
 
@@ -92,15 +92,17 @@ _FRIENDLY_RE = re.compile(
 def concise(prompt: str, response_a: str, response_b: str) -> Choice:
     """Prefer the shorter answer, as a person who wants the gist quickly would.
 
-    Length is the number of characters after stripping surrounding whitespace,
-    so padding does not count.  Returns ``"tie"`` when the lengths differ by at
-    most 10% of the longer one, and ``"both_bad"`` when both answers are empty.
+    Length is the number of words, as a reader judges it; characters would
+    make two answers cut off at the same token limit differ only by how long
+    their words happen to be, a difference no reader would vote on.  Returns
+    ``"tie"`` when the lengths differ by at most 10% of the longer one, and
+    ``"both_bad"`` when both answers are empty.
     An empty answer never wins against a non-empty one: it does not answer the
     question at all, and rewarding it would teach the model to say nothing.
     """
     del prompt  # This taste ignores the question; only the answers matter.
-    len_a = len(response_a.strip())
-    len_b = len(response_b.strip())
+    len_a = len(response_a.split())
+    len_b = len(response_b.split())
     if len_a == 0 and len_b == 0:
         return "both_bad"
     if len_a == 0:

@@ -37,6 +37,7 @@ from rlhf_chat.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
 from rlhf_chat.reward import score_prefix
 from rlhf_chat.worker import PPO as PPO_PRIORITY
+from rlhf_chat.worker import yield_point
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: in
     tok = models.tokenizer
     prompts = [render_prompt(tok, trim_to_budget(tok, c, cfg.max_prompt_tokens)) for c in contexts]
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, seed, cfg.min_new_tokens)
-    out = sample(models.serving, tok, prompts, sampling)
+    out = sample(models.serving, tok, prompts, sampling, on_step=yield_point)  # people first, per token
     mask = pm.response_mask_after_eos(out.response_ids, tok.eos_token_id, tok.pad_token_id)
     return Rollout(
         contexts=contexts,
@@ -131,10 +132,12 @@ def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float
     args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, cfg.temperature)
     models.trainer.set_adapter(POLICY)
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
+    yield_point()  # a waiting person goes first (nested jobs only use the serving copy)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
         batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)
-    models.trainer.set_adapter(POLICY)
+    yield_point()
     batch.raw_scores = score_fn(models, batch).float()
+    models.trainer.set_adapter(POLICY)
     batch.scores = normalized_scores(models, batch.raw_scores, batch.finished, cfg)
     # 3) advantages
     mask = batch.response_mask
@@ -323,20 +326,11 @@ class PPOTrainer:
         t_score = time.perf_counter()
         # 4) epochs x minibatches, one worker job each
         saved = self._call(lambda m: snapshot(m, self.optimizer))
-        stats, finite = [], True
-        for _ in range(cfg.epochs):
-            order = list(range(len(contexts)))
-            self.rng.shuffle(order)
-            for i in range(0, len(order), cfg.minibatch_size):
-                rows = order[i : i + cfg.minibatch_size]
-                ptx = self.rng.sample(self.ptx_examples, min(len(self.ptx_examples), len(rows))) if cfg.ptx_coef else None
-                s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
-                stats.append(s)
-                finite = finite and s["finite"]
-                if not finite:
-                    break
-            if not finite:
-                break
+        try:
+            stats, finite = self._update(batch, len(contexts))
+        except BaseException:  # out of memory, a crash mid-update: the step never happened
+            self._call(lambda m: restore(m, self.optimizer, saved))
+            raise
         t_update = time.perf_counter()
         # 5) publish, or restore the adapter as it was
         mean_kl = batch.kl.sum(-1).mean().item()  # KL of whole answers, as TRL reports it
@@ -374,6 +368,21 @@ class PPOTrainer:
         if finite and version % cfg.checkpoint_every == 0:
             self.save(version)
         return result
+
+    def _update(self, batch: Rollout, n: int) -> tuple[list[dict], bool]:
+        """Epochs x minibatches, one worker job each; stops at the first non-finite one."""
+        cfg, stats = self.cfg, []
+        for _ in range(cfg.epochs):
+            order = list(range(n))
+            self.rng.shuffle(order)
+            for i in range(0, n, cfg.minibatch_size):
+                rows = order[i : i + cfg.minibatch_size]
+                ptx = self.rng.sample(self.ptx_examples, min(len(self.ptx_examples), len(rows))) if cfg.ptx_coef else None
+                s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
+                stats.append(s)
+                if not s["finite"]:
+                    return stats, False
+        return stats, True
 
     def _record(self, r: StepResult) -> None:
         fields = {k: getattr(r, k) for k in (

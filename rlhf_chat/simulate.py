@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_chat import store
+from rlhf_chat.arena import win_rate
 from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
@@ -92,7 +93,7 @@ def collect_votes(
     n: int,
     cfg: AppConfig,
     seed: int = 0,
-    batch_prompts: int = 8,
+    batch_prompts: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Generate ``n`` pairs, ask the labeler, and store pairs and votes as the UI does."""
@@ -127,6 +128,7 @@ class Report:
     rm_heldout_accuracy: float | None = None
     rm_train_accuracy: float | None = None
     win_rate_vs_reference: float | None = None
+    win_rate_interval: list[float] = field(default_factory=list)  # Wilson 95%
     mean_kl: float | None = None
     wall_seconds: float = 0.0
     votes: dict = field(default_factory=dict)
@@ -144,7 +146,7 @@ class Report:
 
 
 def evaluate_against_reference(
-    worker: ModelWorker, prompts: list[str], labeler: Labeler, cfg: AppConfig, seed: int, batch_prompts: int = 8
+    worker: ModelWorker, prompts: list[str], labeler: Labeler, cfg: AppConfig, seed: int, batch_prompts: int = 16
 ) -> dict[str, float]:
     """Win-rate of the current policy against the reference, judged blind by the labeler.
 
@@ -265,6 +267,8 @@ def simulate(
         outcome = evaluate_against_reference(worker, eval_prompts, labeler, cfg, seed + 1)
         report.win_rate_vs_reference = outcome.pop("win_rate")
         report.eval_counts = outcome
+        interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
+        report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
         marks["eval"] = time.perf_counter() - start
     finally:
         worker.stop()

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Iterator
 
 import gradio as gr
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat import controls, dashboard, store
@@ -30,6 +31,7 @@ from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
 
+DB_BUSY = "The database is busy right now (we retried for a few seconds)."
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 STRENGTH_LABELS = {"slightly better": "slightly", "clearly better": "clearly"}
 
@@ -172,7 +174,12 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
                 arena=arena,
             ).id
 
-    state.pair_id = store.with_retry(save)
+    try:
+        state.pair_id = store.with_retry(save)
+    except OperationalError:
+        state.phase = "regenerate"
+        yield view(state, DB_BUSY + " The two answers could not be stored; press Regenerate.", clear_input=clear_input)
+        return
     state.pair = (a.text, b.text)
     state.phase = "vote"
     yield view(state, f"{notice} Which answer is better?".strip(), clear_input=clear_input)
@@ -192,12 +199,15 @@ def respond(services: Services, message: str, state: ChatState | None) -> Iterat
 
     def save() -> int:
         with services.sessions() as session, session.begin():
-            if state.conversation_id is None:
-                state.conversation_id = store.start_conversation(session, state.session_id).id
-            store.add_message(session, state.conversation_id, "user", cleaned.text)
-            return state.conversation_id
+            conversation_id = state.conversation_id or store.start_conversation(session, state.session_id).id
+            store.add_message(session, conversation_id, "user", cleaned.text)
+            return conversation_id  # adopted only once committed
 
-    store.with_retry(save)
+    try:
+        state.conversation_id = store.with_retry(save)
+    except OperationalError:  # nothing stored: the message stays in the box to send again
+        yield view(state, DB_BUSY + " Your message was not sent; please send it again.")
+        return
     state.history.append({"role": "user", "content": cleaned.text})
     state.pair, state.pair_id = ("", ""), None
     yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
@@ -239,7 +249,10 @@ def vote(
                 store.add_message(session, state.conversation_id, "assistant", chosen)
             return result
 
-    result = store.with_retry(save)
+    try:
+        result = store.with_retry(save)
+    except OperationalError:  # not stored, so not acknowledged: the person can click again
+        return view(state, DB_BUSY + " Your vote was not saved; please click again.")
     if not result.ok:
         return view(state, result.message)
     state.vote_times.append(time.monotonic())

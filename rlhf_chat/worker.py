@@ -4,6 +4,12 @@ Switching adapters is global state on a model, so nothing else touches the
 models: UI handlers and trainers hand the worker small jobs and wait on a
 future. Jobs run by priority (a person waiting first, then reward training,
 then PPO), so a person waits at most for the one training slice under way.
+
+A long slice can do better: it calls :func:`yield_point` at safe places (each
+decoding step of a PPO rollout), and the worker runs any more urgent job there
+and then, nested, before the slice goes on. Safe because the more urgent job
+only generates on the serving copy, whose weights change in PPO's publish job
+alone, and that never runs nested inside a chat job.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ T = TypeVar("T")
 
 CHAT, REWARD, PPO = 0, 1, 2  # lower runs first
 _STOP = object()
+_current = threading.local()  # the worker and the priority of the job running on this thread
+
+
+def yield_point() -> None:
+    """Inside a worker job: run more urgent waiting jobs now. Elsewhere: nothing."""
+    worker = getattr(_current, "worker", None)
+    if worker is not None:
+        worker.run_urgent()
 
 
 class ModelWorker:
@@ -35,6 +49,7 @@ class ModelWorker:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.serving_version = 0  # read by any thread; written only by the worker thread
+        self._models = None
 
     def start(self) -> ModelWorker:
         """Load the models and start taking jobs (returns at once)."""
@@ -68,19 +83,42 @@ class ModelWorker:
             log.exception("loading the models failed")
             self.load_error = exc
             models = None
+        self._models = models
         self.serving_version = getattr(models, "serving_version", 0)
+        _current.worker, _current.priority = self, None
         self.ready.set()
         while True:
-            _, _, fn, future = self._jobs.get()
+            priority, order, fn, future = self._jobs.get()
             if fn is _STOP:
                 return
-            if not future.set_running_or_notify_cancel():
-                continue
-            if models is None:
-                future.set_exception(RuntimeError(f"the model failed to load: {self.load_error}"))
-                continue
-            try:
-                future.set_result(fn(models))
-            except BaseException as exc:
-                future.set_exception(exc)
-            self.serving_version = models.serving_version
+            self._execute(priority, fn, future)
+
+    def _execute(self, priority: int, fn: Callable, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        if self._models is None:
+            future.set_exception(RuntimeError(f"the model failed to load: {self.load_error}"))
+            return
+        outer, _current.priority = _current.priority, priority
+        try:
+            future.set_result(fn(self._models))
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            _current.priority = outer
+            self.serving_version = self._models.serving_version
+
+    def run_urgent(self) -> int:
+        """Run, nested, every waiting job more urgent than the one under way; returns how many."""
+        current = _current.priority
+        if current is None or current <= CHAT:
+            return 0  # not inside a job, or already the most urgent kind
+        ran = 0
+        while True:
+            with self._jobs.mutex:
+                head = self._jobs.queue[0] if self._jobs.queue else None
+                if head is None or head[2] is _STOP or head[0] >= current:
+                    return ran
+            priority, _, fn, future = self._jobs.get_nowait()
+            self._execute(priority, fn, future)
+            ran += 1

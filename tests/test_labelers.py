@@ -32,22 +32,26 @@ def test_concise_prefers_shorter_answer() -> None:
     assert concise(PROMPT, long, short) == "b"
 
 
+def words(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
 def test_concise_tie_band_is_ten_percent_of_longer() -> None:
-    # 100 vs 90 characters: difference is exactly 10% of the longer -> tie.
-    assert concise(PROMPT, "x" * 100, "x" * 90) == "tie"
-    assert concise(PROMPT, "x" * 90, "x" * 100) == "tie"
+    # 100 vs 90 words: difference is exactly 10% of the longer -> tie.
+    assert concise(PROMPT, words(100), words(90)) == "tie"
+    assert concise(PROMPT, words(90), words(100)) == "tie"
     # 100 vs 89: just outside the band -> the shorter one wins.
-    assert concise(PROMPT, "x" * 100, "x" * 89) == "b"
-    assert concise(PROMPT, "x" * 89, "x" * 100) == "a"
+    assert concise(PROMPT, words(100), words(89)) == "b"
+    assert concise(PROMPT, words(89), words(100)) == "a"
     # Identical lengths are a tie too.
     assert concise(PROMPT, "abc", "xyz") == "tie"
 
 
-def test_concise_ignores_surrounding_whitespace() -> None:
-    # Padding must not make an answer "longer": both strip to 10 characters.
-    assert concise(PROMPT, "   " + "x" * 10 + "\n\n\n", "y" * 10) == "tie"
-    # 20 chars padded to 60 still beats 40 real chars.
-    assert concise(PROMPT, " " * 40 + "x" * 20, "y" * 40) == "a"
+def test_concise_counts_words_not_characters() -> None:
+    # Two answers cut at the same token limit: long words do not make one "longer".
+    assert concise(PROMPT, "extraordinarily " * 10, "a " * 10) == "tie"
+    assert concise(PROMPT, "   " + words(10) + "\n\n\n", words(10)) == "tie"
+    assert concise(PROMPT, words(20), words(40)) == "a"
 
 
 def test_concise_both_empty_is_both_bad() -> None:

@@ -117,3 +117,23 @@ def test_new_conversation_resets(services):
     _, final = send(services, "Hi")
     fresh = new_conversation(services, final[OUT_STATE])[OUT_STATE]
     assert fresh.history == [] and fresh.pair_id is None and fresh.session_id == final[OUT_STATE].session_id
+
+
+def test_database_down_is_told_and_nothing_is_lost(services, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from rlhf_chat import ui
+
+    _, final = send(services, "Hello there")
+    state = final[OUT_STATE]
+
+    def down(fn, *args, **kwargs):
+        raise OperationalError("UPDATE comparisons", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(ui.store, "with_retry", down)
+    refused = vote(services, "a", None, state)
+    assert "not saved" in refused[OUT_NOTICE] and refused[OUT_STATE].phase == "vote"
+    blocked = list(respond(services, "x", ChatState()))[-1]
+    assert "not sent" in blocked[OUT_NOTICE] and "value" not in blocked[OUT_TEXTBOX]
+    monkeypatch.undo()
+    assert vote(services, "a", None, state)[OUT_NOTICE].startswith("Recorded")  # the retry works
