@@ -199,18 +199,21 @@ def generate_pair(
         random.Random(sampling.seed).shuffle(sources)
     adapter_names = [BASE_ADAPTER if s == "reference" else "policy" for s in sources] if arena else None
     samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update)
-    return tuple(  # type: ignore[return-value]
-        Candidate(
-            text=samples.texts[i],
-            source=sources[i],
-            policy_version=policy_version if sources[i] == "policy" else 0,
-            seed=sampling.seed,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            token_count=samples.token_counts[i],
-            finished=samples.finished[i],
-            latency_s=samples.latency_s,
-        )
-        for i in range(2)
+    a, b = (to_candidate(samples, i, sampling, sources[i], policy_version) for i in range(2))
+    return a, b
+
+
+def to_candidate(samples: Samples, row: int, sampling: Sampling, source: str, policy_version: int) -> Candidate:
+    """One row of a sampling call as a candidate; the reference is version 0 by definition."""
+    return Candidate(
+        text=samples.texts[row],
+        source=source,
+        policy_version=policy_version if source == "policy" else 0,
+        seed=sampling.seed,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
+        token_count=samples.token_counts[row],
+        finished=samples.finished[row],
+        latency_s=samples.latency_s,
     )

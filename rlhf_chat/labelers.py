@@ -27,6 +27,8 @@ import re
 from collections.abc import Callable
 from typing import Literal
 
+from rlhf_chat import tables
+
 __all__ = [
     "BUILTIN_LABELERS",
     "CHOICES",
@@ -44,7 +46,7 @@ __all__ = [
 Choice = Literal["a", "b", "tie", "both_bad"]
 """One vote: answer A wins, answer B wins, no real difference, or neither is usable."""
 
-CHOICES: tuple[Choice, ...] = ("a", "b", "tie", "both_bad")
+CHOICES: tuple[Choice, ...] = tables.CHOICES  # type: ignore[assignment]  # one definition, with the schema
 
 Labeler = Callable[[str, str, str], str]
 """``(prompt, response_a, response_b) -> choice``.  Typed as returning ``str``

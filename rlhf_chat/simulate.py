@@ -19,7 +19,7 @@ from typing import Callable
 
 from rlhf_chat import store
 from rlhf_chat.arena import win_rate
-from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, sample
+from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, sample, to_candidate
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
@@ -67,22 +67,11 @@ def sample_pairs(models, prompts: list[str], sampling: Sampling) -> list[tuple[C
     rendered = [render_prompt(models.tokenizer, as_context(p)) for p in prompts]
     rows = [ids for ids in rendered for _ in range(2)]
     out = sample(models.serving, models.tokenizer, rows, sampling)
-
-    def candidate(i: int) -> Candidate:
-        return Candidate(
-            text=out.texts[i],
-            source="policy",
-            policy_version=models.serving_version,
-            seed=sampling.seed,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            token_count=out.token_counts[i],
-            finished=out.finished[i],
-            latency_s=out.latency_s,
-        )
-
-    return [(candidate(2 * k), candidate(2 * k + 1)) for k in range(len(prompts))]
+    version = models.serving_version
+    return [
+        (to_candidate(out, 2 * k, sampling, "policy", version), to_candidate(out, 2 * k + 1, sampling, "policy", version))
+        for k in range(len(prompts))
+    ]
 
 
 def collect_votes(

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.candidates import Candidate
 from rlhf_chat.tables import (
+    CHOICES,
     SCHEMA_VERSION,
+    STRENGTHS,
     Base,
     CandidateRow,
     Checkpoint,
@@ -31,8 +33,6 @@ from rlhf_chat.tables import (
     utcnow,
 )
 
-CHOICES = ("a", "b", "tie", "both_bad")
-STRENGTHS = ("slightly", "clearly")
 T = TypeVar("T")
 
 

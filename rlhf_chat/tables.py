@@ -13,6 +13,8 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 1  # bump with a migration in store.migrate() when a table changes
+CHOICES = ("a", "b", "tie", "both_bad")  # what a vote can say
+STRENGTHS = ("slightly", "clearly")  # how much better, optional (Anthropic's comparison interface)
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,66 @@
+"""Integration tests on the real bundled model (marked slow: ~1 minute together).
+
+    pytest -m slow
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_chat import store
+from rlhf_chat.candidates import Sampling, generate_pair
+from rlhf_chat.chat import render_prompt
+from rlhf_chat.config import AppConfig
+from rlhf_chat.labelers import concise
+from rlhf_chat.ppo import PPOTrainer
+from rlhf_chat.reward import run_round
+from rlhf_chat.runtime import load_for_serving
+from rlhf_chat.simulate import collect_votes
+from rlhf_chat.worker import ModelWorker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bundled")
+    cfg = AppConfig()
+    cfg.store.db_url = f"sqlite:///{tmp / 'db.sqlite'}"
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    cfg.sampling.max_new_tokens = cfg.ppo.max_new_tokens = 24
+    cfg.reward.steps_per_round = 4
+    cfg.ppo.batch_size = 4
+    sessions = store.open_store(cfg.store.db_url)
+    worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
+    worker.ready.wait()
+    yield cfg, sessions, worker
+    worker.stop()
+
+
+def test_two_candidates_are_real_english_answers(bundled):
+    cfg, _, worker = bundled
+
+    def job(models):
+        prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+        return generate_pair(models.serving, models.tokenizer, prompt, Sampling(24, 0.8, 0.95, seed=0), 0)
+
+    a, b = worker.call(0, job)
+    assert a.text and b.text and a.text != b.text
+    assert "Paris" in a.text + b.text  # the 4-bit model still knows its facts
+    assert 0 < a.token_count <= 24 and a.latency_s > 0
+
+
+def test_reward_round_and_ppo_step_on_the_bundled_model(bundled):
+    cfg, sessions, worker = bundled
+    prompts = ["Name a fruit.", "Say hello.", "What is 2 + 2?", "Name a colour.", "Give me a word."]
+    collect_votes(worker, sessions, prompts, concise, 24, cfg)
+    result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
+    assert result is not None and math.isfinite(result.loss) and result.version == 1
+    trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+    step = trainer.step(trainer.sample_contexts([[{"role": "user", "content": p}] for p in prompts]))
+    assert not step.skipped and step.version == 1 and worker.serving_version == 1
+    assert all(math.isfinite(v) for v in (step.policy_loss, step.value_loss, step.mean_kl, step.entropy))
+    assert worker.call(0, lambda m: m.reward_version) == 1
