@@ -378,7 +378,8 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
     loop_md = gr.Markdown("")
     with gr.Row():
         votes = gr.LinePlot(x="time", y="votes", title="Votes collected", height=220)
-        accuracy = gr.LinePlot(
+        # Points, not lines: a round (or an arena bucket) is a sparse, separate measurement.
+        accuracy = gr.ScatterPlot(
             x="time", y="accuracy", title="Reward model: held-out accuracy", y_lim=[0, 1], height=220
         )
     with gr.Row():
@@ -389,7 +390,7 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
         "### Arena: the policy against where it started\n"
         "Some pairs in the chat put the current policy against the starting model, blind, on random sides."
     )
-    arena = gr.LinePlot(
+    arena = gr.ScatterPlot(
         x="version", y="win_rate", color="series", title="Win-rate against the reference (95% interval)",
         y_lim=[0, 1], height=260,
     )
