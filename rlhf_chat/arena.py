@@ -74,6 +74,7 @@ class ArenaResult:
 
     @property
     def n(self) -> int:
+        """Arena votes counted."""
         return self.wins + self.ties + self.losses
 
     def win_rate(self, z: float = 1.96) -> WinRate:

@@ -77,6 +77,7 @@ class RowStreamer(BaseStreamer):
         self.seen_prompt = False
 
     def put(self, value: torch.Tensor) -> None:
+        """Receive one decoding step's tokens (B,) and push every row's text so far."""
         if not self.seen_prompt:  # generate first hands over the prompt itself
             self.seen_prompt = True
             return
@@ -90,6 +91,7 @@ class RowStreamer(BaseStreamer):
         self.on_update([self.tokenizer.decode(r, skip_special_tokens=True) for r in self.rows])
 
     def end(self) -> None:
+        """Nothing to flush: every step was already pushed."""
         pass
 
 

@@ -20,6 +20,8 @@ class EmptyMessage(ValueError):
 
 @dataclass
 class CleanedMessage:
+    """A message ready to store, and what to tell the person about changes made to it."""
+
     text: str
     notice: str = ""  # shown to the person when the text was changed
 

@@ -60,6 +60,7 @@ class Models:
 
     @property
     def hidden_size(self) -> int:
+        """Width of the base model's hidden states (what the heads read)."""
         return self.trainer.config.hidden_size
 
 

@@ -181,6 +181,8 @@ def save_pair(
 
 @dataclass
 class VoteResult:
+    """Whether a vote was stored, and the message for the person."""
+
     ok: bool
     message: str
 

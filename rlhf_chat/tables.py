@@ -18,6 +18,7 @@ STRENGTHS = ("slightly", "clearly")  # how much better, optional (Anthropic's co
 
 
 def utcnow() -> datetime:
+    """Timezone-aware now, so timestamps compare across SQLite and PostgreSQL."""
     return datetime.now(timezone.utc)
 
 
@@ -26,6 +27,8 @@ class Base(DeclarativeBase):
 
 
 class SchemaInfo(Base):
+    """One row: the schema version this database is at (see store.migrate)."""
+
     __tablename__ = "schema_info"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -34,6 +37,8 @@ class SchemaInfo(Base):
 
 
 class Conversation(Base):
+    """One conversation of one browser session."""
+
     __tablename__ = "conversations"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -48,6 +53,8 @@ class Conversation(Base):
 
 
 class Message(Base):
+    """A turn of a conversation: what the person typed, or the answer they chose."""
+
     __tablename__ = "messages"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -64,6 +71,8 @@ class Message(Base):
 
 
 class Comparison(Base):
+    """Two candidates shown together, and the vote on them once it is cast."""
+
     __tablename__ = "comparisons"
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -77,6 +77,7 @@ class TrainingLoop:
 
     @property
     def paused(self) -> bool:
+        """Whether training is paused (by an admin or for a reset)."""
         return self._paused.is_set()
 
     def state_text(self) -> str:

@@ -44,6 +44,7 @@ def test_lora_gradients_same_before_and_after_generate(tiny_path):
     check_generation_keeps_gradients(models)
 
 
+@pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")  # that is the trap
 def test_generate_in_eval_mode_on_a_training_copy_loses_gradients(tiny_path):
     """The trap itself (DESIGN.md), so that the test above is known to have teeth."""
     models = load_models(ModelConfig(name=str(tiny_path)))
