@@ -217,11 +217,10 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
     if len(train) < cfg.min_pairs:
         return None
     version = (previous.version if previous else 0) + 1
-    params_lr = cfg.learning_rate
 
     # 2) a fresh optimizer over the adapter as the last round left it
     def make_optimizer(models: Models) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(reward_parameters(models), lr=params_lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
     cache = PrefixCache()

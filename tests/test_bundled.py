@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from rlhf_chat import store
 from rlhf_chat.candidates import Sampling, generate_pair

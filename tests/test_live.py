@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_chat import store
 from rlhf_chat.candidates import Sampling, generate_pair
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.labelers import concise

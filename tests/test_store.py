@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import select
 
 from rlhf_chat import store
 from rlhf_chat.candidates import Candidate
