@@ -61,7 +61,7 @@ def main() -> None:
     idle = timed_requests(services, prompts, args.requests, rng)
     print(f"idle:     {summary(idle)}")
 
-    collect_votes(services.worker, services.sessions, prompts, concise, args.votes, cfg, seed=1)
+    collect_votes(services.worker, services.sessions, prompts, concise, args.votes, cfg, random.Random(1))
     run_round(services.worker, services.sessions, cfg.reward, cfg.store.checkpoint_dir)
     loop = TrainingLoop(services.worker, services.sessions, cfg).start()
     while loop.status.ppo_steps < 1:  # measure only once PPO is under way

@@ -15,6 +15,7 @@ stores them as the UI does, trains one reward round, and prints:
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def main() -> None:
     labeler = load_labeler(args.labeler)
     train_prompts, eval_prompts = split_prompts(load_prompts())
     t0 = time.perf_counter()
-    counts = collect_votes(worker, sessions, train_prompts, labeler, args.comparisons, cfg, args.seed)
+    counts = collect_votes(worker, sessions, train_prompts, labeler, args.comparisons, cfg, random.Random(args.seed))
     t_votes = time.perf_counter() - t0
     print(f"{args.comparisons} comparisons ({args.labeler}): {counts} in {t_votes:.0f} s")
     result = run_round(worker, sessions, cfg.reward, str(tmp / "checkpoints"), seed=args.seed)

@@ -181,6 +181,21 @@ def sample(
     return Samples(ids, mask, response, texts, counts, finished, latency)
 
 
+def pair_sources(arena: bool, rng: random.Random) -> list[str]:
+    """Who writes sides A and B: the policy twice, or in an arena pair the policy
+    and the reference on a random side, so that people judge blind."""
+    if not arena:
+        return ["policy", "policy"]
+    sources = ["policy", "reference"]
+    rng.shuffle(sources)
+    return sources
+
+
+def adapter_names_for(sources: list[str]) -> list[str]:
+    """peft ``adapter_names`` for rows written by these sources (the reference: adapters off)."""
+    return [BASE_ADAPTER if s == "reference" else "policy" for s in sources]
+
+
 def generate_pair(
     model,
     tokenizer,
@@ -195,11 +210,8 @@ def generate_pair(
     In an arena pair one side is the policy and the other the reference (the
     starting model), on a side chosen at random so that people judge blind.
     """
-    sources = ["policy", "policy"]
-    if arena:
-        sources = ["policy", "reference"]
-        random.Random(sampling.seed).shuffle(sources)
-    adapter_names = [BASE_ADAPTER if s == "reference" else "policy" for s in sources] if arena else None
+    sources = pair_sources(arena, random.Random(sampling.seed))
+    adapter_names = adapter_names_for(sources) if arena else None
     samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update)
     a, b = (to_candidate(samples, i, sampling, sources[i], policy_version) for i in range(2))
     return a, b

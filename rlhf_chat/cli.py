@@ -78,6 +78,11 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Run the whole loop headless with a scripted labeler; write the JSON report."""
     from rlhf_chat.simulate import simulate
 
+    if args.rounds is not None:
+        if args.rounds < 1:
+            print("--rounds must be at least 1", file=sys.stderr)
+            return 2
+        cfg.simulation.rounds = args.rounds
     report = simulate(
         cfg,
         labeler_spec=args.labeler,
@@ -134,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppo-steps", type=int, default=60)
     p.add_argument("--prompts", default=None, help="a file of prompts, one per line (default: the shipped set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rounds", type=int, default=None,
+        help="votes, a reward round and PPO take turns this many times, as in the live loop (default 1: every vote first)",
+    )
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
     p.set_defaults(run=cmd_simulate)

@@ -121,6 +121,24 @@ class LoopConfig:
 
 
 @dataclass
+class SimulationConfig:
+    """The headless simulation (``python -m rlhf_chat simulate``)."""
+
+    # Rounds of (votes, a reward round, PPO steps), taking turns as the live
+    # loop does. One round (every vote first, from the starting model) is the
+    # order the issue describes and fits 15 minutes. With 4, later pairs come
+    # from an improved policy and carry more signal: at 64 tokens nearly all
+    # of the starting model's answers are cut off, so "shorter" is then decided
+    # by word density alone. Measured (README): 4 rounds raised the reward
+    # model's held-out accuracy but took 1143 s instead of about 900 s.
+    rounds: int = 1
+    # From the second round on, each round continues the last adapter, so it
+    # needs fewer steps than a first fit.
+    reward_steps_per_round: int = 30
+    batch_prompts: int = 16  # prompts per generate call (2 rows each)
+
+
+@dataclass
 class UIConfig:
     """The Gradio app."""
 
@@ -140,6 +158,7 @@ class AppConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     ui: UIConfig = field(default_factory=UIConfig)
 
 

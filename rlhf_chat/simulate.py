@@ -1,8 +1,9 @@
 """Simulate: the whole loop headless, with a scripted labeler standing in for people.
 
-pairs -> votes -> reward model -> PPO -> evaluation against the reference,
-through the same store, worker, reward and PPO code the app uses. The result
-is a JSON report; see :func:`simulate`.
+pairs -> votes -> reward model -> PPO, in rounds as the live loop takes turns,
+then a blind evaluation against the reference, through the same store,
+worker, reward and PPO code the app uses. The result is a JSON report; see
+:func:`simulate`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from rlhf_chat import store
 from rlhf_chat.arena import win_rate
-from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, sample, to_candidate
+from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, adapter_names_for, pair_sources, sample, to_candidate
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
@@ -62,14 +63,24 @@ def as_context(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-def sample_pairs(models, prompts: list[str], sampling: Sampling) -> list[tuple[Candidate, Candidate]]:
-    """Two candidates for each prompt, all in one batched call (as in the UI, 2 rows per prompt)."""
+def sample_pairs(
+    models, prompts: list[str], sampling: Sampling, arena: list[bool] | None = None
+) -> list[tuple[Candidate, Candidate]]:
+    """Two candidates for each prompt, all in one batched call (2 rows per prompt, as in the UI).
+
+    Where ``arena[k]`` is true, prompt k gets an arena pair: the policy against
+    the reference, on a random side (peft mixed adapters in the same call).
+    """
+    arena = arena or [False] * len(prompts)
+    rng = random.Random(sampling.seed)
+    sources = [pair_sources(flag, rng) for flag in arena]
     rendered = [render_prompt(models.tokenizer, as_context(p)) for p in prompts]
     rows = [ids for ids in rendered for _ in range(2)]
-    out = sample(models.serving, models.tokenizer, rows, sampling)
+    names = [name for pair in sources for name in adapter_names_for(pair)] if any(arena) else None
+    out = sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names)
     version = models.serving_version
     return [
-        (to_candidate(out, 2 * k, sampling, "policy", version), to_candidate(out, 2 * k + 1, sampling, "policy", version))
+        tuple(to_candidate(out, 2 * k + side, sampling, sources[k][side], version) for side in (0, 1))
         for k in range(len(prompts))
     ]
 
@@ -81,23 +92,34 @@ def collect_votes(
     labeler: Labeler,
     n: int,
     cfg: AppConfig,
-    seed: int = 0,
-    batch_prompts: int = 16,
+    rng: random.Random,
+    session_id: str = "simulate",
+    arena_fraction: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
-    """Generate ``n`` pairs, ask the labeler, and store pairs and votes as the UI does."""
-    rng = random.Random(seed)
+    """Generate ``n`` pairs from the serving policy, ask the labeler, and store pairs
+    and votes as the UI does.
+
+    As in the UI, a share ``arena_fraction`` of the pairs puts the policy
+    against the reference, once the policy differs from it.
+    """
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
     done = 0
     while done < n:
-        chunk = [rng.choice(prompts) for _ in range(min(batch_prompts, n - done))]
+        chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
+        arena = [rng.random() < arena_fraction for _ in chunk]
         sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, rng.randrange(2**31))
-        pairs = worker.call(CHAT, lambda m: sample_pairs(m, chunk, sampling))
-        for prompt, (a, b) in zip(chunk, pairs):
+
+        def job(models, chunk=chunk, arena=arena, sampling=sampling):
+            flags = arena if models.serving_version > 0 else None  # before any update, both sides are the reference
+            return sample_pairs(models, chunk, sampling, flags), flags or [False] * len(chunk)
+
+        pairs, flags = worker.call(CHAT, job)
+        for prompt, (a, b), is_arena in zip(chunk, pairs, flags):
             choice = normalize_choice(labeler(prompt, a.text, b.text))
             with sessions() as session, session.begin():
                 comparison = store.save_pair(
-                    session, session_id=f"simulate-{seed}", context=as_context(prompt), a=a, b=b, source="simulate"
+                    session, session_id=session_id, context=as_context(prompt), a=a, b=b, arena=is_arena, source="simulate"
                 )
                 store.record_vote(session, comparison.id, choice)
             counts[choice] += 1
@@ -105,6 +127,11 @@ def collect_votes(
         if progress:
             progress(len(chunk))
     return counts
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` near-equal whole shares, the larger ones first: 10, 3 -> 4, 3, 3."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 @dataclass
@@ -124,6 +151,8 @@ class Report:
     reward_curve: list[float] = field(default_factory=list)
     kl_curve: list[float] = field(default_factory=list)
     length_curve: list[float] = field(default_factory=list)
+    rounds: int = 1
+    reward_rounds: list[dict] = field(default_factory=list)  # one entry per reward round, in order
     eval_prompts: int = 0
     eval_counts: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
@@ -135,7 +164,7 @@ class Report:
 
 
 def evaluate_against_reference(
-    worker: ModelWorker, prompts: list[str], labeler: Labeler, cfg: AppConfig, seed: int, batch_prompts: int = 16
+    worker: ModelWorker, prompts: list[str], labeler: Labeler, cfg: AppConfig, seed: int
 ) -> dict[str, float]:
     """Win-rate of the current policy against the reference, judged blind by the labeler.
 
@@ -145,8 +174,9 @@ def evaluate_against_reference(
     """
     rng = random.Random(seed)
     wins = ties = losses = 0
-    for i in range(0, len(prompts), batch_prompts):
-        chunk = prompts[i : i + batch_prompts]
+    batch = cfg.simulation.batch_prompts
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
         sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, rng.randrange(2**31))
 
         def job(models, chunk=chunk, sampling=sampling) -> list[str]:
@@ -186,6 +216,11 @@ def plot_curve(report: Report, path: str | Path) -> Path:
     ax2.set(xlabel="PPO step", ylabel="KL to reference (nats / answer)", title="KL to the starting model")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        # A new reward model (trained on more votes) scores on its own scale.
+        for entry in report.reward_rounds[1:]:
+            ax.axvline(entry["after_ppo_steps"] + 0.5, color="grey", linestyle="--", linewidth=0.8)
+    if len(report.reward_rounds) > 1:
+        ax1.set_title(f"Reward ({report.labeler} labeler); dashed: new reward model")
     fig.suptitle(
         f"{report.comparisons} comparisons, reward-model held-out accuracy {report.rm_heldout_accuracy or 0:.2f}, "
         f"win-rate vs reference {report.win_rate_vs_reference or 0:.2f}",
@@ -207,7 +242,13 @@ def simulate(
     report_path: str | Path | None = "simulation.json",
     plot_path: str | Path | None = None,
 ) -> Report:
-    """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report."""
+    """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report.
+
+    The work runs in ``cfg.simulation.rounds`` rounds, in the live loop's
+    order: a share of the pairs and votes, a reward round (continuing the last
+    adapter, on every vote so far), a share of the PPO steps. Then the final
+    policy is judged blind against the reference on held-out prompts.
+    """
     from tqdm import tqdm
 
     from rlhf_chat.ppo import PPOTrainer
@@ -217,54 +258,94 @@ def simulate(
     start = time.perf_counter()
     labeler = load_labeler(labeler_spec)
     train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
-    report = Report(labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, eval_prompts=len(eval_prompts))
+    rounds = max(1, min(cfg.simulation.rounds, comparisons))
+    report = Report(
+        labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
+    )
+    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    reward_cfg = replace(cfg.reward, steps_per_round=min(cfg.reward.steps_per_round, cfg.simulation.reward_steps_per_round))
+    if rounds == 1:
+        reward_cfg = cfg.reward  # one round is a first fit: the full budget
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
+    seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
     try:
         worker.ready.wait()
         if worker.load_error is not None:
             raise RuntimeError(f"the model failed to load: {worker.load_error}")
-        marks = {"load": time.perf_counter() - start}
-        # 1) pairs and votes, stored as the UI stores them
-        with tqdm(total=comparisons, desc="pairs + votes", unit="pair") as bar:
-            report.votes = collect_votes(worker, sessions, train_prompts, labeler, comparisons, cfg, seed, progress=bar.update)
-        marks["votes"] = time.perf_counter() - start
-        # 2) the reward model
-        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed)
-        if result is not None:
-            report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
-        marks["reward"] = time.perf_counter() - start
-        # 3) PPO on the prompts the "people" typed
-        if result is not None and ppo_steps > 0:
-            with sessions() as session:
-                contexts = store.user_contexts(session)
-            trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
-            trainer.rng.seed(seed)
-            with tqdm(total=ppo_steps, desc="PPO", unit="step") as bar:
-                for _ in range(ppo_steps):
-                    step = trainer.step(trainer.sample_contexts(contexts))
-                    report.reward_curve.append(step.mean_reward)
-                    report.kl_curve.append(step.mean_kl)
-                    report.length_curve.append(step.mean_length)
-                    bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
-                    bar.update(1)
+        seconds["load"] = time.perf_counter() - start
+        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        trainer.rng.seed(seed)
+        rng = random.Random(seed)
+        owed = 0  # PPO steps planned before a reward model existed
+        with tqdm(total=comparisons + ppo_steps, desc="simulate", unit="item") as bar:
+            for pairs, steps in zip(split_evenly(comparisons, rounds), split_evenly(ppo_steps, rounds)):
+                # 1) pairs and votes, stored as the UI stores them
+                mark = time.perf_counter()
+                bar.set_description("pairs + votes")
+                counts = collect_votes(
+                    worker, sessions, train_prompts, labeler, pairs, cfg, rng,
+                    session_id=f"simulate-{seed}", arena_fraction=cfg.loop.arena_fraction, progress=bar.update,
+                )
+                report.votes = {k: report.votes[k] + v for k, v in counts.items()}
+                seconds["votes"] += time.perf_counter() - mark
+                # 2) a reward round on every vote so far
+                mark = time.perf_counter()
+                bar.set_description("reward model")
+                result = run_round(worker, sessions, reward_cfg, cfg.store.checkpoint_dir, seed=seed)
+                if result is not None:
+                    report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
+                    report.reward_rounds.append(round_summary(result, len(report.reward_curve)))
+                    bar.set_postfix(rm_heldout=f"{result.heldout_accuracy or 0:.2f}")
+                seconds["reward"] += time.perf_counter() - mark
+                # 3) PPO on the prompts the "people" typed
+                mark = time.perf_counter()
+                owed += steps
+                if owed and report.reward_rounds:
+                    bar.set_description("PPO")
+                    with sessions() as session:
+                        contexts = store.user_contexts(session)
+                    for _ in range(owed):
+                        step = trainer.step(trainer.sample_contexts(contexts))
+                        report.reward_curve.append(step.mean_reward)
+                        report.kl_curve.append(step.mean_kl)
+                        report.length_curve.append(step.mean_length)
+                        bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
+                        bar.update(1)
+                    owed = 0
+                seconds["ppo"] += time.perf_counter() - mark
+        if report.reward_curve:
             trainer.save(worker.serving_version)
             tail = report.kl_curve[-10:]
             report.mean_kl = sum(tail) / len(tail)
-        marks["ppo"] = time.perf_counter() - start
         # 4) blind evaluation against the starting model on held-out prompts
+        mark = time.perf_counter()
         outcome = evaluate_against_reference(worker, eval_prompts, labeler, cfg, seed + 1)
         report.win_rate_vs_reference = outcome.pop("win_rate")
         report.eval_counts = outcome
         interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
         report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
-        marks["eval"] = time.perf_counter() - start
+        seconds["eval"] = time.perf_counter() - mark
     finally:
         worker.stop()
     report.wall_seconds = time.perf_counter() - start
-    report.seconds = {k: round(v, 1) for k, v in marks.items()}
+    report.seconds = {k: round(v, 1) for k, v in seconds.items()}
     if report_path:
         report.write(report_path)
         if report.reward_curve:
             plot_curve(report, plot_path or Path(report_path).with_suffix(".png"))
     return report
+
+
+def round_summary(result, after_ppo_steps: int) -> dict:
+    """The report's record of one reward round."""
+    return {
+        "version": result.version,
+        "after_ppo_steps": after_ppo_steps,
+        "votes": result.votes,
+        "train_pairs": result.train_pairs,
+        "heldout_pairs": result.heldout_pairs,
+        "heldout_accuracy": result.heldout_accuracy,
+        "train_accuracy": result.train_accuracy,
+        "seconds": round(result.seconds, 1),
+    }

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_two_candidates_are_real_english_answers(bundled):
 def test_reward_round_and_ppo_step_on_the_bundled_model(bundled):
     cfg, sessions, worker = bundled
     prompts = ["Name a fruit.", "Say hello.", "What is 2 + 2?", "Name a colour.", "Give me a word."]
-    collect_votes(worker, sessions, prompts, concise, 24, cfg)
+    collect_votes(worker, sessions, prompts, concise, 24, cfg, random.Random(0))
     result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
     assert result is not None and math.isfinite(result.loss) and result.version == 1
     trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)

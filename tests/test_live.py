@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def training_services(tiny_config):
     services = start_services(cfg, train=False)
     services.worker.ready.wait()
     prompts = ["hi", "what is rain?", "name a bird", "tell me a joke", "how are you?"]
-    collect_votes(services.worker, services.sessions, prompts, concise, 16, cfg)
+    collect_votes(services.worker, services.sessions, prompts, concise, 16, cfg, random.Random(0))
     assert run_round(services.worker, services.sessions, cfg.reward, cfg.store.checkpoint_dir) is not None
     services.loop = TrainingLoop(services.worker, services.sessions, cfg).start()
     deadline = time.time() + 60

@@ -8,11 +8,12 @@ import pytest
 
 from rlhf_chat import store
 from rlhf_chat.cli import main as cli_main
-from rlhf_chat.simulate import is_eval_prompt, load_prompts, simulate, split_prompts
+from rlhf_chat.candidates import Sampling
+from rlhf_chat.simulate import is_eval_prompt, load_prompts, sample_pairs, simulate, split_evenly, split_prompts
 
 REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
-    "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval",
+    "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval", "rounds", "reward_rounds",
 }
 
 
@@ -24,10 +25,28 @@ def test_prompt_split_is_stable_and_disjoint():
     assert [p for p in prompts if is_eval_prompt(p)] == held
 
 
+def test_split_evenly_shares_out_every_item_larger_shares_first():
+    assert split_evenly(10, 3) == [4, 3, 3]
+    assert split_evenly(60, 4) == [15, 15, 15, 15]
+    assert split_evenly(3, 4) == [1, 1, 1, 0]
+    assert split_evenly(0, 2) == [0, 0]
+
+
+def test_sample_pairs_puts_the_reference_on_one_side_of_an_arena_pair(tiny_models):
+    prompts = ["What is rain?", "Name a fruit.", "Why is the sky blue?"]
+    pairs = sample_pairs(tiny_models, prompts, Sampling(max_new_tokens=4, temperature=1.0, seed=3), arena=[True, False, True])
+    assert len(pairs) == 3
+    assert sorted(c.source for c in pairs[0]) == ["policy", "reference"]
+    assert [c.source for c in pairs[1]] == ["policy", "policy"]
+    assert sorted(c.source for c in pairs[2]) == ["policy", "reference"]
+    assert all(c.policy_version == 0 for pair in pairs for c in pair if c.source == "reference")
+
+
 def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     cfg = tiny_config
     cfg.reward.steps_per_round, cfg.reward.min_pairs = 4, 1
     cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs = 4, 4, 1
+    cfg.simulation.rounds = 4
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"question {i} about topic {i % 3}?" for i in range(40)))
     report_path = tmp_path / "report.json"
@@ -46,6 +65,32 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
         assert sum(saved["votes"].values()) == 12
         assert {c.choice for c in voted} <= {"a", "b", "tie", "both_bad"}
         assert len(store.ppo_steps(session)) == 3
+    # rounds, as the live loop takes turns: 3 pairs, a reward round, a PPO step; four times
+    assert saved["rounds"] == 4 and [r["votes"] for r in saved["reward_rounds"]] == sorted(
+        r["votes"] for r in saved["reward_rounds"]
+    )
+    assert [r["after_ppo_steps"] for r in saved["reward_rounds"]][-1] == 3
+
+
+def test_later_rounds_collect_pairs_from_the_updated_policy(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config
+    cfg.reward.steps_per_round, cfg.reward.min_pairs = 2, 1
+    cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs = 2, 2, 1
+    cfg.simulation.rounds, cfg.simulation.batch_prompts = 2, 4
+    cfg.loop.arena_fraction = 1.0  # every pair after the first update is policy vs reference
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"question {i}?" for i in range(30)))
+    # an always-"a" labeler: every vote is usable, so the first round always trains
+    (tmp_path / "always_a_labeler.py").write_text("def always_a(prompt, a, b):\n    return 'a'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    simulate(cfg, "always_a_labeler:always_a", comparisons=8, ppo_steps=2, prompts_file=str(prompts), report_path=None)
+    sessions = store.open_store(cfg.store.db_url)
+    with sessions() as session:
+        voted = store.voted_comparisons(session)
+    first, second = voted[:4], voted[4:]
+    assert all(not c.arena and c.policy_version_a == c.policy_version_b == 0 for c in first)
+    assert all(c.arena for c in second)
+    assert all(max(c.policy_version_a, c.policy_version_b) == 1 for c in second)  # after the round's PPO step
 
 
 def test_unknown_labeler_is_a_clear_error(tiny_config):
