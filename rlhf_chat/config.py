@@ -135,7 +135,9 @@ class SimulationConfig:
     # From the second round on, each round continues the last adapter, so it
     # needs fewer steps than a first fit.
     reward_steps_per_round: int = 30
-    batch_prompts: int = 16  # prompts per generate call (2 rows each)
+    # Prompts per generate call (2 rows each). On the 2-core CPU a pair of
+    # 64-token answers took 0.95 s at 8 prompts a call, 0.85 s at 16, 0.78 s at 32.
+    batch_prompts: int = 32
 
 
 @dataclass

@@ -109,14 +109,14 @@ def full_prefix(models: Models, prompt_ids, prompt_mask, response_ids, response_
 def policy_forward(
     models: Models, prefix: Prefix, prompt_len: int, response_ids, temperature: float, with_values: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Log-probs (B, R) of the response tokens, values (B, R) and logits (B, R, V)
-    under the active adapter of the training copy."""
+    """Log-probs (B, R) of the response tokens, values (B, R), and the whole
+    log-softmax (B, R, V) at ``temperature``, under the active adapter of the training copy."""
     hidden = top_hidden(models.trainer, prefix)  # (B, P+R, H)
     before_each = hidden[:, prompt_len - 1 : -1]  # (B, R, H): the state that emitted each response token
     logits = models.trainer.get_base_model().lm_head(before_each).float()  # (B, R, V)
-    logprobs = pm.logprobs_from_logits(logits, response_ids, temperature)
+    logp = pm.log_softmax_at(logits, temperature)  # (B, R, V)
     values = models.value_head(before_each).squeeze(-1).float() if with_values else None
-    return logprobs, values, logits
+    return pm.gather_logprobs(logp, response_ids), values, logp
 
 
 def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
@@ -208,7 +208,7 @@ def minibatch_update(
     models.trainer.set_adapter(POLICY)
     idx = torch.tensor(rows, device=batch.response_ids.device)
     mask = batch.response_mask[idx]
-    logprobs, values, logits = policy_forward(
+    logprobs, values, logp = policy_forward(
         models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], cfg.temperature
     )
     pg_loss, pg_stats = pm.clipped_policy_loss(
@@ -221,7 +221,7 @@ def minibatch_update(
     if cfg.ptx_coef > 0 and ptx_examples:
         loss = loss + cfg.ptx_coef * ptx_loss(models, ptx_examples, cfg.max_prompt_tokens)
     with torch.no_grad():
-        entropy = pm.masked_mean(pm.entropy_from_logits(logits / cfg.temperature), mask).item()
+        entropy = pm.masked_mean(pm.entropy_from_logprobs(logp), mask).item()
     optimizer.zero_grad(set_to_none=True)
     stats = {**pg_stats, **vf_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
     if not torch.isfinite(loss):

@@ -18,9 +18,10 @@ from rlhf_chat.ppo_math import (
     bradley_terry_loss,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
+    entropy_from_logprobs,
     gae_advantages,
     kl_per_token,
+    log_softmax_at,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -272,17 +273,25 @@ def test_mask_removes_gradient_of_masked_positions() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def test_entropy_from_logits() -> None:
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    return entropy_from_logprobs(log_softmax_at(logits))
+
+
+def test_entropy_from_logprobs() -> None:
     # uniform over 4 -> log 4 ; near one-hot with huge logits -> ~0, no NaN
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [1000.0, 0.0, 0.0, 0.0]]])
     close(entropy_from_logits(logits), [[math.log(4.0), 0.0]])
     # two-way [0, log 3]: p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335
     close(entropy_from_logits(torch.tensor([[[0.0, math.log(3.0)]]])), [[0.5623351]])
+    # a token with probability exactly 0 (log-prob -inf) adds nothing
+    close(entropy_from_logprobs(torch.tensor([[[0.0, -math.inf]]])), [[0.0]])
     g = torch.Generator().manual_seed(3)
     rand = torch.randn(2, 3, 11, generator=g) * 4
     expected = torch.distributions.Categorical(logits=rand).entropy()
     close(entropy_from_logits(rand), expected)
     close(entropy_from_logits(rand + 1e4), expected, atol=1e-2)  # shift-invariant
+    # at temperature 2 it is the entropy of softmax(z / 2)
+    close(entropy_from_logprobs(log_softmax_at(rand, 2.0)), torch.distributions.Categorical(logits=rand / 2).entropy())
 
 
 def test_logprobs_from_logits() -> None:
