@@ -1,15 +1,22 @@
 """Benchmark: reward-model accuracy from scripted votes on the bundled 4-bit model.
 
     python bench/reward_accuracy.py [--comparisons 200] [--labeler concise] [--fresh 100]
+    python bench/reward_accuracy.py --rounds 4 [--ppo-steps 60]
 
-Generates pairs on the shipped prompts, labels them with a scripted labeler,
-stores them as the UI does, trains one reward round, and prints:
+With ``--rounds 1`` (the default) it generates every pair from the starting
+model on the shipped prompts, labels them with a scripted labeler, stores
+them as the UI does, trains one reward round, and prints:
 
 * the held-out accuracy the app records (votes split off by comparison id,
   about 10%, never trained on), and
 * because ~10% of 200 votes is a handful of pairs, the accuracy on
   ``--fresh`` further pairs on prompts the training never saw, a steadier
   estimate of the same thing.
+
+With ``--rounds N`` (N > 1) the votes arrive as in the live loop: the
+simulation's rounds of pairs, a reward round and PPO steps, so later pairs
+come from an improved policy; it prints every reward round's held-out
+accuracy.
 """
 
 from __future__ import annotations
@@ -50,13 +57,39 @@ def fresh_accuracy(worker, prompts, labeler, n: int, cfg: AppConfig) -> tuple[in
     return correct, total
 
 
+def rounds_benchmark(args: argparse.Namespace) -> None:
+    """Votes from a policy that improves between rounds: the simulation, reporting its reward rounds."""
+    from rlhf_chat.simulate import simulate
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    cfg = AppConfig()
+    cfg.store.db_url = f"sqlite:///{tmp / 'bench.db'}"
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    cfg.simulation.rounds = args.rounds
+    print(f"machine: {machine()}")
+    report = simulate(cfg, args.labeler, args.comparisons, args.ppo_steps, seed=args.seed, report_path=None)
+    for r in report.reward_rounds:
+        correct = round((r["heldout_accuracy"] or 0) * r["heldout_pairs"])
+        held = win_rate(correct, 0, r["heldout_pairs"] - correct)
+        print(
+            f"reward round {r['version']} after {r['after_ppo_steps']} PPO steps: {r['votes']} usable votes, "
+            f"held-out accuracy {r['heldout_accuracy'] or 0:.3f} on {r['heldout_pairs']} pairs "
+            f"(95% interval {held.low:.2f}-{held.high:.2f}), {r['seconds']:.0f} s"
+        )
+    print(f"votes {report.votes}; win-rate vs reference {report.win_rate_vs_reference:.3f}; total {report.wall_seconds:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comparisons", type=int, default=200)
     parser.add_argument("--labeler", default="concise")
     parser.add_argument("--fresh", type=int, default=100, help="further pairs on unseen prompts (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of votes, reward round and PPO (1: votes first)")
+    parser.add_argument("--ppo-steps", type=int, default=60, help="PPO steps shared among the rounds (--rounds > 1)")
     args = parser.parse_args()
+    if args.rounds > 1:
+        return rounds_benchmark(args)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     cfg = AppConfig()

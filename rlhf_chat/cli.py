@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rounds", type=int, default=None,
-        help="votes, a reward round and PPO take turns this many times, as in the live loop (default 1: every vote first)",
+        help="votes, a reward round and PPO take turns this many times, as in the live loop (default 4; 1: every vote first)",
     )
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")

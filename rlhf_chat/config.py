@@ -125,13 +125,13 @@ class SimulationConfig:
     """The headless simulation (``python -m rlhf_chat simulate``)."""
 
     # Rounds of (votes, a reward round, PPO steps), taking turns as the live
-    # loop does. One round (every vote first, from the starting model) is the
-    # order the issue describes and fits 15 minutes. With 4, later pairs come
-    # from an improved policy and carry more signal: at 64 tokens nearly all
-    # of the starting model's answers are cut off, so "shorter" is then decided
-    # by word density alone. Measured (README): 4 rounds raised the reward
-    # model's held-out accuracy but took 1143 s instead of about 900 s.
-    rounds: int = 1
+    # loop does, so later pairs come from an improved policy. That matters:
+    # at 64 tokens nearly every answer of the starting model is cut off, and
+    # between two cut-off answers "shorter" is decided by word density alone.
+    # Measured (README): with 1 round (every vote from the starting model) the
+    # reward model's held-out accuracy was 0.67 and 0.73; with 4, 0.90 and
+    # 0.92, in about the same wall time (954 s against 940 s).
+    rounds: int = 4
     # From the second round on, each round continues the last adapter, so it
     # needs fewer steps than a first fit.
     reward_steps_per_round: int = 30
