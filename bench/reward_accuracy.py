@@ -76,7 +76,11 @@ def rounds_benchmark(args: argparse.Namespace) -> None:
             f"held-out accuracy {r['heldout_accuracy'] or 0:.3f} on {r['heldout_pairs']} pairs "
             f"(95% interval {held.low:.2f}-{held.high:.2f}), {r['seconds']:.0f} s"
         )
-    print(f"votes {report.votes}; win-rate vs reference {report.win_rate_vs_reference:.3f}; total {report.wall_seconds:.0f} s")
+    low, high = report.win_rate_interval
+    print(
+        f"votes {report.votes}; win-rate vs reference {report.win_rate_vs_reference:.3f} ({low:.2f}-{high:.2f}, "
+        f"{report.eval_counts}); mean KL {report.mean_kl:.1f}; total {report.wall_seconds:.0f} s {report.seconds}"
+    )
 
 
 def main() -> None:
