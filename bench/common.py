@@ -41,3 +41,25 @@ def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..1) by nearest rank."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# Everyday questions for the speed benchmarks (generation uses the first five).
+PROMPTS = [
+    "What are three tips for sleeping better?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a short poem about the sea.",
+    "How do I make a good cup of tea?",
+    "What is the difference between weather and climate?",
+    "Give me a name for a small bakery.",
+    "Why is the sky blue?",
+    "How can I learn to juggle?",
+]
+
+
+def accuracy_interval(accuracy: float | None, n: int) -> str:
+    """An accuracy on n pairs with its Wilson 95% interval, e.g. "0.917 on 12 pairs (95% interval 0.65-0.99)"."""
+    from rlhf_chat.arena import win_rate
+
+    correct = round((accuracy or 0.0) * n)
+    interval = win_rate(correct, 0, n - correct)
+    return f"{accuracy or 0.0:.3f} on {n} pairs (95% interval {interval.low:.2f}-{interval.high:.2f})"

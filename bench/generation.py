@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import PROMPTS as BENCH_PROMPTS
 from common import machine, summary
 
 from rlhf_chat.candidates import Sampling, generate_pair
@@ -19,13 +20,7 @@ from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.runtime import load_for_serving
 
-PROMPTS = [
-    "What are three tips for sleeping better?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a short poem about the sea.",
-    "How do I make a good cup of tea?",
-    "What is the difference between weather and climate?",
-]
+PROMPTS = BENCH_PROMPTS[:5]
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from collections import Counter  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import machine, summary  # noqa: E402
+from common import PROMPTS, machine, summary  # noqa: E402
 
 from gradio_client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
@@ -61,16 +61,6 @@ DB_BUSY = "The database is busy"  # ui.DB_BUSY: nothing stored, the person is as
 RATE_LIMIT_WAIT_S = 2.0  # then vote again: the pair is still on screen, as for a person
 MAX_VOTE_TRIES = 40  # 80 s of waiting covers the one-minute rate-limit window
 BARRIER_TIMEOUT_S = 300.0  # connecting takes seconds; a hang here is a bug, not a slow run
-PROMPTS = [
-    "What are three tips for sleeping better?",
-    "Explain photosynthesis to a ten-year-old.",
-    "Write a short poem about the sea.",
-    "How do I make a good cup of tea?",
-    "What is the difference between weather and climate?",
-    "Give me a name for a small bakery.",
-    "Why is the sky blue?",
-    "How can I learn to juggle?",
-]
 
 
 @dataclass

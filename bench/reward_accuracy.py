@@ -27,10 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import accuracy_interval, machine
 
 from rlhf_chat import store
-from rlhf_chat.arena import win_rate
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import load_labeler, normalize_choice
 from rlhf_chat.reward import run_round, score_texts
@@ -69,12 +68,9 @@ def rounds_benchmark(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
     report = simulate(cfg, args.labeler, args.comparisons, args.ppo_steps, seed=args.seed, report_path=None)
     for r in report.reward_rounds:
-        correct = round((r["heldout_accuracy"] or 0) * r["heldout_pairs"])
-        held = win_rate(correct, 0, r["heldout_pairs"] - correct)
         print(
             f"reward round {r['version']} after {r['after_ppo_steps']} PPO steps: {r['votes']} usable votes, "
-            f"held-out accuracy {r['heldout_accuracy'] or 0:.3f} on {r['heldout_pairs']} pairs "
-            f"(95% interval {held.low:.2f}-{held.high:.2f}), {r['seconds']:.0f} s"
+            f"held-out accuracy {accuracy_interval(r['heldout_accuracy'], r['heldout_pairs'])}, {r['seconds']:.0f} s"
         )
     low, high = report.win_rate_interval
     print(
@@ -110,16 +106,13 @@ def main() -> None:
     t_votes = time.perf_counter() - t0
     print(f"{args.comparisons} comparisons ({args.labeler}): {counts} in {t_votes:.0f} s")
     result = run_round(worker, sessions, cfg.reward, str(tmp / "checkpoints"), seed=args.seed)
-    held = win_rate(round(result.heldout_accuracy * result.heldout_pairs), 0, result.heldout_pairs - round(result.heldout_accuracy * result.heldout_pairs))
     print(
-        f"reward round: held-out accuracy {result.heldout_accuracy:.3f} on {result.heldout_pairs} pairs "
-        f"(95% interval {held.low:.2f}-{held.high:.2f}), train accuracy {result.train_accuracy:.3f} "
-        f"on {result.train_pairs}, {result.seconds:.0f} s"
+        f"reward round: held-out accuracy {accuracy_interval(result.heldout_accuracy, result.heldout_pairs)}, "
+        f"train accuracy {result.train_accuracy:.3f} on {result.train_pairs}, {result.seconds:.0f} s"
     )
     if args.fresh:
         correct, total = fresh_accuracy(worker, eval_prompts, labeler, args.fresh, cfg)
-        fresh = win_rate(correct, 0, total - correct)
-        print(f"fresh pairs on unseen prompts: accuracy {fresh.rate:.3f} on {total} pairs (95% interval {fresh.low:.2f}-{fresh.high:.2f})")
+        print(f"fresh pairs on unseen prompts: accuracy {accuracy_interval(correct / total if total else None, total)}")
     worker.stop()
     print(f"total {time.perf_counter() - start:.0f} s")
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import machine
+from common import accuracy_interval, machine
 
 from rlhf_chat import store
-from rlhf_chat.arena import win_rate
 from rlhf_chat.config import AppConfig
 from rlhf_chat.loading import load_models
 from rlhf_chat.preferences import PreferencePair, preference_pairs
@@ -60,12 +59,10 @@ def main() -> None:
         train_step(models, optimizer, batch, cfg.reward, train_cache)
         if step % 50 == 0 or step == args.steps:
             result = evaluate(models, test, cfg.reward, test_cache)
-            correct = round(result["accuracy"] * len(test))
-            interval = win_rate(correct, 0, len(test) - correct)
             epochs = step * cfg.reward.batch_size / len(train)
             print(
-                f"step {step} ({epochs:.1f} epochs): test accuracy {result['accuracy']:.3f} "
-                f"(95% interval {interval.low:.2f}-{interval.high:.2f}), {time.perf_counter() - start:.0f} s"
+                f"step {step} ({epochs:.1f} epochs): test accuracy {accuracy_interval(result['accuracy'], len(test))}, "
+                f"{time.perf_counter() - start:.0f} s"
             )
 
 

@@ -132,8 +132,9 @@ class SimulationConfig:
     # reward model's held-out accuracy was 0.67 and 0.73; with 4, 0.90 and
     # 0.92, in about the same wall time (954 s against 940 s).
     rounds: int = 4
-    # From the second round on, each round continues the last adapter, so it
-    # needs fewer steps than a first fit.
+    # With more than one round, each reward round is capped at this many steps:
+    # all but the first continue the last adapter, so they need fewer than a
+    # first fit, and the first has few votes anyway.
     reward_steps_per_round: int = 30
     # Prompts per generate call (2 rows each). On the 2-core CPU a pair of
     # 64-token answers took 0.95 s at 8 prompts a call, 0.85 s at 16, 0.78 s at 32.

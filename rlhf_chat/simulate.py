@@ -263,9 +263,9 @@ def simulate(
         labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
     )
     report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-    reward_cfg = replace(cfg.reward, steps_per_round=min(cfg.reward.steps_per_round, cfg.simulation.reward_steps_per_round))
-    if rounds == 1:
-        reward_cfg = cfg.reward  # one round is a first fit: the full budget
+    # One round is a first fit and gets the full budget; several each continue the last adapter.
+    capped = min(cfg.reward.steps_per_round, cfg.simulation.reward_steps_per_round)
+    reward_cfg = cfg.reward if rounds == 1 else replace(cfg.reward, steps_per_round=capped)
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}

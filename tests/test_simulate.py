@@ -66,10 +66,9 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
         assert {c.choice for c in voted} <= {"a", "b", "tie", "both_bad"}
         assert len(store.ppo_steps(session)) == 3
     # rounds, as the live loop takes turns: 3 pairs, a reward round, a PPO step; four times
-    assert saved["rounds"] == 4 and [r["votes"] for r in saved["reward_rounds"]] == sorted(
-        r["votes"] for r in saved["reward_rounds"]
-    )
-    assert [r["after_ppo_steps"] for r in saved["reward_rounds"]][-1] == 3
+    after = [r["after_ppo_steps"] for r in saved["reward_rounds"]]
+    assert saved["rounds"] == 4 and len(after) >= 2
+    assert after == sorted(set(after)) and after[-1] == 3  # PPO ran between reward rounds, not all at the end
 
 
 def test_later_rounds_collect_pairs_from_the_updated_policy(tiny_config, tmp_path, monkeypatch):
