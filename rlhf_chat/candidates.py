@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from rlhf_chat.nucleus import NucleusSampler
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
 
@@ -149,12 +152,13 @@ def sample(
 
     ``adapter_names`` gives each row its adapter (peft mixed batches), so the
     policy and the reference can answer side by side in the same call.
-    ``top_k=0`` keeps the distribution that was sampled exactly the softmax at
-    ``temperature`` (with ``top_p`` 1.0), which PPO's log-probabilities assume.
+    Tokens are drawn by :class:`~rlhf_chat.nucleus.NucleusSampler`: exactly
+    softmax(logits / ``temperature``) within the ``top_p`` nucleus, no top-k,
+    so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    torch.manual_seed(sampling.seed)
+    sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.seed, device)
     streamer = RowStreamer(tokenizer, len(prompts), on_update) if on_update else None
     extra: dict = {"adapter_names": adapter_names} if adapter_names else {}
     if on_step is not None:
@@ -163,10 +167,8 @@ def sample(
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
+        do_sample=False,  # greedy over the sampler's one-hot scores: it draws the token
+        logits_processor=LogitsProcessorList([sampler]),
         max_new_tokens=sampling.max_new_tokens,
         min_new_tokens=sampling.min_new_tokens or None,
         pad_token_id=tokenizer.pad_token_id,

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from rlhf_chat import store
-from rlhf_chat.candidates import Sampling, generate_pair
+from rlhf_chat.candidates import Sampling, generate_pair, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import concise
@@ -45,12 +45,17 @@ def test_two_candidates_are_real_english_answers(bundled):
 
     def job(models):
         prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-        return generate_pair(models.serving, models.tokenizer, prompt, Sampling(24, 0.8, 0.95, seed=0), 0)
+        pair = generate_pair(models.serving, models.tokenizer, prompt, Sampling(24, 0.8, 0.95, seed=0), 0)
+        more = sample(models.serving, models.tokenizer, [prompt] * 8, Sampling(24, 0.8, 0.95, seed=1))
+        return pair, more.texts
 
-    a, b = worker.call(0, job)
+    (a, b), texts = worker.call(0, job)
     assert a.text and b.text and a.text != b.text
-    assert "Paris" in a.text + b.text  # the 4-bit model still knows its facts
     assert 0 < a.token_count <= 24 and a.latency_s > 0
+    # The 4-bit model still knows its facts: at T=0.8 it named Paris in 54 of 64
+    # samples (and 57 of 64 through transformers' own sampler), so one pair can
+    # miss it by chance, but not half of eight answers.
+    assert sum("Paris" in t for t in texts) >= 4, texts
 
 
 def test_reward_round_and_ppo_step_on_the_bundled_model(bundled):

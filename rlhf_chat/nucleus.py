@@ -1,0 +1,103 @@
+"""Nucleus: drawing the next token from softmax(logits / T) within the top-p nucleus.
+
+``transformers`` samples by sorting the whole 49k-word vocabulary for top-p
+and by drawing one exponential random number per word for the multinomial.
+On the 2-core CPU, for the 64 rows of a simulation batch, those two took 43%
+of each decoding step (97 ms for the sort, 60 ms for the draw; 24.3 s for 64
+answers of 64 tokens). Here the same distribution is drawn in a few
+milliseconds: a partial sort (``topk``) finds the nucleus, which is almost
+always a few dozen words, and one uniform number per row picks a word by the
+inverse of the cumulative distribution.
+
+:class:`NucleusSampler` plugs this into ``generate`` as a logits processor: it
+draws the token and returns scores that are 0 there and -inf elsewhere, and
+``generate`` runs greedy, so its argmax takes the drawn token. Processors that
+``generate`` builds itself (``min_new_tokens``) run before it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import LogitsProcessor
+
+NUCLEUS_CANDIDATES = 256  # words looked at first; more only when their mass falls short of top_p
+
+
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus of each row of ``probs`` (B, V): (word ids (B, K), weights (B, K)).
+
+    A word is kept when the mass of the words more likely than it is below
+    ``top_p``: the smallest set of most likely words whose mass reaches
+    ``top_p``, as ``transformers``' ``TopPLogitsWarper`` keeps. Weights are the
+    words' probabilities, 0 outside the nucleus, not renormalised. With
+    ``top_p >= 1`` the nucleus is the whole vocabulary, in vocabulary order.
+    """
+    if top_p >= 1.0:
+        ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+        return ids, probs
+    top, ids = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # descending
+    short = top.sum(-1) < top_p
+    if bool(short.any()):
+        top, ids = widen_rows(probs, top, ids, short)
+    mass_before = top.cumsum(-1) - top
+    return ids, torch.where(mass_before < top_p, top, torch.zeros_like(top))
+
+
+def widen_rows(
+    probs: torch.Tensor, top: torch.Tensor, ids: torch.Tensor, short: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fully sorted rows where ``short`` (a flat distribution: its nucleus is wider
+    than the candidates), the candidates elsewhere, padded with probability 0.
+
+    Sorting only the short rows matters: in a 64-row batch at least one row is
+    that flat at about a third of the steps (measured at T=0.8, top_p=0.95:
+    median nucleus 6 words, 99th percentile 306, largest 790).
+    """
+    wide_top = torch.zeros_like(probs)
+    wide_ids = torch.zeros_like(probs, dtype=ids.dtype)
+    wide_top[:, : top.shape[-1]] = top
+    wide_ids[:, : ids.shape[-1]] = ids
+    wide_top[short], wide_ids[short] = probs[short].sort(dim=-1, descending=True)
+    return wide_top, wide_ids
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row (B,), with probability proportional to ``weights`` (B, K).
+
+    Inverse-CDF sampling: one uniform number per row, scaled to the row's total,
+    located in the cumulative sum (float64, so 49k small terms add up exactly
+    enough). Words of weight 0 are never drawn.
+    """
+    cdf = weights.double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next-token ids (B,) drawn from softmax(logits / temperature) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ids, weights = nucleus(probs, top_p)
+    return ids.gather(-1, draw(weights, generator).unsqueeze(-1)).squeeze(-1)
+
+
+class NucleusSampler(LogitsProcessor):
+    """A logits processor that samples: ``generate(do_sample=False)`` then takes its token.
+
+    Its own seeded generator makes a call reproducible from its seed without
+    touching torch's global random state.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device: torch.device):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Scores (B, V) that are 0 at each row's drawn token and -inf elsewhere."""
+        tokens = sample_next_tokens(scores, self.temperature, self.top_p, self.generator)
+        onehot = torch.full_like(scores, float("-inf"))
+        return onehot.scatter_(-1, tokens.unsqueeze(-1), 0.0)
