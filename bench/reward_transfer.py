@@ -21,7 +21,7 @@ from rlhf_chat import store
 from rlhf_chat.config import AppConfig
 from rlhf_chat.loading import load_models
 from rlhf_chat.preferences import PreferencePair, preference_pairs
-from rlhf_chat.reward import PrefixCache, evaluate, minibatches, reward_parameters, train_step
+from rlhf_chat.reward import evaluate, minibatches, reward_parameters, train_step
 
 
 def usable_votes(db_path: str) -> list[PreferencePair]:
@@ -53,12 +53,12 @@ def main() -> None:
     models = load_models(cfg.model)
     torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW(reward_parameters(models), lr=cfg.reward.learning_rate)
-    train_cache, test_cache = PrefixCache(), PrefixCache()
+    cache = models.prefix_cache  # test pairs are distinct sequences, so sharing it mixes nothing
     start = time.perf_counter()
     for step, batch in enumerate(minibatches(train, cfg.reward.batch_size, args.steps, args.seed), start=1):
-        train_step(models, optimizer, batch, cfg.reward, train_cache)
+        train_step(models, optimizer, batch, cfg.reward, cache)
         if step % 50 == 0 or step == args.steps:
-            result = evaluate(models, test, cfg.reward, test_cache)
+            result = evaluate(models, test, cfg.reward, cache)
             epochs = step * cfg.reward.batch_size / len(train)
             print(
                 f"step {step} ({epochs:.1f} epochs): test accuracy {accuracy_interval(result['accuracy'], len(test))}, "

@@ -7,6 +7,7 @@ at zero, so a fresh head says nothing until it has learned.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +125,44 @@ def top_hidden(peft_model: nn.Module, prefix: Prefix) -> torch.Tensor:
     for layer in model.layers[prefix.split :]:
         hidden = layer(hidden, **inputs)
     return model.norm(hidden)
+
+
+class PrefixCache:
+    """Frozen-prefix hidden states per token sequence, kept by the model worker.
+
+    A reward round visits each vote several times and the next round visits it
+    again; the frozen layers' output for it never changes, so it is computed
+    once. Beyond ``max_tokens`` (2.3 KB a token at the bundled model's width
+    576) the least recently used sequences are dropped.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.hidden: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.tokens = 0
+
+    def prefix(self, models, sequences: list[list[int]]) -> Prefix:
+        """A left-padded batch prefix for the sequences, computing only the missing ones."""
+        from rlhf_chat.candidates import left_pad
+
+        missing = list({tuple(s): s for s in sequences if tuple(s) not in self.hidden}.values())
+        if missing:
+            ids, mask = left_pad(missing, models.tokenizer.pad_token_id, models.device)
+            computed = frozen_prefix(models.trainer, ids, mask)
+            for row, seq in enumerate(missing):
+                # a copy, not a view: a view would keep the whole padded batch alive
+                self.hidden[tuple(seq)] = computed.hidden[row, ids.shape[1] - len(seq) :].clone()
+                self.tokens += len(seq)
+        ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
+        hidden = torch.zeros(*ids.shape, models.hidden_size, device=models.device)
+        for row, seq in enumerate(sequences):
+            key = tuple(seq)
+            hidden[row, ids.shape[1] - len(seq) :] = self.hidden[key]
+            self.hidden.move_to_end(key)
+        self._evict()
+        return Prefix(hidden, mask, first_adapted_layer(models.trainer))
+
+    def _evict(self) -> None:
+        while self.tokens > self.max_tokens and self.hidden:
+            key, _ = self.hidden.popitem(last=False)
+            self.tokens -= len(key)

@@ -38,26 +38,33 @@ def nucleus(probs: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDA
     top, ids = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # descending
     short = top.sum(-1) < top_p
     if bool(short.any()):
-        top, ids = widen_rows(probs, top, ids, short)
+        top, ids = widen_rows(probs, top, ids, short, top_p)
     mass_before = top.cumsum(-1) - top
     return ids, torch.where(mass_before < top_p, top, torch.zeros_like(top))
 
 
 def widen_rows(
-    probs: torch.Tensor, top: torch.Tensor, ids: torch.Tensor, short: torch.Tensor
+    probs: torch.Tensor, top: torch.Tensor, ids: torch.Tensor, short: torch.Tensor, top_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fully sorted rows where ``short`` (a flat distribution: its nucleus is wider
-    than the candidates), the candidates elsewhere, padded with probability 0.
+    """Candidates wide enough for every row's nucleus: the short rows (flat
+    distributions, whose nucleus is wider than the candidates) sorted in full,
+    the others as they were, padded with probability 0.
 
-    Sorting only the short rows matters: in a 64-row batch at least one row is
-    that flat at about a third of the steps (measured at T=0.8, top_p=0.95:
-    median nucleus 6 words, 99th percentile 306, largest 790).
+    Only the short rows are sorted, and the result is only as wide as the
+    widest nucleus: in a 64-row batch at least one row is that flat at about a
+    third of the steps (at T=0.8, top_p=0.95: median nucleus 6 words, 99th
+    percentile 306, largest 790), and the full 49k-word width for every row
+    cost 2.3 s of a 15.5 s call.
     """
-    wide_top = torch.zeros_like(probs)
-    wide_ids = torch.zeros_like(probs, dtype=ids.dtype)
+    short_top, short_ids = probs[short].sort(dim=-1, descending=True)
+    widest = int(((short_top.cumsum(-1) - short_top) < top_p).sum(-1).max())
+    width = max(top.shape[-1], widest)
+    wide_top = top.new_zeros(top.shape[0], width)
+    wide_ids = ids.new_zeros(ids.shape[0], width)
     wide_top[:, : top.shape[-1]] = top
     wide_ids[:, : ids.shape[-1]] = ids
-    wide_top[short], wide_ids[short] = probs[short].sort(dim=-1, descending=True)
+    wide_top[short] = short_top[:, :width]
+    wide_ids[short] = short_ids[:, :width]
     return wide_top, wide_ids
 
 

@@ -107,16 +107,30 @@ def full_prefix(models: Models, prompt_ids, prompt_mask, response_ids, response_
 
 
 def policy_forward(
-    models: Models, prefix: Prefix, prompt_len: int, response_ids, temperature: float, with_values: bool = True
+    models: Models,
+    prefix: Prefix,
+    prompt_len: int,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    with_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Log-probs (B, R) of the response tokens, values (B, R), and the whole
-    log-softmax (B, R, V) at ``temperature``, under the active adapter of the training copy."""
+    """Under the active adapter of the training copy: log-probs (B, R) of the
+    response tokens at ``temperature`` (0 past each answer's end), values (B, R),
+    and the log-softmax (N, V) at the N real response tokens.
+
+    The 49k-word output layer and log-softmax run on the real tokens only: once
+    the policy learns to stop early, most of a batch's R columns are padding.
+    """
     hidden = top_hidden(models.trainer, prefix)  # (B, P+R, H)
     before_each = hidden[:, prompt_len - 1 : -1]  # (B, R, H): the state that emitted each response token
-    logits = models.trainer.get_base_model().lm_head(before_each).float()  # (B, R, V)
-    logp = pm.log_softmax_at(logits, temperature)  # (B, R, V)
+    real = response_mask.bool()
+    logits = models.trainer.get_base_model().lm_head(before_each[real]).float()  # (N, V)
+    logp = pm.log_softmax_at(logits, temperature)  # (N, V)
+    logprobs = torch.zeros(response_ids.shape, dtype=logp.dtype, device=logp.device)
+    logprobs[real] = pm.gather_logprobs(logp, response_ids[real])
     values = models.value_head(before_each).squeeze(-1).float() if with_values else None
-    return pm.gather_logprobs(logp, response_ids), values, logp
+    return logprobs, values, logp
 
 
 def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
@@ -129,7 +143,7 @@ def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
 def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float, score_fn: ScoreFn) -> Rollout:
     """Fill in log-probs, reference log-probs, values, scores, rewards and advantages."""
     batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, cfg.temperature)
+    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, cfg.temperature)
     models.trainer.set_adapter(POLICY)
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
     yield_point()  # a waiting person goes first (nested jobs only use the serving copy)
@@ -190,7 +204,7 @@ def ptx_loss(models: Models, examples: list[tuple[list[dict], str]], max_prompt_
         r_ids[row, : len(ans)] = torch.tensor(ans)
         r_mask[row, : len(ans)] = 1.0
     prefix = full_prefix(models, p_ids, p_mask, r_ids, r_mask)
-    logprobs, _, _ = policy_forward(models, prefix, p_ids.shape[1], r_ids, 1.0, with_values=False)
+    logprobs, _, _ = policy_forward(models, prefix, p_ids.shape[1], r_ids, r_mask, 1.0, with_values=False)
     return -pm.masked_mean(logprobs, r_mask)
 
 
@@ -209,7 +223,7 @@ def minibatch_update(
     idx = torch.tensor(rows, device=batch.response_ids.device)
     mask = batch.response_mask[idx]
     logprobs, values, logp = policy_forward(
-        models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], cfg.temperature
+        models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], mask, cfg.temperature
     )
     pg_loss, pg_stats = pm.clipped_policy_loss(
         logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.clip_range
@@ -221,7 +235,7 @@ def minibatch_update(
     if cfg.ptx_coef > 0 and ptx_examples:
         loss = loss + cfg.ptx_coef * ptx_loss(models, ptx_examples, cfg.max_prompt_tokens)
     with torch.no_grad():
-        entropy = pm.masked_mean(pm.entropy_from_logprobs(logp), mask).item()
+        entropy = pm.entropy_from_logprobs(logp).mean().item()  # logp holds real tokens only
     optimizer.zero_grad(set_to_none=True)
     stats = {**pg_stats, **vf_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
     if not torch.isfinite(loss):

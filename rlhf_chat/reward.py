@@ -24,7 +24,7 @@ from rlhf_chat.candidates import left_pad
 from rlhf_chat.chat import render_prompt, render_response
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save_checkpoint
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import Prefix, first_adapted_layer, frozen_prefix, last_token_index, top_hidden
+from rlhf_chat.heads import Prefix, PrefixCache, frozen_prefix, last_token_index, top_hidden
 from rlhf_chat.loading import REWARD, Models, adapter_state
 from rlhf_chat.ppo_math import RunningMoments, bradley_terry_loss
 from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
@@ -44,34 +44,6 @@ def encode(tokenizer, context: list[dict], response: str, max_length: int) -> li
     """
     ids = render_prompt(tokenizer, context) + render_response(tokenizer, response)
     return ids[-max_length:]
-
-
-class PrefixCache:
-    """Frozen-prefix hidden states per token sequence, kept for the steps of a round.
-
-    A round visits each vote several times; the frozen layers' output for it
-    never changes, so it is computed once (about 80 MB for 200 votes).
-    """
-
-    def __init__(self) -> None:
-        self.hidden: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def prefix(self, models: Models, sequences: list[list[int]]) -> Prefix:
-        """A left-padded batch prefix for the sequences, computing only the missing ones."""
-        missing = list({tuple(s): s for s in sequences if tuple(s) not in self.hidden}.values())
-        if missing:
-            ids, mask = left_pad(missing, models.tokenizer.pad_token_id, models.device)
-            computed = frozen_prefix(models.trainer, ids, mask)
-            for row, seq in enumerate(missing):
-                self.hidden[tuple(seq)] = computed.hidden[row, ids.shape[1] - len(seq) :].detach()
-            split = computed.split
-        else:
-            split = first_adapted_layer(models.trainer)
-        ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
-        hidden = torch.zeros(*ids.shape, models.hidden_size, device=models.device)
-        for row, seq in enumerate(sequences):
-            hidden[row, ids.shape[1] - len(seq) :] = self.hidden[tuple(seq)]
-        return Prefix(hidden, mask, split)
 
 
 def score_prefix(models: Models, prefix: Prefix) -> torch.Tensor:
@@ -223,15 +195,15 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         return torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
-    cache = PrefixCache()
     losses = []
     for batch in minibatches(train, cfg.batch_size, round_steps(len(train), cfg), seed + version):
-        stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg, cache))
+        # the worker's prefix cache: a vote's frozen layers run once, not once a round
+        stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg, m.prefix_cache))
         losses.append(stats["loss"])
 
     # 3) measure on held-out votes; reward statistics from the training answers
-    held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg))
-    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, cache))
+    held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg, m.prefix_cache))
+    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, m.prefix_cache))
     moments = RunningMoments()
     moments.update(torch.tensor(fit["scores"]))
 

@@ -45,16 +45,19 @@ def test_lora_gradients_same_before_and_after_generate(tiny_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")  # that is the trap
-def test_generate_in_eval_mode_on_a_training_copy_loses_gradients(tiny_path):
-    """The trap itself (DESIGN.md), so that the test above is known to have teeth."""
+def test_generate_in_eval_mode_on_a_4bit_copy_loses_gradients(tiny_path):
+    """The trap itself (DESIGN.md), so that the test above is known to have teeth:
+    once a copy with a 4-bit output layer has generated in eval mode, no gradient
+    flows through it. (The serving copy has one; the training copy's is dense.)"""
     models = load_models(ModelConfig(name=str(tiny_path)))
-    ids = prompt_ids(models.tokenizer)
-    _, before = lora_grads(models.trainer, ids)
-    models.trainer.eval()
+    model, ids = models.serving, prompt_ids(models.tokenizer)
+    model.train()
+    _, before = lora_grads(model, ids)
+    model.eval()
     with torch.no_grad():
-        models.trainer.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=2)
-    models.trainer.train()
-    _, after = lora_grads(models.trainer, ids)
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=2)
+    model.train()
+    _, after = lora_grads(model, ids)
     assert len(after) < len(before)
 
 
@@ -64,6 +67,23 @@ def test_models_share_one_base_per_copy_with_two_adapters(tiny_models):
     assert set(tiny_models.serving.peft_config) == {POLICY}
     assert all(not p.requires_grad for n, p in trainer.named_parameters() if "lora_" not in n)
     assert type(trainer.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+
+
+def test_training_copy_scores_with_the_serving_copys_output_weights(tiny_models):
+    """The training copy's dense output layer holds the serving copy's NF4 values
+    (up to bf16 rounding), so the copy that scores and the copy that samples agree."""
+    import bitsandbytes.functional as bnbf
+
+    serving_head = tiny_models.serving.get_base_model().lm_head
+    trainer_head = tiny_models.trainer.get_base_model().lm_head
+    nf4 = bnbf.dequantize_4bit(serving_head.weight.data, serving_head.weight.quant_state)
+    assert type(serving_head).__name__ == "Linear4bit"
+    assert torch.allclose(trainer_head.weight.float(), nf4, rtol=2**-8, atol=0)
+    hidden = torch.randn(3, 5, nf4.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = trainer_head(hidden), serving_head(hidden)
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 0.01 * theirs.abs().max()
 
 
 def test_sync_copies_policy_weights_to_serving(tiny_path):

@@ -42,7 +42,9 @@ def test_logprobs_match_a_plain_forward_at_temperature(fresh_models):
     batch = rollout(m, CONTEXTS, tiny_ppo_config(), seed=3)
     with torch.no_grad():
         prefix = full_prefix(m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-        lp, values, _ = policy_forward(m, prefix, batch.prompt_ids.shape[1], batch.response_ids, 0.7)
+        lp, values, _ = policy_forward(
+            m, prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, 0.7
+        )
         # row 0 alone, no padding at all, through the ordinary causal-LM forward
         p_len = int(batch.prompt_mask[0].sum())
         ids = torch.cat([batch.prompt_ids[0, -p_len:], batch.response_ids[0]])[None]

@@ -7,7 +7,7 @@ import torch
 from rlhf_chat import store
 from rlhf_chat.candidates import Candidate
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import last_token_index, position_ids_from_mask
+from rlhf_chat.heads import PrefixCache, last_token_index, position_ids_from_mask
 from rlhf_chat.preferences import PreferencePair, is_heldout, split_pairs, to_pair
 from rlhf_chat.reward import (
     encode,
@@ -45,6 +45,27 @@ def test_score_is_the_same_under_any_padding(tiny_models):
         batched = score_sequences(tiny_models, [short, long])  # short gets left padding
         torch.nn.init.zeros_(tiny_models.reward_head.weight)
     assert torch.allclose(alone[0], batched[0], atol=1e-4)
+
+
+def test_prefix_cache_scores_as_without_it_and_keeps_to_its_budget(tiny_models):
+    """Cached frozen-layer states give the same scores as a fresh forward, are
+    computed once per sequence, and the least recently used go beyond the budget."""
+    tok = tiny_models.tokenizer
+    seqs = [encode(tok, [{"role": "user", "content": q}], a, 64) for q, a in
+            [("hi", "hello"), ("tell me about the weather today", "It is sunny."), ("2+2?", "4")]]
+    cache = PrefixCache(max_tokens=len(seqs[0]) + len(seqs[1]))
+    with torch.no_grad():
+        torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
+        fresh = score_sequences(tiny_models, seqs)
+        cached = score_sequences(tiny_models, seqs[:2], cache)
+        kept = dict(cache.hidden)
+        again = score_sequences(tiny_models, seqs[:2], cache)  # from the cache alone
+        assert all(cache.hidden[k] is v for k, v in kept.items())
+        score_sequences(tiny_models, seqs[2:], cache)  # over budget: the oldest goes
+        torch.nn.init.zeros_(tiny_models.reward_head.weight)
+    assert torch.allclose(cached, fresh[:2], atol=1e-5) and torch.equal(cached, again)
+    assert tuple(seqs[0]) not in cache.hidden and tuple(seqs[2]) in cache.hidden
+    assert cache.tokens == sum(len(k) for k in cache.hidden) <= cache.max_tokens
 
 
 def test_heldout_split_is_stable_and_about_ten_percent():
