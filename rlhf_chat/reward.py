@@ -2,10 +2,10 @@
 
 The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
 Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
-and TRL's optional centering term. Training runs in rounds: each round starts
-from the last adapter, trains on every usable vote (new ones included) for a
-bounded number of steps, measures accuracy on held-out votes, and saves a
-versioned checkpoint. Every step is one job on the model worker, so a person
+and TRL's optional centering term. Training runs in rounds: each round trains
+on every usable vote (new ones included) for a few epochs, from a new adapter
+while that fits in a bounded number of steps and from the last one beyond,
+measures accuracy on held-out votes, and saves a versioned checkpoint. Every step is one job on the model worker, so a person
 waiting for an answer waits at most one step.
 """
 
@@ -140,9 +140,41 @@ def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cac
     return {**stats, "scores": torch.cat([c, r]).tolist()}
 
 
+def full_fit_steps(n_train: int, cfg: RewardConfig) -> int:
+    """Steps for ``max_epochs_per_round`` epochs over ``n_train`` votes."""
+    return max(1, math.ceil(cfg.max_epochs_per_round * n_train / cfg.batch_size))
+
+
 def round_steps(n_train: int, cfg: RewardConfig) -> int:
     """Steps in a round: bounded by ``steps_per_round`` and by ``max_epochs_per_round``."""
-    return min(cfg.steps_per_round, max(1, math.ceil(cfg.max_epochs_per_round * n_train / cfg.batch_size)))
+    return min(cfg.steps_per_round, full_fit_steps(n_train, cfg))
+
+
+def starts_fresh(n_train: int, cfg: RewardConfig) -> bool:
+    """Whether a round fits a new adapter instead of continuing the last one.
+
+    Fresh while a full fit fits in one round: continuing shows the oldest votes
+    again every round (in a 4-round simulation ~17 times each), and the model
+    overfits them. Once the votes outgrow a round, each round continues, and
+    sees each vote fewer times the more there are.
+    """
+    return cfg.fresh_each_round and full_fit_steps(n_train, cfg) <= cfg.steps_per_round
+
+
+def reset_reward_model(models: Models, seed: int) -> None:
+    """A new reward adapter and head, initialised as peft and :func:`make_scalar_head`
+    do (LoRA A as ``nn.Linear``'s default, B and the head at zero), from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in models.trainer.modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, torch.nn.ModuleDict) and REWARD in lora_a:
+                weight = lora_a[REWARD].weight
+                fresh = torch.nn.init.kaiming_uniform_(torch.empty(weight.shape), a=math.sqrt(5), generator=generator)
+                weight.copy_(fresh)
+                module.lora_B[REWARD].weight.zero_()
+        models.reward_head.weight.zero_()
+        models.reward_head.bias.zero_()
 
 
 def minibatches(pairs: list[PreferencePair], batch_size: int, steps: int, seed: int) -> list[list[PreferencePair]]:
@@ -190,8 +222,10 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         return None
     version = (previous.version if previous else 0) + 1
 
-    # 2) a fresh optimizer over the adapter as the last round left it
+    # 2) a new adapter while a full fit fits in the round, else the last one; a fresh optimizer
     def make_optimizer(models: Models) -> torch.optim.Optimizer:
+        if starts_fresh(len(train), cfg):
+            reset_reward_model(models, seed + version)
         return torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
@@ -200,6 +234,10 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         # the worker's prefix cache: a vote's frozen layers run once, not once a round
         stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg, m.prefix_cache))
         losses.append(stats["loss"])
+
+    loss = float(sum(losses[-10:]) / len(losses[-10:]))
+    if not math.isfinite(loss):  # nothing to save; a fresh round starts clean next time
+        raise FloatingPointError(f"reward round {version}: the loss was not finite, nothing was saved")
 
     # 3) measure on held-out votes; reward statistics from the training answers
     held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg, m.prefix_cache))
@@ -213,7 +251,7 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
     path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
     result = RoundResult(
         version=version,
-        loss=float(sum(losses[-10:]) / len(losses[-10:])),
+        loss=loss,
         heldout_accuracy=held["accuracy"],
         mean_margin=fit["mean_margin"],
         train_pairs=len(train),

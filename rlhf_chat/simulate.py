@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -263,9 +263,6 @@ def simulate(
         labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
     )
     report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-    # One round is a first fit and gets the full budget; several each continue the last adapter.
-    capped = min(cfg.reward.steps_per_round, cfg.simulation.reward_steps_per_round)
-    reward_cfg = cfg.reward if rounds == 1 else replace(cfg.reward, steps_per_round=capped)
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
@@ -292,7 +289,7 @@ def simulate(
                 # 2) a reward round on every vote so far
                 mark = time.perf_counter()
                 bar.set_description("reward model")
-                result = run_round(worker, sessions, reward_cfg, cfg.store.checkpoint_dir, seed=seed)
+                result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed)
                 if result is not None:
                     report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
                     report.reward_rounds.append(round_summary(result, len(report.reward_curve)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from rlhf_chat import store
@@ -14,8 +17,10 @@ from rlhf_chat.reward import (
     evaluate,
     load_reward,
     minibatches,
+    reset_reward_model,
     round_steps,
     run_round,
+    starts_fresh,
     score_sequences,
     score_texts,
     train_step,
@@ -92,6 +97,34 @@ def test_round_steps_bounded():
     assert round_steps(16, cfg) == 4 and round_steps(1000, cfg) == 60
 
 
+def test_a_round_starts_fresh_while_a_full_fit_fits_in_it():
+    cfg = RewardConfig(batch_size=8, steps_per_round=60, max_epochs_per_round=3.0)
+    # 3 epochs over 160 votes are 60 steps of 8: fresh; over 161, 61 steps: continue
+    assert starts_fresh(160, cfg) and not starts_fresh(161, cfg)
+    cfg.fresh_each_round = False
+    assert not starts_fresh(10, cfg)
+
+
+def test_reset_gives_a_new_reward_model_that_says_nothing(tiny_path):
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models
+
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    policy_before = {k: v.clone() for k, v in adapter_state(models.trainer, POLICY).items()}
+    contexts, answers = [[{"role": "user", "content": "hi"}]] * 2, ["Hello there.", "Hi"]
+    with torch.no_grad():
+        for p in [*adapter_state(models.trainer, REWARD).values(), *models.reward_head.parameters()]:
+            p.normal_()
+    assert score_texts(models, contexts, answers, 64).abs().min() > 0
+    reset_reward_model(models, seed=3)
+    first = {k: v.clone() for k, v in adapter_state(models.trainer, REWARD).items()}
+    reset_reward_model(models, seed=3)
+    assert all(torch.equal(first[k], v) for k, v in adapter_state(models.trainer, REWARD).items())
+    assert all(v.abs().sum() > 0 for k, v in first.items() if "lora_A" in k)
+    assert torch.equal(score_texts(models, contexts, answers, 64), torch.zeros(2))  # B and head at zero
+    assert all(torch.equal(policy_before[k], v) for k, v in adapter_state(models.trainer, POLICY).items())
+
+
 def test_minibatches_cover_every_pair_each_epoch():
     pairs = [PreferencePair(i, [], "a", "b") for i in range(10)]
     batches = minibatches(pairs, 5, 2, seed=0)
@@ -124,15 +157,49 @@ def test_training_steps_raise_accuracy_and_change_only_reward_weights(tiny_path)
     assert all(torch.equal(policy_before[k], v) for k, v in adapter_state(models.trainer, POLICY).items())
 
 
-def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_config):
-    from rlhf_chat.loading import load_models
-
-    sessions = store.open_store(tiny_config.store.db_url)
-    for p in length_pairs(40):
+def store_length_votes(db_url: str, n: int):
+    """A store holding n votes for the shorter answer, as the UI stores them."""
+    sessions = store.open_store(db_url)
+    for p in length_pairs(n):
         cand = lambda t: Candidate(t, "policy", 0, 0, 1.0, 1.0, 8, 1, True, 0.1)  # noqa: E731
         with sessions() as s, s.begin():
             c = store.save_pair(s, session_id="t", context=p.context, a=cand(p.chosen), b=cand(p.rejected))
             store.record_vote(s, c.id, "a", "clearly" if p.comparison_id % 2 else None)
+    return sessions
+
+
+def test_a_fresh_round_carries_nothing_of_the_last_adapter(tiny_config):
+    """A poisoned adapter (NaN) poisons a continuing round, never a fresh one."""
+    from rlhf_chat.loading import REWARD, adapter_state, load_models
+
+    sessions = store_length_votes(tiny_config.store.db_url, 20)
+    cfg = tiny_config.reward
+    cfg.steps_per_round = 10  # 3 epochs over 18 training votes: 7 steps, so fresh
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+
+    def poison(models) -> None:
+        with torch.no_grad():
+            for name, p in adapter_state(models.trainer, REWARD).items():
+                p.fill_(float("nan"))
+
+    try:
+        worker.call(0, poison)
+        assert math.isfinite(run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir).loss)
+        worker.call(0, poison)
+        cfg.fresh_each_round = False
+        with pytest.raises(FloatingPointError, match="not finite"):
+            run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+    finally:
+        worker.stop()
+    with sessions() as s:  # the poisoned round left no trace
+        assert [r.version for r in store.reward_rounds(s)] == [1]
+        assert store.latest_checkpoint(s, "reward").version == 1
+
+
+def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_config):
+    from rlhf_chat.loading import load_models
+
+    sessions = store_length_votes(tiny_config.store.db_url, 40)
     cfg = tiny_config.reward
     cfg.learning_rate, cfg.steps_per_round = 5e-3, 12
     worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
