@@ -138,6 +138,9 @@ def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
     missing = params.keys() - tensors.keys()
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    for name, param in params.items():
+        if tensors[name].shape != param.shape:  # e.g. a head saved before it read the answer mean
+            raise ValueError(f"checkpoint's {name} has shape {tuple(tensors[name].shape)}, the model's {tuple(param.shape)}")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))

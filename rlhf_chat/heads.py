@@ -1,8 +1,9 @@
 """Heads: scalar heads on hidden states, and the forward passes that feed them.
 
 The value head reads every response token of the policy; the reward head reads
-the last real token of (context, answer) under the reward adapter. Both start
-at zero, so a fresh head says nothing until it has learned.
+:func:`answer_summary` of (context, answer) under the reward adapter: the last
+real token's state and the mean of the answer's states. Both start at zero, so
+a fresh head says nothing until it has learned.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from rlhf_chat.ppo_math import masked_mean
 
 
 def make_scalar_head(hidden_size: int, device: torch.device) -> nn.Linear:
@@ -42,6 +45,22 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def answer_summary(hidden: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """What the reward head reads (B, 2H): the last real token's state beside the
+    mean state over the answer's tokens (``answer_mask``, (B, T)).
+
+    The last token sees the whole exchange through attention, but a LoRA fitted
+    to a few hundred votes is slow to learn to gather a property spread over the
+    whole answer (how wordy, how dense, how warm) into that one state; in the mean
+    such a property is a straight line away. Scored on 306 votes of other runs,
+    the reward model's accuracy went 0.78 to 0.85 (README, "Reward model").
+    """
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(mask)]  # (B, H)
+    weights = answer_mask.unsqueeze(-1).expand_as(hidden)  # (B, T, H)
+    return torch.cat([last, masked_mean(hidden, weights, dim=1)], dim=-1)
 
 
 def backbone(peft_model: nn.Module) -> nn.Module:

@@ -55,7 +55,7 @@ class Models:
     serving: nn.Module  # PeftModel, eval mode, `policy` adapter only
     trainer: nn.Module  # PeftModel, train mode, `policy` and `reward` adapters
     value_head: nn.Module  # on the policy's last hidden state, per token
-    reward_head: nn.Module  # on the reward adapter's hidden state at the last real token
+    reward_head: nn.Module  # on heads.answer_summary under the reward adapter: last token + answer mean (2H)
     device: torch.device
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
@@ -283,7 +283,7 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
         serving=serving,
         trainer=trainer,
         value_head=make_scalar_head(hidden, device),
-        reward_head=make_scalar_head(hidden, device),
+        reward_head=make_scalar_head(2 * hidden, device),  # heads.answer_summary
         device=device,
         prefix_cache=PrefixCache(cfg.prefix_cache_tokens),
     )

@@ -136,7 +136,8 @@ def policy_forward(
 def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
     """Raw reward-model scores of the rollout's answers, read on the sampled tokens
     themselves (sharing the rollout's prefix); the default :data:`ScoreFn`."""
-    return score_prefix(models, batch.prefix)
+    answers = torch.cat([torch.zeros_like(batch.prompt_mask), batch.response_mask.to(batch.prompt_mask.dtype)], dim=1)
+    return score_prefix(models, batch.prefix, answers)
 
 
 @torch.no_grad()

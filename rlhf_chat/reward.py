@@ -1,12 +1,16 @@
 """Reward model: a ``reward`` LoRA adapter plus a scalar head, trained on the votes.
 
+The head reads the last token's state beside the mean state over the answer
+(:func:`rlhf_chat.heads.answer_summary`).
+
 The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
 Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
 and TRL's optional centering term. Training runs in rounds: each round trains
 on every usable vote (new ones included) for a few epochs, from a new adapter
 while that fits in a bounded number of steps and from the last one beyond,
-measures accuracy on held-out votes, and saves a versioned checkpoint. Every step is one job on the model worker, so a person
-waiting for an answer waits at most one step.
+measures accuracy on held-out votes, and saves a versioned checkpoint. Every
+step is one job on the model worker, so a person waiting for an answer waits
+at most one step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -24,7 +29,7 @@ from rlhf_chat.candidates import left_pad
 from rlhf_chat.chat import render_prompt, render_response
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save_checkpoint
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import Prefix, PrefixCache, frozen_prefix, last_token_index, top_hidden
+from rlhf_chat.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.loading import REWARD, Models, adapter_state
 from rlhf_chat.ppo_math import RunningMoments, bradley_terry_loss
 from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
@@ -36,31 +41,53 @@ log = logging.getLogger(__name__)
 # --- scoring -------------------------------------------------------------------------------
 
 
-def encode(tokenizer, context: list[dict], response: str, max_length: int) -> list[int]:
+class Encoded(NamedTuple):
+    """A (context, answer) as token ids, and how many of the last ids are the answer."""
+
+    ids: list[int]
+    answer_len: int  # the answer's tokens, its EOS included
+
+
+def encode(tokenizer, context: list[dict], response: str, max_length: int) -> Encoded:
     """Token ids of (context, answer) as the chat template writes them.
 
     Cut from the left when too long: the score is read at the end of the
     answer, so the end is what must survive.
     """
-    ids = render_prompt(tokenizer, context) + render_response(tokenizer, response)
-    return ids[-max_length:]
+    answer = render_response(tokenizer, response)
+    ids = (render_prompt(tokenizer, context) + answer)[-max_length:]
+    return Encoded(ids, min(len(answer), len(ids)))
 
 
-def score_prefix(models: Models, prefix: Prefix) -> torch.Tensor:
-    """Reward scores (B,) read at the last real token; differentiable when grad is enabled."""
+def answer_mask(answer_lens: list[int], width: int, device) -> torch.Tensor:
+    """(B, width) mask of the answer tokens of left-padded sequences: the last ``answer_len`` columns.
+
+    >>> answer_mask([2, 1], 4, "cpu").tolist()
+    [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]
+    """
+    columns = torch.arange(width, device=device)
+    starts = width - torch.tensor(answer_lens, device=device)
+    return (columns >= starts.unsqueeze(1)).float()
+
+
+def score_prefix(models: Models, prefix: Prefix, answers: torch.Tensor) -> torch.Tensor:
+    """Reward scores (B,) of the sequences in a prefix whose answer tokens are
+    ``answers`` (B, T); differentiable when grad is enabled."""
     models.trainer.set_adapter(REWARD)
     hidden = top_hidden(models.trainer, prefix)  # (B, T, H)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, last_token_index(prefix.mask)]  # (B, H)
-    return models.reward_head(last).squeeze(-1).float()
+    return models.reward_head(answer_summary(hidden, prefix.mask, answers)).squeeze(-1).float()
 
 
-def score_sequences(models: Models, sequences: list[list[int]], cache: PrefixCache | None = None) -> torch.Tensor:
-    """Reward scores (B,) of token sequences; differentiable when grad is enabled."""
+def score_sequences(models: Models, sequences: list[Encoded], cache: PrefixCache | None = None) -> torch.Tensor:
+    """Reward scores (B,) of encoded sequences; differentiable when grad is enabled."""
+    ids = [s.ids for s in sequences]
     if cache is not None:
-        return score_prefix(models, cache.prefix(models, sequences))
-    ids, mask = left_pad(sequences, models.tokenizer.pad_token_id, models.device)
-    return score_prefix(models, frozen_prefix(models.trainer, ids, mask))
+        prefix = cache.prefix(models, ids)
+    else:
+        padded, mask = left_pad(ids, models.tokenizer.pad_token_id, models.device)
+        prefix = frozen_prefix(models.trainer, padded, mask)
+    answers = answer_mask([s.answer_len for s in sequences], prefix.mask.shape[1], models.device)
+    return score_prefix(models, prefix, answers)
 
 
 @torch.no_grad()

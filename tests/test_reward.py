@@ -1,4 +1,4 @@
-"""Reward model: last-token selection, the held-out split, training and checkpoints."""
+"""Reward model: what the head reads, the held-out split, training and checkpoints."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import torch
 
 from rlhf_chat import store
 from rlhf_chat.candidates import Candidate
+from rlhf_chat.checkpoints import copy_into
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import PrefixCache, last_token_index, position_ids_from_mask
+from rlhf_chat.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
 from rlhf_chat.preferences import PreferencePair, is_heldout, split_pairs, to_pair
 from rlhf_chat.reward import (
+    answer_mask,
     encode,
     evaluate,
     load_reward,
@@ -39,8 +41,53 @@ def test_position_ids_ignore_left_padding():
     assert position_ids_from_mask(torch.tensor([[0, 0, 1, 1]])).tolist() == [[0, 0, 0, 1]]
 
 
+def test_answer_summary_is_the_last_state_beside_the_answer_mean():
+    hidden = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 0.0]],  # left-padded, answer = last 2
+                           [[1.0, 1.0], [2.0, 2.0], [7.0, 1.0], [0.0, 0.0]]])  # right-padded, answer = token 2
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    answers = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    assert answer_summary(hidden, mask, answers).tolist() == [[5.0, 0.0, 4.0, 2.0], [7.0, 1.0, 7.0, 1.0]]
+
+
+def test_encode_counts_the_answer_and_keeps_it_when_cut_from_the_left(tokenizer):
+    context = [{"role": "user", "content": "tell me about the weather today, in detail please"}]
+    whole = encode(tokenizer, context, "It is sunny.", 512)
+    answer = tokenizer.encode("It is sunny.", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert whole.ids[-whole.answer_len :] == answer
+    cut = encode(tokenizer, context, "It is sunny.", len(answer) + 2)
+    assert cut.ids == whole.ids[-len(answer) - 2 :] and cut.answer_len == len(answer)
+    assert encode(tokenizer, context, "It is sunny.", 3) == (answer[-3:], 3)
+    assert answer_mask([2, 0], 3, "cpu").tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_rollout_and_stored_answers_score_alike(tiny_models):
+    """PPO scores its sampled tokens laid out [left-padded prompt | right-padded
+    answer]; reward rounds score stored answers left-padded whole. The same tokens
+    must get the same score either way, so PPO optimises what the votes taught."""
+    from rlhf_chat.candidates import left_pad
+    from rlhf_chat.ppo import Rollout, full_prefix, reward_model_scores
+
+    tok = tiny_models.tokenizer
+    pairs = [([{"role": "user", "content": "hi"}], "hello there, friend"), ([{"role": "user", "content": "what is the capital of France?"}], "Paris.")]
+    encoded = [encode(tok, c, a, 512) for c, a in pairs]
+    prompts = [e.ids[: -e.answer_len] for e in encoded]
+    answers = [e.ids[-e.answer_len :] for e in encoded]
+    width = max(map(len, answers))
+    response_ids = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers])
+    response_mask = torch.tensor([[1.0] * len(a) + [0.0] * (width - len(a)) for a in answers])
+    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id, tiny_models.device)
+    with torch.no_grad():
+        torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
+        batch = Rollout([c for c, _ in pairs], [a for _, a in pairs], [True, True], prompt_ids, prompt_mask, response_ids, response_mask)
+        batch.prefix = full_prefix(tiny_models, prompt_ids, prompt_mask, response_ids, response_mask)
+        from_rollout = reward_model_scores(tiny_models, batch)
+        stored = score_sequences(tiny_models, encoded)
+        torch.nn.init.zeros_(tiny_models.reward_head.weight)
+    assert torch.allclose(from_rollout, stored, atol=1e-4)
+
+
 def test_score_is_the_same_under_any_padding(tiny_models):
-    """The head reads the last real token: extra padding must not change a score."""
+    """Extra padding must change neither the last token nor the answer mean."""
     tok = tiny_models.tokenizer
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
@@ -58,7 +105,7 @@ def test_prefix_cache_scores_as_without_it_and_keeps_to_its_budget(tiny_models):
     tok = tiny_models.tokenizer
     seqs = [encode(tok, [{"role": "user", "content": q}], a, 64) for q, a in
             [("hi", "hello"), ("tell me about the weather today", "It is sunny."), ("2+2?", "4")]]
-    cache = PrefixCache(max_tokens=len(seqs[0]) + len(seqs[1]))
+    cache = PrefixCache(max_tokens=len(seqs[0].ids) + len(seqs[1].ids))
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
         fresh = score_sequences(tiny_models, seqs)
@@ -69,7 +116,7 @@ def test_prefix_cache_scores_as_without_it_and_keeps_to_its_budget(tiny_models):
         score_sequences(tiny_models, seqs[2:], cache)  # over budget: the oldest goes
         torch.nn.init.zeros_(tiny_models.reward_head.weight)
     assert torch.allclose(cached, fresh[:2], atol=1e-5) and torch.equal(cached, again)
-    assert tuple(seqs[0]) not in cache.hidden and tuple(seqs[2]) in cache.hidden
+    assert tuple(seqs[0].ids) not in cache.hidden and tuple(seqs[2].ids) in cache.hidden
     assert cache.tokens == sum(len(k) for k in cache.hidden) <= cache.max_tokens
 
 
@@ -220,6 +267,9 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
         assert store.latest_checkpoint(s, "reward").version == 2
     fresh = load_models(tiny_config.model)
     assert load_reward(fresh, result.checkpoint) == 1
+    old_head = torch.nn.Linear(fresh.hidden_size, 1)  # saved before the head read the answer mean
+    with pytest.raises(ValueError, match="head.weight has shape"):
+        copy_into({"head.weight": fresh.reward_head.weight}, {"head.weight": old_head.weight.detach()})
     reloaded = score_texts(fresh, contexts, answers, cfg.max_length)
     assert torch.allclose(scores, reloaded, atol=1e-5)
     assert fresh.reward_moments.count == min(2 * result.train_pairs, 512)
