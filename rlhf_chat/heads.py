@@ -54,8 +54,9 @@ def answer_summary(hidden: torch.Tensor, mask: torch.Tensor, answer_mask: torch.
     The last token sees the whole exchange through attention, but a LoRA fitted
     to a few hundred votes is slow to learn to gather a property spread over the
     whole answer (how wordy, how dense, how warm) into that one state; in the mean
-    such a property is a straight line away. Scored on 306 votes of other runs,
-    the reward model's accuracy went 0.78 to 0.85 (README, "Reward model").
+    such a property is a straight line away. Fitted to one run's votes and scored
+    on 306-319 votes of other runs, accuracy went from 0.78-0.79 to 0.82-0.85
+    (README, "What the reward head reads").
     """
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(mask)]  # (B, H)

@@ -322,9 +322,6 @@ def set_reward_version(models: Models, version: int, moments: RunningMoments) ->
 def load_reward(models: Models, path: str) -> int:
     """Load a saved reward adapter and head into the models; returns its version."""
     tensors, meta = load_checkpoint(path)
-    lora = {f"lora.{k}": v for k, v in adapter_state(models.trainer, REWARD).items()}
-    copy_into(lora, tensors)
-    head = {f"head.{k}": v for k, v in models.reward_head.named_parameters()}
-    copy_into(head, tensors)
+    copy_into(reward_tensors(models), tensors)  # all or nothing: checked before anything is copied
     set_reward_version(models, int(meta["version"]), RunningMoments.from_dict(meta["moments"]))
     return models.reward_version

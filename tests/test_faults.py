@@ -268,3 +268,28 @@ def test_missing_and_corrupt_checkpoints_raise_what_restore_catches(tmp_path):
     (path / checkpoints.META).write_text('{"vers')
     with pytest.raises(ValueError):
         load_checkpoint(path)
+
+
+def test_a_reward_checkpoint_with_an_older_head_is_skipped_on_restore(tmp_path, tiny_path):
+    """A reward checkpoint saved when the head read the last token only (H inputs,
+    not 2H) is refused, the newest loadable one is restored instead, and the
+    live model is left untouched by the refused one."""
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.loading import load_models
+    from rlhf_chat.reward import load_reward, reward_tensors
+    from rlhf_chat.runtime import restore_latest
+
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    current = {k: v.detach().clone() for k, v in reward_tensors(models).items()}
+    older = {k: v + 1 for k, v in current.items()} | {"head.weight": torch.ones(1, models.hidden_size)}
+    meta = {"moments": {"mean": 0.0, "m2": 1.0, "count": 2}}
+    root, sessions = tmp_path / "checkpoints", store.open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    paths = [save_checkpoint(root, "reward", 1, current, {**meta, "version": 1}),
+             save_checkpoint(root, "reward", 2, older, {**meta, "version": 2})]
+    with sessions() as s, s.begin():
+        for version, path in enumerate(paths, start=1):
+            store.add_checkpoint(s, "reward", version, str(path))
+    with pytest.raises(ValueError, match="head.weight has shape"):
+        load_reward(models, str(paths[1]))
+    assert all(torch.equal(v, current[k]) for k, v in reward_tensors(models).items())
+    assert restore_latest(models, sessions, "reward", load_reward) == 1
