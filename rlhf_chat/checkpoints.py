@@ -140,7 +140,8 @@ def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
         raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     for name, param in params.items():
         if tensors[name].shape != param.shape:  # e.g. a head saved before it read the answer mean
-            raise ValueError(f"checkpoint's {name} has shape {tuple(tensors[name].shape)}, the model's {tuple(param.shape)}")
+            saved, live = tuple(tensors[name].shape), tuple(param.shape)
+            raise ValueError(f"checkpoint's {name} has shape {saved}, the model's {live}")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))

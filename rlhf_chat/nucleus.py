@@ -23,7 +23,9 @@ from transformers.generation.logits_process import LogitsProcessor
 NUCLEUS_CANDIDATES = 256  # words looked at first; more only when their mass falls short of top_p
 
 
-def nucleus(probs: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus(
+    probs: torch.Tensor, top_p: float, candidates: int = NUCLEUS_CANDIDATES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-p nucleus of each row of ``probs`` (B, V): (word ids (B, K), weights (B, K)).
 
     A word is kept when the mass of the words more likely than it is below

@@ -68,7 +68,10 @@ def test_rollout_and_stored_answers_score_alike(tiny_models):
     from rlhf_chat.ppo import Rollout, full_prefix, reward_model_scores
 
     tok = tiny_models.tokenizer
-    pairs = [([{"role": "user", "content": "hi"}], "hello there, friend"), ([{"role": "user", "content": "what is the capital of France?"}], "Paris.")]
+    pairs = [
+        ([{"role": "user", "content": "hi"}], "hello there, friend"),
+        ([{"role": "user", "content": "what is the capital of France?"}], "Paris."),
+    ]
     encoded = [encode(tok, c, a, 512) for c, a in pairs]
     prompts = [e.ids[: -e.answer_len] for e in encoded]
     answers = [e.ids[-e.answer_len :] for e in encoded]
@@ -78,7 +81,8 @@ def test_rollout_and_stored_answers_score_alike(tiny_models):
     prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id, tiny_models.device)
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
-        batch = Rollout([c for c, _ in pairs], [a for _, a in pairs], [True, True], prompt_ids, prompt_mask, response_ids, response_mask)
+        contexts, texts = [c for c, _ in pairs], [a for _, a in pairs]
+        batch = Rollout(contexts, texts, [True, True], prompt_ids, prompt_mask, response_ids, response_mask)
         batch.prefix = full_prefix(tiny_models, prompt_ids, prompt_mask, response_ids, response_mask)
         from_rollout = reward_model_scores(tiny_models, batch)
         stored = score_sequences(tiny_models, encoded)
