@@ -34,7 +34,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     cfg = AppConfig()
-    cfg.ppo.batch_size, cfg.ppo.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
+    cfg.ppo.batch_size, cfg.sampling.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
     cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
     cfg.ppo.minibatch_size = args.minibatch or cfg.ppo.minibatch_size
     sessions = open_store(f"sqlite:///{tmp / 'bench.db'}")
@@ -42,7 +42,7 @@ def main() -> None:
     worker.ready.wait()
     print(f"machine: {machine()}")
     print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
-    trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"))
+    trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"), sampling=cfg.sampling)
     contexts = [as_context(p) for p in load_prompts()]
     rows = []
     for i in range(args.steps):

@@ -44,7 +44,7 @@ def fresh_accuracy(worker, prompts, labeler, n: int, cfg: AppConfig) -> tuple[in
     correct = total = 0
     for i in range(0, n, 16):
         chunk = [prompts[(i + k) % len(prompts)] for k in range(min(16, n - i))]
-        sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, seed=1000 + i)
+        sampling = Sampling.from_config(cfg.sampling, seed=1000 + i)
         pairs = worker.call(CHAT, lambda m: sample_pairs(m, chunk, sampling))
         for prompt, (a, b) in zip(chunk, pairs):
             choice = normalize_choice(labeler(prompt, a.text, b.text))

@@ -1,7 +1,8 @@
 """Candidates: sampling answers in one batched ``generate`` call, streamed as written.
 
-The same function samples the two candidates people compare and the PPO
-rollouts, so what PPO learns from is drawn exactly as what people see.
+The same function, with the same settings (``AppConfig.sampling``), samples the
+two candidates people compare and the PPO rollouts, so what PPO learns from is
+drawn exactly as what people see.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class Sampling:
     seed: int = 0
     min_new_tokens: int = 0  # benchmarks force full-length answers with this
 
+    @classmethod
+    def from_config(cls, cfg, seed: int, min_new_tokens: int = 0) -> Sampling:
+        """The one sampling scheme (a ``config.SamplingConfig``) for one call."""
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, min_new_tokens)
+
 
 @dataclass
 class Samples:
@@ -43,6 +49,7 @@ class Samples:
     token_counts: list[int]  # real tokens in each response, EOS included
     finished: list[bool]  # ended with EOS before the length limit
     latency_s: float
+    logprobs: torch.Tensor | None = None  # (B, R) each drawn token's log-prob under the sampling distribution
 
 
 @dataclass
@@ -180,7 +187,8 @@ def sample(
     response = out[:, ids.shape[1]:]
     counts, finished = count_response_tokens(response, tokenizer.eos_token_id)
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
-    return Samples(ids, mask, response, texts, counts, finished, latency)
+    logprobs = torch.stack(sampler.logprobs, dim=1) if sampler.logprobs else torch.zeros(response.shape)
+    return Samples(ids, mask, response, texts, counts, finished, latency, logprobs[:, : response.shape[1]])
 
 
 def pair_sources(arena: bool, rng: random.Random) -> list[str]:

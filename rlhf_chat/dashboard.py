@@ -38,7 +38,9 @@ MAX_POINTS = 300  # a browser draws a few hundred points per plot smoothly; more
 ARENA_MIN_VOTES = 10  # arena votes pooled per point of the win-rate curve (see arena.bucket_results)
 
 # What refresh() returns, in order; the UI wires its outputs in the same order.
-REFRESH_OUTPUTS = ("loop", "votes", "accuracy", "reward", "kl", "version", "arena", "arena_summary", "events")
+REFRESH_OUTPUTS = (
+    "loop", "votes", "accuracy", "reward", "kl", "version", "copy_gap", "arena", "arena_summary", "events",
+)
 
 
 # --- plot data ---------------------------------------------------------------------------
@@ -90,10 +92,14 @@ def reward_accuracy(session: Session) -> pd.DataFrame:
 
 
 def ppo_metrics(session: Session, max_points: int = MAX_POINTS) -> pd.DataFrame:
-    """Columns ``time``, ``version``, ``mean_reward``, ``mean_kl``, ``kl_coef``: one row per PPO step.
+    """Columns ``time``, ``version``, ``mean_reward``, ``mean_kl``, ``kl_coef``, ``copy_gap``:
+    one row per PPO step.
 
-    ``mean_reward`` is the raw reward-model score of the step's answers and
-    ``mean_kl`` the KL of whole answers to the reference (as TRL reports it).
+    ``mean_reward`` is the raw reward-model score of the step's answers,
+    ``mean_kl`` the KL of whole answers to the reference (as TRL reports it),
+    and ``copy_gap`` the mean absolute gap per sampled token between the serving
+    copy's log-probabilities and the training copy's (NaN for steps recorded
+    before it was measured).
     """
     steps = store.ppo_steps(session)
     frame = pd.DataFrame(
@@ -103,6 +109,7 @@ def ppo_metrics(session: Session, max_points: int = MAX_POINTS) -> pd.DataFrame:
             "mean_reward": pd.Series([s.mean_reward for s in steps], dtype="float64"),
             "mean_kl": pd.Series([s.mean_kl for s in steps], dtype="float64"),
             "kl_coef": pd.Series([s.kl_coef for s in steps], dtype="float64"),
+            "copy_gap": pd.Series([s.copy_gap for s in steps], dtype="float64"),
         }
     )
     return thin(frame, max_points)
@@ -183,6 +190,7 @@ def refresh(sessions: sessionmaker[Session], loop) -> tuple:
             ppo[["time", "mean_reward"]],
             ppo[["time", "mean_kl"]],
             ppo[["time", "version"]],
+            ppo[["time", "copy_gap"]].dropna(),
             arena_curve(arena),
             arena_summary(arena),
             recent_events(session),

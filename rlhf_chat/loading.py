@@ -59,7 +59,6 @@ class Models:
     device: torch.device
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
-    reward_moments: object = None  # ppo_math.RunningMoments of the current reward model's scores
     prefix_cache: PrefixCache | None = None  # frozen-layer states of voted answers, across reward rounds
 
     @property
@@ -310,12 +309,15 @@ def sync_policy_weights(source: nn.Module, target: nn.Module) -> None:
             param.copy_(src[name])
 
 
-def write_tiny_model(folder: str | Path, tokenizer_source: str) -> Path:
+def write_tiny_model(folder: str | Path, tokenizer_source: str, num_layers: int | None = None) -> Path:
     """Save a tiny randomly initialised Llama with the real tokenizer, for fast tests.
 
     Same architecture family and vocabulary as the bundled model, so every code
-    path (chat template, 4-bit layers, adapters) runs, but in milliseconds.
+    path (chat template, 4-bit layers, adapters) runs, but in milliseconds. It
+    has two more layers than LoRA adapts by default (``lora_top_layers``), so the
+    frozen-prefix split that production runs is what the tests run too.
     """
+    num_layers = num_layers or ModelConfig().lora_top_layers + 2
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     folder = Path(folder)
@@ -324,7 +326,7 @@ def write_tiny_model(folder: str | Path, tokenizer_source: str) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,

@@ -84,29 +84,37 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def sample_next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Next-token ids (B,) drawn from softmax(logits / temperature) restricted to the top-p nucleus."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token ids (B,) drawn from softmax(logits / temperature) restricted to the
+    top-p nucleus, and each drawn token's log-probability (B,) under the distribution
+    it was drawn from (the nucleus renormalised; with ``top_p`` 1, the plain softmax)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     ids, weights = nucleus(probs, top_p)
-    return ids.gather(-1, draw(weights, generator).unsqueeze(-1)).squeeze(-1)
+    picked = draw(weights, generator).unsqueeze(-1)  # (B, 1)
+    logprob = weights.gather(-1, picked).double().log() - weights.double().sum(-1, keepdim=True).log()
+    return ids.gather(-1, picked).squeeze(-1), logprob.squeeze(-1).float()
 
 
 class NucleusSampler(LogitsProcessor):
     """A logits processor that samples: ``generate(do_sample=False)`` then takes its token.
 
     Its own seeded generator makes a call reproducible from its seed without
-    touching torch's global random state.
+    touching torch's global random state. It keeps the log-probability of every
+    token it drew (``logprobs``, one (B,) tensor a step): what the sampling copy
+    believed, which PPO compares with what the training copy computes.
     """
 
     def __init__(self, temperature: float, top_p: float, seed: int, device: torch.device):
         self.temperature = temperature
         self.top_p = top_p
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Scores (B, V) that are 0 at each row's drawn token and -inf elsewhere."""
-        tokens = sample_next_tokens(scores, self.temperature, self.top_p, self.generator)
+        tokens, logprobs = sample_next_tokens(scores, self.temperature, self.top_p, self.generator)
+        self.logprobs.append(logprobs)
         onehot = torch.full_like(scores, float("-inf"))
         return onehot.scatter_(-1, tokens.unsqueeze(-1), 0.0)

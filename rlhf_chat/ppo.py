@@ -3,13 +3,16 @@
 One step, each phase a job on the model worker so that a person waits at most
 one slice:
 
-1. rollout   - the serving copy samples answers to prompts people typed
+1. rollout   - the serving copy samples answers to prompts people typed, with
+               the sampling scheme people vote on (``AppConfig.sampling``)
 2. score     - the training copy computes log-probs, values, reference
-               log-probs (adapters off) and reward-model scores
+               log-probs (adapters off) and reward-model scores; the gap
+               between its log-probs and the serving copy's is recorded
 3. advantage - reward = normalised score at the last token - β·KL per token;
                GAE; whitened advantages
-4. update    - epochs x minibatches of clipped surrogate + clipped value loss
-               (+ optional PPO-ptx language-model loss)
+4. update    - epochs x minibatches of clipped surrogate (importance-weighted
+               for the copy gap) + clipped value loss (+ PPO-ptx's
+               language-model loss on chosen answers, :mod:`rlhf_chat.supervised`)
 5. publish   - the updated adapter is copied into the serving copy and the
                version goes up; a non-finite step restores the old adapter
 
@@ -22,20 +25,21 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from rlhf_chat import ppo_math as pm
 from rlhf_chat import store
-from rlhf_chat.candidates import Sampling, left_pad, sample
-from rlhf_chat.chat import render_prompt, render_response, trim_to_budget
+from rlhf_chat.candidates import Sampling, sample
+from rlhf_chat.chat import render_prompt, trim_to_budget
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
-from rlhf_chat.config import PPOConfig
+from rlhf_chat.config import PPOConfig, SamplingConfig
 from rlhf_chat.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.reward import score_prefix
+from rlhf_chat.reward import encode, score_prefix, score_sequences
+from rlhf_chat.supervised import SupervisedExample, chosen_answers, lm_loss
 from rlhf_chat.worker import PPO as PPO_PRIORITY
 from rlhf_chat.worker import yield_point
 
@@ -50,16 +54,19 @@ ScoreFn = Callable[[Models, "Rollout"], torch.Tensor]
 class Rollout:
     """A batch of sampled answers and everything PPO computes about them."""
 
-    contexts: list[list[dict]]
+    contexts: list[list[dict]]  # as the prompts were rendered (trimmed to max_prompt_tokens)
     texts: list[str]
     finished: list[bool]
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    temperature: float = 1.0  # of the distribution the tokens were drawn from
+    sample_logprobs: torch.Tensor | None = None  # (B, R) the serving copy's log-probs of its draws
     # filled in by score_rollout
     prefix: Prefix | None = None  # frozen layers' output over prompt + response, shared by every pass
-    logprobs: torch.Tensor | None = None  # (B, R) at the sampling temperature
+    logprobs: torch.Tensor | None = None  # (B, R) the training copy's, at the sampling temperature
+    copy_gap: float = 0.0  # mean |logprobs - sample_logprobs| per sampled token (nats)
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     values: torch.Tensor | None = None  # (B, R)
     raw_scores: torch.Tensor | None = None  # (B,) reward-model output
@@ -73,17 +80,26 @@ class Rollout:
 # --- 1) rollout ----------------------------------------------------------------------------
 
 
-def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: int) -> Rollout:
-    """Sample one answer per context from the serving copy (the last completed policy).
+def rollout(
+    models: Models, contexts: list[list[dict]], cfg: PPOConfig, sampling: SamplingConfig, seed: int
+) -> Rollout:
+    """Sample one answer per context from the serving copy (the last completed policy),
+    with the scheme the candidates people vote on are sampled with.
 
     The serving copy holds exactly the training copy's policy weights between
-    steps, and samples in fast eval mode; ``top_k=0`` and ``top_p=1`` keep the
-    sampled distribution the plain softmax at ``temperature``.
+    steps, and samples in fast eval mode. PPO's log-probabilities are those of
+    softmax(logits / temperature), so the scheme must not cut the distribution.
     """
+    if sampling.top_p < 1.0:
+        raise ValueError(
+            f"PPO needs top_p 1.0 (got {sampling.top_p}): its log-probabilities are those of the whole "
+            "softmax at the temperature, and a nucleus cut would make them another distribution's"
+        )
     tok = models.tokenizer
-    prompts = [render_prompt(tok, trim_to_budget(tok, c, cfg.max_prompt_tokens)) for c in contexts]
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, 1.0, seed, cfg.min_new_tokens)
-    out = sample(models.serving, tok, prompts, sampling, on_step=yield_point)  # people first, per token
+    contexts = [trim_to_budget(tok, c, cfg.max_prompt_tokens) for c in contexts]
+    prompts = [render_prompt(tok, c) for c in contexts]
+    drawn = Sampling.from_config(sampling, seed, cfg.min_new_tokens)
+    out = sample(models.serving, tok, prompts, drawn, on_step=yield_point)  # people first, per token
     mask = pm.response_mask_after_eos(out.response_ids, tok.eos_token_id, tok.pad_token_id)
     return Rollout(
         contexts=contexts,
@@ -93,6 +109,8 @@ def rollout(models: Models, contexts: list[list[dict]], cfg: PPOConfig, seed: in
         prompt_mask=out.prompt_mask,
         response_ids=out.response_ids,
         response_mask=mask.to(out.response_ids.device),
+        temperature=sampling.temperature,
+        sample_logprobs=out.logprobs.to(out.response_ids.device),
     )
 
 
@@ -133,27 +151,96 @@ def policy_forward(
     return logprobs, values, logp
 
 
+def stored_layout(models: Models, batch: Rollout) -> list:
+    """Each rollout answer encoded as a stored vote's answer is (``reward.encode``):
+    its context, its text, an EOS only if it finished."""
+    no_cut = 1 << 30  # PPO's prompts (max_prompt_tokens) and answers fit any scorer's max_length
+    return [encode(models.tokenizer, c, t, no_cut, f) for c, t, f in zip(batch.contexts, batch.texts, batch.finished)]
+
+
+def rollout_layout(batch: Rollout) -> list[list[int]]:
+    """The real tokens of each rollout row: its prompt, then its answer up to its end."""
+    rows = []
+    for k in range(batch.prompt_ids.shape[0]):
+        prompt = batch.prompt_ids[k][batch.prompt_mask[k].bool()].tolist()
+        rows.append(prompt + batch.response_ids[k][batch.response_mask[k].bool()].tolist())
+    return rows
+
+
 def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
-    """Raw reward-model scores of the rollout's answers, read on the sampled tokens
-    themselves (sharing the rollout's prefix); the default :data:`ScoreFn`."""
-    answers = torch.cat([torch.zeros_like(batch.prompt_mask), batch.response_mask.to(batch.prompt_mask.dtype)], dim=1)
-    return score_prefix(models, batch.prefix, answers)
+    """Raw reward-model scores of the rollout's answers; the default :data:`ScoreFn`.
+
+    The reward model learned from stored votes: an answer's text re-encoded,
+    with an EOS only if it finished. Each answer is scored in exactly that
+    layout. Where it is the sampled tokens themselves (nearly always), the
+    rollout's prefix is shared; where decoding and re-encoding changed a token
+    (a stripped space, an unusual split), that row's stored layout is scored.
+    """
+    stored = stored_layout(models, batch)
+    if all(s.ids == r for s, r in zip(stored, rollout_layout(batch))):
+        mask = batch.response_mask.to(batch.prompt_mask.dtype)
+        answers = torch.cat([torch.zeros_like(batch.prompt_mask), mask], dim=1)
+        return score_prefix(models, batch.prefix, answers)
+    return score_sequences(models, stored)
+
+
+@dataclass
+class ScoreNormalizer:
+    """Running mean and std of the reward model's scores on PPO's own rollouts,
+    started again for each reward version (each scores on its own scale).
+
+    Statistics of the rollouts PPO is scored on, not of the reward model's
+    training answers: those are in-sample (the model fit them), from older
+    policies, and in the live loop the oldest votes.
+    """
+
+    reward_version: int = 0
+    moments: pm.RunningMoments = field(default_factory=pm.RunningMoments)
+
+    def normalize(self, raw: torch.Tensor, reward_version: int) -> torch.Tensor:
+        """Merge this batch's scores into the statistics, then return them normalised."""
+        if reward_version != self.reward_version:
+            self.reward_version, self.moments = reward_version, pm.RunningMoments()
+        self.moments.update(raw)
+        return self.moments.normalize(raw)
+
+    def to_dict(self) -> dict:
+        """Plain state for a checkpoint."""
+        return {"reward_version": self.reward_version, **self.moments.to_dict()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> ScoreNormalizer:
+        """Inverse of :meth:`to_dict`."""
+        return cls(int(state["reward_version"]), pm.RunningMoments.from_dict(state))
 
 
 @torch.no_grad()
-def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float, score_fn: ScoreFn) -> Rollout:
-    """Fill in log-probs, reference log-probs, values, scores, rewards and advantages."""
+def score_rollout(
+    models: Models,
+    batch: Rollout,
+    cfg: PPOConfig,
+    kl_coef: float,
+    score_fn: ScoreFn,
+    normalizer: ScoreNormalizer | None = None,
+) -> Rollout:
+    """Fill in log-probs, reference log-probs, values, scores, rewards and advantages.
+
+    Without a ``normalizer`` the raw scores are used as they are (tests).
+    """
     batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, cfg.temperature)
+    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, batch.temperature)
     models.trainer.set_adapter(POLICY)
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
+    if batch.sample_logprobs is not None:
+        batch.copy_gap = pm.masked_mean((batch.logprobs - batch.sample_logprobs).abs(), batch.response_mask).item()
     yield_point()  # a waiting person goes first (nested jobs only use the serving copy)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
         batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)
     yield_point()
     batch.raw_scores = score_fn(models, batch).float()
     models.trainer.set_adapter(POLICY)
-    batch.scores = normalized_scores(models, batch.raw_scores, batch.finished, cfg)
+    scores = normalizer.normalize(batch.raw_scores, models.reward_version) if normalizer else batch.raw_scores
+    batch.scores = with_missing_eos_penalty(scores, batch.finished, cfg.missing_eos_penalty)
     # 3) advantages
     mask = batch.response_mask
     batch.rewards, batch.kl = pm.penalized_rewards(
@@ -164,13 +251,15 @@ def score_rollout(models: Models, batch: Rollout, cfg: PPOConfig, kl_coef: float
     return batch
 
 
-def normalized_scores(models: Models, raw: torch.Tensor, finished: list[bool], cfg: PPOConfig) -> torch.Tensor:
-    """Scores on a stable scale (the reward model's running statistics), with a fixed
-    penalty for answers cut at the length limit (TRL ``missing_eos_penalty``)."""
-    moments = models.reward_moments
-    scores = moments.normalize(raw) if moments is not None and moments.count >= 2 else raw
+def with_missing_eos_penalty(scores: torch.Tensor, finished: list[bool], penalty: float) -> torch.Tensor:
+    """Scores with a fixed ``penalty`` added for answers cut at the length limit
+    (TRL ``missing_eos_penalty``; Huang et al. 2024).
+
+    >>> with_missing_eos_penalty(torch.tensor([0.5, 0.5]), [True, False], -1.0).tolist()
+    [0.5, -0.5]
+    """
     cut = torch.tensor([not f for f in finished], device=scores.device)
-    return torch.where(cut, scores + cfg.missing_eos_penalty, scores)
+    return torch.where(cut, scores + penalty, scores)
 
 
 # --- 4) update -----------------------------------------------------------------------------
@@ -192,30 +281,13 @@ def make_optimizer(models: Models, cfg: PPOConfig) -> torch.optim.Optimizer:
     )
 
 
-def ptx_loss(models: Models, examples: list[tuple[list[dict], str]], max_prompt_tokens: int) -> torch.Tensor:
-    """PPO-ptx (InstructGPT eq. 2): language-model loss on answers people preferred."""
-    tok = models.tokenizer
-    prompts = [render_prompt(tok, trim_to_budget(tok, c, max_prompt_tokens)) for c, _ in examples]
-    answers = [render_response(tok, a) for _, a in examples]
-    p_ids, p_mask = left_pad(prompts, tok.pad_token_id, models.device)
-    width = max(len(a) for a in answers)
-    r_ids = torch.full((len(answers), width), tok.pad_token_id, dtype=torch.long, device=models.device)
-    r_mask = torch.zeros_like(r_ids, dtype=torch.float32)
-    for row, ans in enumerate(answers):
-        r_ids[row, : len(ans)] = torch.tensor(ans)
-        r_mask[row, : len(ans)] = 1.0
-    prefix = full_prefix(models, p_ids, p_mask, r_ids, r_mask)
-    logprobs, _, _ = policy_forward(models, prefix, p_ids.shape[1], r_ids, r_mask, 1.0, with_values=False)
-    return -pm.masked_mean(logprobs, r_mask)
-
-
 def minibatch_update(
     models: Models,
     optimizer: torch.optim.Optimizer,
     batch: Rollout,
     rows: list[int],
     cfg: PPOConfig,
-    ptx_examples: list[tuple[list[dict], str]] | None = None,
+    ptx_examples: list[SupervisedExample] | None = None,
 ) -> dict:
     """One gradient step on a minibatch of the rollout. Returns stats, with
     ``finite=False`` (and no step taken) when the loss or a gradient is not finite."""
@@ -224,21 +296,27 @@ def minibatch_update(
     idx = torch.tensor(rows, device=batch.response_ids.device)
     mask = batch.response_mask[idx]
     logprobs, values, logp = policy_forward(
-        models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], mask, cfg.temperature
+        models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], mask, batch.temperature
     )
+    weights = None
+    if cfg.importance_cap > 0 and batch.sample_logprobs is not None:
+        weights = pm.truncated_importance_weights(batch.logprobs[idx], batch.sample_logprobs[idx], cfg.importance_cap)
     pg_loss, pg_stats = pm.clipped_policy_loss(
-        logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.clip_range
+        logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.clip_range, weights
     )
     vf_loss, vf_stats = pm.clipped_value_loss(
         values, batch.values[idx], batch.returns[idx], mask, cfg.clip_range_value
     )
     loss = pg_loss + cfg.vf_coef * vf_loss
+    ptx_stats = {}
     if cfg.ptx_coef > 0 and ptx_examples:
-        loss = loss + cfg.ptx_coef * ptx_loss(models, ptx_examples, cfg.max_prompt_tokens)
+        ptx = lm_loss(models, ptx_examples, cfg.max_prompt_tokens)
+        loss = loss + cfg.ptx_coef * ptx
+        ptx_stats = {"ptx_loss": ptx.item()}
     with torch.no_grad():
         entropy = pm.entropy_from_logprobs(logp).mean().item()  # logp holds real tokens only
     optimizer.zero_grad(set_to_none=True)
-    stats = {**pg_stats, **vf_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
+    stats = {**pg_stats, **vf_stats, **ptx_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
     if not torch.isfinite(loss):
         return stats
     loss.backward()
@@ -270,6 +348,9 @@ class StepResult:
     mean_length: float
     skipped: bool
     seconds: float
+    reward_version: int = 0  # the reward model this step optimised
+    copy_gap: float = 0.0  # mean |log p_train - log p_serving| per sampled token (nats)
+    ptx_loss: float | None = None  # the language-model term on chosen answers, when on
     rollout_s: float = 0.0
     score_s: float = 0.0
     update_s: float = 0.0
@@ -306,12 +387,25 @@ def publish(models: Models) -> int:
 
 
 class PPOTrainer:
-    """Runs PPO steps through the model worker and records them."""
+    """Runs PPO steps through the model worker and records them.
 
-    def __init__(self, worker, sessions, cfg: PPOConfig, checkpoint_dir: str, score_fn: ScoreFn | None = None):
+    ``sampling`` is the scheme rollouts are drawn with: the app passes
+    ``AppConfig.sampling``, the one people's candidates are drawn with.
+    """
+
+    def __init__(
+        self,
+        worker,
+        sessions,
+        cfg: PPOConfig,
+        checkpoint_dir: str,
+        score_fn: ScoreFn | None = None,
+        sampling: SamplingConfig | None = None,
+    ):
         self.worker = worker
         self.sessions = sessions
         self.cfg = cfg
+        self.sampling = sampling or SamplingConfig()
         self.checkpoint_dir = checkpoint_dir
         self.score_fn = score_fn or reward_model_scores
         self.kl_ctl = (
@@ -319,12 +413,19 @@ class PPOTrainer:
             if cfg.adaptive_kl
             else pm.FixedKLController(cfg.kl_coef)
         )
+        self.normalizer = ScoreNormalizer()
         self.optimizer: torch.optim.Optimizer | None = None
         self.rng = random.Random(0)
-        self.ptx_examples: list[tuple[list[dict], str]] = []
 
     def _call(self, fn):
         return self.worker.call(PPO_PRIORITY, fn)
+
+    def supervised_examples(self) -> list[SupervisedExample]:
+        """What PPO-ptx's language-model term learns from: the newest chosen answers."""
+        if self.cfg.ptx_coef <= 0:
+            return []
+        with self.sessions() as session:
+            return chosen_answers(session, self.cfg.ptx_examples)
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts (phases in the module docstring)."""
@@ -333,16 +434,18 @@ class PPOTrainer:
             self.optimizer = self._call(lambda m: make_optimizer(m, cfg))
         seed = self.rng.randrange(2**31)
         # 1) rollout on the serving copy
-        batch = self._call(lambda m: rollout(m, contexts, cfg, seed))
+        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed))
         t_rollout = time.perf_counter()
         # 2-3) scores, KL-penalised rewards, advantages
         kl_coef = self.kl_ctl.value
-        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn))
+        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer))
+        reward_version = self.normalizer.reward_version
         t_score = time.perf_counter()
         # 4) epochs x minibatches, one worker job each
+        examples = self.supervised_examples()
         saved = self._call(lambda m: snapshot(m, self.optimizer))
         try:
-            stats, finite = self._update(batch, len(contexts))
+            stats, finite = self._update(batch, len(contexts), examples)
         except BaseException:  # out of memory, a crash mid-update: the step never happened
             self._call(lambda m: restore(m, self.optimizer, saved))
             raise
@@ -374,6 +477,9 @@ class PPOTrainer:
             mean_length=batch.response_mask.sum(-1).mean().item(),
             skipped=not finite,
             seconds=t_update - start,
+            reward_version=reward_version,
+            copy_gap=batch.copy_gap,
+            ptx_loss=mean("ptx_loss") if examples else None,
             rollout_s=t_rollout - start,
             score_s=t_score - t_rollout,
             update_s=t_update - t_score,
@@ -384,15 +490,16 @@ class PPOTrainer:
             self.save(version)
         return result
 
-    def _update(self, batch: Rollout, n: int) -> tuple[list[dict], bool]:
-        """Epochs x minibatches, one worker job each; stops at the first non-finite one."""
+    def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
+        """Epochs x minibatches, one worker job each; stops at the first non-finite one.
+        Each minibatch's LM term (PPO-ptx) draws as many examples as it has rows."""
         cfg, stats = self.cfg, []
         for _ in range(cfg.epochs):
             order = list(range(n))
             self.rng.shuffle(order)
             for i in range(0, n, cfg.minibatch_size):
                 rows = order[i : i + cfg.minibatch_size]
-                ptx = self.rng.sample(self.ptx_examples, min(len(self.ptx_examples), len(rows))) if cfg.ptx_coef else None
+                ptx = self.rng.sample(examples, min(len(examples), len(rows))) if examples else None
                 s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
                 stats.append(s)
                 if not s["finite"]:
@@ -402,7 +509,7 @@ class PPOTrainer:
     def _record(self, r: StepResult) -> None:
         fields = {k: getattr(r, k) for k in (
             "version", "mean_reward", "mean_kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction",
-            "approx_kl", "entropy", "mean_length", "skipped", "seconds",
+            "approx_kl", "entropy", "mean_length", "skipped", "seconds", "reward_version", "copy_gap", "ptx_loss",
         )}
         fields = {k: (0.0 if isinstance(v, float) and v != v else v) for k, v in fields.items()}  # NaN -> 0
 
@@ -415,7 +522,7 @@ class PPOTrainer:
     def save(self, version: int) -> str:
         """Save the policy adapter and value head as a versioned checkpoint."""
         tensors = self._call(lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
-        meta = {"version": version, "kl_coef": self.kl_ctl.value}
+        meta = {"version": version, "kl_coef": self.kl_ctl.value, "score_normalizer": self.normalizer.to_dict()}
         path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)
 
         def write() -> None:

@@ -212,17 +212,36 @@ def gae_advantages(
 # --------------------------------------------------------------------------- #
 
 
+def truncated_importance_weights(train_logprobs: Tensor, sample_logprobs: Tensor, cap: float) -> Tensor:
+    """Per-token weights ``min(p_train / p_sampler, cap)`` for tokens drawn by another copy.
+
+    The serving copy samples and the training copy scores; their numbers
+    differ slightly (other kernels, bf16), so the rollout is a little off-policy
+    for the distribution PPO optimises. Truncated importance sampling (Yao et
+    al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training") reweights each token by that ratio, capped so a rare
+    disagreement cannot blow a gradient up. (B, T), (B, T) -> (B, T), detached.
+
+    >>> truncated_importance_weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.1, 0.0]]), 2.0)
+    tensor([[1.1052, 0.3679]])
+    """
+    return torch.exp(train_logprobs - sample_logprobs).clamp(max=cap).detach()
+
+
 def clipped_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_range: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss.
 
     ``ratio = exp(logp - old_logp)``;
-    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+    ``loss = masked_mean(w * max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``,
+    with per-token importance ``weights`` w (1 when None; see
+    :func:`truncated_importance_weights`).
     All inputs (B, T); only ``logprobs`` should carry gradient.
     Stats: ``policy_loss``; ``clip_fraction``, share of valid tokens where the
     clipped term won (those tokens get no gradient); ``approx_kl``,
@@ -234,7 +253,10 @@ def clipped_policy_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     pg_loss1 = -advantages * ratio  # (B, T)
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    per_token = torch.max(pg_loss1, pg_loss2)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "policy_loss": loss.item(),
@@ -353,7 +375,9 @@ class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2).
 
     Proportional controller that steers the measured KL toward ``target``:
-    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta *= 1 + e * n_steps / horizon``.
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta *= 1 + e * n_steps / horizon``,
+    where ``n_steps`` counts answers: at full error, beta moves by 20% over
+    ``horizon`` answers.
     ``value`` is the current coefficient; assign it directly to restore a checkpoint.
     """
 

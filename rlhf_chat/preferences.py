@@ -21,17 +21,37 @@ class PreferencePair:
     chosen: str
     rejected: str
     strength: str | None = None  # slightly | clearly | None (not stated)
+    # Whether each answer ended on its own (EOS) or was cut at the length limit:
+    # the reward model scores each one in the layout it was written in.
+    chosen_finished: bool = True
+    rejected_finished: bool = True
+
+
+def finished_flags(comparison: Comparison) -> dict[str, bool]:
+    """Side -> whether that candidate ended on its own; True where no candidate row says.
+
+    Rows stored before candidates were recorded have no flags; they were shown
+    as complete answers, so they are scored as finished.
+    """
+    flags = {"a": True, "b": True}
+    for row in comparison.candidates:
+        flags[row.side] = bool(row.finished)
+    return flags
 
 
 def to_pair(comparison: Comparison) -> PreferencePair | None:
     """The preference a vote expresses, or None for tie / both bad / no vote."""
+    finished = finished_flags(comparison)
     if comparison.choice == "a":
-        chosen, rejected = comparison.response_a, comparison.response_b
+        chosen, rejected, sides = comparison.response_a, comparison.response_b, ("a", "b")
     elif comparison.choice == "b":
-        chosen, rejected = comparison.response_b, comparison.response_a
+        chosen, rejected, sides = comparison.response_b, comparison.response_a, ("b", "a")
     else:
         return None
-    return PreferencePair(comparison.id, list(comparison.context), chosen, rejected, comparison.strength)
+    return PreferencePair(
+        comparison.id, list(comparison.context), chosen, rejected, comparison.strength,
+        chosen_finished=finished[sides[0]], rejected_finished=finished[sides[1]],
+    )
 
 
 def preference_pairs(comparisons: list[Comparison]) -> list[PreferencePair]:

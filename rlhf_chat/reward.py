@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -31,7 +31,7 @@ from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save
 from rlhf_chat.config import RewardConfig
 from rlhf_chat.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.loading import REWARD, Models, adapter_state
-from rlhf_chat.ppo_math import RunningMoments, bradley_terry_loss
+from rlhf_chat.ppo_math import bradley_terry_loss
 from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
 from rlhf_chat.worker import REWARD as REWARD_PRIORITY
 
@@ -48,13 +48,14 @@ class Encoded(NamedTuple):
     answer_len: int  # the answer's tokens, its EOS included
 
 
-def encode(tokenizer, context: list[dict], response: str, max_length: int) -> Encoded:
-    """Token ids of (context, answer) as the chat template writes them.
+def encode(tokenizer, context: list[dict], response: str, max_length: int, finished: bool = True) -> Encoded:
+    """Token ids of (context, answer) as the chat template writes them, the answer
+    ending with EOS only if it ``finished`` (see :func:`chat.render_response`).
 
     Cut from the left when too long: the score is read at the end of the
     answer, so the end is what must survive.
     """
-    answer = render_response(tokenizer, response)
+    answer = render_response(tokenizer, response, finished)
     ids = (render_prompt(tokenizer, context) + answer)[-max_length:]
     return Encoded(ids, min(len(answer), len(ids)))
 
@@ -92,10 +93,16 @@ def score_sequences(models: Models, sequences: list[Encoded], cache: PrefixCache
 
 @torch.no_grad()
 def score_texts(
-    models: Models, contexts: list[list[dict]], responses: list[str], max_length: int, batch_size: int = 16
+    models: Models,
+    contexts: list[list[dict]],
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 16,
+    finished: list[bool] | None = None,
 ) -> torch.Tensor:
-    """Raw reward scores (B,) of answers to contexts."""
-    sequences = [encode(models.tokenizer, c, r, max_length) for c, r in zip(contexts, responses)]
+    """Raw reward scores (B,) of answers to contexts (finished answers unless ``finished`` says)."""
+    finished = finished if finished is not None else [True] * len(responses)
+    sequences = [encode(models.tokenizer, c, r, max_length, f) for c, r, f in zip(contexts, responses, finished)]
     chunks = [score_sequences(models, sequences[i : i + batch_size]) for i in range(0, len(sequences), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
@@ -125,8 +132,8 @@ def pair_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores, both (B,), from one forward over the 2B sequences."""
     tok = models.tokenizer
-    chosen = [encode(tok, p.context, p.chosen, cfg.max_length) for p in pairs]
-    rejected = [encode(tok, p.context, p.rejected, cfg.max_length) for p in pairs]
+    chosen = [encode(tok, p.context, p.chosen, cfg.max_length, p.chosen_finished) for p in pairs]
+    rejected = [encode(tok, p.context, p.rejected, cfg.max_length, p.rejected_finished) for p in pairs]
     scores = score_sequences(models, chosen + rejected, cache)
     return scores[: len(pairs)], scores[len(pairs) :]
 
@@ -229,7 +236,6 @@ class RoundResult:
     seconds: float
     checkpoint: str = ""
     train_accuracy: float | None = None
-    moments: dict = field(default_factory=dict)
 
 
 def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: int = 0) -> RoundResult | None:
@@ -266,15 +272,15 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
     if not math.isfinite(loss):  # nothing to save; a fresh round starts clean next time
         raise FloatingPointError(f"reward round {version}: the loss was not finite, nothing was saved")
 
-    # 3) measure on held-out votes; reward statistics from the training answers
+    # 3) measure on held-out votes, and on (some of) the training votes for the fit.
+    # PPO normalises scores by running statistics of its own rollouts' scores
+    # (ppo.ScoreNormalizer), not of these in-sample training answers.
     held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg, m.prefix_cache))
     fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, m.prefix_cache))
-    moments = RunningMoments()
-    moments.update(torch.tensor(fit["scores"]))
 
     # 4) checkpoint (atomic), then name it in the database, then serve it
     tensors = worker.call(REWARD_PRIORITY, lambda m: {k: v.detach().clone() for k, v in reward_tensors(m).items()})
-    meta = {"version": version, "moments": moments.to_dict(), "train_pairs": len(train)}
+    meta = {"version": version, "train_pairs": len(train)}
     path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
     result = RoundResult(
         version=version,
@@ -287,7 +293,6 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         seconds=time.perf_counter() - start,
         checkpoint=str(path),
         train_accuracy=fit["accuracy"],
-        moments=moments.to_dict(),
     )
 
     def record() -> None:
@@ -306,22 +311,21 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
             )
 
     store.with_retry(record)
-    worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, version, moments))
+    worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, version))
     return result
 
 
 # --- restoring -----------------------------------------------------------------------------
 
 
-def set_reward_version(models: Models, version: int, moments: RunningMoments) -> None:
-    """Mark the reward model in the worker as trained (PPO reads both)."""
+def set_reward_version(models: Models, version: int) -> None:
+    """Mark the reward model in the worker as trained, at this version (PPO reads it)."""
     models.reward_version = version
-    models.reward_moments = moments
 
 
 def load_reward(models: Models, path: str) -> int:
     """Load a saved reward adapter and head into the models; returns its version."""
     tensors, meta = load_checkpoint(path)
     copy_into(reward_tensors(models), tensors)  # all or nothing: checked before anything is copied
-    set_reward_version(models, int(meta["version"]), RunningMoments.from_dict(meta["moments"]))
+    set_reward_version(models, int(meta["version"]))
     return models.reward_version

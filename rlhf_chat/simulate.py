@@ -13,8 +13,9 @@ import importlib.resources
 import json
 import logging
 import random
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -108,7 +109,7 @@ def collect_votes(
     while done < n:
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
         arena = [rng.random() < arena_fraction for _ in chunk]
-        sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, rng.randrange(2**31))
+        sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
 
         def job(models, chunk=chunk, arena=arena, sampling=sampling):
             flags = arena if models.serving_version > 0 else None  # before any update, both sides are the reference
@@ -156,11 +157,42 @@ class Report:
     eval_prompts: int = 0
     eval_counts: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    copy_gap_curve: list[float] = field(default_factory=list)  # serving vs training log-prob gap per step
+    db_url: str = ""  # where this run's votes are: other runs' votes for bench/reward_transfer.py
+    checkpoint_dir: str = ""
+    settings: dict = field(default_factory=dict)  # the sampling, PPO and reward settings it ran with
 
     def write(self, path: str | Path) -> None:
         """Save as JSON."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.__dict__, indent=2))
+
+
+class UsedDatabase(ValueError):
+    """The simulation was pointed at a database that already holds votes."""
+
+
+def fresh_store_location() -> tuple[str, str]:
+    """A new database URL and checkpoint folder under a new temporary folder.
+
+    Kept after the run (the report names it), so later runs and
+    ``bench/reward_transfer.py`` can read this run's votes.
+    """
+    folder = tempfile.mkdtemp(prefix="rlhf-chat-simulation-")
+    return f"sqlite:///{folder}/feedback.db", f"{folder}/checkpoints"
+
+
+def refuse_used_database(sessions, db_url: str) -> None:
+    """Raise :class:`UsedDatabase` when the database already holds votes: a run there
+    would restore the earlier run's checkpoints and train on its votes."""
+    with sessions() as session:
+        votes = store.count_votes(session)
+    if votes:
+        raise UsedDatabase(
+            f"{db_url} already holds {votes} votes: a simulation there would restore the earlier run's reward "
+            "model and policy and train on its votes. Leave out --db for a fresh database, or pass --continue "
+            "to build on that run on purpose."
+        )
 
 
 def evaluate_against_reference(
@@ -177,7 +209,7 @@ def evaluate_against_reference(
     batch = cfg.simulation.batch_prompts
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
-        sampling = Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, rng.randrange(2**31))
+        sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
 
         def job(models, chunk=chunk, sampling=sampling) -> list[str]:
             rendered = [render_prompt(models.tokenizer, as_context(p)) for p in chunk]
@@ -241,6 +273,7 @@ def simulate(
     seed: int = 0,
     report_path: str | Path | None = "simulation.json",
     plot_path: str | Path | None = None,
+    resume: bool = False,
 ) -> Report:
     """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report.
 
@@ -248,6 +281,9 @@ def simulate(
     order: a share of the pairs and votes, a reward round (continuing the last
     adapter, on every vote so far), a share of the PPO steps. Then the final
     policy is judged blind against the reference on held-out prompts.
+
+    A database that already holds votes is refused (:class:`UsedDatabase`)
+    unless ``resume`` says to build on the run that left them.
     """
     from tqdm import tqdm
 
@@ -263,7 +299,11 @@ def simulate(
         labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
     )
     report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
+    report.settings = {"sampling": asdict(cfg.sampling), "ppo": asdict(cfg.ppo), "reward": asdict(cfg.reward)}
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
+    if not resume:
+        refuse_used_database(sessions, cfg.store.db_url)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
     try:
@@ -271,7 +311,7 @@ def simulate(
         if worker.load_error is not None:
             raise RuntimeError(f"the model failed to load: {worker.load_error}")
         seconds["load"] = time.perf_counter() - start
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
         trainer.rng.seed(seed)
         rng = random.Random(seed)
         owed = 0  # PPO steps planned before a reward model existed
@@ -307,6 +347,7 @@ def simulate(
                         report.reward_curve.append(step.mean_reward)
                         report.kl_curve.append(step.mean_kl)
                         report.length_curve.append(step.mean_length)
+                        report.copy_gap_curve.append(round(step.copy_gap, 5))
                         bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
                         bar.update(1)
                     owed = 0

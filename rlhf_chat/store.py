@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, make_url, select, update
+from sqlalchemy import Engine, create_engine, event, func, inspect, make_url, select, text, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from rlhf_chat.candidates import Candidate
 from rlhf_chat.tables import (
@@ -71,21 +71,49 @@ def make_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
-def migrate(engine: Engine) -> None:
-    """Create missing tables and record the schema version.
+# Columns each schema version added to tables that already existed: (table, column, SQL type).
+# create_all makes new tables whole, but never alters an existing one.
+MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    2: [
+        ("ppo_steps", "reward_version", "INTEGER"),
+        ("ppo_steps", "copy_gap", "FLOAT"),
+        ("ppo_steps", "ptx_loss", "FLOAT"),
+    ],
+}
 
-    Version 1 is the first schema; a later version adds its ALTERs here, keyed
-    on the stored version, so an old database upgrades on start.
+
+def add_missing_columns(engine: Engine, from_version: int) -> None:
+    """Run the ``ALTER TABLE ... ADD COLUMN`` of every schema after ``from_version``
+    (skipping a column that is already there, so an interrupted upgrade can rerun)."""
+    for version in sorted(v for v in MIGRATIONS if v > from_version):
+        for table, column, sql_type in MIGRATIONS[version]:
+            present = {c["name"] for c in inspect(engine).get_columns(table)}
+            if column not in present:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+def migrate(engine: Engine) -> None:
+    """Create missing tables, upgrade an older schema, and record the schema version.
+
+    An old database upgrades on start: the columns later versions added
+    (:data:`MIGRATIONS`) are added, keyed on the stored version.
     """
+    with Session(engine) as session:
+        had_schema = inspect(engine).has_table(SchemaInfo.__tablename__)
+        stored = session.get(SchemaInfo, 1) if had_schema else None
+        stored_version = stored.version if stored is not None else None
+    if stored_version is not None and stored_version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema {stored_version} is newer than this code ({SCHEMA_VERSION}); upgrade rlhf-chat"
+        )
+    if stored_version is not None and stored_version < SCHEMA_VERSION:
+        add_missing_columns(engine, stored_version)
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         info = session.get(SchemaInfo, 1)
         if info is None:
             session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-        elif info.version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema {info.version} is newer than this code ({SCHEMA_VERSION}); upgrade rlhf-chat"
-            )
         elif info.version < SCHEMA_VERSION:
             info.version = SCHEMA_VERSION
             info.updated_at = utcnow()
@@ -222,8 +250,13 @@ def record_vote(
 
 
 def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
-    """Every comparison with a vote, oldest first."""
-    query = select(Comparison).where(Comparison.choice.is_not(None), Comparison.id > after_id).order_by(Comparison.id)
+    """Every comparison with a vote, oldest first, with its candidates (their ``finished`` flags)."""
+    query = (
+        select(Comparison)
+        .where(Comparison.choice.is_not(None), Comparison.id > after_id)
+        .order_by(Comparison.id)
+        .options(selectinload(Comparison.candidates))
+    )
     return list(session.scalars(query))
 
 
@@ -291,6 +324,12 @@ def reward_rounds(session: Session) -> list[RewardRound]:
 def ppo_steps(session: Session) -> list[PPOStep]:
     """Every PPO step, oldest first."""
     return list(session.scalars(select(PPOStep).order_by(PPOStep.id)))
+
+
+def ppo_steps_on_reward(session: Session, reward_version: int) -> list[PPOStep]:
+    """The completed (not skipped) PPO steps that optimised one reward version, oldest first."""
+    query = select(PPOStep).where(PPOStep.reward_version == reward_version, PPOStep.skipped.is_(False))
+    return list(session.scalars(query.order_by(PPOStep.id)))
 
 
 def add_event(session: Session, kind: str, message: str) -> None:

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1  # bump with a migration in store.migrate() when a table changes
+SCHEMA_VERSION = 2  # bump with a migration in store.MIGRATIONS when a table changes
 CHOICES = ("a", "b", "tie", "both_bad")  # what a vote can say
 STRENGTHS = ("slightly", "clearly")  # how much better, optional (Anthropic's comparison interface)
 
@@ -174,6 +174,10 @@ class PPOStep(Base):
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)  # non-finite loss: adapter kept
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # schema 2
+    reward_version: Mapped[int | None] = mapped_column(Integer, index=True)  # the reward model it optimised
+    copy_gap: Mapped[float | None] = mapped_column(Float)  # mean |log p_train - log p_serving| per token
+    ptx_loss: Mapped[float | None] = mapped_column(Float)  # PPO-ptx's LM loss on chosen answers, when on
 
 
 class TrainingEvent(Base):

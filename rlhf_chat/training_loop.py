@@ -6,8 +6,11 @@ chatting wait at most one slice:
 
 * a reward round after every ``reward_every_votes`` new votes (and at start
   when there are enough and no reward model yet);
-* otherwise PPO steps, continuously, while a reward model exists and people
-  have typed prompts;
+* otherwise PPO steps while a reward model exists and people have typed
+  prompts, at most ``ppo_steps_per_reward`` of them per reward version and none
+  once the KL to the reference passes ``max_kl``: a reward model fitted to a
+  few votes is evidence for a few steps, not for an idle night. Then it waits
+  for votes;
 * pause/resume at any time; an exception is logged, shown in the UI, and
   retried with exponential back-off; it never takes the chat down.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 from rlhf_chat import store
 from rlhf_chat.config import AppConfig
-from rlhf_chat.ppo import PPOTrainer
+from rlhf_chat.ppo import PPOTrainer, ScoreNormalizer
 from rlhf_chat.reward import run_round
 from rlhf_chat.worker import REWARD, ModelWorker
 
@@ -48,7 +51,7 @@ class TrainingLoop:
         self.sessions = sessions
         self.cfg = cfg
         self.status = LoopStatus()
-        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
         self._votes_at_last_round = 0
         self._paused = threading.Event()
         self._stop = threading.Event()
@@ -136,6 +139,10 @@ class TrainingLoop:
         if not self.cfg.loop.ppo_enabled:
             self.status.state, self.status.detail = "waiting for votes", "PPO is off"
             return False
+        spent = self.ppo_budget_spent(reward_version)
+        if spent:
+            self.status.state, self.status.detail = "waiting for votes", spent
+            return False
         with self.sessions() as session:
             contexts = store.user_contexts(session)
         if not contexts:
@@ -146,6 +153,20 @@ class TrainingLoop:
         self.status.ppo_steps += 1
         self.status.detail = f"policy v{result.version}, reward {result.mean_reward:+.2f}, KL {result.mean_kl:.2f}"
         return True
+
+    def ppo_budget_spent(self, reward_version: int) -> str:
+        """Why PPO must wait for new votes ("" when it may run): the reward version's
+        step budget is spent, or the last step's KL passed the bound."""
+        loop = self.cfg.loop
+        with self.sessions() as session:
+            steps = store.ppo_steps_on_reward(session, reward_version)
+        due = loop.reward_every_votes - (self._count_votes() - self._votes_at_last_round)
+        more = f"{max(1, due)} more vote{'s' if due != 1 else ''} train the next reward model"
+        if loop.ppo_steps_per_reward > 0 and len(steps) >= loop.ppo_steps_per_reward:
+            return f"PPO budget for reward v{reward_version} spent ({len(steps)} steps); {more}"
+        if loop.max_kl > 0 and steps and steps[-1].mean_kl > loop.max_kl:
+            return f"KL to the starting model {steps[-1].mean_kl:.1f} > {loop.max_kl:g} nats; {more}"
+        return ""
 
     def _count_votes(self) -> int:
         with self.sessions() as session:
@@ -160,6 +181,8 @@ class TrainingLoop:
             self._votes_at_last_round = rounds[-1].votes
         if policy is not None and "kl_coef" in policy.extra:
             self.ppo.kl_ctl.value = float(policy.extra["kl_coef"])
+        if policy is not None and "score_normalizer" in policy.extra:
+            self.ppo.normalizer = ScoreNormalizer.from_dict(policy.extra["score_normalizer"])
 
     def _record_error(self, exc: Exception) -> None:
         self.status.state = "error"

@@ -132,9 +132,7 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
     updates: queue.Queue = queue.Queue()
     cfg = services.config
     arena = services.worker.serving_version > 0 and random.random() < cfg.loop.arena_fraction
-    sampling = Sampling(
-        cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, secrets.randbelow(2**31)
-    )
+    sampling = Sampling.from_config(cfg.sampling, secrets.randbelow(2**31))
 
     def job(models) -> tuple[list[dict], Candidate, Candidate]:
         context = _context_for(services, state, models.tokenizer)
@@ -386,6 +384,9 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
         reward = gr.LinePlot(x="time", y="mean_reward", title="PPO: mean reward-model score", height=220)
         kl = gr.LinePlot(x="time", y="mean_kl", title="PPO: KL to the reference", height=220)
         version = gr.LinePlot(x="time", y="version", title="Policy version", height=220)
+        copy_gap = gr.LinePlot(
+            x="time", y="copy_gap", title="Serving vs training copy: |log-prob gap| per token (nats)", height=220
+        )
     gr.Markdown(
         "### Arena: the policy against where it started\n"
         "Some pairs in the chat put the current policy against the starting model, blind, on random sides."
@@ -402,7 +403,7 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
     probes = gr.Dataframe(wrap=True, interactive=False, label="Probe prompts")
     events = gr.Markdown("")
     timer = gr.Timer(REFRESH_S, active=False)  # runs only while the tab is open: each tick reads the database
-    outputs = [loop_md, votes, accuracy, reward, kl, version, arena, arena_md, events, probes]
+    outputs = [loop_md, votes, accuracy, reward, kl, version, copy_gap, arena, arena_md, events, probes]
     board = dashboard.ProbeBoard()
     timer.tick(partial(training_tick, services, board), None, outputs, api_name=False, show_progress="hidden")
     return timer, outputs, board

@@ -25,7 +25,7 @@ def bundled_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(bundled_path, tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide random Llama with the real tokenizer and chat template."""
+    """A 10-layer, 64-wide random Llama (LoRA on its top 8, as in production) with the real tokenizer."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), str(bundled_path))
 
 
@@ -43,7 +43,6 @@ def tiny_config(tiny_path, tmp_path) -> AppConfig:
     """App config on the tiny model, with short answers so tests run in seconds."""
     cfg = make_config(str(tiny_path), tmp_path)
     cfg.sampling.max_new_tokens = 12
-    cfg.ppo.max_new_tokens = 12
     return cfg
 
 

@@ -26,7 +26,7 @@ def config(model: str, db: str, checkpoints: str) -> AppConfig:
     cfg = AppConfig()
     cfg.model.name = model
     cfg.store.db_url, cfg.store.checkpoint_dir = db, checkpoints
-    cfg.sampling.max_new_tokens = cfg.ppo.max_new_tokens = 8
+    cfg.sampling.max_new_tokens = 8
     cfg.loop.min_votes, cfg.loop.reward_every_votes = 4, 1000
     cfg.reward.steps_per_round, cfg.reward.min_pairs = 5, 2
     cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.checkpoint_every = 4, 4, 1, 2

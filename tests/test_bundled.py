@@ -9,14 +9,16 @@ import math
 import random
 
 import pytest
+import torch
 
 from rlhf_chat import store
 from rlhf_chat.candidates import Sampling, generate_pair, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import concise
+from rlhf_chat.loading import POLICY, adapter_state
 from rlhf_chat.ppo import PPOTrainer
-from rlhf_chat.reward import run_round
+from rlhf_chat.reward import run_round, score_texts
 from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.simulate import collect_votes
 from rlhf_chat.worker import ModelWorker
@@ -30,7 +32,7 @@ def bundled(tmp_path_factory):
     cfg = AppConfig()
     cfg.store.db_url = f"sqlite:///{tmp / 'db.sqlite'}"
     cfg.store.checkpoint_dir = str(tmp / "checkpoints")
-    cfg.sampling.max_new_tokens = cfg.ppo.max_new_tokens = 24
+    cfg.sampling.max_new_tokens = 24
     cfg.reward.steps_per_round = 4
     cfg.ppo.batch_size = 4
     sessions = store.open_store(cfg.store.db_url)
@@ -64,8 +66,24 @@ def test_reward_round_and_ppo_step_on_the_bundled_model(bundled):
     collect_votes(worker, sessions, prompts, concise, 24, cfg, random.Random(0))
     result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
     assert result is not None and math.isfinite(result.loss) and result.version == 1
-    trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir)
+    # the reward model says something: a terse answer and a rambling one score apart
+    contexts = [[{"role": "user", "content": "Name a fruit."}]] * 2
+    scores = worker.call(0, lambda m: score_texts(m, contexts, ["Apple.", "Well, there are so many fruits that " * 3], 512))
+    assert abs(scores[0] - scores[1]) > 1e-3
+    trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
+    before = worker.call(0, lambda m: {k: v.clone() for k, v in adapter_state(m.trainer, POLICY).items()})
     step = trainer.step(trainer.sample_contexts([[{"role": "user", "content": p}] for p in prompts]))
     assert not step.skipped and step.version == 1 and worker.serving_version == 1
     assert all(math.isfinite(v) for v in (step.policy_loss, step.value_loss, step.mean_kl, step.entropy))
     assert worker.call(0, lambda m: m.reward_version) == 1
+
+    def moved_and_published(models):
+        trained = adapter_state(models.trainer, POLICY)
+        served = adapter_state(models.serving, POLICY)
+        moved = any(not torch.equal(before[k], v) for k, v in trained.items())
+        return moved, all(torch.equal(served[k], v) for k, v in trained.items())
+
+    assert worker.call(0, moved_and_published) == (True, True)  # a real update, and people get it
+    # the serving copy samples, the training copy scores: one distribution, within bf16 rounding
+    # (0.033 nats per token measured on 8 x 64-token answers; README "One distribution")
+    assert 0 < step.copy_gap < 0.1

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_chat.candidates import Sampling, generate_pair
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.labelers import concise
 from rlhf_chat.reward import run_round
 from rlhf_chat.runtime import start_services
@@ -48,32 +46,71 @@ def training_services(tiny_config):
     services.stop()
 
 
-def test_requests_finish_while_ppo_runs_and_versions_change_only_between_requests(training_services):
+def test_requests_finish_while_ppo_runs(training_services):
     services = training_services
     start_version = services.worker.serving_version
-    seen = []
-    for i in range(6):
+    deadline, i = time.time() + 90, 0
+    while i < 3 or (services.worker.serving_version == start_version and time.time() < deadline):
         *_, last = respond(services, f"message {i}", ChatState())
         assert last[-1].phase == "vote"  # the person got two candidates
-        # a request job sees one version from its start to its end, however often PPO publishes
-        def job(models):
-            before = models.serving_version
-            prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "hello"}])
-            generate_pair(models.serving, models.tokenizer, prompt, Sampling(8, 1.0, seed=i), before)
-            return before, models.serving_version
-
-        before, after = services.worker.call(CHAT, job)
-        assert before == after
-        seen.append(before)
-    assert services.loop.status.state == "running PPO"
-    assert seen == sorted(seen) and services.worker.serving_version > start_version
+        i += 1
+    assert services.loop.status.state == "running PPO" and services.worker.serving_version > start_version
     with services.sessions() as session:
-        rows = session.query(CandidateRow).all()
         by_pair = {}
-        for row in rows:
+        for row in session.query(CandidateRow).all():
             if row.source == "policy":  # arena pairs put the reference (version 0) on one side
                 by_pair.setdefault(row.comparison_id, set()).add(row.policy_version)
-    assert all(len(versions) == 1 for versions in by_pair.values())  # both sides of a pair: one version
+    assert by_pair and all(len(versions) == 1 for versions in by_pair.values())  # both sides: one version
+
+
+def test_people_are_only_ever_served_a_completed_policy_version(tiny_config, monkeypatch):
+    """While PPO trains, every chat job sees serving weights that are exactly those of a
+    published version (the training copy's weights at publish time), never the
+    training copy's half-updated ones, though many jobs run while those differ."""
+    import torch
+
+    from rlhf_chat import ppo
+    from rlhf_chat.loading import POLICY, adapter_state
+
+    cfg = tiny_config
+    cfg.loop.reward_every_votes, cfg.loop.ppo_steps_per_reward = 1000, 1000
+    cfg.reward.steps_per_round, cfg.reward.min_pairs = 5, 2
+    cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs = 4, 2, 2  # 4 minibatch updates a step
+    services = start_services(cfg, train=False)
+    services.worker.ready.wait()
+    published = {}
+    real_publish = ppo.publish
+
+    def recording_publish(models):
+        version = real_publish(models)
+        published[version] = {k: v.clone() for k, v in adapter_state(models.trainer, POLICY).items()}
+        return version
+
+    monkeypatch.setattr(ppo, "publish", recording_publish)
+    try:
+        prompts = ["hi", "what is rain?", "name a bird", "tell me a joke", "how are you?"]
+        collect_votes(services.worker, services.sessions, prompts, concise, 16, cfg, random.Random(0))
+        assert run_round(services.worker, services.sessions, cfg.reward, cfg.store.checkpoint_dir) is not None
+        published[0] = services.worker.call(CHAT, lambda m: {k: v.clone() for k, v in adapter_state(m.serving, POLICY).items()})
+        services.loop = TrainingLoop(services.worker, services.sessions, cfg).start()
+
+        def look(models):
+            serving = adapter_state(models.serving, POLICY)
+            trainer = adapter_state(models.trainer, POLICY)
+            mid_update = any(not torch.equal(trainer[k], v) for k, v in serving.items())
+            return models.serving_version, {k: v.clone() for k, v in serving.items()}, mid_update
+
+        seen, deadline = [], time.time() + 120
+        while (services.loop.status.ppo_steps < 4 or sum(m for *_, m in seen) < 3) and time.time() < deadline:
+            seen.append(services.worker.call(CHAT, look))
+            time.sleep(0.02)
+    finally:
+        services.stop()
+    assert sum(mid for *_, mid in seen) >= 3, "no chat job ran while the training copy was mid-update"
+    for version, weights, _ in seen:
+        assert all(torch.equal(weights[k], v) for k, v in published[version].items()), f"v{version} half-updated"
+    versions = [v for v, *_ in seen]
+    assert versions == sorted(versions) and versions[-1] > 0
 
 
 def test_hard_kill_mid_training_loses_no_acknowledged_vote(tiny_path, tmp_path):

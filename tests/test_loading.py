@@ -66,7 +66,9 @@ def test_models_share_one_base_per_copy_with_two_adapters(tiny_models):
     assert set(trainer.peft_config) == {POLICY, REWARD}
     assert set(tiny_models.serving.peft_config) == {POLICY}
     assert all(not p.requires_grad for n, p in trainer.named_parameters() if "lora_" not in n)
-    assert type(trainer.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    layers = trainer.get_base_model().model.layers
+    assert type(layers[-1].self_attn.q_proj.base_layer).__name__ == "Linear4bit"  # adapted, 4-bit underneath
+    assert type(layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # below the top 8: frozen, no LoRA
 
 
 def test_training_copy_scores_with_the_serving_copys_output_weights(tiny_models):
@@ -107,7 +109,7 @@ def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
     from rlhf_chat.candidates import left_pad
     from rlhf_chat.heads import frozen_prefix, hidden_states, top_hidden
 
-    cfg = ModelConfig(name=str(tiny_path), lora_top_layers=1)  # layer 0 frozen, layer 1 adapted
+    cfg = ModelConfig(name=str(tiny_path))  # the default: LoRA on the top 8 of the 10 layers
     models = load_models(cfg)
     with torch.no_grad():
         for name, p in models.trainer.named_parameters():
@@ -116,7 +118,7 @@ def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], models.tokenizer.pad_token_id, models.device)
     with torch.no_grad():
         prefix = frozen_prefix(models.trainer, ids, mask)
-        assert prefix.split == 1
+        assert prefix.split == models.trainer.config.num_hidden_layers - cfg.lora_top_layers == 2
         assert torch.allclose(top_hidden(models.trainer, prefix)[mask.bool()], hidden_states(models.trainer, ids, mask)[mask.bool()], atol=1e-5)
 
 
@@ -135,7 +137,7 @@ def test_bundled_model_falls_back_to_the_hub_copy_where_the_package_is_missing(m
 def test_without_4bit_the_same_design_works(tiny_path):
     """``--no-4bit``: a float32 base, the same two copies and adapters."""
     models = load_models(ModelConfig(name=str(tiny_path), load_in_4bit=False))
-    layer = models.trainer.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    layer = models.trainer.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
     assert type(layer).__name__ == "Linear" and layer.weight.dtype == torch.float32
     check_generation_keeps_gradients(models)
 

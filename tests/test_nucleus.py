@@ -55,9 +55,22 @@ def test_draw_follows_the_weights_and_never_draws_a_zero():
 def test_full_vocabulary_sampling_is_the_softmax_at_temperature():
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
     expected = torch.softmax(logits / 0.7, -1)
-    tokens = sample_next_tokens(logits.expand(40_000, 4), 0.7, 1.0, torch.Generator().manual_seed(2))
+    tokens, logprobs = sample_next_tokens(logits.expand(40_000, 4), 0.7, 1.0, torch.Generator().manual_seed(2))
     freq = torch.bincount(tokens, minlength=4).float() / 40_000
     assert freq.tolist() == pytest.approx(expected.tolist(), abs=0.01)
+    # each drawn token's log-prob is that of the distribution it came from
+    assert torch.allclose(logprobs, expected.log()[tokens], atol=1e-6)
+
+
+def test_a_nucleus_draw_reports_the_renormalised_log_prob():
+    """Probabilities 0.5, 0.3, 0.15, 0.05 at top_p 0.75: the nucleus is the first two
+    words (0.5 before the second is below 0.75, 0.8 before the third is not), so a
+    drawn word's probability is 0.5/0.8 or 0.3/0.8."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    tokens, logprobs = sample_next_tokens(logits.expand(1000, 4), 1.0, 0.75, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 1}
+    expected = torch.where(tokens == 0, torch.tensor(0.5 / 0.8), torch.tensor(0.3 / 0.8)).log()
+    assert torch.allclose(logprobs, expected, atol=1e-6)
 
 
 def test_sampler_hands_generate_a_one_hot_row_and_is_reproducible():

@@ -1,4 +1,4 @@
-"""PPO on the tiny model: log-prob parity, masking, the guard, and learning a rule."""
+"""PPO on the tiny model: log-prob parity, masking, the reference, the guard, and learning a rule."""
 
 from __future__ import annotations
 
@@ -7,17 +7,29 @@ import math
 import pytest
 import torch
 
+from rlhf_chat import ppo as ppo_module
 from rlhf_chat import store
-from rlhf_chat.config import ModelConfig, PPOConfig
+from rlhf_chat.config import ModelConfig, PPOConfig, SamplingConfig
+from rlhf_chat.heads import first_adapted_layer
 from rlhf_chat.loading import POLICY, adapter_state, load_models
-from rlhf_chat.ppo import PPOTrainer, full_prefix, load_policy, policy_forward, policy_tensors, rollout, score_rollout
+from rlhf_chat.ppo import (
+    PPOTrainer,
+    ScoreNormalizer,
+    full_prefix,
+    load_policy,
+    policy_forward,
+    policy_tensors,
+    rollout,
+    score_rollout,
+)
 from rlhf_chat.worker import ModelWorker
 
 CONTEXTS = [[{"role": "user", "content": q}] for q in ("hi", "what is tea?", "name a colour", "tell me a story")]
+SAMPLING = SamplingConfig(max_new_tokens=10, temperature=0.9)
 
 
 def tiny_ppo_config(**overrides) -> PPOConfig:
-    cfg = PPOConfig(batch_size=8, minibatch_size=4, epochs=2, max_new_tokens=10, learning_rate=1e-2, kl_coef=0.02)
+    cfg = PPOConfig(batch_size=8, minibatch_size=4, epochs=2, learning_rate=1e-2, kl_coef=0.02)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -32,14 +44,30 @@ def first_token_rule(models, batch) -> torch.Tensor:
     return (batch.response_ids[:, 0] < half).float()
 
 
+def perturb_policy(models, seed: int = 0, std: float = 0.5) -> None:
+    """Give the policy adapter non-zero weights (LoRA B starts at 0: policy == reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_state(models.trainer, POLICY).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 @pytest.fixture
 def fresh_models(tiny_path):
     return load_models(ModelConfig(name=str(tiny_path)))
 
 
+def test_the_tiny_model_runs_the_frozen_prefix_split(fresh_models):
+    """Production adapts the top 8 layers and runs the ones below once, without autograd."""
+    layers = fresh_models.trainer.config.num_hidden_layers
+    assert first_adapted_layer(fresh_models.trainer) == layers - ModelConfig().lora_top_layers > 0
+
+
 def test_logprobs_match_a_plain_forward_at_temperature(fresh_models):
     m = fresh_models
-    batch = rollout(m, CONTEXTS, tiny_ppo_config(), seed=3)
+    perturb_policy(m)  # so the adapted layers matter
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=3)
     with torch.no_grad():
         prefix = full_prefix(m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         lp, values, _ = policy_forward(
@@ -51,29 +79,83 @@ def test_logprobs_match_a_plain_forward_at_temperature(fresh_models):
         logits = m.trainer(input_ids=ids).logits[0, p_len - 1 : -1] / 0.7
         expected = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[0][:, None]).squeeze(-1)
     n = int(batch.response_mask[0].sum())
-    assert torch.allclose(lp[0, :n], expected[:n], atol=1e-4)
+    assert torch.allclose(lp[0, :n], expected[:n], atol=1e-3)
     assert values.shape == batch.response_ids.shape
 
 
-def test_score_rollout_masks_after_eos_and_places_score_at_the_end(fresh_models):
+def test_rollout_is_drawn_with_the_sampling_scheme_and_records_its_log_probs(fresh_models):
+    """The serving copy's log-probs of its own draws are kept, at the scheme's temperature,
+    and their gap to the training copy's is measured. (The random tiny model's logits
+    are huge, so bf16 rounding makes its gap large; the bundled model's is measured in
+    test_bundled.py.)"""
     m = fresh_models
-    batch = rollout(m, CONTEXTS, tiny_ppo_config(), seed=4)
+    perturb_policy(m)
+    from rlhf_chat.loading import sync_policy_weights
+
+    sync_policy_weights(m.trainer, m.serving)
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=5)
+    assert batch.temperature == SAMPLING.temperature and batch.response_ids.shape[1] <= SAMPLING.max_new_tokens
+    scored = score_rollout(m, batch, tiny_ppo_config(), 0.0, lambda models, b: torch.zeros(len(b.texts)))
+    gap = (scored.logprobs - scored.sample_logprobs).abs()[scored.response_mask.bool()]
+    assert scored.copy_gap == pytest.approx(gap.mean().item())
+    assert scored.copy_gap > 0  # two copies (float32 / bf16 kernels): close, not equal
+    with pytest.raises(ValueError, match="top_p 1.0"):
+        rollout(m, CONTEXTS, tiny_ppo_config(), SamplingConfig(max_new_tokens=4, top_p=0.9), seed=5)
+
+
+def test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end(fresh_models):
+    m = fresh_models
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=4)
+    perturb_policy(m)  # after sampling: the policy now differs from the reference, KL != 0
     # force an early EOS in row 0 to check masking after it
     batch.response_ids[0, 3] = m.tokenizer.eos_token_id
     batch.response_mask[0] = torch.tensor([1.0] * 4 + [0.0] * (batch.response_ids.shape[1] - 4))
-    batch.finished[0] = True
-    scored = score_rollout(m, batch, tiny_ppo_config(), 0.1, lambda models, b: torch.arange(4.0))
+    batch.finished = [True, False, False, False]
+    raw = torch.tensor([2.0, 3.0, 5.0, 7.0])
+    cfg, beta = tiny_ppo_config(missing_eos_penalty=-1.5), 0.1
+    scored = score_rollout(m, batch, cfg, beta, lambda models, b: raw)
     assert torch.all(scored.rewards[0, 4:] == 0) and torch.all(scored.advantages[0, 4:] == 0)
-    # at start the policy is the reference (LoRA B = 0), so the KL is 0 and reward is just the score
-    assert torch.allclose(scored.kl, torch.zeros_like(scored.kl), atol=1e-5)
-    assert scored.rewards[0, 3].item() == pytest.approx(0.0, abs=1e-5)  # score 0, no cut penalty
+    kl = scored.logprobs - scored.ref_logprobs  # k1, by hand
+    assert kl[scored.response_mask.bool()].abs().max() > 1e-2  # the reference really is another model
+    assert torch.allclose(scored.kl, kl * scored.response_mask, atol=1e-6)
+    # row 0 finished: its score alone at its EOS; the cut rows pay the missing-EOS penalty
+    assert scored.rewards[0, 3].item() == pytest.approx(2.0 - beta * kl[0, 3].item(), abs=1e-5)
     last = batch.response_ids.shape[1] - 1
-    assert scored.rewards[1, last].item() == pytest.approx(1.0 - 1.0, abs=1e-5)  # score 1 + missing-EOS -1
+    for row, score in ((1, 3.0), (2, 5.0), (3, 7.0)):
+        assert scored.rewards[row, last].item() == pytest.approx(score - 1.5 - beta * kl[row, last].item(), abs=1e-5)
+        assert scored.rewards[row, 0].item() == pytest.approx(-beta * kl[row, 0].item(), abs=1e-6)
+
+
+def test_reference_pass_runs_without_the_adapter(fresh_models):
+    """The reference log-probs are the base model's (no adapter), and differ from the policy's."""
+    m = fresh_models
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=6)
+    with torch.no_grad():
+        prefix = full_prefix(m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        args = (prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, batch.temperature)
+        base, _, _ = policy_forward(m, *args, with_values=False)  # LoRA B = 0: the base model
+    perturb_policy(m)
+    scored = score_rollout(m, batch, tiny_ppo_config(), 0.05, lambda models, b: torch.zeros(len(b.texts)))
+    assert torch.allclose(scored.ref_logprobs, base, atol=1e-5)
+    assert not torch.allclose(scored.logprobs, base, atol=1e-2)
+
+
+def test_scores_are_normalised_by_running_statistics_of_rollouts_per_reward_version():
+    norm = ScoreNormalizer()
+    first = norm.normalize(torch.tensor([1.0, 3.0]), reward_version=1)
+    assert first.tolist() == pytest.approx([-2**-0.5, 2**-0.5])  # mean 2, std sqrt(2)
+    second = norm.normalize(torch.tensor([5.0, 7.0]), reward_version=1)
+    everything = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    assert second.tolist() == pytest.approx(((torch.tensor([5.0, 7.0]) - everything.mean()) / everything.std()).tolist())
+    # a new reward model scores on its own scale: its statistics start again
+    third = norm.normalize(torch.tensor([10.0, 20.0]), reward_version=2)
+    assert third.tolist() == pytest.approx([-2**-0.5, 2**-0.5]) and norm.moments.count == 2
+    assert ScoreNormalizer.from_dict(norm.to_dict()) == norm
 
 
 def mean_rule_score(worker, cfg, n: int = 64) -> float:
     """The rule's average over many fresh answers of the serving policy (less noisy than one step)."""
-    batch = worker.call(0, lambda m: rollout(m, CONTEXTS[:1] * n, cfg, seed=123))
+    batch = worker.call(0, lambda m: rollout(m, CONTEXTS[:1] * n, cfg, SAMPLING, seed=123))
     return worker.call(0, lambda m: first_token_rule(m, batch).mean().item())
 
 
@@ -83,29 +165,51 @@ def test_ppo_learns_a_rule_with_bounded_kl(tiny_config):
     cfg = tiny_ppo_config(learning_rate=3e-4, kl_coef=0.05, epochs=4)
     try:
         before = mean_rule_score(worker, cfg)
-        trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule)
+        trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
         results = [trainer.step(CONTEXTS[:1] * cfg.batch_size) for _ in range(30)]
         after = mean_rule_score(worker, cfg)
     finally:
         worker.stop()
     assert after > before + 0.15, (before, after, [round(r.mean_reward, 2) for r in results])
-    assert max(r.mean_kl for r in results) < 8.0  # nats over a 10-token answer
+    kls = [r.mean_kl for r in results]
+    assert kls[0] == pytest.approx(0.0, abs=1e-3) and max(kls[-5:]) > 0.05  # the policy moved away ...
+    assert max(kls) < 8.0  # ... by a bounded amount (nats over a 10-token answer)
     assert all(math.isfinite(r.policy_loss) and not r.skipped for r in results)
     assert [r.version for r in results] == list(range(1, 31))
     with sessions() as s:
         steps = store.ppo_steps(s)
         assert len(steps) == 30 and steps[-1].version == 30
+        assert all(step.copy_gap is not None and step.copy_gap > 0 for step in steps)
         assert [c.version for c in store.checkpoints(s, "policy")] == [5, 10, 15, 20, 25, 30]
 
 
-def test_non_finite_step_is_skipped_and_adapter_kept(tiny_config):
+def test_non_finite_step_after_a_real_update_restores_adapter_and_optimizer(tiny_config, monkeypatch):
+    """The third minibatch's loss turns NaN after two real optimizer steps of the same
+    PPO step: the adapter, the value head and Adam's state go back to before the step."""
     sessions = store.open_store(tiny_config.store.db_url)
     worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
     try:
-        trainer = PPOTrainer(worker, sessions, tiny_ppo_config(), tiny_config.store.checkpoint_dir, first_token_rule)
+        trainer = PPOTrainer(worker, sessions, tiny_ppo_config(), tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
         trainer.step(CONTEXTS * 2)  # one good step, so Adam has state to protect
         before = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
-        trainer.score_fn = lambda models, b: torch.full((len(b.texts),), float("nan"))
+        adam_before = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+        real_loss, calls = ppo_module.pm.clipped_policy_loss, []
+
+        def nan_on_third_call(*args, **kwargs):
+            calls.append(1)
+            loss, stats = real_loss(*args, **kwargs)
+            return (loss * float("nan") if len(calls) == 3 else loss), stats
+
+        moved = []
+        real_update = ppo_module.minibatch_update
+
+        def watch(models, *args, **kwargs):
+            stats = real_update(models, *args, **kwargs)
+            moved.append(any(not torch.equal(before[k], v) for k, v in policy_tensors(models).items()))
+            return stats
+
+        monkeypatch.setattr(ppo_module.pm, "clipped_policy_loss", nan_on_third_call)
+        monkeypatch.setattr(ppo_module, "minibatch_update", watch)
         result = trainer.step(CONTEXTS * 2)
         after = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
         serving_same = worker.call(
@@ -113,22 +217,68 @@ def test_non_finite_step_is_skipped_and_adapter_kept(tiny_config):
         )
     finally:
         worker.stop()
+    assert moved[:2] == [True, True] and len(moved) == 3  # two real steps, then the NaN one stopped it
     assert result.skipped and result.version == 1
     assert all(torch.equal(before[k], after[k]) for k in before)
+    adam_after = trainer.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(adam_before[k], adam_after[k]) for k in adam_before)
     assert serving_same
 
 
-def test_policy_checkpoint_reloads(tiny_config, tiny_path):
+def test_policy_checkpoint_reloads_into_both_copies(tiny_config, tiny_path):
     sessions = store.open_store(tiny_config.store.db_url)
     worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
     try:
-        trainer = PPOTrainer(worker, sessions, tiny_ppo_config(), tiny_config.store.checkpoint_dir, first_token_rule)
+        trainer = PPOTrainer(worker, sessions, tiny_ppo_config(), tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
         trainer.step(CONTEXTS * 2)
         path = trainer.save(1)
         saved = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
+        texts = worker.call(0, lambda m: rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=9).texts)
     finally:
         worker.stop()
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # the step moved the adapter
     fresh = load_models(ModelConfig(name=str(tiny_path)))
     assert load_policy(fresh, path) == 1 and fresh.serving_version == 1
     assert all(torch.equal(saved[k], v) for k, v in policy_tensors(fresh).items())
+    serving = adapter_state(fresh.serving, POLICY)
+    assert all(torch.equal(serving[k], v) for k, v in adapter_state(fresh.trainer, POLICY).items())
+    # the serving copy answers as the saved policy did, token for token
+    assert rollout(fresh, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=9).texts == texts
 
+
+def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):
+    """PPO-ptx: with ptx_coef > 0 the update also lowers the policy's loss on the answers
+    people chose (drawn from the stored votes); with 0 the same steps leave it alone."""
+    from rlhf_chat.candidates import Candidate
+    from rlhf_chat.supervised import chosen_answers, lm_loss
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as s, s.begin():
+        for i, ctx in enumerate(CONTEXTS):
+            shown = [Candidate(t, "policy", 0, 0, 0.7, 1.0, 10, 3, True, 0.1) for t in ("Blue is calm.", f"no {i}")]
+            s.flush()
+            store.record_vote(s, store.save_pair(s, session_id="t", context=ctx, a=shown[0], b=shown[1]).id, "a")
+    with sessions() as s:
+        examples = chosen_answers(s, 100)
+    assert [e.text for e in examples] == ["Blue is calm."] * 4 and all(e.finished for e in examples)
+
+    def run(ptx_coef: float) -> tuple[float, float, dict]:
+        worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+        try:
+            cfg = tiny_ppo_config(ptx_coef=ptx_coef, learning_rate=3e-3)
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+            trainer.rng.seed(0)
+            before = worker.call(0, lambda m: lm_loss(m, examples, 256).item())
+            results = [trainer.step(CONTEXTS * 2) for _ in range(4)]
+            after = worker.call(0, lambda m: lm_loss(m, examples, 256).item())
+            weights = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
+        finally:
+            worker.stop()
+        assert all(r.ptx_loss is not None for r in results) == (ptx_coef > 0)
+        return before, after, weights
+
+    before, with_ptx, w_ptx = run(1.0)
+    _, without, w_plain = run(0.0)
+    assert with_ptx < before - 0.5, (before, with_ptx)  # it learned to write the chosen answer
+    assert with_ptx < without - 0.5, (with_ptx, without)
+    assert any(not torch.equal(w_ptx[k], w_plain[k]) for k in w_ptx)

@@ -28,6 +28,7 @@ from rlhf_chat.ppo_math import (
     masked_whiten,
     penalized_rewards,
     response_mask_after_eos,
+    truncated_importance_weights,
 )
 
 
@@ -391,3 +392,48 @@ def test_running_moments_few_values_only_centres() -> None:
     close(rm.normalize(torch.tensor([5.0, 1.0])), [2.0, -2.0])
     rm.update(torch.tensor([]))  # empty batch is a no-op
     assert rm.count == 1
+
+
+def test_default_adaptive_kl_can_act_within_one_reward_version():
+    """At the default horizon, a batch of 8 answers at twice the target KL moves beta by
+    1 + 0.2 * 8 / 120 = 1.01333 a step, 1.01333^15 = 1.2197 over a reward version's 15 steps."""
+    from rlhf_chat.config import PPOConfig
+
+    cfg = PPOConfig()
+    ctl = AdaptiveKLController(0.05, cfg.kl_target, cfg.kl_horizon)
+    assert ctl.update(2 * cfg.kl_target, cfg.batch_size) == pytest.approx(0.05 * (1 + 0.2 * 8 / 120))
+    for _ in range(14):
+        ctl.update(2 * cfg.kl_target, cfg.batch_size)
+    assert ctl.value == pytest.approx(0.05 * 1.0133333**15, rel=1e-5) == pytest.approx(0.06099, abs=1e-4)
+    for _ in range(15):
+        ctl.update(0.0, cfg.batch_size)  # KL far under the target: beta comes back down
+    assert ctl.value < 0.05
+
+
+def test_truncated_importance_weights_by_hand():
+    train = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampled = torch.tensor([[-1.5, -1.0, -3.0]])
+    # exp(0.5) = 1.6487, exp(-1) = 0.3679, exp(2.5) = 12.18 -> capped at 2
+    assert truncated_importance_weights(train, sampled, 2.0)[0].tolist() == pytest.approx([1.6487213, 0.3678794, 2.0])
+    assert not truncated_importance_weights(train.requires_grad_(), sampled, 2.0).requires_grad
+
+
+def test_policy_loss_weights_each_token():
+    """At ratio 1 the per-token loss is -A; weights w give masked_mean(-w * A)."""
+    lp = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -2.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    plain, _ = clipped_policy_loss(lp, lp, adv, mask, 0.2)
+    weighted, _ = clipped_policy_loss(lp, lp, adv, mask, 0.2, torch.tensor([[0.5, 2.0, 9.0]]))
+    assert plain.item() == pytest.approx((-1.0 + 2.0) / 2)
+    assert weighted.item() == pytest.approx((-0.5 + 4.0) / 2)  # the masked third token counts for nothing
+
+
+def test_weighted_nll_by_hand():
+    from rlhf_chat.supervised import weighted_nll
+
+    logprobs = torch.tensor([[-1.0, -3.0], [-2.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert weighted_nll(logprobs, mask, torch.ones(2)).item() == pytest.approx(6.0 / 3)
+    # answer 2 weighs 3: (1 + 3 + 3 * 2) / (2 + 3 * 1)
+    assert weighted_nll(logprobs, mask, torch.tensor([1.0, 3.0])).item() == pytest.approx(10.0 / 5)

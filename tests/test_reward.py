@@ -12,7 +12,7 @@ from rlhf_chat.candidates import Candidate
 from rlhf_chat.checkpoints import copy_into
 from rlhf_chat.config import RewardConfig
 from rlhf_chat.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
-from rlhf_chat.preferences import PreferencePair, is_heldout, split_pairs, to_pair
+from rlhf_chat.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, to_pair
 from rlhf_chat.reward import (
     answer_mask,
     encode,
@@ -60,33 +60,70 @@ def test_encode_counts_the_answer_and_keeps_it_when_cut_from_the_left(tokenizer)
     assert answer_mask([2, 0], 3, "cpu").tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
 
 
-def test_rollout_and_stored_answers_score_alike(tiny_models):
-    """PPO scores its sampled tokens laid out [left-padded prompt | right-padded
-    answer]; reward rounds score stored answers left-padded whole. The same tokens
-    must get the same score either way, so PPO optimises what the votes taught."""
+def rollout_of(models, contexts, answers: list[list[int]], texts: list[str], finished: list[bool]):
+    """A PPO rollout holding exactly these answer tokens, laid out as rollout() lays them out."""
     from rlhf_chat.candidates import left_pad
-    from rlhf_chat.ppo import Rollout, full_prefix, reward_model_scores
+    from rlhf_chat.chat import render_prompt
+    from rlhf_chat.ppo import Rollout, full_prefix
 
-    tok = tiny_models.tokenizer
-    pairs = [
-        ([{"role": "user", "content": "hi"}], "hello there, friend"),
-        ([{"role": "user", "content": "what is the capital of France?"}], "Paris."),
-    ]
-    encoded = [encode(tok, c, a, 512) for c, a in pairs]
-    prompts = [e.ids[: -e.answer_len] for e in encoded]
-    answers = [e.ids[-e.answer_len :] for e in encoded]
+    tok = models.tokenizer
+    prompt_ids, prompt_mask = left_pad([render_prompt(tok, c) for c in contexts], tok.pad_token_id, models.device)
     width = max(map(len, answers))
     response_ids = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers])
     response_mask = torch.tensor([[1.0] * len(a) + [0.0] * (width - len(a)) for a in answers])
-    prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id, tiny_models.device)
+    batch = Rollout(contexts, texts, finished, prompt_ids, prompt_mask, response_ids, response_mask)
+    batch.prefix = full_prefix(models, prompt_ids, prompt_mask, response_ids, response_mask)
+    return batch
+
+
+def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(tiny_config, tiny_models):
+    """The reward model learns from stored votes and PPO is scored on its rollouts: the
+    same answer must get the same score through both paths, a finished answer (its
+    EOS) and one cut off at the length limit (no EOS) alike, with the real tokenizer."""
+    from rlhf_chat.ppo import reward_model_scores
+    from rlhf_chat.reward import pair_scores
+
+    tok = tiny_models.tokenizer
+    context = [{"role": "user", "content": "what is the capital of France?"}]
+    done, cut = "Paris is the capital of France.", "The capital of France is Paris, a city on the"
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as s, s.begin():
+        shown = [Candidate(t, "policy", 0, 0, 0.7, 1.0, 64, 9, f, 0.1) for t, f in ((done, True), (cut, False))]
+        store.record_vote(s, store.save_pair(s, session_id="t", context=context, a=shown[0], b=shown[1]).id, "a")
+    with sessions() as s:
+        [pair] = preference_pairs(store.voted_comparisons(s))
+    assert (pair.chosen_finished, pair.rejected_finished) == (True, False)
+    answers = [tok.encode(done, add_special_tokens=False) + [tok.eos_token_id], tok.encode(cut, add_special_tokens=False)]
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
-        contexts, texts = [c for c, _ in pairs], [a for _, a in pairs]
-        batch = Rollout(contexts, texts, [True, True], prompt_ids, prompt_mask, response_ids, response_mask)
-        batch.prefix = full_prefix(tiny_models, prompt_ids, prompt_mask, response_ids, response_mask)
-        from_rollout = reward_model_scores(tiny_models, batch)
-        stored = score_sequences(tiny_models, encoded)
-        torch.nn.init.zeros_(tiny_models.reward_head.weight)
+        try:
+            from_votes = torch.cat(pair_scores(tiny_models, [pair], RewardConfig()))
+            batch = rollout_of(tiny_models, [context, context], answers, [done, cut], [True, False])
+            from_rollout = reward_model_scores(tiny_models, batch)
+            cut_with_eos = score_texts(tiny_models, [context], [cut], 512, finished=[True])
+        finally:
+            torch.nn.init.zeros_(tiny_models.reward_head.weight)
+    assert torch.allclose(from_rollout, from_votes, atol=1e-4), (from_rollout, from_votes)
+    assert not torch.allclose(cut_with_eos, from_votes[1:], atol=1e-3)  # the cut answer was scored without EOS
+
+
+def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_models):
+    """Sampled tokens that decode and re-encode to other tokens (here a leading space,
+    which the stored text loses) are scored as the stored answer would be."""
+    from rlhf_chat.ppo import reward_model_scores
+
+    tok = tiny_models.tokenizer
+    context = [{"role": "user", "content": "hi"}]
+    sampled = tok.encode(" Hello there", add_special_tokens=False) + [tok.eos_token_id]
+    text = tok.decode(sampled, skip_special_tokens=True).strip()
+    assert tok.encode(text, add_special_tokens=False) + [tok.eos_token_id] != sampled
+    with torch.no_grad():
+        torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
+        try:
+            from_rollout = reward_model_scores(tiny_models, rollout_of(tiny_models, [context], [sampled], [text], [True]))
+            stored = score_texts(tiny_models, [context], [text], 512)
+        finally:
+            torch.nn.init.zeros_(tiny_models.reward_head.weight)
     assert torch.allclose(from_rollout, stored, atol=1e-4)
 
 
@@ -190,21 +227,23 @@ def length_pairs(n: int) -> list[PreferencePair]:
     ]
 
 
-def test_training_steps_raise_accuracy_and_change_only_reward_weights(tiny_path):
+def test_training_steps_raise_heldout_accuracy_and_change_only_reward_weights(tiny_path):
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import POLICY, adapter_state, load_models
+    from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models
 
     models = load_models(ModelConfig(name=str(tiny_path)))
     cfg = RewardConfig(batch_size=8, learning_rate=5e-3)
     pairs = length_pairs(16)
+    heldout = length_pairs(24)[16:]  # other questions, not seen in training
     policy_before = {k: v.clone() for k, v in adapter_state(models.trainer, POLICY).items()}
-    before = evaluate(models, pairs, cfg)
+    before = evaluate(models, heldout, cfg)
     opt = torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate)
     for batch in minibatches(pairs, 8, 20, seed=0):
         stats = train_step(models, opt, batch, cfg)
         assert not stats["skipped"]
-    after = evaluate(models, pairs, cfg)
+    after = evaluate(models, heldout, cfg)
     assert after["loss"] < before["loss"] and after["accuracy"] == 1.0
+    assert any(v.abs().sum() > 0 for k, v in adapter_state(models.trainer, REWARD).items() if "lora_B" in k)
     assert all(torch.equal(policy_before[k], v) for k, v in adapter_state(models.trainer, POLICY).items())
 
 
@@ -275,8 +314,9 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
     with pytest.raises(ValueError, match="head.weight has shape"):
         copy_into({"head.weight": fresh.reward_head.weight}, {"head.weight": old_head.weight.detach()})
     reloaded = score_texts(fresh, contexts, answers, cfg.max_length)
-    assert torch.allclose(scores, reloaded, atol=1e-5)
-    assert fresh.reward_moments.count == min(2 * result.train_pairs, 512)
+    # the trained model says something (a head at zero would pass the reload trivially) ...
+    assert scores.std() > 1e-3 and scores[0] > scores[3]  # "Yes." over "it depends it depends"
+    assert torch.allclose(scores, reloaded, atol=1e-5)  # ... and says the same after the reload
 
 
 def test_too_few_votes_gives_no_round(tiny_config):

@@ -110,3 +110,52 @@ def test_cli_simulate_writes_the_report(tiny_config, tmp_path, capsys):
     assert done.value.code == 0
     assert json.loads(report.read_text())["comparisons"] == 4
     assert '"win_rate_vs_reference"' in capsys.readouterr().out
+
+
+def test_simulate_refuses_a_database_with_votes_unless_told_to_continue(tiny_config, tmp_path):
+    from rlhf_chat.simulate import UsedDatabase
+
+    cfg = tiny_config
+    cfg.reward.min_pairs = 1000  # no reward round: only the database matters here
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"ask {i}" for i in range(20)))
+    first = simulate(cfg, "concise", comparisons=4, ppo_steps=0, prompts_file=str(prompts), report_path=None)
+    assert first.db_url == cfg.store.db_url and first.settings["sampling"]["top_p"] == 1.0
+    with pytest.raises(UsedDatabase, match="already holds 4 votes.*--continue"):
+        simulate(cfg, "concise", comparisons=4, ppo_steps=0, prompts_file=str(prompts), report_path=None)
+    simulate(cfg, "concise", comparisons=4, ppo_steps=0, prompts_file=str(prompts), report_path=None, resume=True)
+    with store.open_store(cfg.store.db_url)() as session:
+        assert store.count_votes(session) == 8
+
+
+def test_cli_simulate_defaults_to_a_fresh_database_named_in_the_report(tiny_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RLHF_CHAT_DB", raising=False)
+    monkeypatch.delenv("RLHF_CHAT_CHECKPOINTS", raising=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"ask {i}" for i in range(20)))
+    reports = []
+    for k in range(2):  # twice: each run gets its own database, so neither is refused
+        report = tmp_path / f"r{k}.json"
+        with pytest.raises(SystemExit) as done:
+            cli_main(["simulate", "--labeler", "concise", "--comparisons", "2", "--ppo-steps", "0",
+                      "--model", tiny_config.model.name, "--prompts", str(prompts), "--report", str(report)])
+        assert done.value.code == 0
+        reports.append(json.loads(report.read_text()))
+    first, second = (r["db_url"] for r in reports)
+    assert first != second and first.startswith("sqlite:///") and "rlhf-chat-simulation-" in first
+    assert reports[0]["checkpoint_dir"].startswith(first.removeprefix("sqlite:///").rsplit("/", 1)[0])
+    # pointing at a used database is refused with a clear message and exit code 2
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["simulate", "--labeler", "concise", "--comparisons", "2", "--ppo-steps", "0", "--db", first,
+                  "--model", tiny_config.model.name, "--prompts", str(prompts), "--report", str(tmp_path / "x.json")])
+    assert refused.value.code == 2 and "--continue" in capsys.readouterr().err
+
+
+def test_set_overrides_any_setting_and_refuses_unknown_ones():
+    from rlhf_chat.config import AppConfig, apply_overrides
+
+    cfg = apply_overrides(AppConfig(), ["ppo.missing_eos_penalty=0", "ppo.adaptive_kl=true", "sampling.temperature=0.9"])
+    assert (cfg.ppo.missing_eos_penalty, cfg.ppo.adaptive_kl, cfg.sampling.temperature) == (0.0, True, 0.9)
+    for bad in ("ppo.no_such=1", "nope.kl_coef=1", "ppo.kl_coef", "ppo.adaptive_kl=maybe", "ppo.epochs=two"):
+        with pytest.raises(ValueError, match="--set"):
+            apply_overrides(AppConfig(), [bad])

@@ -136,3 +136,38 @@ def test_newer_schema_refused(sessions, db_url):
         s.get(SchemaInfo, 1).version = SCHEMA_VERSION + 1
     with pytest.raises(RuntimeError, match="newer"):
         store.open_store(db_url)
+
+
+def test_a_schema_1_database_upgrades_and_keeps_its_rows(tmp_path):
+    """A database made by the previous version (schema 1: ppo_steps without the columns
+    schema 2 added) opens, gains the columns, and keeps every row it had."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    connection = sqlite3.connect(path)
+    connection.executescript("""
+        CREATE TABLE schema_info (id INTEGER PRIMARY KEY, version INTEGER, updated_at DATETIME);
+        INSERT INTO schema_info VALUES (1, 1, '2026-11-24 10:00:00');
+        CREATE TABLE ppo_steps (
+            id INTEGER PRIMARY KEY, version INTEGER, mean_reward FLOAT, mean_kl FLOAT, kl_coef FLOAT,
+            policy_loss FLOAT, value_loss FLOAT, clip_fraction FLOAT, approx_kl FLOAT, entropy FLOAT,
+            mean_length FLOAT, skipped BOOLEAN, seconds FLOAT, created_at DATETIME);
+        INSERT INTO ppo_steps VALUES (1, 1, 0.5, 0.1, 0.05, 0.0, 0.1, 0.0, 0.0, 2.0, 30.0, 0, 7.0,
+                                      '2026-11-24 10:01:00');
+    """)
+    connection.commit()
+    connection.close()
+    sessions = store.open_store(f"sqlite:///{path}")
+    with sessions() as s:
+        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION == 2
+        [old] = store.ppo_steps(s)
+        assert (old.version, old.mean_reward, old.reward_version, old.copy_gap) == (1, 0.5, None, None)
+    with sessions() as s, s.begin():
+        store.add_ppo_step(
+            s, version=2, mean_reward=0.6, mean_kl=0.2, kl_coef=0.05, policy_loss=0.0, value_loss=0.1,
+            clip_fraction=0.0, approx_kl=0.0, entropy=2.0, mean_length=20.0, skipped=False, seconds=7.0,
+            reward_version=3, copy_gap=0.03, ptx_loss=None,
+        )
+    with sessions() as s:
+        assert [p.reward_version for p in store.ppo_steps_on_reward(s, 3)] == [3]
+    store.open_store(f"sqlite:///{path}")  # a second start finds nothing left to do

@@ -42,29 +42,35 @@ def test_message_gives_two_streamed_candidates_and_vote_is_stored(services):
     assert updates[0][OUT_VOTE_A]["interactive"] is False and updates[0][OUT_TEXTBOX]["interactive"] is False
     assert updates[0][OUT_TEXTBOX]["value"] == ""  # the message is stored, so the box may clear
 
+    shown = state.pair
     after = vote(services, "b", "clearly better", state)
     assert "Recorded" in after[OUT_NOTICE]
     with services.sessions() as s:
         row = s.scalars(select(Comparison)).one()
         assert (row.choice, row.strength) == ("b", "clearly")
-        assert row.response_a == state.pair[0] if state.pair[0] else True
+        assert (row.response_a, row.response_b) == shown and all(shown)
         assert row.context[-1] == {"role": "user", "content": "What is a good breakfast?"}
         assert {c.side for c in row.candidates} == {"a", "b"}
         msgs = s.scalars(select(Message).order_by(Message.position)).all()
         assert [m.role for m in msgs] == ["user", "assistant"]
+        assert msgs[-1].content == shown[1]  # the chosen answer (B) continues the conversation
     assert after[OUT_STATE].history[-1]["role"] == "assistant"
     assert after[OUT_STATE].phase == "chat"
 
 
 def test_double_vote_and_stale_vote_refused(services):
+    import copy
+
     _, final = send(services, "Tell me a joke.")
     state = final[OUT_STATE]
-    pair = state.pair_id
+    second_tab = copy.deepcopy(state)  # the same pair, open in another tab: the UI's phase still says "vote"
     vote(services, "a", None, state)
-    again = vote(services, "a", None, state, pair_id=pair)
-    assert "no pair" in again[OUT_NOTICE] or "already" in again[OUT_NOTICE]
+    again = vote(services, "b", None, second_tab)
+    assert "already has your vote" in again[OUT_NOTICE]  # refused by the store, not by the UI
+    assert second_tab.phase == "vote" and len(second_tab.history) == 1  # nothing continued in that tab
     with services.sessions() as s:
-        assert store.count_votes(s) == 1
+        assert store.count_votes(s) == 1 and s.scalars(select(Comparison)).one().choice == "a"
+        assert [m.role for m in s.scalars(select(Message).order_by(Message.position))] == ["user", "assistant"]
 
     _, final = send(services, "Another one?", state)
     state = final[OUT_STATE]
@@ -74,7 +80,13 @@ def test_double_vote_and_stale_vote_refused(services):
     assert state.pair_id != stale
     refused = vote(services, "a", None, state, pair_id=stale)
     assert "no longer current" in refused[OUT_NOTICE]
-    assert vote(services, "tie", None, state)[OUT_STATE].history[-1]["content"] == state.history[-1]["content"]
+    after_tie = vote(services, "tie", None, state)[OUT_STATE]
+    with services.sessions() as s:
+        current = s.scalars(select(Comparison).order_by(Comparison.id.desc())).first()
+        assert current.choice == "tie"
+        assert after_tie.history[-1] == {"role": "assistant", "content": current.response_a}  # a tie continues with A
+        stored = s.scalars(select(Message).order_by(Message.position.desc())).first()
+        assert stored.content == current.response_a
 
 
 def test_empty_message_refused_and_kept(services):
