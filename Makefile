@@ -24,7 +24,7 @@ define pytest_with_postgres
 	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
 endef
 
-.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench clean
+.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench mutants clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,14 @@ test-db: setup
 bench: setup
 	$(PY) bench/generation.py
 
+# Mutation testing ([tool.mutmut] in pyproject.toml: the modules that decide what is
+# learned and stored, against their fast tests). Slow (tens of minutes on 2 cores);
+# not part of `make test` or CI. MUTANTS="rlhf_chat.ppo_math*" narrows it.
+MUTANTS ?=
+mutants: setup
+	$(PY) -m pip install --quiet mutmut==3.8.1
+	$(VENV)/bin/mutmut run $(MUTANTS); $(VENV)/bin/mutmut results --all true | tail -n 40
+
 # A throwaway PostgreSQL by hand, e.g. for `RLHF_CHAT_TEST_PG_URL=$$(cat .pg/url) pytest ...`.
 pg-start:
 	bash scripts/postgres.sh start
@@ -72,4 +80,4 @@ pg-stop:
 	bash scripts/postgres.sh stop
 
 clean: pg-stop
-	rm -rf $(VENV) .pytest_cache .pg
+	rm -rf $(VENV) .pytest_cache .pg mutants

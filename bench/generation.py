@@ -39,7 +39,8 @@ def main() -> None:
     firsts, totals = [], []
     for run in range(args.runs):
         prompt = render_prompt(models.tokenizer, [{"role": "user", "content": PROMPTS[run % len(PROMPTS)]}])
-        sampling = Sampling(args.tokens, 0.8, 0.95, seed=run, min_new_tokens=args.tokens)
+        cfg.sampling.max_new_tokens = args.tokens
+        sampling = Sampling.from_config(cfg.sampling, seed=run, min_new_tokens=args.tokens)  # the app's scheme
         first: list[float] = []
         t0 = time.perf_counter()
         a, b = generate_pair(

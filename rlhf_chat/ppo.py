@@ -172,9 +172,10 @@ def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
 
     The reward model learned from stored votes: an answer's text re-encoded,
     with an EOS only if it finished. Each answer is scored in exactly that
-    layout. Where it is the sampled tokens themselves (nearly always), the
+    layout. Where that is the sampled tokens themselves for every row, the
     rollout's prefix is shared; where decoding and re-encoding changed a token
-    (a stripped space, an unusual split), that row's stored layout is scored.
+    of some row (a stripped space, an unusual split), the batch is scored in
+    its stored layout through a prefix of its own.
     """
     stored = stored_layout(models, batch)
     if all(s.ids == r for s, r in zip(stored, rollout_layout(batch))):
@@ -450,9 +451,17 @@ class PPOTrainer:
             self._call(lambda m: restore(m, self.optimizer, saved))
             raise
         t_update = time.perf_counter()
-        # 5) publish, or restore the adapter as it was
+        # 5) publish (a checkpoint version is saved first: none is served without its
+        # checkpoint on disk and in the database), or restore the adapter as it was
         mean_kl = batch.kl.sum(-1).mean().item()  # KL of whole answers, as TRL reports it
         if finite:
+            upcoming = self.worker.serving_version + 1
+            if upcoming % cfg.checkpoint_every == 0:
+                try:
+                    self.save(upcoming)
+                except BaseException:  # a full disk: the step never happened, retry later
+                    self._call(lambda m: restore(m, self.optimizer, saved))
+                    raise
             version = self._call(publish)
             self.kl_ctl.update(mean_kl, len(contexts))
         else:
@@ -486,8 +495,6 @@ class PPOTrainer:
             texts=batch.texts,
         )
         self._record(result)
-        if finite and version % cfg.checkpoint_every == 0:
-            self.save(version)
         return result
 
     def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
@@ -520,7 +527,8 @@ class PPOTrainer:
         store.with_retry(write)
 
     def save(self, version: int) -> str:
-        """Save the policy adapter and value head as a versioned checkpoint."""
+        """Save the training copy's policy adapter and value head as checkpoint ``version``
+        (folder first, then the database row that names it)."""
         tensors = self._call(lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
         meta = {"version": version, "kl_coef": self.kl_ctl.value, "score_normalizer": self.normalizer.to_dict()}
         path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)

@@ -145,7 +145,8 @@ def train_step(
     cfg: RewardConfig,
     cache: PrefixCache | None = None,
 ) -> dict:
-    """One minibatch of Bradley-Terry training. A non-finite loss is skipped."""
+    """One minibatch of Bradley-Terry training. A non-finite loss, or a finite loss
+    with a non-finite gradient, is skipped: no optimizer step, the weights as they were."""
     models.trainer.train()  # never eval: see loading.py
     chosen, rejected = pair_scores(models, pairs, cfg, cache)
     loss, stats = bradley_terry_loss(chosen, rejected, pair_margins(pairs, cfg, models.device), cfg.center_coef)
@@ -153,7 +154,10 @@ def train_step(
     if not torch.isfinite(loss):
         return {**stats, "skipped": True}
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(reward_parameters(models), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(reward_parameters(models), 1.0)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats, "skipped": True}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**stats, "skipped": False}

@@ -47,16 +47,16 @@ def test_two_candidates_are_real_english_answers(bundled):
 
     def job(models):
         prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-        pair = generate_pair(models.serving, models.tokenizer, prompt, Sampling(24, 0.8, 0.95, seed=0), 0)
-        more = sample(models.serving, models.tokenizer, [prompt] * 8, Sampling(24, 0.8, 0.95, seed=1))
+        pair = generate_pair(models.serving, models.tokenizer, prompt, Sampling.from_config(cfg.sampling, seed=0), 0)
+        more = sample(models.serving, models.tokenizer, [prompt] * 8, Sampling.from_config(cfg.sampling, seed=1))
         return pair, more.texts
 
     (a, b), texts = worker.call(0, job)
     assert a.text and b.text and a.text != b.text
     assert 0 < a.token_count <= 24 and a.latency_s > 0
-    # The 4-bit model still knows its facts: at T=0.8 it named Paris in 54 of 64
-    # samples (and 57 of 64 through transformers' own sampler), so one pair can
-    # miss it by chance, but not half of eight answers.
+    # The 4-bit model still knows its facts: at the app's scheme (T=0.7, whole
+    # softmax) it names Paris in most samples (54 of 64 at T=0.8, top-p 0.95, the
+    # earlier scheme), so one pair can miss it by chance, but not half of eight answers.
     assert sum("Paris" in t for t in texts) >= 4, texts
 
 

@@ -142,3 +142,64 @@ def test_reset_and_rollback_publish_new_versions(services):
     assert saved[4]["reset"] is True and saved[5]["rolled_back_to"] == 3  # a restart serves them
     assert controls.policy_versions(services.sessions) == [5, 4, 3]
     assert any("reset" in e for e in events) and any("rolled the policy back to v3" in e for e in events)
+
+
+def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(tiny_config, monkeypatch):
+    """A reset pressed while a PPO step is in flight: the step finishes (or is never
+    started) before the policy changes, and no step publishes over the reset."""
+    import random
+    import threading
+    import time
+
+    from rlhf_chat import ppo
+    from rlhf_chat.labelers import concise
+    from rlhf_chat.reward import run_round
+    from rlhf_chat.simulate import collect_votes
+
+    cfg = tiny_config
+    cfg.loop.reward_every_votes, cfg.loop.ppo_steps_per_reward = 1000, 0
+    cfg.reward.steps_per_round, cfg.reward.min_pairs = 5, 2
+    cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs = 4, 2, 2
+    services = start_services(cfg, train=False)
+    services.worker.ready.wait()
+    in_flight, overlaps = threading.Event(), []  # in_flight: a PPO step, from its rollout to its publish
+    real_update, real_step, real_zero = ppo.minibatch_update, ppo.PPOTrainer.step, controls.zero_policy
+
+    def slow_update(models, *args, **kwargs):
+        time.sleep(0.15)  # a slow minibatch: the reset will land inside a step
+        return real_update(models, *args, **kwargs)
+
+    def watched_step(self, contexts):
+        in_flight.set()
+        try:
+            return real_step(self, contexts)
+        finally:
+            in_flight.clear()
+
+    def watched_zero(models):
+        overlaps.append(in_flight.is_set())
+        real_zero(models)
+
+    monkeypatch.setattr(ppo, "minibatch_update", slow_update)
+    monkeypatch.setattr(ppo.PPOTrainer, "step", watched_step)
+    monkeypatch.setattr(controls, "zero_policy", watched_zero)
+    try:
+        collect_votes(services.worker, services.sessions, ["hi", "what is rain?", "name a bird"], concise, 12,
+                      cfg, random.Random(0))
+        assert run_round(services.worker, services.sessions, cfg.reward, cfg.store.checkpoint_dir) is not None
+        services.loop = TrainingLoop(services.worker, services.sessions, cfg).start()
+        assert in_flight.wait(60), "PPO never started"
+        message = controls.reset_policy(services)  # pressed mid-step
+        version = services.worker.serving_version
+        models = services.worker.call(0, lambda m: m)
+        zero_now = all(b.abs().max() == 0 for b in lora_b(models, "serving"))
+        assert in_flight.wait(60)  # training resumed after the reset ...
+        deadline = time.time() + 60
+        while services.worker.serving_version <= version and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        services.stop()
+    assert message == f"Policy reset to the base model; now serving v{version}."
+    assert overlaps == [False]  # the policy changed only between steps
+    assert zero_now  # what people were served right after the reset is the base model
+    assert services.worker.serving_version > version  # ... and its next step publishes a newer version

@@ -49,11 +49,11 @@ def fill(sessions) -> None:
                                created_at=at(5), **common)
         store.add_reward_round(session, version=2, heldout_accuracy=0.75, heldout_pairs=4, votes=20,
                                created_at=at(6), **common)
-        for version, reward, kl in ((1, -0.5, 0.0), (2, 0.25, 0.4), (3, 1.0, 1.5)):
-            store.add_ppo_step(
+        for version, reward, kl, gap in ((1, -0.5, 0.0, None), (2, 0.25, 0.4, 0.031), (3, 1.0, 1.5, 0.035)):
+            store.add_ppo_step(  # version 1 as recorded before the copy gap was measured
                 session, version=version, mean_reward=reward, mean_kl=kl, kl_coef=0.05, policy_loss=0.0,
                 value_loss=0.0, clip_fraction=0.0, approx_kl=0.0, entropy=1.0, mean_length=10.0,
-                seconds=1.0, created_at=at(6 + version),
+                seconds=1.0, created_at=at(6 + version), copy_gap=gap,
             )
         store.add_event(session, "error", "RuntimeError: out of memory\ntraceback")
 
@@ -75,6 +75,8 @@ def test_refresh_plots_the_known_metrics(sessions):
     assert out["kl"]["mean_kl"].tolist() == [0.0, 0.4, 1.5]
     assert out["version"]["version"].tolist() == [1, 2, 3]
     assert out["version"]["time"].tolist() == [naive(7), naive(8), naive(9)]
+    assert out["copy_gap"]["copy_gap"].tolist() == [0.031, 0.035]  # the step without a figure is left out
+    assert out["copy_gap"]["time"].tolist() == [naive(8), naive(9)]
 
     # arena: 1 win, 1 tie, 1 loss on v2 -> p = 0.5; Wilson, n = 3: 1 + z²/n = 2.280533, centre 0.5,
     # half = 1.96 / 2.280533 · sqrt(0.25/3 + 3.8416/36) = 0.859448 · 0.435941 = 0.374669
@@ -96,6 +98,7 @@ def test_every_plot_is_drawable_even_on_an_empty_database(sessions):
         "reward": gr.LinePlot(x="time", y="mean_reward"),
         "kl": gr.LinePlot(x="time", y="mean_kl"),
         "version": gr.LinePlot(x="time", y="version"),
+        "copy_gap": gr.LinePlot(x="time", y="copy_gap"),
         "arena": gr.LinePlot(x="version", y="win_rate", color="series"),
     }
     empty = dict(zip(REFRESH_OUTPUTS, refresh(sessions, None)))

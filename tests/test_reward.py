@@ -322,3 +322,27 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
 def test_too_few_votes_gives_no_round(tiny_config):
     sessions = store.open_store(tiny_config.store.db_url)
     assert run_round(None, sessions, tiny_config.reward, tiny_config.store.checkpoint_dir) is None
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_path):
+    """An inf gradient (here from a hook on the head) with a finite loss: no step, and
+    Adam's state is not poisoned either."""
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.loading import load_models
+
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    cfg = RewardConfig(batch_size=4, learning_rate=5e-3)
+    opt = torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate)
+    pairs = length_pairs(4)
+    assert not train_step(models, opt, pairs, cfg)["skipped"]  # a real step first: Adam has state
+    before = {id(p): p.detach().clone() for p in reward_parameters(models)}
+    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_dict()["state"].items()}
+    hook = models.reward_head.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    try:
+        stats = train_step(models, opt, pairs, cfg)
+    finally:
+        hook.remove()
+    assert math.isfinite(stats["loss"]) and stats["skipped"]
+    assert all(torch.equal(before[id(p)], p) for p in reward_parameters(models))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state_before[k][n], after[k][n]) for k in state_before for n in state_before[k])

@@ -72,16 +72,23 @@ def test_vote_is_stored_once(sessions):
 
 def test_concurrent_double_click_stores_one_vote(sessions):
     pid = new_pair(sessions)
-    results = []
+    results, errors = [], []
+    start = threading.Barrier(8)
 
     def click():
-        with sessions() as s, s.begin():
-            results.append(store.with_retry(lambda: store.record_vote(s, pid, "b", None, "s1")).ok)
+        try:
+            start.wait(5)  # all eight at the same moment
+            with sessions() as s, s.begin():
+                results.append(store.with_retry(lambda: store.record_vote(s, pid, "b", None, "s1")))
+        except Exception as exc:  # an exception in a thread is otherwise lost
+            errors.append(exc)
 
     threads = [threading.Thread(target=click) for _ in range(8)]
     [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert results.count(True) == 1
+    [t.join(30) for t in threads]
+    assert errors == [] and len(results) == 8  # every click answered
+    assert [r.ok for r in results].count(True) == 1
+    assert sorted(r.message for r in results if not r.ok) == ["This pair already has your vote."] * 7
     with sessions() as s:
         assert store.count_votes(s) == 1
 

@@ -8,8 +8,10 @@ import pytest
 
 from rlhf_chat import store
 from rlhf_chat.labelers import concise
+from rlhf_chat.ppo import rollout
 from rlhf_chat.runtime import start_services
 from rlhf_chat.simulate import collect_votes
+from rlhf_chat.tables import CandidateRow
 from rlhf_chat.training_loop import TrainingLoop
 
 PROMPTS = ["hi", "what is rain?", "name a bird", "tell me a joke", "how are you?"]
@@ -70,3 +72,126 @@ def test_ppo_stops_once_the_kl_bound_is_passed(idle_loop):
         ran += 1
         assert ran < 10, "the KL bound never stopped PPO"
     assert ran >= 1 and loop.status.state == "waiting for votes" and "KL to the starting model" in loop.status.detail
+
+
+def test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off(idle_loop, monkeypatch):
+    """An out-of-memory error in the second minibatch, after a real optimizer step:
+    the adapter, value head and Adam's state are put back as before the step, the
+    error is shown and stored, and the loop retries with doubling waits."""
+    import time
+
+    import torch
+
+    from rlhf_chat import ppo
+    from rlhf_chat.tables import TrainingEvent
+
+    services, loop = idle_loop
+    loop.cfg.loop.ppo_steps_per_reward = 0  # no budget: only the crash stops PPO
+    loop.cfg.loop.retry_backoff_s, loop.cfg.loop.max_backoff_s = 0.2, 0.8
+    loop.cfg.ppo.batch_size, loop.cfg.ppo.minibatch_size = 4, 2  # two minibatches a step
+    usable_votes(services, 4, seed=0)
+    assert loop.run_once()  # reward round
+    assert loop.run_once()  # one good PPO step: Adam has state
+    before = services.worker.call(0, lambda m: {k: v.clone() for k, v in ppo.policy_tensors(m).items()})
+    adam_before = {k: {n: t.clone() for n, t in v.items()} for k, v in loop.ppo.optimizer.state_dict()["state"].items()}
+    real_update, calls, attempts = ppo.minibatch_update, [], []
+
+    def out_of_memory_on_the_second(models, *args, **kwargs):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("out of memory (injected)")
+        return real_update(models, *args, **kwargs)
+
+    real_step = loop.ppo.step
+
+    def timed_step(contexts):
+        attempts.append(time.monotonic())
+        return real_step(contexts)
+
+    monkeypatch.setattr(ppo, "minibatch_update", out_of_memory_on_the_second)
+    monkeypatch.setattr(loop.ppo, "step", timed_step)
+    loop.start()
+    deadline = time.time() + 120  # generous: a loaded machine runs each attempt slowly
+    while len(attempts) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    loop.stop()
+    assert len(attempts) >= 4, "the loop did not retry"
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8 * 0.99  # 0.2, 0.4, 0.8 (capped) s
+    after = services.worker.call(0, lambda m: {k: v.clone() for k, v in ppo.policy_tensors(m).items()})
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the first minibatch's step was undone
+    adam_after = loop.ppo.optimizer.state_dict()["state"]
+    assert all(torch.equal(adam_before[k][n], adam_after[k][n]) for k in adam_before for n in adam_before[k])
+    assert loop.status.state == "error" and "out of memory" in loop.status.last_error
+    with services.sessions() as s:
+        assert any("out of memory" in e.message for e in s.query(TrainingEvent).all())
+        assert len(store.ppo_steps(s)) == 1  # the failed steps were never recorded as steps
+
+
+def test_a_full_disk_publishes_no_reward_version_without_its_checkpoint(idle_loop, monkeypatch):
+    import errno
+
+    from rlhf_chat import checkpoints
+
+    services, loop = idle_loop
+    usable_votes(services, 4, seed=0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", disk_full)
+    with pytest.raises(OSError):
+        loop.run_once()
+    with services.sessions() as s:
+        assert store.latest_checkpoint(s, "reward") is None and store.reward_rounds(s) == []
+    assert services.worker.call(0, lambda m: m.reward_version) == 0  # nothing new is served
+    monkeypatch.undo()  # space again: the retry trains and publishes version 1, checkpoint first
+    assert loop.run_once() and services.worker.call(0, lambda m: m.reward_version) == 1
+    with services.sessions() as s:
+        assert store.latest_checkpoint(s, "reward").version == 1
+
+
+def test_a_full_disk_publishes_no_policy_version_without_its_checkpoint(idle_loop, monkeypatch):
+    import errno
+
+    import torch
+
+    from rlhf_chat import checkpoints, ppo
+
+    services, loop = idle_loop
+    loop.cfg.ppo.checkpoint_every = 1  # every version is a checkpoint version
+    usable_votes(services, 4, seed=0)
+    assert loop.run_once()  # the reward round
+    before = services.worker.call(0, lambda m: {k: v.clone() for k, v in ppo.policy_tensors(m).items()})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", disk_full)
+    with pytest.raises(OSError):
+        loop.run_once()
+    after = services.worker.call(0, lambda m: {k: v.clone() for k, v in ppo.policy_tensors(m).items()})
+    assert services.worker.serving_version == 0  # nothing new was served ...
+    assert all(torch.equal(before[k], after[k]) for k in before)  # ... and the step was undone
+    with services.sessions() as s:
+        assert store.latest_checkpoint(s, "policy") is None and store.ppo_steps(s) == []
+    monkeypatch.undo()
+    assert loop.run_once() and services.worker.serving_version == 1
+    with services.sessions() as s:
+        assert store.latest_checkpoint(s, "policy").version == 1
+
+
+def test_ppo_samples_with_the_scheme_people_vote_on(idle_loop):
+    """One sampling scheme: the loop's PPO trainer draws rollouts with AppConfig.sampling,
+    the settings every candidate people see is drawn (and stored) with."""
+    services, loop = idle_loop
+    assert loop.ppo.sampling is services.config.sampling and services.config.sampling.top_p == 1.0
+    usable_votes(services, 4, seed=0)
+    with services.sessions() as s:
+        shown = {(c.temperature, c.top_p, c.max_new_tokens) for c in s.query(CandidateRow)}
+    assert loop.run_once() and loop.run_once()  # a reward round, then a PPO step
+    batch = services.worker.call(0, lambda m: rollout(m, [[{"role": "user", "content": "hi"}]], loop.ppo.cfg,
+                                                      loop.ppo.sampling, seed=0))
+    sampling = services.config.sampling
+    assert shown == {(sampling.temperature, sampling.top_p, sampling.max_new_tokens)}
+    assert batch.temperature == sampling.temperature and batch.response_ids.shape[1] <= sampling.max_new_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import select
 
@@ -32,7 +34,16 @@ def send(services, text, state=None):
     return last(respond(services, text, state))
 
 
-def test_message_gives_two_streamed_candidates_and_vote_is_stored(services):
+def test_message_gives_two_streamed_candidates_and_vote_is_stored(services, monkeypatch):
+    from rlhf_chat.candidates import RowStreamer
+
+    real_put = RowStreamer.put
+
+    def slow_put(self, value):  # a decoding step as slow as the bundled model's, so the UI sees it
+        real_put(self, value)
+        time.sleep(0.03)
+
+    monkeypatch.setattr(RowStreamer, "put", slow_put)
     updates, final = send(services, "What is a good breakfast?")
     state = final[OUT_STATE]
     assert state.phase == "vote" and state.pair_id is not None
@@ -41,6 +52,9 @@ def test_message_gives_two_streamed_candidates_and_vote_is_stored(services):
     # while writing, the vote buttons are off and the input is closed
     assert updates[0][OUT_VOTE_A]["interactive"] is False and updates[0][OUT_TEXTBOX]["interactive"] is False
     assert updates[0][OUT_TEXTBOX]["value"] == ""  # the message is stored, so the box may clear
+    # the panes fill while the answers are written: partial text before the whole
+    partial = [u[OUT_A] for u in updates[:-1] if u[OUT_A]]
+    assert partial and len(partial[0]) < len(final[OUT_A]) and partial[0] != final[OUT_A]
 
     shown = state.pair
     after = vote(services, "b", "clearly better", state)
@@ -149,3 +163,18 @@ def test_database_down_is_told_and_nothing_is_lost(services, monkeypatch):
     assert "not sent" in blocked[OUT_NOTICE] and "value" not in blocked[OUT_TEXTBOX]
     monkeypatch.undo()
     assert vote(services, "a", None, state)[OUT_NOTICE].startswith("Recorded")  # the retry works
+
+
+def test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored(services):
+    services.config.ui.votes_per_minute = 3
+    state = None
+    for i in range(3):
+        _, final = send(services, f"question {i}?", state)
+        state = final[OUT_STATE]
+        assert "Recorded" in vote(services, "a", None, state)[OUT_NOTICE]
+    _, final = send(services, "one more?", state)
+    state = final[OUT_STATE]
+    refused = vote(services, "a", None, state)
+    assert "voting very fast" in refused[OUT_NOTICE] and state.phase == "vote"  # the pair stays open
+    with services.sessions() as s:
+        assert store.count_votes(s) == 3

@@ -1,0 +1,183 @@
+"""Would the tests notice? Replace a piece of the loop by a stub and run the test that
+guards it: each must FAIL. (Issue "Tests that catch a broken loop"; README, "Tests".)
+
+    python scripts/stub_check.py            # every stub, one pytest run each (a few minutes)
+    python scripts/stub_check.py reference  # the stubs whose name contains "reference"
+
+A stub is applied by monkeypatching in the pytest process (a plugin), so the
+source is never edited. The script exits 1 when a test still passes with its stub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (the test that must fail, Python code that applies the stub at import time)
+STUBS: dict[str, tuple[str, str]] = {
+    "score_rollout adds no score and no penalty": (
+        "tests/test_ppo.py::test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end",
+        "import rlhf_chat.ppo_math as pm, torch\n"
+        "pm.penalized_rewards = lambda s, lp, rlp, m, c, e='k1': (torch.zeros_like(lp), torch.zeros_like(lp))\n",
+    ),
+    "the reference pass leaves the adapter on": (
+        "tests/test_ppo.py::test_reference_pass_runs_without_the_adapter",
+        "import contextlib\nfrom peft import PeftModel\nPeftModel.disable_adapter = lambda self: contextlib.nullcontext()\n",
+    ),
+    "the reference pass leaves the adapter on (KL is never 0 after an update)": (
+        "tests/test_ppo.py::test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end",
+        "import contextlib\nfrom peft import PeftModel\nPeftModel.disable_adapter = lambda self: contextlib.nullcontext()\n",
+    ),
+    "restore() after a bad step does nothing": (
+        "tests/test_ppo.py::test_non_finite_step_after_a_real_update_restores_adapter_and_optimizer",
+        "import rlhf_chat.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
+    ),
+    "the store never says 'already has your vote' (UI phase check only)": (
+        "tests/test_ui.py::test_double_vote_and_stale_vote_refused",
+        "import rlhf_chat.store as st\n_real = st.record_vote\n"
+        "def record_vote(session, cid, choice, strength=None, session_id=None):\n"
+        "    from rlhf_chat.tables import Comparison\n"
+        "    row = session.get(Comparison, cid)\n"
+        "    if row is not None and row.choice is not None:\n"
+        "        row.choice = None\n"
+        "    return _real(session, cid, choice, strength, session_id)\n"
+        "st.record_vote = record_vote\n",
+    ),
+    "a reward round that trains nothing": (
+        "tests/test_reward.py::test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores",
+        "import rlhf_chat.reward as r\nr.train_step = lambda *a, **k: {'loss': 0.69, 'skipped': False}\n",
+    ),
+    "load_policy without the weight copy": (
+        "tests/test_ppo.py::test_policy_checkpoint_reloads_into_both_copies",
+        "import rlhf_chat.ppo as ppo\nfrom rlhf_chat.checkpoints import load_checkpoint\n"
+        "def load_policy(models, path):\n"
+        "    _, meta = load_checkpoint(path)\n"
+        "    models.serving_version = int(meta['version'])\n"
+        "    return models.serving_version\n"
+        "ppo.load_policy = load_policy\n",
+    ),
+    "the reward LoRA never trains (the head alone)": (
+        "tests/test_reward.py::test_training_steps_raise_heldout_accuracy_and_change_only_reward_weights",
+        "import rlhf_chat.reward as r\nr.reward_parameters = lambda models: list(models.reward_head.parameters())\n",
+    ),
+    "the reward step ignores a non-finite gradient": (
+        "tests/test_reward.py::test_a_finite_loss_with_a_non_finite_gradient_is_skipped",
+        "import torch\n_clip = torch.nn.utils.clip_grad_norm_\n"
+        "torch.nn.utils.clip_grad_norm_ = lambda params, max_norm: _clip(params, max_norm).nan_to_num(posinf=0.0)\n",
+    ),
+    "a stored cut-off answer is re-encoded with an EOS": (
+        "tests/test_reward.py::test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut",
+        "import rlhf_chat.reward as r\n_enc = r.encode\n"
+        "r.encode = lambda tok, c, resp, n, finished=True: _enc(tok, c, resp, n, True)\n",
+    ),
+    "PPO-ptx does nothing": (
+        "tests/test_ppo.py::test_ptx_term_learns_the_chosen_answers_and_changes_the_update",
+        "import rlhf_chat.ppo as ppo, torch\nppo.lm_loss = lambda models, examples, n: torch.zeros((), requires_grad=True)\n",
+    ),
+    "a PPO step that updates nothing": (
+        "tests/test_learning.py::test_votes_train_a_reward_model_that_teaches_ppo_the_labelers_taste",
+        "import rlhf_chat.ppo as ppo\nppo.PPOTrainer._update = lambda self, batch, n, examples: ([{'finite': True}], True)\n",
+    ),
+    "PPO runs on without a budget": (
+        "tests/test_training_loop.py::test_ppo_stops_when_its_budget_for_a_reward_version_is_spent",
+        "import rlhf_chat.training_loop as tl\ntl.TrainingLoop.ppo_budget_spent = lambda self, version: ''\n",
+    ),
+    "serving shares the training copy's adapter (half-updated policies served)": (
+        "tests/test_live.py::test_people_are_only_ever_served_a_completed_policy_version",
+        "import rlhf_chat.ppo as ppo\nfrom rlhf_chat.loading import sync_policy_weights\n_mb = ppo.minibatch_update\n"
+        "def minibatch_update(models, *a, **k):\n"
+        "    out = _mb(models, *a, **k)\n"
+        "    sync_policy_weights(models.trainer, models.serving)  # leak every minibatch into serving\n"
+        "    return out\n"
+        "ppo.minibatch_update = minibatch_update\n",
+    ),
+    "concurrent clicks: the atomic UPDATE is a read-then-write": (
+        "tests/test_store.py::test_concurrent_double_click_stores_one_vote",
+        "import rlhf_chat.store as st, time\nfrom rlhf_chat.tables import Comparison\nfrom rlhf_chat.store import VoteResult\n"
+        "def record_vote(session, cid, choice, strength=None, session_id=None):\n"
+        "    row = session.get(Comparison, cid)\n"
+        "    if row.choice is not None:\n"
+        "        return VoteResult(False, 'This pair already has your vote.')\n"
+        "    time.sleep(0.05)\n"
+        "    row.choice = choice\n"
+        "    return VoteResult(True, 'Vote recorded.')\n"
+        "st.record_vote = record_vote\n",
+    ),
+    "a reset that does not wait for the step under way": (
+        "tests/test_controls.py::test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it",
+        "import rlhf_chat.controls as c\nc.wait_until_paused = lambda loop, timeout_s=0: loop.pause()\n",
+    ),
+    "the streamer shows nothing until the end": (
+        "tests/test_candidates.py::test_row_streamer_pushes_each_rows_text_so_far_and_stops_a_row_at_its_eos",
+        "import rlhf_chat.candidates as c\nc.RowStreamer.put = lambda self, value: None\n",
+    ),
+    "the worker runs jobs first come, first served": (
+        "tests/test_worker.py::test_queued_jobs_run_most_urgent_first",
+        "import rlhf_chat.worker as w\n_submit = w.ModelWorker.submit\n"
+        "w.ModelWorker.submit = lambda self, priority, fn: _submit(self, 5, fn)\n",
+    ),
+    "no yield point inside a training slice": (
+        "tests/test_worker.py::test_a_person_waits_at_most_one_step_of_a_training_slice",
+        "import rlhf_chat.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
+    ),
+    "no vote limit": (
+        "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
+        "import rlhf_chat.ui as ui\nui._over_rate_limit = lambda services, state: False\n",
+    ),
+    "a crash mid-update is not undone": (
+        "tests/test_training_loop.py::test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off",
+        "import rlhf_chat.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
+    ),
+    "a policy version published before its checkpoint is saved": (
+        "tests/test_training_loop.py::test_a_full_disk_publishes_no_policy_version_without_its_checkpoint",
+        "import rlhf_chat.ppo as ppo\n_save = ppo.PPOTrainer.save\n"
+        "def step_publishing_first(self, contexts, _real=ppo.PPOTrainer.step):\n"
+        "    self.worker.call(2, ppo.publish)\n"
+        "    return _real(self, contexts)\n"
+        "ppo.PPOTrainer.step = step_publishing_first\n",
+    ),
+}
+
+PLUGIN = '''
+import pytest
+
+def pytest_configure(config):
+    exec(compile(STUB, "<stub>", "exec"), {})
+'''
+
+
+def run(name: str, test: str, stub: str) -> bool:
+    """True when the test fails with the stub applied (as it must)."""
+    plugin = ROOT / "_stub_plugin.py"
+    plugin.write_text(f"STUB = {stub!r}\n" + PLUGIN)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "_stub_plugin", test],
+            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            plugin.unlink()
+    # caught: the test failed on an assertion (not on an error the stub itself raised)
+    failures = [line for line in result.stdout.splitlines() if line.startswith("E ")]
+    caught = result.returncode == 1 and any("assert" in line or "Failed" in line for line in failures)
+    why = next((line[1:].strip() for line in failures), "")[:110]
+    print(f"{'caught ' if caught else 'MISSED '} {name}\n         {test}\n         {why}", flush=True)
+    return caught
+
+
+def main() -> int:
+    wanted = " ".join(sys.argv[1:])
+    chosen = {k: v for k, v in STUBS.items() if wanted in k}
+    missed = [name for name, (test, stub) in chosen.items() if not run(name, test, stub)]
+    print(f"\n{len(chosen) - len(missed)} of {len(chosen)} stubs caught by their tests")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
