@@ -31,15 +31,16 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = AppConfig()
-    cfg.model.load_in_4bit = not args.no_4bit
+    cfg.model.weights = "fp32" if args.no_4bit else cfg.model.weights
     start = time.perf_counter()
     models = load_for_serving(cfg)  # includes the warm-up the app does before serving
     print(f"machine: {machine()}")
-    print(f"model: bundled SmolLM2-135M-Instruct, 4-bit: {cfg.model.load_in_4bit}, loaded in {time.perf_counter() - start:.1f} s")
+    print(f"model: bundled SmolLM2-135M-Instruct, weights: {cfg.model.weights}, loaded in {time.perf_counter() - start:.1f} s")
     firsts, totals = [], []
     for run in range(args.runs):
         prompt = render_prompt(models.tokenizer, [{"role": "user", "content": PROMPTS[run % len(PROMPTS)]}])
         cfg.sampling.max_new_tokens = args.tokens
+        cfg.sampling.stop_loops = False  # a yardstick: exactly --tokens tokens, even where a row loops
         sampling = Sampling.from_config(cfg.sampling, seed=run, min_new_tokens=args.tokens)  # the app's scheme
         first: list[float] = []
         t0 = time.perf_counter()

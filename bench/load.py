@@ -241,7 +241,7 @@ def main() -> int:
         print(f"machine: {machine()}")
         model = "tiny random Llama (2 layers, 64 wide)" if args.tiny else "bundled SmolLM2-135M-Instruct"
         print(
-            f"model: {model}, 4-bit: {cfg.model.load_in_4bit}, loaded in {loaded_s:.1f} s; "
+            f"model: {model}, weights: {cfg.model.weights}, loaded in {loaded_s:.1f} s; "
             f"{cfg.sampling.max_new_tokens} new tokens per answer; training loop: {'on' if args.train else 'off'}"
         )
         print(f"database: {cfg.store.db_url}")

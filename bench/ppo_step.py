@@ -35,6 +35,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     cfg = AppConfig()
     cfg.ppo.batch_size, cfg.sampling.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
+    cfg.sampling.stop_loops = False  # a yardstick: every row exactly --tokens tokens
     cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
     cfg.ppo.minibatch_size = args.minibatch or cfg.ppo.minibatch_size
     sessions = open_store(f"sqlite:///{tmp / 'bench.db'}")

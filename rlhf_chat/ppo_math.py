@@ -94,24 +94,18 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     return torch.where(mask != 0, whitened, torch.zeros_like(whitened))
 
 
-def response_mask_after_eos(
-    response_ids: Tensor, eos_token_id: int, pad_token_id: int
-) -> Tensor:
-    """Float mask (B, T): 1 up to and including the first EOS of each row, 0 after.
+def length_mask(lengths: list[int], width: int, device=None) -> Tensor:
+    """Float mask (B, width) of right-padded rows: 1 for the first ``lengths[b]`` columns.
 
-    Rows without an EOS (truncated at max length) are kept whole. When
-    ``pad_token_id == eos_token_id`` (as in our model, both id 2) the first
-    occurrence is the real EOS and is kept; every later one is padding. When they
-    differ, pad tokens are additionally masked wherever they appear, since a pad
-    is never a real response token.
+    A row's length counts its real tokens, its EOS included when it finished;
+    a row cut at the limit or stopped in a loop has none. (The pad token is
+    the EOS token in our model, so the mask cannot be read off the ids.)
+
+    >>> length_mask([2, 0, 3], 3).tolist()
+    [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
-    is_eos = response_ids == eos_token_id  # (B, T)
-    # number of EOS strictly before t; > 0 means we are past the first EOS
-    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()  # (B, T)
-    keep = eos_before == 0
-    if pad_token_id != eos_token_id:
-        keep = keep & (response_ids != pad_token_id)
-    return keep.float()
+    columns = torch.arange(width, device=device)
+    return (columns < torch.tensor(lengths, device=device).unsqueeze(1)).float()
 
 
 # --------------------------------------------------------------------------- #

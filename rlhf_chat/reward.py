@@ -27,7 +27,7 @@ import torch
 from rlhf_chat import store
 from rlhf_chat.candidates import left_pad
 from rlhf_chat.chat import render_prompt, render_response
-from rlhf_chat.checkpoints import copy_into, load_checkpoint, module_state, save_checkpoint
+from rlhf_chat.checkpoints import check_base, copy_into, load_checkpoint, module_state, save_checkpoint
 from rlhf_chat.config import RewardConfig
 from rlhf_chat.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.loading import REWARD, Models, adapter_state
@@ -283,8 +283,10 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
     fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, m.prefix_cache))
 
     # 4) checkpoint (atomic), then name it in the database, then serve it
-    tensors = worker.call(REWARD_PRIORITY, lambda m: {k: v.detach().clone() for k, v in reward_tensors(m).items()})
-    meta = {"version": version, "train_pairs": len(train)}
+    tensors, base = worker.call(
+        REWARD_PRIORITY, lambda m: ({k: v.detach().clone() for k, v in reward_tensors(m).items()}, m.base)
+    )
+    meta = {"version": version, "train_pairs": len(train), "base": base}
     path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
     result = RoundResult(
         version=version,
@@ -330,6 +332,7 @@ def set_reward_version(models: Models, version: int) -> None:
 def load_reward(models: Models, path: str) -> int:
     """Load a saved reward adapter and head into the models; returns its version."""
     tensors, meta = load_checkpoint(path)
+    check_base(meta, models.base, path)
     copy_into(reward_tensors(models), tensors)  # all or nothing: checked before anything is copied
     set_reward_version(models, int(meta["version"]))
     return models.reward_version

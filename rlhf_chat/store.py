@@ -173,6 +173,15 @@ def add_message(session: Session, conversation_id: int, role: str, content: str)
     return message
 
 
+def set_message_content(session: Session, message_id: int, content: str) -> None:
+    """Replace a stored message's text (a chosen answer that the person had continued)."""
+    message = session.get(Message, message_id)
+    if message is None:
+        raise KeyError(f"no message {message_id}")
+    message.content = storable_text(content)
+    session.flush()
+
+
 # --- comparisons and votes -----------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat import controls, dashboard, store
-from rlhf_chat.candidates import Candidate, Sampling, generate_pair
+from rlhf_chat.candidates import Candidate, Sampling, generate_pair, sample
 from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.worker import CHAT, ModelWorker
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DB_BUSY = "The database is busy right now (we retried for a few seconds)."
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+CUT_LABEL = " (cut off)"  # added to a pane's label when its answer did not end on its own
+CUT_MARK = " …\n\n*(cut off: press Continue to read on)*"  # shown after a cut-off answer in the conversation
 STRENGTH_LABELS = {"slightly better": "slightly", "clearly better": "clearly"}
 
 
@@ -61,6 +63,9 @@ class ChatState:
     history: list[dict] = field(default_factory=list)  # the conversation the model continues
     pair_id: int | None = None  # the comparison on screen, None when there is none
     pair: tuple[str, str] = ("", "")
+    pair_finished: tuple[bool, bool] = (True, True)  # False: that answer was cut off (length limit or a loop)
+    cut_turns: set[int] = field(default_factory=set)  # history indices of assistant answers that were cut off
+    answer_message_id: int | None = None  # the stored row of the last assistant answer (Continue extends it)
     phase: str = "chat"  # chat: type a message | vote: choose | regenerate: both were bad
     vote_times: list[float] = field(default_factory=list)
 
@@ -74,11 +79,14 @@ def view(
     generating: bool = False,
     panes: tuple[str, str] | None = None,
     clear_input: bool = False,
+    conversation: list[dict] | None = None,
 ) -> tuple:
     """Every output of every handler, in the order of ``build_demo``'s outputs.
 
     The input box is cleared only once its message is safely stored, so a
-    refused message stays where the person typed it.
+    refused message stays where the person typed it. A cut-off answer is
+    marked in its pane's label and, once chosen, in the conversation, where
+    Continue writes on.
     """
     pane_a, pane_b = panes if panes is not None else state.pair
     can_vote = state.phase == "vote" and not generating
@@ -89,18 +97,34 @@ def view(
         "vote": "Pick the better answer first (or Regenerate)",
         "regenerate": "Press Regenerate for two new answers",
     }[state.phase]
+    cut = [state.phase == "vote" and not generating and not done for done in state.pair_finished]
     return (
-        list(state.history),
-        pane_a,
-        pane_b,
+        conversation if conversation is not None else shown_history(state),
+        gr.update(value=pane_a, label="Response A" + (CUT_LABEL if cut[0] else "")),
+        gr.update(value=pane_b, label="Response B" + (CUT_LABEL if cut[1] else "")),
         notice,
         gr.update(interactive=can_type, placeholder="Writing..." if generating else placeholder)
         if not clear_input
         else gr.update(value="", interactive=can_type, placeholder="Writing..." if generating else placeholder),
         *[gr.update(interactive=can_vote) for _ in VOTE_LABELS],
         gr.update(interactive=can_regenerate),
+        gr.update(interactive=can_continue(state) and not generating),
         state,
     )
+
+
+def shown_history(state: ChatState) -> list[dict]:
+    """The conversation as the Chatbot shows it: cut-off answers marked."""
+    return [
+        {**m, "content": m["content"] + CUT_MARK} if i in state.cut_turns else dict(m)
+        for i, m in enumerate(state.history)
+    ]
+
+
+def can_continue(state: ChatState) -> bool:
+    """Whether the last turn is a chosen answer that was cut off (and nothing else is on)."""
+    last = len(state.history) - 1
+    return state.phase == "chat" and last >= 0 and state.history[last]["role"] == "assistant" and last in state.cut_turns
 
 
 def status_line(services: Services) -> str:
@@ -179,6 +203,7 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
         yield view(state, DB_BUSY + " The two answers could not be stored; press Regenerate.", clear_input=clear_input)
         return
     state.pair = (a.text, b.text)
+    state.pair_finished = (a.finished, b.finished)
     state.phase = "vote"
     yield view(state, f"{notice} Which answer is better?".strip(), clear_input=clear_input)
 
@@ -207,7 +232,7 @@ def respond(services: Services, message: str, state: ChatState | None) -> Iterat
         yield view(state, DB_BUSY + " Your message was not sent; please send it again.")
         return
     state.history.append({"role": "user", "content": cleaned.text})
-    state.pair, state.pair_id = ("", ""), None
+    state.pair, state.pair_id, state.answer_message_id = ("", ""), None, None
     yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
     yield from _generate(services, state, clear_input=True, notice=cleaned.notice)
 
@@ -239,16 +264,18 @@ def vote(
         return view(state, "You are voting very fast; please wait a few seconds and read the answers.")
     strength = STRENGTH_LABELS.get(strength_label or "")
 
-    def save() -> store.VoteResult:
+    side = 1 if choice == "b" else 0  # a tie continues with A
+    chosen = state.pair[side]
+
+    def save() -> tuple[store.VoteResult, int | None]:
         with services.sessions() as session, session.begin():
             result = store.record_vote(session, target, choice, strength, state.session_id)
             if result.ok and choice != "both_bad":
-                chosen = state.pair[1] if choice == "b" else state.pair[0]  # a tie continues with A
-                store.add_message(session, state.conversation_id, "assistant", chosen)
-            return result
+                return result, store.add_message(session, state.conversation_id, "assistant", chosen).id
+            return result, None
 
     try:
-        result = store.with_retry(save)
+        result, message_id = store.with_retry(save)
     except OperationalError:  # not stored, so not acknowledged: the person can click again
         return view(state, DB_BUSY + " Your vote was not saved; please click again.")
     if not result.ok:
@@ -257,10 +284,84 @@ def vote(
     if choice == "both_bad":
         state.phase = "regenerate"
         return view(state, "Recorded: both are bad. Press Regenerate for two new answers.")
-    chosen = state.pair[1] if choice == "b" else state.pair[0]
     state.history.append({"role": "assistant", "content": chosen})
+    if not state.pair_finished[side]:
+        state.cut_turns.add(len(state.history) - 1)
+    state.answer_message_id = message_id
     state.pair, state.pair_id, state.phase = ("", ""), None, "chat"
-    return view(state, f"Recorded: {VOTE_LABELS[choice]}. Thank you! Continue the conversation.")
+    then = (
+        "It was cut off: press Continue to read on, or go on with the conversation."
+        if can_continue(state) else "Continue the conversation."
+    )
+    return view(state, f"Recorded: {VOTE_LABELS[choice]}. Thank you! {then}")
+
+
+def continue_answer(services: Services, state: ChatState | None) -> Iterator[tuple]:
+    """Write on where the chosen, cut-off answer stopped, streamed into the conversation.
+
+    The continuation becomes part of that answer, on screen, in the stored
+    conversation and in the context of what follows. It is the serving
+    policy writing on; it is not a candidate and nobody votes on it.
+    """
+    state = state or ChatState()
+    if not can_continue(state):
+        yield view(state, "There is no cut-off answer to continue.")
+        return
+    turn = len(state.history) - 1
+    before = state.history[turn]["content"]
+    updates: queue.Queue = queue.Queue()
+    sampling = Sampling.from_config(services.config.sampling, secrets.randbelow(2**31))
+
+    def job(models):
+        context = _context_for(services, state, models.tokenizer)
+        return continue_text(models.serving, models.tokenizer, context, sampling, updates.put)
+
+    future = services.worker.submit(CHAT, job)
+    shown = shown_history(state)
+    yield view(state, "Writing on...", generating=True, conversation=shown)
+    while not future.done():
+        try:
+            added = updates.get(timeout=0.1)[0]
+            while not updates.empty():  # skip to the newest text
+                added = updates.get_nowait()[0]
+        except queue.Empty:
+            continue
+        shown[turn] = {"role": "assistant", "content": before + added}
+        yield view(state, "Writing on...", generating=True, conversation=shown)
+    try:
+        added, finished = future.result()
+    except Exception as exc:  # the answer stays as it was; the person can press Continue again
+        log.exception("continuing failed")
+        yield view(state, f"Sorry, continuing failed ({exc}). Press Continue to try again.")
+        return
+    full = before + added
+
+    def save() -> None:
+        with services.sessions() as session, session.begin():
+            store.set_message_content(session, state.answer_message_id, full)
+
+    try:
+        if state.answer_message_id is not None:
+            store.with_retry(save)
+    except OperationalError:
+        yield view(state, DB_BUSY + " The continued answer was not saved; press Continue again.")
+        return
+    state.history[turn] = {"role": "assistant", "content": full}
+    if finished:
+        state.cut_turns.discard(turn)
+    yield view(state, "Done. Continue the conversation." if finished else "Cut off again: press Continue for more.")
+
+
+def continue_text(model, tokenizer, context: list[dict], sampling: Sampling, on_update=None) -> tuple[str, bool]:
+    """More of the last (assistant) message of ``context``: (the text added, whether it ended).
+
+    The model continues the answer's own tokens in its turn, with no end of
+    turn between, as if it had never been cut off.
+    """
+    prompt = render_prompt(tokenizer, context[:-1]) + tokenizer.encode(context[-1]["content"], add_special_tokens=False)
+    out = sample(model, tokenizer, [prompt], sampling, on_update=on_update)
+    added = tokenizer.decode(out.response_ids[0, : out.token_counts[0]].tolist(), skip_special_tokens=True)
+    return added.rstrip(), out.finished[0]
 
 
 def new_conversation(services: Services, state: ChatState | None) -> tuple:
@@ -356,13 +457,15 @@ def build_chat(services: Services) -> None:
     with gr.Row():
         send = gr.Button("Send", variant="primary")
         regen = gr.Button("Regenerate", interactive=False)
+        more = gr.Button("Continue", interactive=False)
         new = gr.Button("New conversation")
 
-    outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, state]
+    outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, more, state]
     # Named endpoints let gradio_client drive the app as a person would.
     for trigger, api_name in ((textbox.submit, "respond"), (send.click, False)):
         trigger(partial(respond, services), [textbox, state], outputs, api_name=api_name)
     regen.click(partial(regenerate, services), [state], outputs, api_name="regenerate")
+    more.click(partial(continue_answer, services), [state], outputs, api_name="continue")
     new.click(partial(new_conversation, services), [state], outputs, api_name="new_conversation")
     for choice, button in vote_buttons.items():
         button.click(

@@ -17,6 +17,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Mark every test that loads a model (they all reach ``bundled_path``) as ``model``:
+    ``-m "not model"`` is the fast, model-free set the mutation tester runs."""
+    for item in items:
+        if "bundled_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def bundled_path() -> Path:
     """The bundled SmolLM2-135M-Instruct as safetensors (converted once per machine)."""

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from sqlalchemy import select
+
 from rlhf_chat import store
+from rlhf_chat.tables import Message
 from rlhf_chat.runtime import start_services
 from rlhf_chat.ui import CSS, build_demo
 
@@ -120,12 +123,22 @@ def test_vote_in_the_browser_is_stored(served_app, sync_playwright):
             expect(pane_a).not_to_have_value("")
             expect(pane_b).not_to_have_value("")
             shown = (pane_a.input_value(), pane_b.input_value())
+            # At 12 tokens the tiny model's answers are cut off, and the panes say so.
+            expect(page.get_by_label("Response A (cut off)")).to_be_visible()
+            expect(page.get_by_label("Response B (cut off)")).to_be_visible()
+            more = page.get_by_role("button", name="Continue", exact=True)
+            expect(more).to_be_disabled()
 
             a_is_better.click()
             expect(page.get_by_text("Recorded", exact=False)).to_be_visible()
             # The chosen answer continues the conversation and the box is open again.
             expect(a_is_better).to_be_disabled()
             expect(box).to_be_editable()
+            # ... marked as cut off, and Continue writes on into the conversation.
+            expect(page.get_by_text("(cut off: press Continue to read on)", exact=True)).to_be_visible()
+            expect(more).to_be_enabled()
+            more.click()
+            expect(page.get_by_text("Done.", exact=False).or_(page.get_by_text("Cut off again", exact=False))).to_be_visible()
 
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOTS / "browser_vote.png"), full_page=True)
@@ -142,3 +155,5 @@ def test_vote_in_the_browser_is_stored(served_app, sync_playwright):
         assert same_text(row.response_a, shown[0]), (row.response_a, shown[0])
         assert same_text(row.response_b, shown[1]), (row.response_b, shown[1])
         assert store.count_votes(session) == 1
+        answer = session.scalars(select(Message).where(Message.role == "assistant")).one()
+        assert answer.content.startswith(row.response_a) and len(answer.content) > len(row.response_a)

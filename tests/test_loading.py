@@ -136,10 +136,124 @@ def test_bundled_model_falls_back_to_the_hub_copy_where_the_package_is_missing(m
 
 def test_without_4bit_the_same_design_works(tiny_path):
     """``--no-4bit``: a float32 base, the same two copies and adapters."""
-    models = load_models(ModelConfig(name=str(tiny_path), load_in_4bit=False))
+    models = load_models(ModelConfig(name=str(tiny_path), weights="fp32"))
     layer = models.trainer.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
     assert type(layer).__name__ == "Linear" and layer.weight.dtype == torch.float32
+    assert models.base == {"model": str(tiny_path), "weights": "fp32"}
     check_generation_keeps_gradients(models)
+
+
+def test_bf16_weights_are_the_loaded_values_shared_by_both_copies_which_compute_one_function(tiny_path):
+    """The bundled model's path: the decoder's linear layers hold the loaded values
+    in bf16, the output layer stays float32, both copies read the same tensors,
+    and the serving copy (eval) computes what the training copy (train) computes."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_chat.loading import FrozenLinear
+
+    models = load_models(ModelConfig(name=str(tiny_path), weights="bf16"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32)
+    serving_q = models.serving.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
+    trainer_q = models.trainer.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
+    assert type(trainer_q) is FrozenLinear and trainer_q.weight.dtype == torch.bfloat16
+    assert trainer_q.weight is serving_q.weight  # one copy of the frozen weights
+    assert torch.equal(trainer_q.weight.float(), plain.model.layers[-1].self_attn.q_proj.weight.to(torch.bfloat16).float())
+    head = models.trainer.get_base_model().lm_head
+    assert head.weight.dtype == torch.float32 and torch.equal(head.weight, plain.lm_head.weight)
+    assert models.base["weights"] == "bf16"
+
+    with torch.no_grad():
+        for name, p in models.trainer.named_parameters():
+            if "lora_B" in name and f".{POLICY}." in name:
+                p.normal_(std=0.05)
+    sync_policy_weights(models.trainer, models.serving)
+    ids = prompt_ids(models.tokenizer)
+    with torch.no_grad():
+        serving_logits = models.serving(input_ids=ids).logits
+        trainer_logits = models.trainer(input_ids=ids).logits
+        plain_logits = plain(input_ids=ids).logits
+    assert torch.allclose(serving_logits, trainer_logits, atol=1e-5)
+    with torch.no_grad(), models.trainer.disable_adapter():
+        reference = models.trainer(input_ids=ids).logits
+    assert (trainer_logits - reference).abs().max() > 0.1  # the perturbed adapter is on in both copies
+    # A layer multiplies bf16-rounded inputs by the bf16 values and rounds its output once (the model-level
+    # cost, 0.002 nats per token on the bundled model, is bench/quality.py's figure).
+    x = torch.randn(4, trainer_q.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(x.to(torch.bfloat16).float(), trainer_q.weight.float())
+        ours = trainer_q(x)
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
+    check_generation_keeps_gradients(models)
+
+
+def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path):
+    """The bundled model's CPU path on the tiny model: the serving copy multiplies by
+    4-bit groups on the int4 kernel, the training copy by the same values in bf16, and
+    the two compute one function up to bf16 rounding of the activations."""
+    from rlhf_chat.loading import FrozenLinear
+    from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, int4_groups, int4_values, int8_rows, int8_values
+
+    models = load_models(ModelConfig(name=str(tiny_path), weights="int4"))
+    serving_q = models.serving.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
+    trainer_q = models.trainer.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
+    assert type(serving_q) is Int4Linear and type(trainer_q) is FrozenLinear
+    assert type(models.serving.get_base_model().lm_head) is Int8OutputLayer
+    assert models.base["weights"] == "int4"
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32)
+    shipped = plain.model.layers[-1].self_attn.q_proj.weight
+    assert torch.equal(trainer_q.weight, int4_values(*int4_groups(shipped)).to(torch.bfloat16))
+    head = models.trainer.get_base_model().lm_head.weight
+    assert torch.equal(head, int8_values(*int8_rows(plain.lm_head.weight)).to(torch.bfloat16))
+
+    with torch.no_grad():
+        for name, p in models.trainer.named_parameters():
+            if "lora_B" in name and f".{POLICY}." in name:
+                p.normal_(std=0.05)
+    sync_policy_weights(models.trainer, models.serving)
+    # layer by layer the two copies agree up to rounding each output to bf16 once (the
+    # model-level figure, on the bundled model, is bench/quality.py's and test_bundled's)
+    x = torch.randn(5, trainer_q.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(serving_q(x), trainer_q(x), rtol=2**-7, atol=2e-3 * trainer_q(x).abs().max().item())
+        served_head, trained_head = models.serving.get_base_model().lm_head, models.trainer.get_base_model().lm_head
+        h = torch.randn(5, trainer_q.in_features, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(served_head(h), trained_head(h), rtol=2**-7, atol=2e-3 * trained_head(h).abs().max().item())
+        ids = prompt_ids(models.tokenizer)
+        served, trained = models.serving(input_ids=ids).logits, models.trainer(input_ids=ids).logits
+    assert served.dtype == trained.dtype == torch.float32 and served.shape == trained.shape
+    check_generation_keeps_gradients(models)
+
+
+def test_int4_groups_recover_q4_1_blocks_exactly():
+    """A Q4_1 block is d * q + m with its smallest weight at q = 0 and its largest at
+    q = 15: the groups found again are the shipped integers, scale and offset."""
+    from rlhf_chat.quantized import int4_groups
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (8, 64), generator=gen)
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block holds its extremes, as ggml's quantizer makes them
+    d = (torch.rand(8, 2, 1, generator=gen) * 0.01).half().float()
+    m = (-torch.rand(8, 2, 1, generator=gen) * 0.05).half().float()
+    weight = (q.reshape(8, 2, 32) * d + m).reshape(8, 64)
+    found_q, found_d, found_m = int4_groups(weight)
+    assert torch.equal(found_q, q.int())
+    assert torch.allclose(found_d, d.squeeze(-1), rtol=1e-6) and torch.equal(found_m, m.squeeze(-1))
+
+
+def test_weights_auto_keeps_the_bundled_models_values_and_quantizes_others(monkeypatch):
+    from rlhf_chat import loading
+    from rlhf_chat.config import BUNDLED_MODEL
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loading.resolve_weights(ModelConfig(name=BUNDLED_MODEL), cpu) == "int4"
+    assert loading.resolve_weights(ModelConfig(name=BUNDLED_MODEL), gpu) == "bf16"  # the int4 kernel used is the CPU's
+    assert loading.resolve_weights(ModelConfig(name="some/hub-model"), cpu) == "nf4"
+    assert loading.resolve_weights(ModelConfig(name=BUNDLED_MODEL, weights="nf4"), cpu) == "nf4"
+    with pytest.raises(ValueError, match="expected auto or one of int4, nf4, bf16, fp32"):
+        loading.resolve_weights(ModelConfig(weights="int3"), cpu)
 
 
 def test_config_from_flags_and_environment():
@@ -152,6 +266,11 @@ def test_config_from_flags_and_environment():
     parser.add_argument("--port", type=int)
     env = {"RLHF_CHAT_MODEL": "env/model", "RLHF_CHAT_DB": "sqlite:///env.db", "PORT": "9000"}
     cfg = config_from_args(parser.parse_args([]), env)
-    assert (cfg.model.name, cfg.store.db_url, cfg.ui.port, cfg.model.load_in_4bit) == ("env/model", "sqlite:///env.db", 9000, True)
+    assert (cfg.model.name, cfg.store.db_url, cfg.ui.port, cfg.model.weights) == ("env/model", "sqlite:///env.db", 9000, "auto")
     cfg = config_from_args(parser.parse_args(["--model", "flag/model", "--port", "1234", "--no-4bit"]), env)
-    assert (cfg.model.name, cfg.ui.port, cfg.model.load_in_4bit) == ("flag/model", 1234, False)
+    assert (cfg.model.name, cfg.ui.port, cfg.model.weights) == ("flag/model", 1234, "fp32")
+    cfg = config_from_args(parser.parse_args(["--weights", "nf4"]), {"RLHF_CHAT_WEIGHTS": "bf16"})
+    assert cfg.model.weights == "nf4"
+    assert config_from_args(parser.parse_args([]), {"RLHF_CHAT_WEIGHTS": "bf16"}).model.weights == "bf16"
+    with pytest.raises(ValueError, match="weights 'int3'"):
+        config_from_args(parser.parse_args([]), {"RLHF_CHAT_WEIGHTS": "int3"})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import math
 
 import pytest
@@ -244,6 +247,18 @@ def test_policy_checkpoint_reloads_into_both_copies(tiny_config, tiny_path):
     assert all(torch.equal(serving[k], v) for k, v in adapter_state(fresh.trainer, POLICY).items())
     # the serving copy answers as the saved policy did, token for token
     assert rollout(fresh, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=9).texts == texts
+
+    # a checkpoint names the base it was trained on; another base refuses it, whole
+    other = load_models(ModelConfig(name=str(tiny_path), weights="bf16"))
+    before = {k: v.clone() for k, v in policy_tensors(other).items()}
+    with pytest.raises(ValueError, match=r"trained on model .* with nf4 weights; this process runs .* with bf16"):
+        load_policy(other, path)
+    assert other.serving_version == 0 and all(torch.equal(before[k], v) for k, v in policy_tensors(other).items())
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    del meta["base"]  # as an older version wrote it
+    (Path(path) / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not name the base"):
+        load_policy(fresh, path)
 
 
 def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):

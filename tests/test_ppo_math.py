@@ -22,12 +22,12 @@ from rlhf_chat.ppo_math import (
     gae_advantages,
     kl_per_token,
     log_softmax_at,
+    length_mask,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     penalized_rewards,
-    response_mask_after_eos,
     truncated_importance_weights,
 )
 
@@ -100,29 +100,23 @@ def test_masked_whiten_single_valid_entry_only_centres() -> None:
     close(out, [[0.0, 0.0]])
 
 
-def test_response_mask_after_eos_pad_equals_eos() -> None:
-    eos = pad = 2
-    ids = torch.tensor(
-        [
-            [5, 7, 2, 2, 2],  # EOS at 2 is kept, the rest are pads
-            [5, 2, 2, 2, 2],
-            [2, 2, 2, 2, 2],  # empty answer: just the EOS
-            [5, 6, 7, 8, 9],  # truncated, no EOS: keep everything
-        ]
-    )
+def test_length_mask_keeps_each_rows_real_tokens() -> None:
+    # finished after 3 tokens (EOS included), only an EOS, cut at the limit of 5, stopped in a loop after 4
     close(
-        response_mask_after_eos(ids, eos, pad),
-        [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
+        length_mask([3, 1, 5, 4], 5),
+        [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]],
     )
+    close(length_mask([0, 2], 2), [[0, 0], [1, 1]])
 
 
-def test_response_mask_after_eos_pad_differs() -> None:
-    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [5, 2, 9, 9]])
-    # eos=2, pad=0: keep through the EOS; tokens after EOS masked even if not pad
-    close(
-        response_mask_after_eos(ids, eos_token_id=2, pad_token_id=0),
-        [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]],
-    )
+def test_token_counts_and_length_mask_agree_with_the_eos_when_pad_is_eos() -> None:
+    """The rollout's mask: up to and including the first EOS, pads (= EOS, id 2) after it."""
+    from rlhf_chat.candidates import count_response_tokens
+
+    ids = torch.tensor([[5, 7, 2, 2, 2], [5, 2, 2, 2, 2], [2, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
+    counts, finished = count_response_tokens(ids, eos_id=2)
+    assert counts == [3, 2, 1, 5] and finished == [True, True, True, False]
+    close(length_mask(counts, 5), [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
 
 
 # --------------------------------------------------------------------------- #
@@ -437,3 +431,68 @@ def test_weighted_nll_by_hand():
     assert weighted_nll(logprobs, mask, torch.ones(2)).item() == pytest.approx(6.0 / 3)
     # answer 2 weighs 3: (1 + 3 + 3 * 2) / (2 + 3 * 1)
     assert weighted_nll(logprobs, mask, torch.tensor([1.0, 3.0])).item() == pytest.approx(10.0 / 5)
+
+
+# --------------------------------------------------------------------------- #
+# boundaries and branches, computed by hand (each kills a surviving mutant)
+# --------------------------------------------------------------------------- #
+
+
+def test_two_entries_are_enough_for_the_unbiased_variance_and_whitening() -> None:
+    values, mask = torch.tensor([[1.0, 3.0, 99.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    close(masked_var(values, mask), 2.0)  # mean 2, squared deviations 1 + 1, over n - 1 = 1
+    close(masked_var(values, mask, unbiased=False), 1.0)
+    close(masked_whiten(values, mask), [[-(0.5**0.5), 0.5**0.5, 0.0]])  # (x - 2) / sqrt(2)
+
+
+def test_whitening_one_entry_only_centres_unless_told_not_to() -> None:
+    values, mask = torch.tensor([[5.0, 7.0]]), torch.tensor([[1.0, 0.0]])
+    close(masked_whiten(values, mask), [[0.0, 0.0]])
+    close(masked_whiten(values, mask, shift_mean=False), [[5.0, 0.0]])
+
+
+def test_whitening_constant_values_gives_zeros_not_nan() -> None:
+    close(masked_whiten(torch.full((1, 3), 2.0), torch.ones(1, 3)), [[0.0, 0.0, 0.0]])
+
+
+def test_kl_defaults_to_k1_and_names_an_unknown_estimator() -> None:
+    logprobs, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    close(kl_per_token(logprobs, ref), [[0.5, -1.0]])
+    with pytest.raises(ValueError, match="unknown KL estimator 'k2'; expected 'k1' or 'k3'"):
+        kl_per_token(logprobs, ref, "k2")
+
+
+def test_penalized_rewards_use_the_estimator_asked_for_and_any_score_dtype() -> None:
+    logprobs, ref, mask = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]), torch.ones(1, 2)
+    rewards, kl = penalized_rewards(torch.tensor([1.0], dtype=torch.float64), logprobs, ref, mask, 0.1, "k3")
+    # k3 = (r - 1) - log r with log r = ref - logp: 0.1065 and 0.7183
+    k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
+    close(kl, [k3])
+    close(rewards, [[-0.1 * k3[0], 1.0 - 0.1 * k3[1]]])
+
+
+def test_gae_on_one_token_answers() -> None:
+    advantages, returns = gae_advantages(torch.tensor([[2.0]]), torch.tensor([[0.5]]), torch.ones(1, 1), 1.0, 0.95)
+    close(advantages, [[1.5]])  # r - V, nothing after
+    close(returns, [[2.0]])
+
+
+def test_policy_loss_clips_a_ratio_that_fell_below_one_minus_eps() -> None:
+    # ratio 0.5 and advantage -1: max(-A r, -A clip(r, 0.8, 1.2)) = max(0.5, 0.8) = 0.8
+    logprobs, old = torch.tensor([[math.log(0.5), 0.0]]), torch.zeros(1, 2)
+    loss, stats = clipped_policy_loss(logprobs, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), 0.2)
+    close(loss, (0.8 + -1.0) / 2)  # the second token: ratio 1, -A = -1
+    assert stats["clip_fraction"] == 0.5  # only the first token was clipped; at ratio 1 nothing is
+
+
+def test_value_loss_clips_a_prediction_that_fell_too_far() -> None:
+    # v 0, old 1, return 0, eps 0.2: v_clip = 1 - 0.2 = 0.8; 0.5 * max(0^2, 0.8^2) = 0.32
+    loss, stats = clipped_value_loss(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.2)
+    close(loss, 0.32)
+    assert stats["value_clip_fraction"] == 1.0
+
+
+def test_running_moments_divide_by_a_std_below_one() -> None:
+    moments = RunningMoments()
+    moments.update(torch.tensor([1.0, 2.0]))  # mean 1.5, unbiased std sqrt(0.5)
+    close(moments.normalize(torch.tensor([2.5])), [1.0 / 0.5**0.5])

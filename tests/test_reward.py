@@ -317,6 +317,9 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
     # the trained model says something (a head at zero would pass the reload trivially) ...
     assert scores.std() > 1e-3 and scores[0] > scores[3]  # "Yes." over "it depends it depends"
     assert torch.allclose(scores, reloaded, atol=1e-5)  # ... and says the same after the reload
+    fresh.base = {**fresh.base, "model": "another/model"}  # a process serving another base
+    with pytest.raises(ValueError, match="trained on model .*; this process runs model 'another/model'"):
+        load_reward(fresh, result.checkpoint)
 
 
 def test_too_few_votes_gives_no_round(tiny_config):

@@ -178,3 +178,70 @@ def test_a_schema_1_database_upgrades_and_keeps_its_rows(tmp_path):
     with sessions() as s:
         assert [p.reward_version for p in store.ppo_steps_on_reward(s, 3)] == [3]
     store.open_store(f"sqlite:///{path}")  # a second start finds nothing left to do
+
+
+def test_vote_results_say_exactly_what_happened(sessions):
+    """The four answers a vote can get, word for word and with ``ok`` a real bool:
+    the UI shows these messages, and callers test ``ok``."""
+    with sessions() as s, s.begin():
+        conv = store.start_conversation(s, "s1").id
+    old = new_pair(sessions, conversation_id=conv)
+    new = new_pair(sessions, conversation_id=conv)
+    with sessions() as s, s.begin():
+        results = [
+            store.record_vote(s, new, "c"),
+            store.record_vote(s, 9999, "a", None, "s1"),
+            store.record_vote(s, old, "a", None, "s1"),
+            store.record_vote(s, new, "a", None, "s1"),
+            store.record_vote(s, new, "b", None, "s1"),
+        ]
+    assert [(r.ok, r.message) for r in results] == [
+        (False, "Unknown choice 'c'."),
+        (False, "That pair is unknown; please send a message first."),
+        (False, "That pair is no longer current; vote on the newest one."),
+        (True, "Vote recorded."),
+        (False, "This pair already has your vote."),
+    ]
+
+
+def test_an_unknown_strength_is_stored_as_not_stated(sessions):
+    first, second = new_pair(sessions), new_pair(sessions)
+    with sessions() as s, s.begin():
+        assert store.record_vote(s, first, "a", "enormously", "s1").ok
+        assert store.record_vote(s, second, "b", "slightly", "s1").ok
+    with sessions() as s:
+        assert s.get(Comparison, first).strength is None and s.get(Comparison, second).strength == "slightly"
+
+
+def test_a_pair_keeps_its_arena_flag_versions_and_source(sessions):
+    with sessions() as s, s.begin():
+        ctx = [{"role": "user", "content": "hi"}]
+        arena = store.save_pair(s, session_id="s1", context=ctx, a=cand("x", 3), b=cand("y", 0), arena=True,
+                                source="simulate").id
+        plain = store.save_pair(s, session_id="s1", context=ctx, a=cand("x", 2), b=cand("y", 2)).id
+    with sessions() as s:
+        a, p = s.get(Comparison, arena), s.get(Comparison, plain)
+        assert (a.arena, a.policy_version_a, a.policy_version_b, a.source) == (True, 3, 0, "simulate")
+        assert (p.arena, p.policy_version_a, p.policy_version_b, p.source) == (False, 2, 2, "ui")
+
+
+def test_a_vote_becomes_the_preference_it_states(sessions):
+    """preferences.to_pair: the chosen side first, each side's finished flag with it,
+    the strength and context kept; ties and both-bad say nothing."""
+    from rlhf_chat.preferences import PreferencePair, preference_pairs, to_pair
+
+    with sessions() as s, s.begin():
+        ctx = [{"role": "user", "content": "hi"}]
+        cut, whole = cand("cut answer"), cand("whole answer")
+        cut.finished = False
+        ids = [store.save_pair(s, session_id="s1", context=ctx, a=cut, b=whole).id for _ in range(4)]
+        for pid, choice, strength in zip(ids, ["a", "b", "tie", "both_bad"], ["clearly", None, None, None]):
+            assert store.record_vote(s, pid, choice, strength, "s1").ok
+    with sessions() as s:
+        rows = store.voted_comparisons(s)
+        assert to_pair(rows[0]) == PreferencePair(ids[0], ctx, "cut answer", "whole answer", "clearly", False, True)
+        assert to_pair(rows[1]) == PreferencePair(ids[1], ctx, "whole answer", "cut answer", None, True, False)
+        assert to_pair(rows[2]) is None and to_pair(rows[3]) is None
+        assert [p.comparison_id for p in preference_pairs(rows)] == ids[:2]
+        rows[0].candidates.clear()  # stored before candidates were recorded: shown, and scored, as complete
+        assert to_pair(rows[0]).chosen_finished is True and to_pair(rows[0]).rejected_finished is True

@@ -10,10 +10,10 @@ from sqlalchemy import select
 from rlhf_chat import store
 from rlhf_chat.runtime import start_services
 from rlhf_chat.tables import Comparison, Message
-from rlhf_chat.ui import ChatState, new_conversation, regenerate, respond, vote
+from rlhf_chat.ui import CUT_LABEL, CUT_MARK, ChatState, continue_answer, new_conversation, regenerate, respond, vote
 
 OUT_CHATBOT, OUT_A, OUT_B, OUT_NOTICE, OUT_TEXTBOX = 0, 1, 2, 3, 4
-OUT_VOTE_A, OUT_REGEN, OUT_STATE = 5, 9, 10
+OUT_VOTE_A, OUT_REGEN, OUT_CONTINUE, OUT_STATE = 5, 9, 10, 11
 
 
 @pytest.fixture
@@ -47,14 +47,14 @@ def test_message_gives_two_streamed_candidates_and_vote_is_stored(services, monk
     updates, final = send(services, "What is a good breakfast?")
     state = final[OUT_STATE]
     assert state.phase == "vote" and state.pair_id is not None
-    assert final[OUT_A] == state.pair[0] and final[OUT_B] == state.pair[1]
+    assert final[OUT_A]["value"] == state.pair[0] and final[OUT_B]["value"] == state.pair[1]
     assert final[OUT_VOTE_A]["interactive"] is True
     # while writing, the vote buttons are off and the input is closed
     assert updates[0][OUT_VOTE_A]["interactive"] is False and updates[0][OUT_TEXTBOX]["interactive"] is False
     assert updates[0][OUT_TEXTBOX]["value"] == ""  # the message is stored, so the box may clear
     # the panes fill while the answers are written: partial text before the whole
-    partial = [u[OUT_A] for u in updates[:-1] if u[OUT_A]]
-    assert partial and len(partial[0]) < len(final[OUT_A]) and partial[0] != final[OUT_A]
+    partial = [u[OUT_A]["value"] for u in updates[:-1] if u[OUT_A]["value"]]
+    assert partial and len(partial[0]) < len(final[OUT_A]["value"]) and partial[0] != final[OUT_A]["value"]
 
     shown = state.pair
     after = vote(services, "b", "clearly better", state)
@@ -178,3 +178,58 @@ def test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored(services):
     assert "voting very fast" in refused[OUT_NOTICE] and state.phase == "vote"  # the pair stays open
     with services.sessions() as s:
         assert store.count_votes(s) == 3
+
+
+def test_a_cut_off_answer_is_marked_and_continues_into_the_conversation(services, monkeypatch):
+    """At 12 tokens the tiny model's answers are cut off: both panes say so; the chosen
+    one is marked in the conversation, and Continue streams on and stores the longer
+    answer, which the next message's context then holds."""
+    import rlhf_chat.candidates as candidates
+
+    _, final = send(services, "Tell me about the sea.")
+    state = final[OUT_STATE]
+    assert state.pair_finished == (False, False)  # 12 tokens: no answer of the random model ends
+    assert final[OUT_A]["label"] == "Response A" + CUT_LABEL and final[OUT_B]["label"] == "Response B" + CUT_LABEL
+    assert final[OUT_CONTINUE]["interactive"] is False  # nothing chosen yet
+    after = vote(services, "b", None, state)
+    state = after[OUT_STATE]
+    chosen = state.history[-1]["content"]
+    assert after[OUT_CHATBOT][-1]["content"] == chosen + CUT_MARK and "Continue" in after[OUT_NOTICE]
+    assert after[OUT_CONTINUE]["interactive"] is True
+
+    seen: list[list[int]] = []
+    real_sample = candidates.sample
+
+    def watched(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real_sample(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr("rlhf_chat.ui.sample", watched)
+    updates, done = last(continue_answer(services, state))
+    state = done[OUT_STATE]
+    longer = state.history[-1]["content"]
+    assert longer.startswith(chosen) and len(longer) > len(chosen)
+    tok = services.worker.call(0, lambda m: m.tokenizer)
+    assert tok.decode(seen[0]).endswith(chosen)  # it writes on from the answer itself, in its turn
+    assert tok.eos_token_id not in seen[0][-len(tok.encode(chosen)):]
+    assert any(u[OUT_CONTINUE]["interactive"] is False for u in updates[:-1])  # off while writing
+    with services.sessions() as s:
+        stored = s.scalars(select(Message).order_by(Message.position)).all()
+        assert [m.role for m in stored] == ["user", "assistant"] and stored[-1].content == longer
+    if state.cut_turns:  # cut off again at 12 more tokens: marked, and can go on
+        assert done[OUT_CHATBOT][-1]["content"] == longer + CUT_MARK and done[OUT_CONTINUE]["interactive"] is True
+    _, final = send(services, "And the mountains?", state)
+    with services.sessions() as s:
+        row = s.scalars(select(Comparison).order_by(Comparison.id.desc())).first()
+        assert row.context[-2] == {"role": "assistant", "content": longer}
+
+
+def test_continue_is_refused_without_a_cut_off_answer(services):
+    assert "no cut-off answer" in last(continue_answer(services, ChatState()))[1][OUT_NOTICE]
+    _, final = send(services, "Hello?")
+    state = final[OUT_STATE]
+    assert "no cut-off answer" in last(continue_answer(services, state))[1][OUT_NOTICE]  # still voting
+    state.pair_finished = (True, True)  # as if A had ended on its own
+    after = vote(services, "a", None, state)
+    assert after[OUT_CONTINUE]["interactive"] is False and after[OUT_CHATBOT][-1]["content"] == state.history[-1]["content"]
+    assert "no cut-off answer" in last(continue_answer(services, after[OUT_STATE]))[1][OUT_NOTICE]
