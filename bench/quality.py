@@ -1,6 +1,6 @@
 """Benchmark: answer quality of each way of loading the bundled model, and the answer budget.
 
-    python bench/quality.py [--weights fp32,bf16,nf4] [--prompts 96] [--runs 6] [--unbounded 512]
+    python bench/quality.py [--weights fp32,int4,bf16,nf4] [--prompts 96] [--runs 6] [--unbounded 512]
 
 For each weight path (fp32 is the shipped GGUF values de-quantized, the yardstick):
 

@@ -239,8 +239,8 @@ def resolve_weights(cfg: ModelConfig, device: torch.device) -> str:
         raise ValueError(f"weights {cfg.weights!r}: expected auto or one of {', '.join(WEIGHT_PATHS)}")
     if cfg.weights != "auto":
         return cfg.weights
-    if cfg.name != BUNDLED_MODEL:
-        return "nf4"
+    if cfg.name != BUNDLED_MODEL or importlib.util.find_spec(BUNDLED_PACKAGE) is None:
+        return "nf4"  # a full-precision model, or the bundled one's Hub copy (a Space): no GGUF blocks to keep
     return "int4" if device.type == "cpu" else "bf16"  # torch's int4 kernel used here is the CPU one
 
 
@@ -265,22 +265,26 @@ class FrozenLinear(nn.Linear):
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
-def hold_linear_layers_in(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every ``nn.Linear`` inside the decoder by a :class:`FrozenLinear` in
-    ``dtype``; the embeddings, norms and output layer stay as they are. Returns
-    how many layers were replaced."""
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> FrozenLinear:
+    """A :class:`FrozenLinear` holding ``weight`` (out, in) as it is, in its dtype."""
+    out_features, in_features = weight.shape
+    layer = FrozenLinear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def replace_decoder_linears(model: nn.Module, make_layer) -> int:
+    """Replace every ``nn.Linear`` inside the decoder by ``make_layer(linear)``; the
+    embeddings, norms and output layer stay as they are. Returns how many were replaced."""
     decoder = getattr(model, model.base_model_prefix)
     replaced = 0
     for module in list(decoder.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                frozen = FrozenLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                      device=child.weight.device, dtype=dtype)
-                with torch.no_grad():
-                    frozen.weight.copy_(child.weight)
-                    if child.bias is not None:
-                        frozen.bias.copy_(child.bias)
-                setattr(module, name, frozen)
+                setattr(module, name, make_layer(child))
                 replaced += 1
     return replaced
 
@@ -290,16 +294,12 @@ def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
     training copy's dense in bf16 with exactly the values those kernels multiply by."""
     from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, dense_weight
 
-    decoder = getattr(model, model.base_model_prefix)
-    for module in list(decoder.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                if training:
-                    layer = FrozenLinear(child.in_features, child.out_features, bias=False, dtype=torch.bfloat16)
-                    layer.weight.data.copy_(dense_weight(child.weight.data, "int4"))
-                else:
-                    layer = Int4Linear(child.weight.data)
-                setattr(module, name, layer)
+    if training:
+        replace_decoder_linears(
+            model, lambda linear: frozen_linear(dense_weight(linear.weight.data, "int4"), linear.bias)
+        )
+    else:
+        replace_decoder_linears(model, lambda linear: Int4Linear(linear.weight.data, linear.bias))
     head = model.get_output_embeddings().weight.data
     model.lm_head = DenseOutputLayer(dense_weight(head, "int8")) if training else Int8OutputLayer(head)
     model.config.tie_word_embeddings = False  # the input embeddings stay float32, as shipped
@@ -341,7 +341,7 @@ def load_base(path: str, weights: str, device: torch.device, training: bool = Fa
         if training:
             _dense_lm_head_for_training(model, device)
     elif weights == "bf16":
-        hold_linear_layers_in(model, torch.bfloat16)
+        replace_decoder_linears(model, lambda linear: frozen_linear(linear.weight.data.to(torch.bfloat16), linear.bias))
     elif weights == "int4":
         hold_shipped_blocks(model, training)
     for param in model.parameters():

@@ -531,7 +531,10 @@ class PPOTrainer:
         (folder first, then the database row that names it)."""
         tensors, base = self._call(lambda m: ({k: v.detach().clone() for k, v in policy_tensors(m).items()}, m.base))
         meta = {
-            "version": version, "kl_coef": self.kl_ctl.value, "score_normalizer": self.normalizer.to_dict(), "base": base,
+            "version": version,
+            "kl_coef": self.kl_ctl.value,
+            "score_normalizer": self.normalizer.to_dict(),
+            "base": base,
         }
         path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)
 

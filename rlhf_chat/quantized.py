@@ -80,21 +80,24 @@ class Int4Linear(nn.Linear):
     LoRA weights in float32). Eval-only: the kernel has no backward.
     """
 
-    def __init__(self, weight: torch.Tensor, group: int = GROUP):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = GROUP):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.group = group
         q, scale, minimum = int4_groups(weight, group)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.weight = nn.Parameter(packed, requires_grad=False)
-        self.bias = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         zeros = minimum + 8 * scale
-        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous())
+        scales_and_zeros = torch.stack([scale.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / group, N, 2), as the kernel reads them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` with W the layer's 4-bit values, in ``x``'s dtype."""
+        """``x @ W.T (+ b)`` with W the layer's 4-bit values, in ``x``'s dtype."""
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales_and_zeros)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales_and_zeros).float()
+        if self.bias is not None:
+            out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

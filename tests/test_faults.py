@@ -282,7 +282,7 @@ def test_a_reward_checkpoint_with_an_older_head_is_skipped_on_restore(tmp_path, 
     models = load_models(ModelConfig(name=str(tiny_path)))
     current = {k: v.detach().clone() for k, v in reward_tensors(models).items()}
     older = {k: v + 1 for k, v in current.items()} | {"head.weight": torch.ones(1, models.hidden_size)}
-    meta = {"moments": {"mean": 0.0, "m2": 1.0, "count": 2}}
+    meta = {"moments": {"mean": 0.0, "m2": 1.0, "count": 2}, "base": models.base}  # the same base: only the head differs
     root, sessions = tmp_path / "checkpoints", store.open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
     paths = [save_checkpoint(root, "reward", 1, current, {**meta, "version": 1}),
              save_checkpoint(root, "reward", 2, older, {**meta, "version": 2})]

@@ -217,6 +217,11 @@ def test_minibatches_cover_every_pair_each_epoch():
     pairs = [PreferencePair(i, [], "a", "b") for i in range(10)]
     batches = minibatches(pairs, 5, 2, seed=0)
     assert sorted(p.comparison_id for b in batches for p in b) == list(range(10))
+    longer = minibatches(pairs, 4, 4, seed=0)  # 16 draws: a whole epoch, then the next one's start
+    assert [len(b) for b in longer] == [4, 4, 4, 4]
+    first_epoch = [p.comparison_id for b in longer for p in b][:10]
+    assert sorted(first_epoch) == list(range(10))
+    assert longer == minibatches(pairs, 4, 4, seed=0) and longer != minibatches(pairs, 4, 4, seed=1)  # seeded
 
 
 def length_pairs(n: int) -> list[PreferencePair]:

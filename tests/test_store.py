@@ -136,6 +136,14 @@ def test_checkpoints_latest(sessions):
         latest = store.latest_checkpoint(s, "reward")
         assert (latest.version, latest.path, latest.extra) == (2, "/b", {"mean": 0.5})
         assert store.latest_checkpoint(s, "none") is None
+    with sessions() as s, s.begin():
+        store.add_checkpoint(s, "reward", 1, "/late")  # named after v2 (a slow save): v2 is still the newest
+    with sessions() as s:
+        assert store.latest_checkpoint(s, "reward").path == "/b"
+    with sessions() as s, s.begin():
+        store.add_checkpoint(s, "reward", 2, "/b-again")  # v2 saved again (a retried save): the newer row wins
+    with sessions() as s:
+        assert store.latest_checkpoint(s, "reward").path == "/b-again"
 
 
 def test_newer_schema_refused(sessions, db_url):
@@ -245,3 +253,20 @@ def test_a_vote_becomes_the_preference_it_states(sessions):
         assert [p.comparison_id for p in preference_pairs(rows)] == ids[:2]
         rows[0].candidates.clear()  # stored before candidates were recorded: shown, and scored, as complete
         assert to_pair(rows[0]).chosen_finished is True and to_pair(rows[0]).rejected_finished is True
+
+
+def test_voted_comparisons_are_the_voted_ones_after_an_id_oldest_first(sessions):
+    ids = [new_pair(sessions) for _ in range(4)]
+    with sessions() as s, s.begin():
+        assert store.count_votes(s) == 0  # an empty count is 0, not None
+        for pid in (ids[0], ids[2], ids[3]):
+            assert store.record_vote(s, pid, "a", None, "s1").ok
+    with sessions() as s:
+        assert [c.id for c in store.voted_comparisons(s)] == [ids[0], ids[2], ids[3]]  # ids[1] has no vote
+        assert [c.id for c in store.voted_comparisons(s, after_id=ids[2])] == [ids[3]]
+        assert store.count_votes(s) == 3 and store.count_votes(s, ("b",)) == 0
+
+
+def test_text_is_stored_without_nul_and_otherwise_as_it_is():
+    assert store.storable_text("a\x00b\x00") == "ab"
+    assert store.storable_text("plain  text\n") == "plain  text\n"
