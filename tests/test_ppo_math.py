@@ -496,3 +496,40 @@ def test_running_moments_divide_by_a_std_below_one() -> None:
     moments = RunningMoments()
     moments.update(torch.tensor([1.0, 2.0]))  # mean 1.5, unbiased std sqrt(0.5)
     close(moments.normalize(torch.tensor([2.5])), [1.0 / 0.5**0.5])
+
+
+# --------------------------------------------------------------------------- #
+# the scoring helpers of ppo.py and reward.py that need no model
+# --------------------------------------------------------------------------- #
+
+
+def test_missing_eos_penalty_lands_on_cut_off_answers_only() -> None:
+    from rlhf_chat.ppo import with_missing_eos_penalty
+
+    scores = torch.tensor([0.5, 0.5, -2.0])
+    close(with_missing_eos_penalty(scores, [True, False, False], -1.0), [0.5, -0.5, -3.0])
+    close(with_missing_eos_penalty(scores, [True, False, False], 0.0), [0.5, 0.5, -2.0])
+
+
+def test_rollout_layout_is_each_rows_real_prompt_then_answer_tokens() -> None:
+    from rlhf_chat.ppo import Rollout, rollout_layout
+
+    batch = Rollout(
+        contexts=[[], []], texts=["", ""], finished=[True, False],
+        prompt_ids=torch.tensor([[0, 7, 8], [5, 6, 9]]), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        response_ids=torch.tensor([[3, 2, 2], [4, 4, 4]]), response_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+    )
+    assert rollout_layout(batch) == [[7, 8, 3, 2], [5, 6, 9, 4, 4, 4]]  # left padding and the pads after EOS dropped
+
+
+def test_answer_mask_and_pair_margins() -> None:
+    from rlhf_chat.config import RewardConfig
+    from rlhf_chat.preferences import PreferencePair
+    from rlhf_chat.reward import answer_mask, pair_margins
+
+    close(answer_mask([2, 1, 0], 4, "cpu"), [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+    cfg = RewardConfig(margin_slightly=0.3, margin_clearly=1.2)
+    pairs = [PreferencePair(i, [], "a", "b", strength) for i, strength in enumerate(["slightly", "clearly", None, "odd"])]
+    margins = pair_margins(pairs, cfg, torch.device("cpu"))
+    assert margins.dtype == torch.float32
+    close(margins, [0.3, 1.2, 0.0, 0.0])
