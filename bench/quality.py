@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from common import PROMPTS as BENCH_PROMPTS
 from common import machine, percentile, summary
 
+from rlhf_chat.behaviours import loops
 from rlhf_chat.candidates import Sampling, generate_pair, sample
 from rlhf_chat.chat import render_prompt, render_response
 from rlhf_chat.config import AppConfig
@@ -43,21 +43,6 @@ from rlhf_chat.supervised import SupervisedExample, lm_loss
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "answers.jsonl"
 BUDGETS = (64, 96, 128, 160, 192, 256)
-
-
-def loops(text: str) -> bool:
-    """Whether an answer repeats itself, judged on its words: some run of four
-    words occurs three times, or some sentence of four or more words twice.
-
-    Unlike the token rule that stops rows, it also sees repeats that are not
-    back to back ("I'm trying to make it ... I'm trying to make it ...").
-    """
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-    if any(grams.count(g) >= 3 for g in set(grams)):
-        return True
-    sentences = [s.strip() for s in re.split(r"[.!?\n]+", text.lower()) if len(s.split()) >= 4]
-    return len(sentences) != len(set(sentences))
 
 
 def shipped_prompts(n: int) -> list[str]:

@@ -12,7 +12,8 @@ a far steadier estimate than the ~10% held out of one run's 200 votes.
 
 With ``--checkpoint`` it trains nothing: it measures a reward model a run
 saved on every usable vote of other runs, split by how many of the pair's two
-answers ended before the 64-token limit (a cut-off pair is the hard kind).
+answers ended before the 64-token limit (a cut-off pair is the hard kind), and
+into plain pairs and mode pairs (two answers in two response modes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common import accuracy_interval, machine
 from rlhf_chat import store
 from rlhf_chat.config import AppConfig
 from rlhf_chat.loading import load_models
-from rlhf_chat.preferences import PreferencePair, preference_pairs
+from rlhf_chat.preferences import PreferencePair, modes_differ, preference_pairs
 from rlhf_chat.reward import evaluate, minibatches, reward_parameters, train_step
 
 
@@ -41,6 +42,13 @@ def finished_answers(db_path: str) -> dict[int, int]:
     sessions = store.open_store(f"sqlite:///{db_path}")
     with sessions() as session:
         return {c.id: sum(x.finished for x in c.candidates) for c in store.voted_comparisons(session)}
+
+
+def mode_pair_ids(db_path: str) -> set[int]:
+    """Ids of the voted comparisons whose two answers were written in two different modes."""
+    sessions = store.open_store(f"sqlite:///{db_path}")
+    with sessions() as session:
+        return {c.id for c in store.voted_comparisons(session) if modes_differ(c)}
 
 
 def measure_checkpoint(path: str, tests: list[str]) -> None:
@@ -64,6 +72,11 @@ def measure_checkpoint(path: str, tests: list[str]) -> None:
             hits = [ok for ok, p in zip(correct, pairs) if finished[p.comparison_id] == n]
             if hits:
                 parts.append(f"{kind} {sum(hits)}/{len(hits)}")
+        moded = mode_pair_ids(db)  # DESIGN.md: mode pairs are extra; plain pairs are what PPO's rollouts look like
+        for kind, keep in (("plain pairs", False), ("mode pairs", True)):
+            hits = [ok for ok, p in zip(correct, pairs) if (p.comparison_id in moded) == keep]
+            if hits:
+                parts.append(f"{kind} {sum(hits)}/{len(hits)} ({sum(hits) / len(hits):.2f})")
         print("; ".join(parts))
 
 

@@ -69,6 +69,7 @@ class Candidate:
     token_count: int
     finished: bool
     latency_s: float
+    mode: str = ""  # the response mode it was written in (modes.py); "" for a plain answer. Never shown.
 
     def to_record(self) -> dict:
         """Plain fields for the store."""
@@ -82,9 +83,12 @@ class RowStreamer(BaseStreamer):
     are two rows of one call, and each pane must fill as its row is written.
     """
 
-    def __init__(self, tokenizer, batch_size: int, on_update: Callable[[list[str]], None]):
+    def __init__(
+        self, tokenizer, batch_size: int, on_update: Callable[[list[str]], None], prefixes: list[list[int]] | None = None
+    ):
         self.tokenizer = tokenizer
-        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+        # A row written in a mode starts with its prefilled opening, shown as part of the answer.
+        self.rows: list[list[int]] = [list(p) for p in prefixes] if prefixes else [[] for _ in range(batch_size)]
         self.done = [False] * batch_size
         self.on_update = on_update
         self.seen_prompt = False
@@ -157,19 +161,25 @@ def sample(
     adapter_names: list[str] | None = None,
     on_update: Callable[[list[str]], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    openings: list[str] | None = None,
 ) -> Samples:
     """Sample one answer per prompt in a single batched ``generate`` call.
 
     ``adapter_names`` gives each row its adapter (peft mixed batches), so the
     policy and the reference can answer side by side in the same call.
+    ``openings`` prefill the start of each row's answer (a response mode,
+    ``modes.py``; "" for none): the model continues it, and the row's text
+    includes it, while ``response_ids`` and the log-probabilities hold only what
+    the model wrote.
     Tokens are drawn by :class:`~rlhf_chat.nucleus.NucleusSampler`: exactly
     softmax(logits / ``temperature``) within the ``top_p`` nucleus, no top-k,
     so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
     """
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    prefixes = [tokenizer.encode(o, add_special_tokens=False) if o else [] for o in (openings or [""] * len(prompts))]
+    ids, mask = left_pad([p + q for p, q in zip(prompts, prefixes)], tokenizer.pad_token_id, device)
     sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.seed, device)
-    streamer = RowStreamer(tokenizer, len(prompts), on_update) if on_update else None
+    streamer = RowStreamer(tokenizer, len(prompts), on_update, prefixes) if on_update else None
     extra: dict = {"adapter_names": adapter_names} if adapter_names else {}
     loops = LoopStop(ids.shape[1], tokenizer.eos_token_id) if sampling.stop_loops else None
     criteria = [c for c in (loops, EachStep(on_step) if on_step is not None else None) if c is not None]
@@ -198,7 +208,10 @@ def sample(
         counts[row], finished[row] = cut, False
         response[row, cut:] = tokenizer.pad_token_id
         logprobs[row, cut:] = 0.0
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
+    texts = [
+        tokenizer.decode(pre + row[:n], skip_special_tokens=True).strip()
+        for pre, row, n in zip(prefixes, response.tolist(), counts)
+    ]
     looped = [row in cuts for row in range(len(prompts))]
     return Samples(ids, mask, response, texts, counts, finished, latency, logprobs, looped)
 
@@ -226,20 +239,28 @@ def generate_pair(
     policy_version: int,
     arena: bool = False,
     on_update: Callable[[list[str]], None] | None = None,
+    modes: tuple[tuple[str, str], tuple[str, str]] | None = None,
 ) -> tuple[Candidate, Candidate]:
     """Two candidates for one prompt, sampled together.
 
     In an arena pair one side is the policy and the other the reference (the
     starting model), on a side chosen at random so that people judge blind.
+    ``modes`` gives each side a (mode name, opening) to write in (policy pairs only).
     """
+    if arena and modes:
+        raise ValueError("arena pairs stay plain policy against the reference: no modes")
     sources = pair_sources(arena, random.Random(sampling.seed))
     adapter_names = adapter_names_for(sources) if arena else None
-    samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update)
-    a, b = (to_candidate(samples, i, sampling, sources[i], policy_version) for i in range(2))
+    openings = [opening for _, opening in modes] if modes else None
+    samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update, openings=openings)
+    names = [name for name, _ in modes] if modes else ["", ""]
+    a, b = (to_candidate(samples, i, sampling, sources[i], policy_version, names[i]) for i in range(2))
     return a, b
 
 
-def to_candidate(samples: Samples, row: int, sampling: Sampling, source: str, policy_version: int) -> Candidate:
+def to_candidate(
+    samples: Samples, row: int, sampling: Sampling, source: str, policy_version: int, mode: str = ""
+) -> Candidate:
     """One row of a sampling call as a candidate; the reference is version 0 by definition."""
     return Candidate(
         text=samples.texts[row],
@@ -252,4 +273,5 @@ def to_candidate(samples: Samples, row: int, sampling: Sampling, source: str, po
         token_count=samples.token_counts[row],
         finished=samples.finished[row],
         latency_s=samples.latency_s,
+        mode=mode,
     )

@@ -137,10 +137,20 @@ class PPOConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     missing_eos_penalty: float = -1.0  # TRL missing_eos_penalty: answers cut at the limit score lower
+    # The score of an answer with no text (ppo.with_empty_answer_score): three
+    # standard deviations below the rollouts' mean, since no vote teaches it.
+    empty_answer_score: float = -3.0
     # PPO-ptx (InstructGPT eq. 2, its gamma): weight of the language-model loss on
-    # answers people chose (supervised.py), added to every PPO minibatch. 0: off.
-    ptx_coef: float = 0.0
+    # answers people chose (supervised.py), under the plain context, added to
+    # every PPO minibatch. It is how a vote between two modes reaches the plain
+    # policy (README, "Learning beyond length"): with 0.5, the follow_up
+    # labeler's policy asked a question in 74% of held-out answers, with 0 in 0%.
+    ptx_coef: float = 0.5
     ptx_examples: int = 512  # newest chosen answers the LM term draws from
+    ptx_batch: int = 4  # chosen answers in each minibatch's LM term
+    # Which chosen answers: "modes" (votes between two different modes: the
+    # winners that differ, AlpacaFarm's lesson) or "all" (every winner).
+    ptx_from: str = "modes"
     # Truncated importance sampling (Yao et al. 2025): the serving copy samples,
     # the training copy scores, and their log-probabilities differ a little
     # (bf16, another output-layer kernel). Each token's policy-gradient term is
@@ -167,6 +177,10 @@ class LoopConfig:
     retry_backoff_s: float = 5.0  # first back-off after a training error; doubles up to max
     max_backoff_s: float = 300.0
     arena_fraction: float = 0.25  # share of pairs that put the policy against the reference
+    # Share of the other (policy) pairs whose two sides are written in two
+    # different response modes (modes.py), so that a vote tells behaviours apart
+    # that plain samples almost never differ in. 0: plain pairs only.
+    mode_fraction: float = 0.5
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Controls: what an admin may do to the live loop, as plain functions over the services.
 
 Pause and resume; change β (the KL coefficient) and the learning rate; reset
-the policy to the base model; roll back to a saved checkpoint; export the votes.
+the policy to the base model; roll back to a saved checkpoint; export the votes;
+add and remove response modes.
 Each returns a message for the UI and raises :class:`ControlError` with a clear
 message for a bad request. The UI shows these only after :func:`check_admin`,
 and checks the password again on every call.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -28,10 +30,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat import store
+from rlhf_chat.behaviours import DETECTORS
 from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
 from rlhf_chat.config import AppConfig
 from rlhf_chat.export import preference_rows, write_rows
 from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.modes import active_modes
 from rlhf_chat.ppo import policy_tensors
 from rlhf_chat.tables import Checkpoint, PPOStep
 from rlhf_chat.worker import CHAT
@@ -282,3 +286,49 @@ def export_preferences(sessions: sessionmaker[Session], folder: str | Path, fmt:
         f"and {skipped.get('both_bad', 0)} both-bad votes."
     )
     return path, message
+
+
+# --- response modes ---------------------------------------------------------------------
+
+MODE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_OPENING_CHARS = 200  # an opening starts an answer; a paragraph would be the answer itself
+
+
+def mode_names(sessions: sessionmaker[Session]) -> list[str]:
+    """The names of the modes in use, for the admin's list."""
+    with sessions() as session:
+        return [m.name for m in active_modes(session)]
+
+
+def add_mode(services, name, description, openings, behaviour) -> str:
+    """Add a response mode (or replace one of that name): one opening per line.
+
+    The next mode pair may use it. Its behaviour, if named, is what the
+    Training tab and ``bench/modes.py`` check to see that it is followed.
+    """
+    name = (name or "").strip().lower()
+    if not MODE_NAME.match(name):
+        raise ControlError("A mode name is a lower-case word of at most 32 letters, digits or underscores.")
+    lines = [line.strip() for line in (openings or "").splitlines() if line.strip()]
+    if not lines:
+        raise ControlError("Give at least one opening, one per line: the words an answer in this mode starts with.")
+    if any(len(line) > MAX_OPENING_CHARS for line in lines):
+        raise ControlError(f"An opening is at most {MAX_OPENING_CHARS} characters.")
+    behaviour = (behaviour or "").strip()
+    if behaviour and behaviour not in DETECTORS:
+        raise ControlError(f"Unknown behaviour {behaviour!r}; one of: {', '.join(DETECTORS)}, or none.")
+    with services.sessions() as session, session.begin():
+        store.save_mode(session, name, (description or "").strip()[:500], lines, behaviour)
+    return f"Mode {name!r} saved with {len(lines)} opening(s); mode pairs may use it from the next message."
+
+
+def remove_mode(services, name) -> str:
+    """Take a mode out of the mode pairs (stored; a built-in one can be added back)."""
+    name = (name or "").strip()
+    if name not in mode_names(services.sessions):
+        raise ControlError(f"No mode {name!r} is in use.")
+    with services.sessions() as session, session.begin():
+        store.remove_mode(session, name)
+    left = mode_names(services.sessions)
+    note = "" if len(left) >= 2 else " Fewer than two modes are left: every pair is plain until one is added."
+    return f"Mode {name!r} removed; in use: {', '.join(left) or 'none'}.{note}"

@@ -29,7 +29,8 @@ from rlhf_chat.arena import ArenaResult, arena_results, bucket_results, total
 from rlhf_chat.candidates import count_response_tokens, left_pad
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.loading import Models
-from rlhf_chat.tables import Comparison, TrainingEvent
+from rlhf_chat.behaviours import DETECTORS, behaviour_shares
+from rlhf_chat.tables import CandidateRow, Comparison, TrainingEvent
 from rlhf_chat.worker import PPO, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,45 @@ class ProbeBoard:
             log.warning("probe answers failed: %s", future.exception())
             return
         self._latest = future.result()
+
+
+def arena_answers(session: Session, limit: int = 100) -> dict[str, tuple[list[str], list[bool]]]:
+    """The texts and finished flags of the newest ``limit`` arena pairs' answers, by source."""
+    query = (
+        select(CandidateRow.source, CandidateRow.text, CandidateRow.finished)
+        .join(Comparison, CandidateRow.comparison_id == Comparison.id)
+        .where(Comparison.arena.is_(True))
+        .order_by(Comparison.id.desc())
+        .limit(2 * limit)
+    )
+    out: dict[str, tuple[list[str], list[bool]]] = {"reference": ([], []), "policy": ([], [])}
+    for source, text, finished in session.execute(query):
+        if source in out:
+            out[source][0].append(text)
+            out[source][1].append(bool(finished))
+    return out
+
+
+def behaviour_table(session: Session, probes: ProbeAnswers | None, limit: int = 100) -> pd.DataFrame:
+    """What the policy learned, behaviour by behaviour: its share of answers against the reference's.
+
+    From the newest arena pairs (sampled, as people see them) and from the
+    probe answers (greedy). A column with no answers yet is left out.
+    """
+    columns: dict[str, dict[str, float]] = {}
+    arena = arena_answers(session, limit)
+    for source in ("reference", "policy"):
+        texts, finished = arena[source]
+        if texts:
+            columns[f"{source} (arena, {len(texts)} answers)"] = behaviour_shares(texts, finished)
+    if probes is not None:
+        columns["reference (probes)"] = behaviour_shares(probes.reference)
+        columns[f"policy v{probes.version} (probes)"] = behaviour_shares(probes.policy)
+    names = ["words", "finished", *DETECTORS]
+    table = {"behaviour": names}
+    for label, shares in columns.items():
+        table[label] = [round(shares[n], 2) if n in shares else None for n in names]
+    return pd.DataFrame(table)
 
 
 def probe_table(answers: ProbeAnswers | None) -> pd.DataFrame:

@@ -12,7 +12,10 @@ can show the policy drifting towards it:
 
 * ``concise`` prefers the shorter answer;
 * ``friendly`` prefers the warmer, more polite answer (something other than
-  length, so the two built-ins pull the model in different directions).
+  length, so the two built-ins pull the model in different directions);
+* ``follow_up`` and ``example`` are strict: the answer that asks the person a
+  question (or gives an example) wins, and anything else is a tie, so length
+  can never win them.
 
 Your own labeler can be plugged in with ``load_labeler("package.module:func")``.
 Whatever a labeler returns should be passed through ``normalize_choice`` before
@@ -23,11 +26,11 @@ corrupting the preference data.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable
 from typing import Literal
 
 from rlhf_chat import tables
+from rlhf_chat.behaviours import FRIENDLY_MARKERS, asks_question, friendliness_score, gives_example
 
 __all__ = [
     "BUILTIN_LABELERS",
@@ -37,10 +40,13 @@ __all__ = [
     "FRIENDLY_MARKERS",
     "Labeler",
     "concise",
+    "example",
+    "follow_up",
     "friendly",
     "friendliness_score",
     "load_labeler",
     "normalize_choice",
+    "strict_choice",
 ]
 
 Choice = Literal["a", "b", "tie", "both_bad"]
@@ -58,38 +64,6 @@ through ``normalize_choice``."""
 # notice that one is a few words shorter, and voting on such noise would
 # teach the model nothing but noise.
 CONCISE_TIE_FRACTION = 0.10
-
-# Words and punctuation that make an answer read as warm and polite.  Matching
-# is case-insensitive and each marker must start at a word boundary, so "sure"
-# is not counted inside "ensure" or "measure", while stems such as "thank"
-# still catch "thanks" and "thank you".  Every occurrence counts, so an answer
-# that says "thanks" twice beats one that says it once: the simulated person
-# responds to how much warmth there is, not merely whether there is any.
-FRIENDLY_MARKERS: tuple[str, ...] = (
-    "please",
-    "thank",
-    "glad",
-    "happy to",
-    "hope this helps",
-    "great question",
-    "!",
-    "sure",
-    "of course",
-    "you're welcome",
-)
-
-
-def _marker_pattern(marker: str) -> str:
-    """Regex for one marker: anchored at a word boundary when it starts with a letter."""
-    escaped = re.escape(marker)
-    # "\b" only makes sense before a word character; "!" must match anywhere.
-    return r"\b" + escaped if marker[:1].isalnum() else escaped
-
-
-_FRIENDLY_RE = re.compile(
-    "|".join(_marker_pattern(m) for m in FRIENDLY_MARKERS), re.IGNORECASE
-)
-
 
 def concise(prompt: str, response_a: str, response_b: str) -> Choice:
     """Prefer the shorter answer, as a person who wants the gist quickly would.
@@ -119,13 +93,6 @@ def concise(prompt: str, response_a: str, response_b: str) -> Choice:
     return "a" if len_a < len_b else "b"
 
 
-def friendliness_score(text: str) -> int:
-    """Count the warmth/politeness markers (``FRIENDLY_MARKERS``) in ``text``."""
-    # Typographic apostrophes are common in generated text; fold them so
-    # "you’re welcome" counts the same as "you're welcome".
-    return len(_FRIENDLY_RE.findall(text.replace("\u2019", "'")))
-
-
 def friendly(prompt: str, response_a: str, response_b: str) -> Choice:
     """Prefer the warmer, more polite answer, whatever its length.
 
@@ -143,9 +110,35 @@ def friendly(prompt: str, response_a: str, response_b: str) -> Choice:
     return "a" if score_a > score_b else "b"
 
 
+def strict_choice(has_a: bool, has_b: bool) -> Choice:
+    """The answer that shows the behaviour wins; "tie" when both or neither do.
+
+    No length tie-break, nothing else: a strict labeler can only be won by the
+    behaviour itself, so a policy that just got shorter or longer gains nothing.
+    """
+    if has_a == has_b:
+        return "tie"
+    return "a" if has_a else "b"
+
+
+def follow_up(prompt: str, response_a: str, response_b: str) -> Choice:
+    """Prefer the answer that follows up with a question to the person (the seed's
+    "follow up with a related question"; ``behaviours.asks_question``), strictly."""
+    del prompt
+    return strict_choice(asks_question(response_a), asks_question(response_b))
+
+
+def example(prompt: str, response_a: str, response_b: str) -> Choice:
+    """Prefer the answer that illustrates with an example (``behaviours.gives_example``), strictly."""
+    del prompt
+    return strict_choice(gives_example(response_a), gives_example(response_b))
+
+
 BUILTIN_LABELERS: dict[str, Labeler] = {
     "concise": concise,
     "friendly": friendly,
+    "follow_up": follow_up,
+    "example": example,
 }
 
 

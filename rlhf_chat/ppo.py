@@ -242,6 +242,7 @@ def score_rollout(
     models.trainer.set_adapter(POLICY)
     scores = normalizer.normalize(batch.raw_scores, models.reward_version) if normalizer else batch.raw_scores
     batch.scores = with_missing_eos_penalty(scores, batch.finished, cfg.missing_eos_penalty)
+    batch.scores = with_empty_answer_score(batch.scores, batch.texts, cfg.empty_answer_score)
     # 3) advantages
     mask = batch.response_mask
     batch.rewards, batch.kl = pm.penalized_rewards(
@@ -250,6 +251,22 @@ def score_rollout(
     advantages, batch.returns = pm.gae_advantages(batch.rewards, batch.values, mask, cfg.gamma, cfg.lam)
     batch.advantages = pm.masked_whiten(advantages, mask)
     return batch
+
+
+def with_empty_answer_score(scores: torch.Tensor, texts: list[str], value: float) -> torch.Tensor:
+    """Scores with ``value`` for answers that show no text at all.
+
+    Nobody votes on an empty answer, so the reward model never learns that it
+    is the worst answer there is; fitted to "shorter wins" it extrapolates the
+    other way, and a `concise` run's policy answered nothing to 29% of
+    held-out prompts. A fixed score (in units of the normalised reward) says
+    what no vote can.
+
+    >>> with_empty_answer_score(torch.tensor([0.5, 0.5, 0.5]), ["Hi.", " ", ""], -3.0).tolist()
+    [0.5, -3.0, -3.0]
+    """
+    empty = torch.tensor([not t.strip() for t in texts], device=scores.device)
+    return torch.where(empty, torch.full_like(scores, value), scores)
 
 
 def with_missing_eos_penalty(scores: torch.Tensor, finished: list[bool], penalty: float) -> torch.Tensor:
@@ -356,6 +373,8 @@ class StepResult:
     score_s: float = 0.0
     update_s: float = 0.0
     texts: list[str] | None = None
+    scores: list[float] | None = None  # each rollout's raw reward-model score
+    lengths: list[int] | None = None  # each rollout's length in tokens
 
 
 def snapshot(models: Models, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -416,17 +435,20 @@ class PPOTrainer:
         )
         self.normalizer = ScoreNormalizer()
         self.optimizer: torch.optim.Optimizer | None = None
+        if cfg.ptx_from not in ("modes", "all"):
+            raise ValueError(f"ppo.ptx_from {cfg.ptx_from!r}: expected 'modes' or 'all'")
         self.rng = random.Random(0)
 
     def _call(self, fn):
         return self.worker.call(PPO_PRIORITY, fn)
 
     def supervised_examples(self) -> list[SupervisedExample]:
-        """What PPO-ptx's language-model term learns from: the newest chosen answers."""
+        """What PPO-ptx's language-model term learns from: the newest chosen answers
+        (of votes between two modes, or of every vote: ``PPOConfig.ptx_from``)."""
         if self.cfg.ptx_coef <= 0:
             return []
         with self.sessions() as session:
-            return chosen_answers(session, self.cfg.ptx_examples)
+            return chosen_answers(session, self.cfg.ptx_examples, only_mode_pairs=self.cfg.ptx_from == "modes")
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts (phases in the module docstring)."""
@@ -493,20 +515,22 @@ class PPOTrainer:
             score_s=t_score - t_rollout,
             update_s=t_update - t_score,
             texts=batch.texts,
+            scores=batch.raw_scores.tolist(),
+            lengths=batch.response_mask.sum(-1).long().tolist(),
         )
         self._record(result)
         return result
 
     def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
         """Epochs x minibatches, one worker job each; stops at the first non-finite one.
-        Each minibatch's LM term (PPO-ptx) draws as many examples as it has rows."""
+        Each minibatch's LM term (PPO-ptx) draws ``ptx_batch`` chosen answers."""
         cfg, stats = self.cfg, []
         for _ in range(cfg.epochs):
             order = list(range(n))
             self.rng.shuffle(order)
             for i in range(0, n, cfg.minibatch_size):
                 rows = order[i : i + cfg.minibatch_size]
-                ptx = self.rng.sample(examples, min(len(examples), len(rows))) if examples else None
+                ptx = self.rng.sample(examples, min(len(examples), cfg.ptx_batch)) if examples else None
                 s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
                 stats.append(s)
                 if not s["finite"]:

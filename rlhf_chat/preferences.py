@@ -39,6 +39,12 @@ def finished_flags(comparison: Comparison) -> dict[str, bool]:
     return flags
 
 
+def modes_differ(comparison: Comparison) -> bool:
+    """Whether the two candidates were written in two different response modes (modes.py)."""
+    modes = {row.side: row.mode or "" for row in comparison.candidates}
+    return len(modes) == 2 and modes["a"] != modes["b"]
+
+
 def to_pair(comparison: Comparison) -> PreferencePair | None:
     """The preference a vote expresses, or None for tie / both bad / no vote."""
     finished = finished_flags(comparison)

@@ -2,8 +2,11 @@
 
 pairs -> votes -> reward model -> PPO, in rounds as the live loop takes turns,
 then a blind evaluation against the reference, through the same store,
-worker, reward and PPO code the app uses. The result is a JSON report; see
-:func:`simulate`.
+worker, reward and PPO code the app uses. As in the app, a share of the pairs
+are arena pairs and a share of the others mode pairs (``modes.py``). The
+result is a JSON report (see :func:`simulate`): the figures, and what the
+policy learned behaviour by behaviour (``behaviours.py``), per round, with
+every evaluation answer, so that anyone can measure any behaviour.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import Callable
 
 from rlhf_chat import store
 from rlhf_chat.arena import win_rate
+from rlhf_chat.behaviours import DETECTORS, behaviour_shares
 from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, adapter_names_for, pair_sources, sample, to_candidate
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
+from rlhf_chat.modes import Mode, active_modes, modes_for_pair
+from rlhf_chat.preferences import modes_differ
 from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -65,23 +71,36 @@ def as_context(prompt: str) -> list[dict]:
 
 
 def sample_pairs(
-    models, prompts: list[str], sampling: Sampling, arena: list[bool] | None = None
+    models,
+    prompts: list[str],
+    sampling: Sampling,
+    arena: list[bool] | None = None,
+    modes: list[tuple[tuple[str, str], tuple[str, str]] | None] | None = None,
 ) -> list[tuple[Candidate, Candidate]]:
     """Two candidates for each prompt, all in one batched call (2 rows per prompt, as in the UI).
 
     Where ``arena[k]`` is true, prompt k gets an arena pair: the policy against
     the reference, on a random side (peft mixed adapters in the same call).
+    Where ``modes[k]`` is set, prompt k's two sides are written in those two
+    (mode name, opening)s, as the UI's mode pairs are; arena pairs never are.
     """
     arena = arena or [False] * len(prompts)
+    modes = modes or [None] * len(prompts)
+    if any(flag and pair for flag, pair in zip(arena, modes)):
+        raise ValueError("arena pairs stay plain policy against the reference: no modes")
     rng = random.Random(sampling.seed)
     sources = [pair_sources(flag, rng) for flag in arena]
     rendered = [render_prompt(models.tokenizer, as_context(p)) for p in prompts]
     rows = [ids for ids in rendered for _ in range(2)]
     names = [name for pair in sources for name in adapter_names_for(pair)] if any(arena) else None
-    out = sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names)
+    sides = [pair or (("", ""), ("", "")) for pair in modes]
+    openings = [opening for pair in sides for _, opening in pair]
+    out = sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names, openings=openings)
     version = models.serving_version
     return [
-        tuple(to_candidate(out, 2 * k + side, sampling, sources[k][side], version) for side in (0, 1))
+        tuple(
+            to_candidate(out, 2 * k + side, sampling, sources[k][side], version, sides[k][side][0]) for side in (0, 1)
+        )
         for k in range(len(prompts))
     ]
 
@@ -97,12 +116,15 @@ def collect_votes(
     session_id: str = "simulate",
     arena_fraction: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    modes: list[Mode] | None = None,
+    mode_fraction: float = 0.0,
 ) -> dict[str, int]:
     """Generate ``n`` pairs from the serving policy, ask the labeler, and store pairs
     and votes as the UI does.
 
     As in the UI, a share ``arena_fraction`` of the pairs puts the policy
-    against the reference, once the policy differs from it.
+    against the reference, once the policy differs from it, and a share
+    ``mode_fraction`` of the others shows the policy in two different ``modes``.
     """
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
     done = 0
@@ -110,10 +132,12 @@ def collect_votes(
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
         arena = [rng.random() < arena_fraction for _ in chunk]
         sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
+        mode_draws = [modes_for_pair(modes or [], mode_fraction, rng) for _ in chunk]
 
-        def job(models, chunk=chunk, arena=arena, sampling=sampling):
-            flags = arena if models.serving_version > 0 else None  # before any update, both sides are the reference
-            return sample_pairs(models, chunk, sampling, flags), flags or [False] * len(chunk)
+        def job(models, chunk=chunk, arena=arena, sampling=sampling, draws=mode_draws):
+            flags = arena if models.serving_version > 0 else [False] * len(chunk)  # before any update: no arena
+            pair_modes = [None if flag else draw for flag, draw in zip(flags, draws)]
+            return sample_pairs(models, chunk, sampling, flags, pair_modes), flags
 
         pairs, flags = worker.call(CHAT, job)
         for prompt, (a, b), is_arena in zip(chunk, pairs, flags):
@@ -161,6 +185,18 @@ class Report:
     db_url: str = ""  # where this run's votes are: other runs' votes for bench/reward_transfer.py
     checkpoint_dir: str = ""
     settings: dict = field(default_factory=dict)  # the sampling, PPO and reward settings it ran with
+    # What the policy learned, beyond a win-rate (behaviours.py): shares of each
+    # behaviour in the reference's and the final policy's held-out answers, and
+    # per round in that round's PPO rollouts (the plain policy as it trained).
+    behaviour_reference: dict = field(default_factory=dict)
+    behaviour_policy: dict = field(default_factory=dict)
+    behaviour_rounds: list[dict] = field(default_factory=list)
+    # Share of answers that start with a mode's prefilled opening word for word:
+    # a canned phrase is not a learned taste, so the README quotes this beside the shares.
+    opening_repeats: dict = field(default_factory=dict)
+    reward_length_corr: float | None = None  # Pearson r of reward and length, last round's rollouts
+    mode_pairs: dict = field(default_factory=dict)  # how many pairs were mode pairs, and their votes
+    eval_answers: list[dict] = field(default_factory=list)  # {"prompt", "policy", "reference", "choice", ...}
 
     def write(self, path: str | Path) -> None:
         """Save as JSON."""
@@ -202,35 +238,45 @@ def evaluate_against_reference(
 
     For each prompt, one answer from each (one batched call, peft mixed
     adapters), shown in random order. A tie or "both bad" counts as half a win:
-    neither was preferred.
+    neither was preferred. ``answers`` lists every prompt's two answers and the
+    verdict ("policy", "reference", "tie" or "both_bad").
     """
     rng = random.Random(seed)
     wins = ties = losses = 0
+    answers: list[dict] = []
     batch = cfg.simulation.batch_prompts
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
 
-        def job(models, chunk=chunk, sampling=sampling) -> list[str]:
+        def job(models, chunk=chunk, sampling=sampling):
             rendered = [render_prompt(models.tokenizer, as_context(p)) for p in chunk]
             rows = [ids for ids in rendered for _ in range(2)]
             names = ["policy", BASE_ADAPTER] * len(chunk)
-            return sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names).texts
+            return sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names)
 
-        texts = worker.call(CHAT, job)
+        out = worker.call(CHAT, job)
         for k, prompt in enumerate(chunk):
-            policy, reference = texts[2 * k], texts[2 * k + 1]
+            policy, reference = out.texts[2 * k], out.texts[2 * k + 1]
             policy_first = rng.random() < 0.5
             a, b = (policy, reference) if policy_first else (reference, policy)
             choice = normalize_choice(labeler(prompt, a, b))
             if choice in ("tie", "both_bad"):
                 ties += 1
+                verdict = choice
             elif (choice == "a") == policy_first:
                 wins += 1
+                verdict = "policy"
             else:
                 losses += 1
+                verdict = "reference"
+            answers.append({
+                "prompt": prompt, "policy": policy, "reference": reference, "choice": verdict,
+                "policy_finished": out.finished[2 * k], "reference_finished": out.finished[2 * k + 1],
+            })
     n = wins + ties + losses
-    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + 0.5 * ties) / n if n else 0.0}
+    win = (wins + 0.5 * ties) / n if n else 0.0
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": win, "answers": answers}
 
 
 def plot_curve(report: Report, path: str | Path) -> Path:
@@ -258,6 +304,37 @@ def plot_curve(report: Report, path: str | Path) -> Path:
         f"win-rate vs reference {report.win_rate_vs_reference or 0:.2f}",
         fontsize=9,
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def behaviour_series(report: Report) -> tuple[list[str], dict[str, list[float]]]:
+    """The x labels and, per behaviour, its share: the reference's held-out answers,
+    each round's PPO rollouts, then the final policy's held-out answers."""
+    columns = [report.behaviour_reference, *(r["policy"] for r in report.behaviour_rounds), report.behaviour_policy]
+    labels = ["reference", *(f"round {i + 1}" for i in range(len(report.behaviour_rounds))), "final policy"]
+    series = {name: [c.get(name, 0.0) for c in columns] for name in DETECTORS}
+    return labels, series
+
+
+def plot_behaviours(report: Report, path: str | Path) -> Path:
+    """A PNG of each behaviour's share, from the reference over the rounds to the final policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, series = behaviour_series(report)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for name, values in series.items():
+        ax.plot(range(len(labels)), values, marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(ylabel="share of answers", ylim=(-0.02, 1.02),
+           title=f"Behaviours ({report.labeler} labeler): held-out answers at the ends, PPO rollouts between")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -304,6 +381,8 @@ def simulate(
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     if not resume:
         refuse_used_database(sessions, cfg.store.db_url)
+    with sessions() as session:
+        modes = active_modes(session)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
     try:
@@ -323,6 +402,7 @@ def simulate(
                 counts = collect_votes(
                     worker, sessions, train_prompts, labeler, pairs, cfg, rng,
                     session_id=f"simulate-{seed}", arena_fraction=cfg.loop.arena_fraction, progress=bar.update,
+                    modes=modes, mode_fraction=cfg.loop.mode_fraction,
                 )
                 report.votes = {k: report.votes[k] + v for k, v in counts.items()}
                 seconds["votes"] += time.perf_counter() - mark
@@ -342,8 +422,10 @@ def simulate(
                     bar.set_description("PPO")
                     with sessions() as session:
                         contexts = store.user_contexts(session)
+                    rollouts: list[tuple[str, float, int]] = []
                     for _ in range(owed):
                         step = trainer.step(trainer.sample_contexts(contexts))
+                        rollouts += zip(step.texts or [], step.scores or [], step.lengths or [])
                         report.reward_curve.append(step.mean_reward)
                         report.kl_curve.append(step.mean_kl)
                         report.length_curve.append(step.mean_length)
@@ -351,6 +433,8 @@ def simulate(
                         bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
                         bar.update(1)
                     owed = 0
+                    report.behaviour_rounds.append(round_behaviours(rollouts, modes, len(report.reward_curve)))
+                    report.reward_length_corr = report.behaviour_rounds[-1]["reward_length_corr"]
                 seconds["ppo"] += time.perf_counter() - mark
         if report.reward_curve:
             trainer.save(worker.serving_version)
@@ -360,7 +444,10 @@ def simulate(
         mark = time.perf_counter()
         outcome = evaluate_against_reference(worker, eval_prompts, labeler, cfg, seed + 1)
         report.win_rate_vs_reference = outcome.pop("win_rate")
+        report.eval_answers = outcome.pop("answers")
         report.eval_counts = outcome
+        describe_final_answers(report, modes)
+        report.mode_pairs = count_mode_pairs(sessions)
         interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
         report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
         seconds["eval"] = time.perf_counter() - mark
@@ -372,7 +459,59 @@ def simulate(
         report.write(report_path)
         if report.reward_curve:
             plot_curve(report, plot_path or Path(report_path).with_suffix(".png"))
+            plot_behaviours(report, Path(plot_path or report_path).with_suffix(".behaviours.png"))
     return report
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's correlation coefficient; None when either side does not vary.
+
+    >>> pearson([1, 2, 3], [2, 4, 7])
+    0.9933992677987827
+    """
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+
+
+def opening_share(texts: list[str], modes: list[Mode]) -> float:
+    """Share of answers that start with one of the modes' openings, word for word."""
+    openings = [o.strip() for m in modes for o in m.openings if o.strip()]
+    return sum(any(t.startswith(o) for o in openings) for t in texts) / max(1, len(texts))
+
+
+def round_behaviours(rollouts: list[tuple[str, float, int]], modes: list[Mode], after_ppo_steps: int) -> dict:
+    """Behaviour shares, opening repeats and the reward-length correlation of one round's PPO rollouts."""
+    texts = [t for t, _, _ in rollouts]
+    corr = pearson([float(s) for _, s, _ in rollouts], [float(n) for _, _, n in rollouts])
+    return {
+        "after_ppo_steps": after_ppo_steps,
+        "policy": behaviour_shares(texts),
+        "opening_repeats": round(opening_share(texts, modes), 4),
+        "reward_length_corr": None if corr is None else round(corr, 4),
+    }
+
+
+def describe_final_answers(report: Report, modes: list[Mode]) -> None:
+    """Fill the report's behaviour shares and opening repeats from the evaluation answers."""
+    answers = report.eval_answers
+    for side, target in (("reference", report.behaviour_reference), ("policy", report.behaviour_policy)):
+        target.update(behaviour_shares([a[side] for a in answers], [a[f"{side}_finished"] for a in answers]))
+        report.opening_repeats[side] = round(opening_share([a[side] for a in answers], modes), 4)
+
+
+def count_mode_pairs(sessions) -> dict:
+    """How many voted pairs were mode pairs, and how many of those a vote decided."""
+    with sessions() as session:
+        comparisons = store.voted_comparisons(session)
+    mode_pairs = [c for c in comparisons if modes_differ(c)]
+    decided = [c for c in mode_pairs if c.choice in ("a", "b")]
+    return {"pairs": len(comparisons), "mode_pairs": len(mode_pairs), "mode_pairs_decided": len(decided)}
 
 
 def round_summary(result, after_ppo_steps: int) -> dict:

@@ -27,6 +27,7 @@ from rlhf_chat.tables import (
     Conversation,
     Message,
     PPOStep,
+    ResponseMode,
     RewardRound,
     SchemaInfo,
     TrainingEvent,
@@ -79,14 +80,18 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("ppo_steps", "copy_gap", "FLOAT"),
         ("ppo_steps", "ptx_loss", "FLOAT"),
     ],
+    3: [("candidates", "mode", "VARCHAR(32)")],  # the response_modes table is new: create_all makes it
 }
 
 
 def add_missing_columns(engine: Engine, from_version: int) -> None:
     """Run the ``ALTER TABLE ... ADD COLUMN`` of every schema after ``from_version``
-    (skipping a column that is already there, so an interrupted upgrade can rerun)."""
+    (skipping a column that is already there, so an interrupted upgrade can rerun,
+    and a table that is not there yet)."""
     for version in sorted(v for v in MIGRATIONS if v > from_version):
         for table, column, sql_type in MIGRATIONS[version]:
+            if not inspect(engine).has_table(table):
+                continue  # a table the old database never had: create_all makes it whole
             present = {c["name"] for c in inspect(engine).get_columns(table)}
             if column not in present:
                 with engine.begin() as connection:
@@ -284,6 +289,28 @@ def user_contexts(session: Session, limit: int = 2000) -> list[list[dict]]:
             seen.add(key)
             contexts.append(context)
     return contexts[:limit]
+
+
+def save_mode(session: Session, name: str, description: str, openings: list[str], behaviour: str = "") -> None:
+    """Add (or replace) a response mode, enabled."""
+    row = session.get(ResponseMode, name) or ResponseMode(name=name)
+    row.description, row.openings, row.behaviour, row.enabled = description, list(openings), behaviour, True
+    row.updated_at = utcnow()
+    session.add(row)
+    session.flush()
+
+
+def remove_mode(session: Session, name: str) -> None:
+    """Take a response mode out of use (a built-in one is remembered as removed)."""
+    row = session.get(ResponseMode, name) or ResponseMode(name=name, description="", openings=[], behaviour="")
+    row.enabled, row.updated_at = False, utcnow()
+    session.add(row)
+    session.flush()
+
+
+def mode_changes(session: Session) -> list[ResponseMode]:
+    """Every admin change to the response modes, by name."""
+    return list(session.scalars(select(ResponseMode).order_by(ResponseMode.name)))
 
 
 # --- checkpoints, metrics and events --------------------------------------------------

@@ -19,8 +19,10 @@ import torch
 
 from rlhf_chat import store
 from rlhf_chat.candidates import left_pad
+from rlhf_chat.heads import frozen_prefix, top_hidden
+from rlhf_chat.ppo_math import gather_logprobs, log_softmax_at
 from rlhf_chat.chat import render_prompt, render_response, trim_to_budget
-from rlhf_chat.preferences import preference_pairs
+from rlhf_chat.preferences import modes_differ, preference_pairs
 
 
 @dataclass
@@ -33,24 +35,45 @@ class SupervisedExample:
     weight: float = 1.0  # how much this example counts in the loss's weighted mean
 
 
-def chosen_answers(session, limit: int) -> list[SupervisedExample]:
-    """The newest ``limit`` answers people chose in a vote (A or B better), oldest first."""
-    pairs = preference_pairs(store.voted_comparisons(session))[-limit:] if limit > 0 else []
+def chosen_answers(session, limit: int, only_mode_pairs: bool = False) -> list[SupervisedExample]:
+    """The newest ``limit`` answers people chose in a vote (A or B better), oldest first.
+
+    With ``only_mode_pairs``, only votes between two different response modes
+    count: the winners that differ from what the policy writes anyway
+    (AlpacaFarm: supervised updates on every pairwise winner did not beat SFT).
+    """
+    comparisons = store.voted_comparisons(session)
+    if only_mode_pairs:
+        comparisons = [c for c in comparisons if modes_differ(c)]
+    pairs = preference_pairs(comparisons)[-limit:] if limit > 0 else []
     return [SupervisedExample(p.context, p.chosen, p.chosen_finished) for p in pairs]
 
 
-def encode_examples(tokenizer, examples: list[SupervisedExample], max_prompt_tokens: int, device) -> dict:
-    """Left-padded prompts (B, P) and right-padded answers (B, R) with their masks."""
-    prompts = [render_prompt(tokenizer, trim_to_budget(tokenizer, e.context, max_prompt_tokens)) for e in examples]
-    answers = [render_response(tokenizer, e.text, e.finished) or [tokenizer.eos_token_id] for e in examples]
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    width = max(len(a) for a in answers)
-    answer_ids = torch.full((len(answers), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    answer_mask = torch.zeros_like(answer_ids, dtype=torch.float32)
-    for row, ids in enumerate(answers):
-        answer_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        answer_mask[row, : len(ids)] = 1.0
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "answer_ids": answer_ids, "answer_mask": answer_mask}
+def example_sequences(tokenizer, examples: list[SupervisedExample], max_prompt_tokens: int) -> tuple[list, list]:
+    """Each example as one token sequence (prompt + answer) and its answer's length."""
+    sequences, answer_lens = [], []
+    for e in examples:
+        prompt = render_prompt(tokenizer, trim_to_budget(tokenizer, e.context, max_prompt_tokens))
+        answer = render_response(tokenizer, e.text, e.finished) or [tokenizer.eos_token_id]
+        sequences.append(prompt + answer)
+        answer_lens.append(len(answer))
+    return sequences, answer_lens
+
+
+def answer_positions(answer_lens: list[int], width: int, device) -> torch.Tensor:
+    """(B, width - 1) mask of the states that emit answer tokens, in a left-padded batch.
+
+    Row b's answer fills the last ``answer_lens[b]`` of ``width`` positions; the
+    state at position t predicts the token at t + 1.
+
+    >>> answer_positions([2, 1], 4, "cpu")
+    tensor([[0., 1., 1.],
+            [0., 0., 1.]])
+    """
+    mask = torch.zeros(len(answer_lens), width - 1, device=device)
+    for row, n in enumerate(answer_lens):
+        mask[row, width - 1 - n :] = 1.0
+    return mask
 
 
 def weighted_nll(logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -68,13 +91,26 @@ def weighted_nll(logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tens
 
 
 def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -> torch.Tensor:
-    """The language-model loss of the policy on the examples (differentiable)."""
-    from rlhf_chat.ppo import full_prefix, policy_forward  # the policy's forward lives with PPO
+    """The language-model loss of the policy on the examples (differentiable).
 
-    batch = encode_examples(models.tokenizer, examples, max_prompt_tokens, models.device)
-    prefix = full_prefix(models, batch["prompt_ids"], batch["prompt_mask"], batch["answer_ids"], batch["answer_mask"])
-    logprobs, _, _ = policy_forward(
-        models, prefix, batch["prompt_ids"].shape[1], batch["answer_ids"], batch["answer_mask"], 1.0, with_values=False
-    )
+    The frozen layers' states of an example never change, and the same chosen
+    answers recur step after step, so they come from the worker's prefix cache
+    (shared with the reward model, which reads the same sequences): only the
+    adapted top layers run, forward and backward.
+    """
+    tok = models.tokenizer
+    sequences, answer_lens = example_sequences(tok, examples, max_prompt_tokens)
+    if models.prefix_cache is not None:
+        prefix = models.prefix_cache.prefix(models, sequences)
+    else:
+        prefix = frozen_prefix(models.trainer, *left_pad(sequences, tok.pad_token_id, models.device))
+    ids, _ = left_pad(sequences, tok.pad_token_id, models.device)
+    hidden = top_hidden(models.trainer, prefix)  # (B, L, H)
+    mask = answer_positions(answer_lens, ids.shape[1], models.device)  # (B, L-1)
+    real = mask.bool()
+    # the 49k-word output layer on the answer tokens only, at temperature 1
+    logits = models.trainer.get_base_model().lm_head(hidden[:, :-1][real]).float()  # (N, V)
+    logprobs = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
+    logprobs[real] = gather_logprobs(log_softmax_at(logits, 1.0), ids[:, 1:][real])
     weights = torch.tensor([e.weight for e in examples], dtype=torch.float32, device=models.device)
-    return weighted_nll(logprobs, batch["answer_mask"], weights)
+    return weighted_nll(logprobs, mask, weights)

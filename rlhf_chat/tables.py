@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2  # bump with a migration in store.MIGRATIONS when a table changes
+SCHEMA_VERSION = 3  # bump with a migration in store.MIGRATIONS when a table changes
 CHOICES = ("a", "b", "tie", "both_bad")  # what a vote can say
 STRENGTHS = ("slightly", "clearly")  # how much better, optional (Anthropic's comparison interface)
 
@@ -115,11 +115,26 @@ class CandidateRow(Base):
     token_count: Mapped[int] = mapped_column(Integer)
     finished: Mapped[bool] = mapped_column(Boolean)
     latency_s: Mapped[float] = mapped_column(Float)
+    # schema 3
+    mode: Mapped[str | None] = mapped_column(String(32))  # response mode (modes.py); "" or NULL: plain. Never shown.
 
     comparison: Mapped[Comparison] = relationship(back_populates="candidates")
 
     def __repr__(self) -> str:
         return f"CandidateRow(comparison={self.comparison_id}, side={self.side!r}, source={self.source!r})"
+
+
+class ResponseMode(Base):
+    """An admin's change to the response modes: a mode added, or a built-in one removed."""
+
+    __tablename__ = "response_modes"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    openings: Mapped[list] = mapped_column(JSON, default=list)  # prefilled openings, one picked per answer
+    behaviour: Mapped[str] = mapped_column(String(32), default="")  # a behaviours.DETECTORS name, or ""
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)  # False: removed (a built-in one too)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Checkpoint(Base):

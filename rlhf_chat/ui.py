@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat import controls, dashboard, store
 from rlhf_chat.candidates import Candidate, Sampling, generate_pair, sample
+from rlhf_chat.behaviours import DETECTORS
+from rlhf_chat.modes import active_modes, modes_for_pair
 from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.worker import CHAT, ModelWorker
@@ -151,18 +153,36 @@ def _context_for(services: Services, state: ChatState, tokenizer) -> list[dict]:
     return trim_to_budget(tokenizer, with_system_prompt(state.history, cfg.system_prompt), cfg.context_tokens)
 
 
+def _draw_modes(services: Services):
+    """Two response modes for a policy pair, a share ``loop.mode_fraction`` of the time (else None).
+
+    The modes in use are read per pair, so an admin's change applies to the next
+    message; a database that cannot be read means a plain pair, not an error.
+    """
+    fraction = services.config.loop.mode_fraction
+    if fraction <= 0:
+        return None
+    try:
+        with services.sessions() as session:
+            modes = active_modes(session)
+    except OperationalError:
+        return None
+    return modes_for_pair(modes, fraction, random.Random(secrets.randbits(64)))
+
+
 def _generate(services: Services, state: ChatState, clear_input: bool = False, notice: str = "") -> Iterator[tuple]:
     """Stream two candidates for the current history into the panes, then store the pair."""
     updates: queue.Queue = queue.Queue()
     cfg = services.config
     arena = services.worker.serving_version > 0 and random.random() < cfg.loop.arena_fraction
     sampling = Sampling.from_config(cfg.sampling, secrets.randbelow(2**31))
+    pair_modes = None if arena else _draw_modes(services)
 
     def job(models) -> tuple[list[dict], Candidate, Candidate]:
         context = _context_for(services, state, models.tokenizer)
         prompt = render_prompt(models.tokenizer, context)
         a, b = generate_pair(
-            models.serving, models.tokenizer, prompt, sampling, models.serving_version, arena, updates.put
+            models.serving, models.tokenizer, prompt, sampling, models.serving_version, arena, updates.put, pair_modes
         )
         return context, a, b
 
@@ -387,7 +407,10 @@ def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
     The probes are read from the board without waiting; a changed policy
     version only queues their recomputation (see :class:`dashboard.ProbeBoard`).
     """
-    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(board.answers(services.worker)))
+    probes = board.answers(services.worker)
+    with services.sessions() as session:
+        behaviours = dashboard.behaviour_table(session, probes)
+    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(probes), behaviours)
 
 
 # --- admin -------------------------------------------------------------------------------
@@ -396,11 +419,23 @@ WRONG_PASSWORD_DELAY_S = 1.0  # slows password guessing to one try a second per 
 
 
 def unlock(services: Services, password: str | None) -> tuple:
-    """Show the admin controls for the right password: (panel, message, rollback choices)."""
+    """Show the admin controls for the right password: (panel, message, rollback choices, mode choices)."""
     if not controls.check_admin(password, services.config):
         time.sleep(WRONG_PASSWORD_DELAY_S)
-        return gr.update(visible=False), "Wrong password.", gr.update()
-    return gr.update(visible=True), "Unlocked.", _rollback_choices(services)
+        return gr.update(visible=False), "Wrong password.", gr.update(), gr.update()
+    return gr.update(visible=True), "Unlocked.", _rollback_choices(services), _mode_choices(services)
+
+
+def _mode_choices(services: Services):
+    return gr.update(choices=controls.mode_names(services.sessions), value=None)
+
+
+def admin_modes(services: Services, action, password: str | None, *args) -> tuple:
+    """Add or remove a response mode for an admin: (message, the modes now in use)."""
+    message, _ = admin_control(services, action, password, *args)
+    if not controls.check_admin(password, services.config):
+        return message, gr.update()
+    return message, _mode_choices(services)
 
 
 def _rollback_choices(services: Services):
@@ -504,9 +539,14 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
         "(refreshed at most once a minute when the policy changes)."
     )
     probes = gr.Dataframe(wrap=True, interactive=False, label="Probe prompts")
+    gr.Markdown(
+        "### What changed\nHow often answers do each thing, the policy against the starting model: from the "
+        "newest arena pairs and from the probe answers above."
+    )
+    behaviours = gr.Dataframe(interactive=False, label="Behaviours: share of answers (words: mean count)")
     events = gr.Markdown("")
     timer = gr.Timer(REFRESH_S, active=False)  # runs only while the tab is open: each tick reads the database
-    outputs = [loop_md, votes, accuracy, reward, kl, version, copy_gap, arena, arena_md, events, probes]
+    outputs = [loop_md, votes, accuracy, reward, kl, version, copy_gap, arena, arena_md, events, probes, behaviours]
     board = dashboard.ProbeBoard()
     timer.tick(partial(training_tick, services, board), None, outputs, api_name=False, show_progress="hidden")
     return timer, outputs, board
@@ -530,11 +570,34 @@ def build_admin(services: Services) -> None:
             rollback_to = gr.Dropdown(choices=[], label="Policy checkpoint")
             rollback_button = gr.Button("Roll back to this checkpoint")
             reset_button = gr.Button("Reset the policy to the base model", variant="stop")
+        gr.Markdown(
+            "**Response modes.** A share of chat pairs shows two answers written in two different modes; "
+            "a mode is a set of openings, one per line, that an answer starts with (people see the whole "
+            "answer, never the mode's name)."
+        )
+        with gr.Row():
+            mode_list = gr.Dropdown(choices=[], label="Modes in use")
+            remove_mode_button = gr.Button("Remove this mode")
+        with gr.Row():
+            mode_name = gr.Textbox(label="New mode: name", max_length=32)
+            mode_description = gr.Textbox(label="What it is for", max_length=500)
+            mode_openings = gr.Textbox(label="Openings, one per line", lines=3, max_length=2000)
+            mode_behaviour = gr.Dropdown(choices=["", *DETECTORS], value="", label="Behaviour that shows it")
+            add_mode_button = gr.Button("Add mode")
         export_button = gr.Button("Download preferences (JSONL)")
         export_file = gr.File(label="Preferences", visible=False, interactive=False)
 
-    unlock_button.click(partial(unlock, services), [password], [panel, message, rollback_to], api_name=False)
-    password.submit(partial(unlock, services), [password], [panel, message, rollback_to], api_name=False)
+    unlocked = [panel, message, rollback_to, mode_list]
+    unlock_button.click(partial(unlock, services), [password], unlocked, api_name=False)
+    password.submit(partial(unlock, services), [password], unlocked, api_name=False)
+    add_mode_button.click(
+        partial(admin_modes, services, controls.add_mode),
+        [password, mode_name, mode_description, mode_openings, mode_behaviour], [message, mode_list], api_name=False,
+    )
+    remove_mode_button.click(
+        partial(admin_modes, services, controls.remove_mode), [password, mode_list], [message, mode_list],
+        api_name=False,
+    )
     for button, action, extra in (
         (pause_button, controls.pause, []),
         (resume_button, controls.resume, []),

@@ -79,6 +79,20 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_ppo.py::test_ptx_term_learns_the_chosen_answers_and_changes_the_update",
         "import rlhf_chat.ppo as ppo, torch\nppo.lm_loss = lambda models, examples, n: torch.zeros((), requires_grad=True)\n",
     ),
+    "votes between modes teach the plain policy nothing (no winners reach the LM term)": (
+        "tests/test_ppo.py::test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour",
+        "import rlhf_chat.ppo as ppo\nppo.PPOTrainer.supervised_examples = lambda self: []\n",
+    ),
+    "a mode pair is sampled without its openings": (
+        "tests/test_modes.py::test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them",
+        "import rlhf_chat.candidates as c\n_sample = c.sample\n"
+        "c.sample = lambda *a, openings=None, **k: _sample(*a, **k)\n",
+    ),
+    "a strict labeler breaks ties by length": (
+        "tests/test_modes.py::test_strict_labelers_say_tie_unless_only_one_answer_shows_the_behaviour",
+        "import rlhf_chat.labelers as l\n_strict = l.strict_choice\n"
+        "l.strict_choice = lambda a, b: _strict(a, b) if a != b else 'a'\n",
+    ),
     "a PPO step that updates nothing": (
         "tests/test_learning.py::test_votes_train_a_reward_model_that_teaches_ppo_the_labelers_taste",
         "import rlhf_chat.ppo as ppo\nppo.PPOTrainer._update = lambda self, batch, n, examples: ([{'finite': True}], True)\n",

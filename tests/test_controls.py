@@ -51,12 +51,15 @@ def test_every_admin_handler_checks_the_password(monkeypatch, tmp_path):
     called = []
     message, _ = ui.admin_control(services, lambda s: called.append(s) or "done", "wrong")
     assert message.startswith("Not authorised") and called == []  # the action never ran
-    panel, message, _ = ui.unlock(services, "wrong")
+    panel, message, _, _ = ui.unlock(services, "wrong")
     assert panel["visible"] is False and message == "Wrong password."
     file, message = ui.admin_export(services, "")
     assert file["visible"] is False and message.startswith("Not authorised")
+    message, _ = ui.admin_modes(services, lambda s, *a: called.append(a) or "done", "wrong", "riddle")
+    assert message.startswith("Not authorised") and called == []
     services.sessions = lambda: pytest.fail("a refused request must not read the database")
     ui.admin_control(services, lambda s: "done", None)
+    ui.admin_modes(services, controls.remove_mode, None, "warm")
 
 
 # --- on a live loop over the tiny model ----------------------------------------------------
@@ -203,3 +206,29 @@ def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(ti
     assert overlaps == [False]  # the policy changed only between steps
     assert zero_now  # what people were served right after the reset is the base model
     assert services.worker.serving_version > version  # ... and its next step publishes a newer version
+
+
+def test_an_admin_adds_and_removes_modes_and_bad_requests_are_refused(services):
+    from rlhf_chat.modes import active_modes
+
+    message = controls.add_mode(services, "Riddle", "answer with a riddle", "Here is a riddle:\n\n  \nGuess:", "")
+    assert "riddle" in message and "2 opening" in message
+    with services.sessions() as s:
+        riddle = {m.name: m for m in active_modes(s)}["riddle"]
+    assert riddle.openings == ("Here is a riddle:", "Guess:")
+    for bad, match in (
+        (("", "d", "Hi", ""), "name"), (("two words", "d", "Hi", ""), "name"),
+        (("ok", "d", "  \n ", ""), "at least one opening"), (("ok", "d", "x" * 201, ""), "at most 200"),
+        (("ok", "d", "Hi", "length"), "Unknown behaviour"),
+    ):
+        with pytest.raises(ControlError, match=match):
+            controls.add_mode(services, *bad)
+    assert "ok" not in controls.mode_names(services.sessions)
+    assert "removed" in controls.remove_mode(services, "riddle")
+    with pytest.raises(ControlError, match="No mode"):
+        controls.remove_mode(services, "riddle")
+    for name in controls.mode_names(services.sessions)[:-1]:
+        message = controls.remove_mode(services, name)
+    assert "every pair is plain" in message
+    with services.sessions() as s:
+        assert len(active_modes(s)) == 1

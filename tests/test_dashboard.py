@@ -125,3 +125,30 @@ def test_thin_keeps_ends_and_bounds_points():
     thinned = thin(frame, 50)
     assert len(thinned) == 50 and thinned["x"].iloc[0] == 0 and thinned["x"].iloc[-1] == 999
     assert thin(frame.head(3), 50)["x"].tolist() == [0, 1, 2]
+
+
+def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
+    """Shares per behaviour from arena answers (by source) and from the probes, as a person reads them."""
+    from rlhf_chat.candidates import Candidate
+    from rlhf_chat.dashboard import ProbeAnswers, behaviour_table
+
+    def cand(text, source, finished=True):
+        return Candidate(text, source, 2 if source == "policy" else 0, 0, 0.7, 1.0, 64, 5, finished, 0.1)
+
+    with sessions() as session:
+        assert list(behaviour_table(session, None).columns) == ["behaviour"]  # nothing to show yet
+    with sessions() as session, session.begin():
+        for policy_text in ("Could you tell me which one you mean?", "Paris is the capital."):
+            store.save_pair(session, session_id="s", context=[{"role": "user", "content": "q"}], arena=True,
+                            a=cand(policy_text, "policy"), b=cand("The capital is Paris, a big city.", "reference", False))
+        store.save_pair(session, session_id="s", context=[{"role": "user", "content": "q"}],  # not arena: left out
+                        a=cand("Could you tell me more?", "policy"), b=cand("Could you say?", "policy"))
+    probes = ProbeAnswers(3, ["p"], ["A dog."], ["Thank you! A dog, for example."])
+    with sessions() as session:
+        table = behaviour_table(session, probes).set_index("behaviour")
+    policy, reference = table["policy (arena, 2 answers)"], table["reference (arena, 2 answers)"]
+    assert policy["asks a question"] == 0.5 and reference["asks a question"] == 0.0
+    assert policy["finished"] == 1.0 and reference["finished"] == 0.0
+    assert reference["words"] == 7.0
+    assert table["policy v3 (probes)"]["gives an example"] == 1.0 and table["reference (probes)"]["warm"] == 0.0
+    assert pd.isna(table["policy v3 (probes)"]["finished"])  # greedy probes: no finished flags

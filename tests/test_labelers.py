@@ -13,6 +13,8 @@ from rlhf_chat.labelers import (
     CHOICES,
     FRIENDLY_MARKERS,
     concise,
+    example,
+    follow_up,
     friendliness_score,
     friendly,
     load_labeler,
@@ -121,7 +123,7 @@ def test_builtin_outputs_are_valid_choices() -> None:
 
 
 def test_builtin_labelers_mapping() -> None:
-    assert BUILTIN_LABELERS == {"concise": concise, "friendly": friendly}
+    assert BUILTIN_LABELERS == {"concise": concise, "friendly": friendly, "follow_up": follow_up, "example": example}
 
 
 @pytest.mark.parametrize("name", ["concise", "friendly"])

@@ -129,6 +129,17 @@ def test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end(fres
         assert scored.rewards[row, 0].item() == pytest.approx(-beta * kl[row, 0].item(), abs=1e-6)
 
 
+def test_an_empty_answer_scores_the_fixed_empty_answer_score(fresh_models):
+    """An answer with no text gets ``empty_answer_score`` whatever the reward model says."""
+    m = fresh_models
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=4)
+    batch.finished = [True] * 4
+    batch.texts[2] = "  "
+    cfg = tiny_ppo_config(empty_answer_score=-3.0)
+    scored = score_rollout(m, batch, cfg, 0.1, lambda models, b: torch.tensor([2.0, 3.0, 5.0, 7.0]))
+    assert scored.scores.tolist() == [2.0, 3.0, -3.0, 7.0]
+
+
 def test_reference_pass_runs_without_the_adapter(fresh_models):
     """The reference log-probs are the base model's (no adapter), and differ from the policy's."""
     m = fresh_models
@@ -275,12 +286,13 @@ def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):
             store.record_vote(s, store.save_pair(s, session_id="t", context=ctx, a=shown[0], b=shown[1]).id, "a")
     with sessions() as s:
         examples = chosen_answers(s, 100)
+        assert chosen_answers(s, 100, only_mode_pairs=True) == []  # plain pairs: not winners that differ
     assert [e.text for e in examples] == ["Blue is calm."] * 4 and all(e.finished for e in examples)
 
     def run(ptx_coef: float) -> tuple[float, float, dict]:
         worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
         try:
-            cfg = tiny_ppo_config(ptx_coef=ptx_coef, learning_rate=3e-3)
+            cfg = tiny_ppo_config(ptx_coef=ptx_coef, learning_rate=3e-3, ptx_from="all", ptx_batch=4)
             trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
             trainer.rng.seed(0)
             before = worker.call(0, lambda m: lm_loss(m, examples, 256).item())
@@ -297,3 +309,72 @@ def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):
     assert with_ptx < before - 0.5, (before, with_ptx)  # it learned to write the chosen answer
     assert with_ptx < without - 0.5, (with_ptx, without)
     assert any(not torch.equal(w_ptx[k], w_plain[k]) for k in w_ptx)
+
+
+def test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour(tiny_config):
+    """Learning from the chosen answers: votes between a follow-up answer (chosen) and a
+    direct one teach the *plain* policy, with no mode in its context, to ask a question
+    on prompts it never saw. The same steps without the supervised term (a stub that
+    learns nothing from the winners) leave it at zero."""
+    from rlhf_chat.behaviours import asks_question
+    from rlhf_chat.candidates import Candidate
+
+    # Short questions to the reader: a random tiny model learns which words to write
+    # long before it learns their order, and this behaviour survives any order.
+    asked = "Could you? Would you? Can you? Do you?"
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as s, s.begin():
+        for ctx in CONTEXTS:
+            shown = [Candidate(asked, "policy", 0, 0, 0.7, 1.0, 10, 11, True, 0.1, mode="follow_up"),
+                     Candidate("Tea is a drink.", "policy", 0, 0, 0.7, 1.0, 10, 5, True, 0.1, mode="direct")]
+            store.record_vote(s, store.save_pair(s, session_id="t", context=ctx, a=shown[0], b=shown[1]).id, "a")
+    unseen = [[{"role": "user", "content": q}] for q in ("why is the sea salty?", "how do birds fly?")]
+
+    def share_after(ptx_coef: float) -> tuple[float, float]:
+        worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+        try:
+            cfg = tiny_ppo_config(ptx_coef=ptx_coef, learning_rate=1e-2, ptx_batch=4)
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, no_reward, SAMPLING)
+            trainer.rng.seed(0)
+            sampling = SamplingConfig(max_new_tokens=14, temperature=0.7)
+
+            def share() -> float:
+                texts = worker.call(0, lambda m: rollout(m, unseen * 8, tiny_ppo_config(), sampling, seed=5).texts)
+                return sum(map(asks_question, texts)) / len(texts)
+
+            before = share()
+            for _ in range(12):
+                trainer.step(CONTEXTS * 2)
+            return before, share()
+        finally:
+            worker.stop()
+
+    def no_reward(models, batch):  # the reward model is not what is tested: only the winners teach
+        return torch.zeros(batch.response_ids.shape[0])
+
+    before, with_winners = share_after(5.0)
+    _, stub = share_after(0.0)
+    assert before == 0.0 and stub == 0.0
+    assert with_winners >= 0.3, with_winners
+
+
+def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny_models):
+    """The supervised term through the prefix cache equals the plain computation: the
+    whole model's logits over prompt + answer, the answer tokens' mean negative log-likelihood."""
+    from rlhf_chat.chat import render_prompt, render_response
+    from rlhf_chat.supervised import SupervisedExample, lm_loss
+
+    tok = tiny_models.tokenizer
+    examples = [SupervisedExample(CONTEXTS[0], "Blue is calm.", True), SupervisedExample(CONTEXTS[3], "Once", False)]
+    with torch.no_grad():
+        nll, count = 0.0, 0
+        for e in examples:
+            prompt = render_prompt(tok, e.context)
+            answer = render_response(tok, e.text, e.finished)
+            ids = torch.tensor([prompt + answer])
+            logits = tiny_models.trainer(input_ids=ids).logits[0].float()  # (T, V)
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+            nll -= logp.gather(-1, torch.tensor(answer)[:, None]).sum().item()
+            count += len(answer)
+        for _ in range(2):  # the second time from the cache
+            assert lm_loss(tiny_models, examples, 256).item() == pytest.approx(nll / count, rel=2e-3)

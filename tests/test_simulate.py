@@ -14,6 +14,8 @@ from rlhf_chat.simulate import is_eval_prompt, load_prompts, sample_pairs, simul
 REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
     "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval", "rounds", "reward_rounds",
+    "eval_answers", "behaviour_reference", "behaviour_policy", "behaviour_rounds", "opening_repeats",
+    "reward_length_corr", "mode_pairs",
 }
 
 
@@ -69,6 +71,22 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     after = [r["after_ppo_steps"] for r in saved["reward_rounds"]]
     assert saved["rounds"] == 4 and len(after) >= 2
     assert after == sorted(set(after)) and after[-1] == 3  # PPO ran between reward rounds, not all at the end
+    # what was learned, beyond a win-rate: behaviours, the answers themselves, opening repeats
+    answers = saved["eval_answers"]
+    assert len(answers) == report.eval_prompts
+    assert all({"prompt", "policy", "reference", "choice"} <= a.keys() for a in answers)
+    assert {a["choice"] for a in answers} <= {"policy", "reference", "tie", "both_bad"}
+    verdicts = [a["choice"] for a in answers]
+    assert verdicts.count("policy") == saved["eval_counts"]["wins"]
+    assert verdicts.count("reference") == saved["eval_counts"]["losses"]
+    for shares in (saved["behaviour_reference"], saved["behaviour_policy"]):
+        assert {"words", "finished", "asks a question", "gives an example", "list lines", "warm", "loops"} <= shares.keys()
+    assert saved["behaviour_reference"]["words"] == pytest.approx(
+        sum(len(a["reference"].split()) for a in answers) / len(answers))
+    assert len(saved["behaviour_rounds"]) >= 1 and "asks a question" in saved["behaviour_rounds"][-1]["policy"]
+    assert {"policy", "reference"} <= saved["opening_repeats"].keys()
+    assert saved["mode_pairs"]["pairs"] == 12 and saved["mode_pairs"]["mode_pairs"] >= 1  # half of the policy pairs
+    assert report_path.with_suffix(".behaviours.png").stat().st_size > 1000
 
 
 def test_later_rounds_collect_pairs_from_the_updated_policy(tiny_config, tmp_path, monkeypatch):
@@ -90,6 +108,29 @@ def test_later_rounds_collect_pairs_from_the_updated_policy(tiny_config, tmp_pat
     assert all(not c.arena and c.policy_version_a == c.policy_version_b == 0 for c in first)
     assert all(c.arena for c in second)
     assert all(max(c.policy_version_a, c.policy_version_b) == 1 for c in second)  # after the round's PPO step
+
+
+def test_sample_pairs_writes_mode_pairs_in_their_modes_and_refuses_modes_in_the_arena(tiny_models):
+    prompts = ["What is rain?", "Name a fruit."]
+    modes = [(("follow_up", "Could you tell me"), ("warm", "Thank you for asking!")), None]
+    sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=3)
+    (a, b), (c, d) = sample_pairs(tiny_models, prompts, sampling, modes=modes)
+    assert (a.mode, b.mode, c.mode, d.mode) == ("follow_up", "warm", "", "")
+    assert a.text.startswith("Could you tell me") and b.text.startswith("Thank you for asking!")
+    with pytest.raises(ValueError, match="arena"):
+        sample_pairs(tiny_models, prompts, sampling, arena=[True, False], modes=modes)
+
+
+def test_pearson_and_opening_share_by_hand():
+    from rlhf_chat.modes import Mode
+    from rlhf_chat.simulate import opening_share, pearson
+
+    assert pearson([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert pearson([1, 1], [1, 2]) is None and pearson([1], [1]) is None
+    modes = [Mode("m", "", ("Could you tell me",)), Mode("d", "")]
+    assert opening_share(["Could you tell me more?", "Yes.", "I could you tell me"], modes) == pytest.approx(1 / 3)
 
 
 def test_unknown_labeler_is_a_clear_error(tiny_config):

@@ -174,7 +174,7 @@ def test_a_schema_1_database_upgrades_and_keeps_its_rows(tmp_path):
     connection.close()
     sessions = store.open_store(f"sqlite:///{path}")
     with sessions() as s:
-        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION == 2
+        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION == 3
         [old] = store.ppo_steps(s)
         assert (old.version, old.mean_reward, old.reward_version, old.copy_gap) == (1, 0.5, None, None)
     with sessions() as s, s.begin():

@@ -233,3 +233,35 @@ def test_continue_is_refused_without_a_cut_off_answer(services):
     after = vote(services, "a", None, state)
     assert after[OUT_CONTINUE]["interactive"] is False and after[OUT_CHATBOT][-1]["content"] == state.history[-1]["content"]
     assert "no cut-off answer" in last(continue_answer(services, after[OUT_STATE]))[1][OUT_NOTICE]
+
+
+def test_mode_pairs_store_their_modes_never_show_them_and_arena_pairs_have_none(services):
+    """A mode pair: the answers start with their modes' openings, the modes are stored
+    with the candidates, and nothing the person sees names a mode. Arena pairs stay plain."""
+    from rlhf_chat.modes import BUILTIN_MODES, by_name
+
+    services.config.loop.mode_fraction = 1.0
+    names = by_name(BUILTIN_MODES)
+    seen_modes = set()
+    for k in range(4):
+        updates, final = send(services, f"Question number {k}?")
+        state = final[OUT_STATE]
+        with services.sessions() as s:
+            row = s.get(Comparison, state.pair_id)
+            modes = [c.mode for c in row.candidates]
+        assert modes[0] != modes[1] and set(modes) <= set(names)
+        seen_modes |= set(modes)
+        for side, mode in zip((OUT_A, OUT_B), modes):
+            openings = names[mode].openings
+            assert not openings or any(final[side]["value"].startswith(o.strip()) for o in openings)
+        shown = repr([u[:OUT_STATE] for u in updates])  # every pane, label, notice and button the person saw
+        assert not any(f"'{m}'" in shown or f"({m})" in shown for m in modes)
+        vote(services, "tie", None, state)
+    assert len(seen_modes) > 2
+    # arena pairs (policy against reference) never get modes, even at mode_fraction 1
+    services.config.loop.arena_fraction = 1.0
+    services.worker.call(0, lambda m: setattr(m, "serving_version", 1))  # as after a PPO step
+    _, final = send(services, "An arena question?")
+    with services.sessions() as s:
+        row = s.get(Comparison, final[OUT_STATE].pair_id)
+        assert row.arena and [c.mode or "" for c in row.candidates] == ["", ""]

@@ -1,0 +1,110 @@
+"""Modes: ways to meet a question, so that two candidates differ in what people care about.
+
+PPO only reinforces what it samples, and the bundled model rarely asks a
+question back or gives an example on its own (1-3% of answers), so two plain
+samples almost never differ in such a behaviour and a vote between them
+carries no signal about it. A share of chat pairs therefore shows the policy
+under two different modes. The bundled model ignores instructions in a system
+prompt but continues an opening written into its answer (DESIGN.md), so a
+mode is a set of prefilled openings: the answer starts with one of them (picked
+at random, so that no single canned phrase is learned) and the model writes the
+rest. ``bench/modes.py`` measures how often each mode is followed.
+
+The mode is stored with each candidate and never shown: the person sees the
+whole answer, opening included, and votes on it as on any other. Learning
+uses the plain context only (the reward model and the supervised term both
+read the question without the mode), so what a vote teaches is "answers like
+this one, to questions like this", which the plain policy can then write by itself.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+PLAIN = ""  # the stored mode of a candidate written with no opening
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A way to answer: its name, what it is for, the openings that produce it, and
+    the behaviour (a ``behaviours.DETECTORS`` name) that shows it was followed."""
+
+    name: str
+    description: str
+    openings: tuple[str, ...] = ()  # empty: the policy's own answer
+    behaviour: str = ""
+
+    def opening(self, rng: random.Random) -> str:
+        """One of the mode's openings, at random ("" for a mode without any)."""
+        return rng.choice(self.openings) if self.openings else PLAIN
+
+
+# Openings chosen by measurement on the bundled model (bench/modes.py; the
+# README's "Modes" table gives each one's take rate). The non-warm openings
+# avoid the ``friendly`` labeler's markers, so that a mode pair measures one
+# thing at a time.
+BUILTIN_MODES: tuple[Mode, ...] = (
+    Mode("direct", "the policy's own answer, no opening (the bundled model answers directly)"),
+    Mode(
+        "follow_up",
+        "a follow-up question to clarify or to learn more",
+        ("To help you better, could you tell me", "Before I answer, may I ask", "Could you tell me a bit more about"),
+        "asks a question",
+    ),
+    Mode(
+        "example",
+        "an example that illustrates",
+        ("For example,", "Here is an example:", "Let me give you an example."),
+        "gives an example",
+    ),
+    Mode(
+        "background",
+        "a more general answer with background",
+        ("To understand this, some background helps.", "In general,", "A little history first:"),
+        "background",
+    ),
+    Mode(
+        "warm",
+        "a warm, friendly tone",
+        ("I'm glad you asked!", "Thank you for asking!", "Of course! I'd be happy to help."),
+        "warm",
+    ),
+    Mode("steps", "step by step", ("Here's how, step by step:\n\n1.", "Let's go step by step.\n\n1."), "list lines"),
+)
+
+
+def pick_pair(modes: list[Mode], rng: random.Random) -> tuple[Mode, Mode] | None:
+    """Two different modes for the two sides of a pair, in random order; None with fewer than two."""
+    if len(modes) < 2:
+        return None
+    a, b = rng.sample(modes, 2)
+    return a, b
+
+
+def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:
+    """Modes keyed by name."""
+    return {m.name: m for m in modes}
+
+
+def active_modes(session) -> list[Mode]:
+    """The modes in use: the built-ins, with an admin's additions and removals (stored) applied."""
+    from rlhf_chat import store
+
+    modes = by_name(BUILTIN_MODES)
+    for row in store.mode_changes(session):
+        if not row.enabled:
+            modes.pop(row.name, None)
+        else:
+            modes[row.name] = Mode(row.name, row.description, tuple(row.openings), row.behaviour)
+    return list(modes.values())
+
+
+def modes_for_pair(modes: list[Mode], fraction: float, rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """With probability ``fraction``, two different modes as (name, opening) for sides A and B; else None (plain)."""
+    if fraction <= 0 or rng.random() >= fraction:
+        return None
+    pair = pick_pair(modes, rng)
+    if pair is None:
+        return None
+    return tuple((m.name, m.opening(rng)) for m in pair)  # type: ignore[return-value]

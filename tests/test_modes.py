@@ -1,0 +1,184 @@
+"""Response modes and behaviours: what an answer does, the strict labelers, the modes'
+storage (never shown), the arena untouched, and the report's fields."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from rlhf_chat import store
+from rlhf_chat.behaviours import (
+    asks_question,
+    behaviour_shares,
+    gives_background,
+    gives_example,
+    is_list,
+    is_warm,
+    list_lines,
+    loops,
+    sentences,
+)
+from rlhf_chat.candidates import Candidate, Sampling, generate_pair, sample
+from rlhf_chat.chat import render_prompt
+from rlhf_chat.labelers import example, follow_up, load_labeler, strict_choice
+from rlhf_chat.modes import BUILTIN_MODES, Mode, active_modes, by_name, modes_for_pair, pick_pair
+from rlhf_chat.preferences import modes_differ
+from rlhf_chat.tables import SchemaInfo
+
+ASKS = "Sure. Could you tell me which country you mean?"
+PLAIN = "The capital of France is Paris, a city on the Seine with many museums and old bridges."
+
+
+def candidate(text: str, mode: str = "") -> Candidate:
+    return Candidate(text, "policy", 0, 0, 0.7, 1.0, 64, 10, True, 0.1, mode=mode)
+
+
+# --- behaviours --------------------------------------------------------------------
+
+
+def test_asks_question_needs_a_question_put_to_the_reader():
+    assert asks_question(ASKS)
+    assert asks_question("Before I answer, may I ask what you already know?")
+    assert not asks_question("What is DNA? DNA is the molecule of heredity.")  # a header, not to the reader
+    assert not asks_question("You asked about tea. Tea is a drink.")  # "you" but no question
+    assert not asks_question("")
+    assert sentences("One. Two? Three!") == ["One.", "Two?", "Three!"]
+
+
+def test_example_list_warmth_background_and_loops_are_read_from_words():
+    assert gives_example("Tea is popular. For example, the British drink 100 million cups a day.")
+    assert gives_example("Imagine a ball rolling downhill.")
+    assert not gives_example("Tea is a drink made from leaves.")
+    assert list_lines("Steps:\n1. Boil water\n2. Add tea\n- Wait\n* Drink\nDone 3. times") == 4
+    assert is_list("- a\n- b") and not is_list("- only one line")
+    assert is_warm("Thank you for asking.") and not is_warm("Tea is a drink.")
+    assert gives_background("Historically, tea came from China.") and not gives_background("Tea is hot.")
+    assert loops("I like tea. I like tea and I like tea and I like tea and more.")
+    assert loops("The cat sat on the mat. The cat sat on the mat.")
+    assert not loops("The cat sat on the mat. Then it slept.")
+
+
+def test_behaviour_shares_are_counted_by_hand():
+    shares = behaviour_shares([ASKS, PLAIN, "For example, this one."], [True, False, True])
+    assert shares["answers"] == 3
+    assert shares["words"] == pytest.approx((9 + 17 + 4) / 3)
+    assert shares["finished"] == pytest.approx(2 / 3)
+    assert shares["asks a question"] == pytest.approx(1 / 3)
+    assert shares["gives an example"] == pytest.approx(1 / 3)
+    assert shares["warm"] == pytest.approx(1 / 3)  # "Sure"
+    assert shares["loops"] == 0
+    assert "finished" not in behaviour_shares([PLAIN])
+
+
+# --- strict labelers ----------------------------------------------------------------
+
+
+def test_strict_labelers_say_tie_unless_only_one_answer_shows_the_behaviour():
+    assert strict_choice(True, False) == "a" and strict_choice(False, True) == "b"
+    assert strict_choice(True, True) == strict_choice(False, False) == "tie"
+    assert follow_up("q", ASKS, PLAIN) == "a" and follow_up("q", PLAIN, ASKS) == "b"
+    assert follow_up("q", ASKS, "Could you say which one you mean?") == "tie"
+    # length can never win a strict labeler: very short against very long, neither asking
+    assert follow_up("q", "Paris.", PLAIN * 5) == "tie" and follow_up("q", PLAIN * 5, "Paris.") == "tie"
+    assert example("q", "For example, Paris.", PLAIN) == "a" and example("q", "Paris.", PLAIN) == "tie"
+    assert load_labeler("follow_up") is follow_up and load_labeler("example") is example
+
+
+# --- modes --------------------------------------------------------------------------
+
+
+def test_modes_pick_two_different_ones_at_the_configured_share():
+    rng = random.Random(0)
+    modes = list(BUILTIN_MODES)
+    draws = [modes_for_pair(modes, 0.5, rng) for _ in range(2000)]
+    pairs = [d for d in draws if d is not None]
+    assert 900 < len(pairs) < 1100  # the share, not "always" or "never"
+    names = by_name(modes)
+    for (name_a, opening_a), (name_b, opening_b) in pairs:
+        assert name_a != name_b
+        assert opening_a in (names[name_a].openings or ("",)) and opening_b in (names[name_b].openings or ("",))
+    assert {p[0][0] for p in pairs} == set(names)  # every mode appears on side A
+    assert all(modes_for_pair(modes, 0.0, rng) is None for _ in range(50))
+    assert all(modes_for_pair(modes, 1.0, rng) is not None for _ in range(50))
+    assert pick_pair(modes[:1], rng) is None and modes_for_pair(modes[:1], 1.0, rng) is None
+    # every built-in mode but the plain one has openings and a behaviour that shows it was followed
+    from rlhf_chat.behaviours import DETECTORS
+
+    assert all(m.openings and m.behaviour in DETECTORS for m in BUILTIN_MODES if m.name != "direct")
+
+
+def test_an_admin_adds_and_removes_modes_and_the_change_is_stored(tmp_path):
+    sessions = store.open_store(f"sqlite:///{tmp_path}/m.db")
+    with sessions() as s:
+        assert [m.name for m in active_modes(s)] == [m.name for m in BUILTIN_MODES]
+    with sessions() as s, s.begin():
+        store.save_mode(s, "riddle", "answer with a riddle", ["Here is a riddle:"], "")
+        store.remove_mode(s, "warm")
+    with sessions() as s:
+        modes = by_name(active_modes(s))
+    assert "warm" not in modes and modes["riddle"] == Mode("riddle", "answer with a riddle", ("Here is a riddle:",), "")
+    with sessions() as s, s.begin():
+        store.remove_mode(s, "riddle")
+        store.save_mode(s, "warm", "warmer", ["Hello there, friend."], "warm")
+    with sessions() as s:
+        modes = by_name(active_modes(s))
+    assert "riddle" not in modes and modes["warm"].openings == ("Hello there, friend.",)
+
+
+def test_the_mode_is_stored_with_each_candidate_and_a_schema_2_database_upgrades(tmp_path):
+    path = tmp_path / "m.db"
+    sessions = store.open_store(f"sqlite:///{path}")
+    with sessions() as s, s.begin():
+        old = store.save_pair(s, session_id="s", context=[{"role": "user", "content": "q"}],
+                              a=candidate(PLAIN), b=candidate(ASKS)).id
+    # as the previous version left it: schema 2, no mode column
+    connection = sqlite3.connect(path)
+    connection.execute("ALTER TABLE candidates DROP COLUMN mode")
+    connection.execute("UPDATE schema_info SET version = 2")
+    connection.commit()
+    connection.close()
+    sessions = store.open_store(f"sqlite:///{path}")
+    with sessions() as s, s.begin():
+        assert s.get(SchemaInfo, 1).version == 3
+        new = store.save_pair(s, session_id="s", context=[{"role": "user", "content": "q"}],
+                              a=candidate(PLAIN, "direct"), b=candidate(ASKS, "follow_up")).id
+        store.record_vote(s, old, "b")
+        store.record_vote(s, new, "b")
+    with sessions() as s:
+        rows = {c.id: c for c in store.voted_comparisons(s)}
+        assert [r.mode for r in rows[old].candidates] == [None, None] and not modes_differ(rows[old])
+        assert [r.mode for r in rows[new].candidates] == ["direct", "follow_up"] and modes_differ(rows[new])
+
+
+# --- sampling in a mode (tiny model) ----------------------------------------------------
+
+
+def test_an_opening_starts_the_answer_and_is_not_part_of_what_the_model_wrote(tiny_models):
+    tok = tiny_models.tokenizer
+    prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    opening = "Could you tell me"
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=3, stop_loops=False)
+    seen: list[list[str]] = []
+    out = sample(tiny_models.serving, tok, [prompt, prompt], sampling, openings=[opening, ""], on_update=seen.append)
+    plain = sample(tiny_models.serving, tok, [prompt, prompt], sampling)
+    assert out.texts[0].startswith(opening) and not plain.texts[0].startswith(opening)
+    assert out.response_ids.shape[1] <= 6 and out.token_counts[0] <= 6  # the opening is prompt, not response
+    assert seen[0][0].startswith(opening)  # the pane shows the opening from the first step
+    assert out.texts[0] == tok.decode(tok.encode(opening, add_special_tokens=False)
+                                      + out.response_ids[0, : out.token_counts[0]].tolist(),
+                                      skip_special_tokens=True).strip()
+
+
+def test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them(tiny_models):
+    tok = tiny_models.tokenizer
+    prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=1)
+    modes = (("follow_up", "Could you tell me"), ("direct", ""))
+    a, b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0, modes=modes)
+    assert (a.mode, b.mode) == ("follow_up", "direct") and a.text.startswith("Could you tell me")
+    plain_a, plain_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0)
+    assert plain_a.mode == plain_b.mode == ""
+    with pytest.raises(ValueError, match="arena"):
+        generate_pair(tiny_models.serving, tok, prompt, sampling, 1, arena=True, modes=modes)
