@@ -231,6 +231,56 @@ def adapter_names_for(sources: list[str]) -> list[str]:
     return [BASE_ADAPTER if s == "reference" else "policy" for s in sources]
 
 
+PairModes = tuple[tuple[str, str], tuple[str, str]]  # (mode name, opening) for sides A and B
+
+
+def generate_pairs(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    policy_version: int,
+    arena: list[bool] | None = None,
+    modes: list[PairModes | None] | None = None,
+    on_updates: list[Callable[[list[str]], None] | None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> list[tuple[Candidate, Candidate]]:
+    """Two candidates for each prompt, all in one batched call (rows 2k and 2k+1 are prompt k's).
+
+    Where ``arena[k]`` is true, prompt k gets an arena pair: the policy against
+    the reference (peft mixed adapters in the same call), on a side drawn from
+    the seed, so that people judge blind. Where ``modes[k]`` is set, prompt k's
+    two sides are written in those modes (policy pairs only). ``on_updates[k]``
+    receives prompt k's two texts as they are written, so several people's
+    pairs can share a call and each person still watches their own.
+    """
+    arena = arena or [False] * len(prompts)
+    modes = modes or [None] * len(prompts)
+    if any(flag and pair for flag, pair in zip(arena, modes)):
+        raise ValueError("arena pairs stay plain policy against the reference: no modes")
+    rng = random.Random(sampling.seed)
+    sources = [pair_sources(flag, rng) for flag in arena]
+    names = [name for pair in sources for name in adapter_names_for(pair)] if any(arena) else None
+    sides = [pair or (("", ""), ("", "")) for pair in modes]
+    openings = [opening for pair in sides for _, opening in pair]
+    on_update = None
+    if on_updates and any(on_updates):
+        def on_update(texts: list[str]) -> None:
+            for k, callback in enumerate(on_updates):
+                if callback is not None:
+                    callback(texts[2 * k: 2 * k + 2])
+
+    rows = [ids for ids in prompts for _ in range(2)]
+    out = sample(model, tokenizer, rows, sampling, names, on_update, on_step, openings if any(openings) else None)
+    return [
+        tuple(  # type: ignore[misc]
+            to_candidate(out, 2 * k + side, sampling, sources[k][side], policy_version, sides[k][side][0])
+            for side in (0, 1)
+        )
+        for k in range(len(prompts))
+    ]
+
+
 def generate_pair(
     model,
     tokenizer,
@@ -239,23 +289,10 @@ def generate_pair(
     policy_version: int,
     arena: bool = False,
     on_update: Callable[[list[str]], None] | None = None,
-    modes: tuple[tuple[str, str], tuple[str, str]] | None = None,
+    modes: PairModes | None = None,
 ) -> tuple[Candidate, Candidate]:
-    """Two candidates for one prompt, sampled together.
-
-    In an arena pair one side is the policy and the other the reference (the
-    starting model), on a side chosen at random so that people judge blind.
-    ``modes`` gives each side a (mode name, opening) to write in (policy pairs only).
-    """
-    if arena and modes:
-        raise ValueError("arena pairs stay plain policy against the reference: no modes")
-    sources = pair_sources(arena, random.Random(sampling.seed))
-    adapter_names = adapter_names_for(sources) if arena else None
-    openings = [opening for _, opening in modes] if modes else None
-    samples = sample(model, tokenizer, [prompt, prompt], sampling, adapter_names, on_update, openings=openings)
-    names = [name for name, _ in modes] if modes else ["", ""]
-    a, b = (to_candidate(samples, i, sampling, sources[i], policy_version, names[i]) for i in range(2))
-    return a, b
+    """Two candidates for one prompt, sampled together (``generate_pairs`` with one prompt)."""
+    return generate_pairs(model, tokenizer, [prompt], sampling, policy_version, [arena], [modes], [on_update])[0]
 
 
 def to_candidate(

@@ -181,6 +181,11 @@ class LoopConfig:
     # different response modes (modes.py), so that a vote tells behaviours apart
     # that plain samples almost never differ in. 0: plain pairs only.
     mode_fraction: float = 0.5
+    # How the two modes of a pair are picked: "uniform" (any two), or
+    # "thompson": one side is the mode a Thompson draw over the votes so far
+    # favours, the other any other mode, so the pairs people see concentrate on
+    # what they have been choosing while every mode keeps being compared.
+    mode_choice: str = "thompson"
 
 
 @dataclass
@@ -206,6 +211,10 @@ class UIConfig:
     host: str = "0.0.0.0"
     admin_password: str = field(default_factory=lambda: os.environ.get("RLHF_CHAT_ADMIN_PASSWORD", ""))
     votes_per_minute: int = 30  # per-session flood limit
+    # The most people whose pairs one sampling call writes (batcher.py): 8 pairs
+    # are 16 rows, which a 2-core CPU decodes in about twice the time of one pair.
+    batch_people: int = 8
+    batch_wait_s: float = 0.0  # how long a batch waits for more people before it starts
 
 
 @dataclass
@@ -249,6 +258,16 @@ def _parse_value(text: str, current: object) -> object:
     return type(current)(text)
 
 
+MODE_CHOICES = ("uniform", "thompson")  # loop.mode_choice
+
+
+def check_choices(cfg: AppConfig) -> AppConfig:
+    """Refuse a setting whose value names nothing the code knows (it would silently do nothing)."""
+    if cfg.loop.mode_choice not in MODE_CHOICES:
+        raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
+    return cfg
+
+
 def apply_overrides(cfg: AppConfig, overrides: list[str]) -> AppConfig:
     """Apply ``group.field=value`` overrides; an unknown name or a bad value is a clear error."""
     for item in overrides:
@@ -263,7 +282,7 @@ def apply_overrides(cfg: AppConfig, overrides: list[str]) -> AppConfig:
             setattr(group, field_name, _parse_value(text.strip(), getattr(group, field_name)))
         except ValueError as exc:
             raise ValueError(f"--set {item!r}: {exc}") from None
-    return cfg
+    return check_choices(cfg)
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AppConfig:

@@ -347,6 +347,21 @@ def behaviour_table(session: Session, probes: ProbeAnswers | None, limit: int = 
     return pd.DataFrame(table)
 
 
+def mode_table(session: Session) -> pd.DataFrame:
+    """Which ways of answering people chose: each mode's wins and losses in votes
+    between two modes (``store.mode_record``), the most chosen first."""
+    record = store.mode_record(session)
+    rows = sorted(record.items(), key=lambda item: (-(item[1][0] / max(1, sum(item[1]))), item[0]))
+    return pd.DataFrame(
+        {
+            "mode": [name for name, _ in rows],
+            "chosen": [wins for _, (wins, _) in rows],
+            "not chosen": [losses for _, (_, losses) in rows],
+            "share chosen": [round(wins / max(1, wins + losses), 2) for _, (wins, losses) in rows],
+        }
+    )
+
+
 def probe_table(answers: ProbeAnswers | None) -> pd.DataFrame:
     """The side-by-side table, or the prompts with a note while the first answers are written."""
     if answers is None:

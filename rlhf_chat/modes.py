@@ -74,12 +74,28 @@ BUILTIN_MODES: tuple[Mode, ...] = (
 )
 
 
-def pick_pair(modes: list[Mode], rng: random.Random) -> tuple[Mode, Mode] | None:
-    """Two different modes for the two sides of a pair, in random order; None with fewer than two."""
+def pick_pair(
+    modes: list[Mode], rng: random.Random, record: dict[str, tuple[int, int]] | None = None
+) -> tuple[Mode, Mode] | None:
+    """Two different modes for the two sides of a pair, in random order; None with fewer than two.
+
+    Without a ``record`` any two modes, uniformly. With one (each mode's wins
+    and losses in earlier votes, ``store.mode_record``), a dueling-bandit choice:
+    one side is the mode with the highest draw from Beta(1 + wins, 1 + losses),
+    the other any other mode. The mode people keep choosing then shows up in
+    most pairs, so most votes are about it and its chosen answers teach the
+    plain policy, while a mode with few votes still wins draws now and then and
+    every mode keeps meeting the favourite.
+    """
     if len(modes) < 2:
         return None
-    a, b = rng.sample(modes, 2)
-    return a, b
+    if record is None:
+        a, b = rng.sample(modes, 2)
+        return a, b
+    draws = [rng.betavariate(1 + wins, 1 + losses) for wins, losses in (record.get(m.name, (0, 0)) for m in modes)]
+    favourite = modes[max(range(len(modes)), key=draws.__getitem__)]
+    other = rng.choice([m for m in modes if m is not favourite])
+    return (favourite, other) if rng.random() < 0.5 else (other, favourite)
 
 
 def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:
@@ -100,11 +116,25 @@ def active_modes(session) -> list[Mode]:
     return list(modes.values())
 
 
-def modes_for_pair(modes: list[Mode], fraction: float, rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]] | None:
-    """With probability ``fraction``, two different modes as (name, opening) for sides A and B; else None (plain)."""
+def mode_record_for(session, choice: str) -> dict[str, tuple[int, int]] | None:
+    """What ``pick_pair`` needs for a ``loop.mode_choice``: the votes' record for
+    "thompson", None for "uniform"."""
+    from rlhf_chat import store
+    from rlhf_chat.config import MODE_CHOICES
+
+    if choice not in MODE_CHOICES:
+        raise ValueError(f"loop.mode_choice {choice!r}: expected one of {', '.join(MODE_CHOICES)}")
+    return store.mode_record(session) if choice == "thompson" else None
+
+
+def modes_for_pair(
+    modes: list[Mode], fraction: float, rng: random.Random, record: dict[str, tuple[int, int]] | None = None
+) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """With probability ``fraction``, two different modes as (name, opening) for
+    sides A and B (picked by ``pick_pair`` with ``record``); else None (plain)."""
     if fraction <= 0 or rng.random() >= fraction:
         return None
-    pair = pick_pair(modes, rng)
+    pair = pick_pair(modes, rng, record)
     if pair is None:
         return None
     return tuple((m.name, m.opening(rng)) for m in pair)  # type: ignore[return-value]

@@ -25,11 +25,11 @@ from typing import Callable
 from rlhf_chat import store
 from rlhf_chat.arena import win_rate
 from rlhf_chat.behaviours import DETECTORS, behaviour_shares
-from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, adapter_names_for, pair_sources, sample, to_candidate
+from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
 from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
-from rlhf_chat.modes import Mode, active_modes, modes_for_pair
+from rlhf_chat.modes import Mode, active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.preferences import modes_differ
 from rlhf_chat.worker import CHAT, ModelWorker
 
@@ -84,25 +84,8 @@ def sample_pairs(
     Where ``modes[k]`` is set, prompt k's two sides are written in those two
     (mode name, opening)s, as the UI's mode pairs are; arena pairs never are.
     """
-    arena = arena or [False] * len(prompts)
-    modes = modes or [None] * len(prompts)
-    if any(flag and pair for flag, pair in zip(arena, modes)):
-        raise ValueError("arena pairs stay plain policy against the reference: no modes")
-    rng = random.Random(sampling.seed)
-    sources = [pair_sources(flag, rng) for flag in arena]
     rendered = [render_prompt(models.tokenizer, as_context(p)) for p in prompts]
-    rows = [ids for ids in rendered for _ in range(2)]
-    names = [name for pair in sources for name in adapter_names_for(pair)] if any(arena) else None
-    sides = [pair or (("", ""), ("", "")) for pair in modes]
-    openings = [opening for pair in sides for _, opening in pair]
-    out = sample(models.serving, models.tokenizer, rows, sampling, adapter_names=names, openings=openings)
-    version = models.serving_version
-    return [
-        tuple(
-            to_candidate(out, 2 * k + side, sampling, sources[k][side], version, sides[k][side][0]) for side in (0, 1)
-        )
-        for k in range(len(prompts))
-    ]
+    return generate_pairs(models.serving, models.tokenizer, rendered, sampling, models.serving_version, arena, modes)
 
 
 def collect_votes(
@@ -124,7 +107,8 @@ def collect_votes(
 
     As in the UI, a share ``arena_fraction`` of the pairs puts the policy
     against the reference, once the policy differs from it, and a share
-    ``mode_fraction`` of the others shows the policy in two different ``modes``.
+    ``mode_fraction`` of the others shows the policy in two different ``modes``,
+    picked as ``loop.mode_choice`` says.
     """
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
     done = 0
@@ -132,7 +116,11 @@ def collect_votes(
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
         arena = [rng.random() < arena_fraction for _ in chunk]
         sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
-        mode_draws = [modes_for_pair(modes or [], mode_fraction, rng) for _ in chunk]
+        # The record is read per batch, as the UI reads it per message: votes
+        # already cast steer which modes the next pairs show (loop.mode_choice).
+        with sessions() as session:
+            record = mode_record_for(session, cfg.loop.mode_choice) if modes and mode_fraction > 0 else None
+        mode_draws = [modes_for_pair(modes or [], mode_fraction, rng, record) for _ in chunk]
 
         def job(models, chunk=chunk, arena=arena, sampling=sampling, draws=mode_draws):
             flags = arena if models.serving_version > 0 else [False] * len(chunk)  # before any update: no arena

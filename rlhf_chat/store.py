@@ -313,6 +313,25 @@ def mode_changes(session: Session) -> list[ResponseMode]:
     return list(session.scalars(select(ResponseMode).order_by(ResponseMode.name)))
 
 
+def mode_record(session: Session) -> dict[str, tuple[int, int]]:
+    """Each response mode's (wins, losses) in the votes between two modes.
+
+    Only "a" and "b" votes count: a tie or "both bad" says nothing about which
+    of the two modes people prefer. Arena pairs have no modes and never count.
+    """
+    won = CandidateRow.side == Comparison.choice
+    query = (
+        select(CandidateRow.mode, won, func.count())
+        .join(Comparison, CandidateRow.comparison_id == Comparison.id)
+        .where(Comparison.choice.in_(("a", "b")), CandidateRow.mode.is_not(None), CandidateRow.mode != "")
+        .group_by(CandidateRow.mode, won)
+    )
+    record: dict[str, list[int]] = {}
+    for mode, is_win, count in session.execute(query):
+        record.setdefault(mode, [0, 0])[0 if is_win else 1] += count
+    return {mode: (wins, losses) for mode, (wins, losses) in record.items()}
+
+
 # --- checkpoints, metrics and events --------------------------------------------------
 
 

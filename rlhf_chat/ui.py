@@ -24,11 +24,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat import controls, dashboard, store
-from rlhf_chat.candidates import Candidate, Sampling, generate_pair, sample
+from rlhf_chat.candidates import Sampling, sample
 from rlhf_chat.behaviours import DETECTORS
-from rlhf_chat.modes import active_modes, modes_for_pair
+from rlhf_chat.modes import active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
+from rlhf_chat.batcher import PairBatcher, PairRequest
 from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ class Services:
     worker: ModelWorker
     sessions: sessionmaker[Session]
     loop: object | None = None  # training_loop.TrainingLoop, when training runs
+    batcher: PairBatcher | None = None  # people's pairs written together; made from the config when None
+
+    def __post_init__(self) -> None:
+        if self.batcher is None:
+            ui = self.config.ui
+            self.batcher = PairBatcher(self.worker, self.config.sampling, ui.batch_people, ui.batch_wait_s)
 
     def stop(self) -> None:
         """Stop training, then the worker (each after the slice under way)."""
@@ -148,9 +155,10 @@ def status_line(services: Services) -> str:
 # --- handlers ----------------------------------------------------------------------------
 
 
-def _context_for(services: Services, state: ChatState, tokenizer) -> list[dict]:
+def _context_for(services: Services, history: list[dict], tokenizer) -> list[dict]:
+    """The conversation the model continues: the system prompt, then as many newest turns as fit the budget."""
     cfg = services.config.sampling
-    return trim_to_budget(tokenizer, with_system_prompt(state.history, cfg.system_prompt), cfg.context_tokens)
+    return trim_to_budget(tokenizer, with_system_prompt(history, cfg.system_prompt), cfg.context_tokens)
 
 
 def _draw_modes(services: Services):
@@ -165,9 +173,10 @@ def _draw_modes(services: Services):
     try:
         with services.sessions() as session:
             modes = active_modes(session)
+            record = mode_record_for(session, services.config.loop.mode_choice)
     except OperationalError:
         return None
-    return modes_for_pair(modes, fraction, random.Random(secrets.randbits(64)))
+    return modes_for_pair(modes, fraction, random.Random(secrets.randbits(64)), record)
 
 
 def _generate(services: Services, state: ChatState, clear_input: bool = False, notice: str = "") -> Iterator[tuple]:
@@ -175,18 +184,14 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
     updates: queue.Queue = queue.Queue()
     cfg = services.config
     arena = services.worker.serving_version > 0 and random.random() < cfg.loop.arena_fraction
-    sampling = Sampling.from_config(cfg.sampling, secrets.randbelow(2**31))
     pair_modes = None if arena else _draw_modes(services)
+    history = list(state.history)  # what this pair answers, whatever the session does meanwhile
 
-    def job(models) -> tuple[list[dict], Candidate, Candidate]:
-        context = _context_for(services, state, models.tokenizer)
-        prompt = render_prompt(models.tokenizer, context)
-        a, b = generate_pair(
-            models.serving, models.tokenizer, prompt, sampling, models.serving_version, arena, updates.put, pair_modes
-        )
-        return context, a, b
+    def build(tokenizer) -> tuple[list[dict], list[int]]:
+        context = _context_for(services, history, tokenizer)
+        return context, render_prompt(tokenizer, context)
 
-    future = services.worker.submit(CHAT, job)
+    future = services.batcher.submit(PairRequest(build, arena, pair_modes, updates.put))
     panes = ("", "")
     while not future.done():
         try:
@@ -333,7 +338,7 @@ def continue_answer(services: Services, state: ChatState | None) -> Iterator[tup
     sampling = Sampling.from_config(services.config.sampling, secrets.randbelow(2**31))
 
     def job(models):
-        context = _context_for(services, state, models.tokenizer)
+        context = _context_for(services, state.history, models.tokenizer)
         return continue_text(models.serving, models.tokenizer, context, sampling, updates.put)
 
     future = services.worker.submit(CHAT, job)
@@ -402,7 +407,8 @@ def _over_rate_limit(services: Services, state: ChatState) -> bool:
 
 
 def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
-    """Everything the Training tab shows: :func:`dashboard.refresh`'s outputs, then the probe table.
+    """Everything the Training tab shows: :func:`dashboard.refresh`'s outputs, then the probe,
+    behaviour and mode tables.
 
     The probes are read from the board without waiting; a changed policy
     version only queues their recomputation (see :class:`dashboard.ProbeBoard`).
@@ -410,7 +416,8 @@ def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
     probes = board.answers(services.worker)
     with services.sessions() as session:
         behaviours = dashboard.behaviour_table(session, probes)
-    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(probes), behaviours)
+        modes = dashboard.mode_table(session)
+    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(probes), behaviours, modes)
 
 
 # --- admin -------------------------------------------------------------------------------
@@ -544,9 +551,13 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
         "newest arena pairs and from the probe answers above."
     )
     behaviours = gr.Dataframe(interactive=False, label="Behaviours: share of answers (words: mean count)")
+    modes = gr.Dataframe(
+        interactive=False,
+        label="Ways of answering people chose (votes between two modes; the pairs show the most chosen more often)",
+    )
     events = gr.Markdown("")
     timer = gr.Timer(REFRESH_S, active=False)  # runs only while the tab is open: each tick reads the database
-    outputs = [loop_md, votes, accuracy, reward, kl, version, copy_gap, arena, arena_md, events, probes, behaviours]
+    outputs = [loop_md, votes, accuracy, reward, kl, version, copy_gap, arena, arena_md, events, probes, behaviours, modes]
     board = dashboard.ProbeBoard()
     timer.tick(partial(training_tick, services, board), None, outputs, api_name=False, show_progress="hidden")
     return timer, outputs, board

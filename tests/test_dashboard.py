@@ -152,3 +152,27 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
     assert reference["words"] == 7.0
     assert table["policy v3 (probes)"]["gives an example"] == 1.0 and table["reference (probes)"]["warm"] == 0.0
     assert pd.isna(table["policy v3 (probes)"]["finished"])  # greedy probes: no finished flags
+
+
+def test_mode_table_shows_which_ways_of_answering_people_chose(sessions):
+    """Wins and losses per mode from votes between two modes, the most chosen first."""
+    from rlhf_chat.candidates import Candidate
+    from rlhf_chat.dashboard import mode_table
+
+    def cand(mode):
+        return Candidate("An answer.", "policy", 0, 0, 0.7, 1.0, 64, 5, True, 0.1, mode=mode)
+
+    with sessions() as session:
+        assert mode_table(session).empty  # no votes between modes yet
+    with sessions() as session, session.begin():
+        for mode_a, mode_b, choice in [("warm", "direct", "a"), ("warm", "steps", "a"), ("steps", "warm", "a"),
+                                       ("direct", "steps", "tie")]:
+            pair = store.save_pair(session, session_id="s", context=[{"role": "user", "content": "q"}],
+                                   a=cand(mode_a), b=cand(mode_b))
+            store.record_vote(session, pair.id, choice)
+    with sessions() as session:
+        table = mode_table(session)
+    assert table.to_dict("list") == {
+        "mode": ["warm", "steps", "direct"], "chosen": [2, 1, 0], "not chosen": [1, 1, 1],
+        "share chosen": [0.67, 0.5, 0.0],
+    }

@@ -23,7 +23,7 @@ from rlhf_chat.behaviours import (
 from rlhf_chat.candidates import Candidate, Sampling, generate_pair, sample
 from rlhf_chat.chat import render_prompt
 from rlhf_chat.labelers import example, follow_up, load_labeler, strict_choice
-from rlhf_chat.modes import BUILTIN_MODES, Mode, active_modes, by_name, modes_for_pair, pick_pair
+from rlhf_chat.modes import BUILTIN_MODES, Mode, active_modes, by_name, mode_record_for, modes_for_pair, pick_pair
 from rlhf_chat.preferences import modes_differ
 from rlhf_chat.tables import SchemaInfo
 
@@ -107,6 +107,58 @@ def test_modes_pick_two_different_ones_at_the_configured_share():
     from rlhf_chat.behaviours import DETECTORS
 
     assert all(m.openings and m.behaviour in DETECTORS for m in BUILTIN_MODES if m.name != "direct")
+
+
+def test_a_thompson_pick_shows_the_mode_people_choose_in_most_pairs_and_still_compares_the_others():
+    rng = random.Random(1)
+    modes = list(BUILTIN_MODES)
+    # warm keeps winning; the others lose about as often as they win
+    record = {m.name: (5, 5) for m in modes} | {"warm": (20, 1), "direct": (1, 20)}
+    pairs = [pick_pair(modes, rng, record) for _ in range(2000)]
+    with_warm = sum("warm" in (a.name, b.name) for a, b in pairs)
+    assert with_warm > 1800  # uniform picks would put warm in a third of the pairs
+    assert all(a.name != b.name for a, b in pairs)
+    assert {m.name for pair in pairs for m in pair} == {m.name for m in modes}  # every mode is still compared
+    assert 800 < sum(a.name == "warm" for a, _ in pairs) < 1100  # the favourite's side is random
+    # no votes yet: each mode is the favourite about equally often, as uniform picks
+    counts = {m.name: 0 for m in modes}
+    for a, b in (pick_pair(modes, rng, {}) for _ in range(3000)):
+        counts[a.name] += 1
+        counts[b.name] += 1
+    assert all(800 < c < 1200 for c in counts.values()), counts
+    # an unknown loop.mode_choice is an error, not a silent uniform pick
+    with pytest.raises(ValueError, match="mode_choice"):
+        mode_record_for(None, "greedy")
+    assert mode_record_for(None, "uniform") is None
+
+
+def test_the_mode_record_counts_wins_and_losses_of_votes_between_modes_only(tmp_path):
+    sessions = store.open_store(f"sqlite:///{tmp_path}/r.db")
+    context = [{"role": "user", "content": "q"}]
+    votes = [
+        (("warm", "direct"), "a"),  # warm wins, direct loses
+        (("direct", "warm"), "b"),  # again, sides swapped
+        (("follow_up", "warm"), "a"),  # follow_up wins, warm loses
+        (("warm", "steps"), "tie"),  # says nothing about either
+        (("warm", "steps"), "both_bad"),  # nor does this
+        (("", ""), "a"),  # a plain pair has no modes
+    ]
+    with sessions() as s, s.begin():
+        for (mode_a, mode_b), choice in votes:
+            pair = store.save_pair(s, session_id="s", context=context, a=candidate(PLAIN, mode_a), b=candidate(ASKS, mode_b))
+            store.record_vote(s, pair.id, choice)
+        store.save_pair(s, session_id="s", context=context, a=candidate(PLAIN, "warm"), b=candidate(ASKS, "direct"))  # no vote
+    with sessions() as s:
+        assert store.mode_record(s) == {"warm": (2, 1), "direct": (0, 2), "follow_up": (1, 0)}
+        assert mode_record_for(s, "thompson") == store.mode_record(s)
+
+
+def test_an_unknown_mode_choice_is_refused_when_the_settings_are_read():
+    from rlhf_chat.config import AppConfig, apply_overrides
+
+    with pytest.raises(ValueError, match="mode_choice 'greedy'"):
+        apply_overrides(AppConfig(), ["loop.mode_choice=greedy"])
+    assert apply_overrides(AppConfig(), ["loop.mode_choice=uniform"]).loop.mode_choice == "uniform"
 
 
 def test_an_admin_adds_and_removes_modes_and_the_change_is_stored(tmp_path):

@@ -1,0 +1,117 @@
+"""Batcher: the pairs several people are waiting for, written in one batched call.
+
+Decoding on a CPU is limited by reading the weights, not by arithmetic, so a
+call that writes 16 rows costs far less than 8 calls of 2 rows (the README's
+load figures). Each person's request waits in a list; one chat job on the
+model worker takes every request waiting when it starts (up to
+``max_people``), writes all their pairs in one ``generate_pairs`` call, and
+streams each person's two rows to that person. Requests that arrive while a
+batch is being written go in the next one, queued right behind it, so chat
+keeps its priority over training exactly as one job per person had it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+from rlhf_chat.candidates import Candidate, PairModes, Sampling, generate_pairs
+from rlhf_chat.worker import CHAT, ModelWorker
+
+log = logging.getLogger(__name__)
+
+# The context a pair answers and its rendered prompt, built on the worker
+# with the model's tokenizer (a person's history is trimmed to the budget there).
+PromptBuilder = Callable[[object], tuple[list[dict], list[int]]]
+PairResult = tuple[list[dict], Candidate, Candidate]
+
+
+@dataclass
+class PairRequest:
+    """One person's pair: how to build its prompt, its kind, and where its text goes."""
+
+    build: PromptBuilder
+    arena: bool = False
+    modes: PairModes | None = None
+    on_update: Callable[[list[str]], None] | None = None
+    future: Future | None = None
+
+
+class PairBatcher:
+    """Gathers people's pair requests into batched sampling calls on the model worker."""
+
+    def __init__(self, worker: ModelWorker, sampling_config, max_people: int = 8, wait_s: float = 0.0):
+        if max_people < 1:
+            raise ValueError(f"ui.batch_people {max_people}: at least 1")
+        self.worker = worker
+        self.sampling_config = sampling_config
+        self.max_people = max_people
+        self.wait_s = wait_s
+        self._pending: list[PairRequest] = []
+        self._lock = threading.Lock()
+        self._scheduled = False  # a batch job is queued or running and will look at _pending
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # people per call, newest last (benchmark, tests)
+
+    def submit(self, request: PairRequest) -> Future[PairResult]:
+        """Queue a person's pair; the future holds (context, candidate A, candidate B).
+
+        Cancelling the future before its batch starts takes the request out (a
+        browser that went away costs no decoding).
+        """
+        request.future = Future()
+        with self._lock:
+            self._pending.append(request)
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            self.worker.submit(CHAT, self._run_batch)
+        return request.future
+
+    def waiting(self) -> int:
+        """People whose pair has not started yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def _take_batch(self) -> list[PairRequest]:
+        """The next batch's requests (cancelled ones dropped); schedules one more batch
+        job when requests are left over."""
+        with self._lock:
+            batch, self._pending = self._pending[: self.max_people], self._pending[self.max_people:]
+            more = bool(self._pending)
+            self._scheduled = more
+        if more:
+            self.worker.submit(CHAT, self._run_batch)
+        return [r for r in batch if r.future.set_running_or_notify_cancel()]
+
+    def _run_batch(self, models) -> None:
+        if self.wait_s > 0 and self.waiting() < self.max_people:
+            time.sleep(self.wait_s)  # people who pressed Enter at the same moment share this call
+        batch, built = [], []
+        for request in self._take_batch():
+            try:  # one person's bad context fails that person's pair only
+                built.append(request.build(models.tokenizer))
+                batch.append(request)
+            except BaseException as exc:
+                log.exception("building a pair's prompt failed")
+                request.future.set_exception(exc)
+        if not batch:
+            return
+        try:
+            sampling = Sampling.from_config(self.sampling_config, secrets.randbelow(2**31))
+            pairs = generate_pairs(
+                models.serving, models.tokenizer, [prompt for _, prompt in built], sampling, models.serving_version,
+                [r.arena for r in batch], [r.modes for r in batch], [r.on_update for r in batch],
+            )
+        except BaseException as exc:  # everyone in the call hears of it; the worker goes on
+            log.exception("writing a batch of %d pairs failed", len(batch))
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        self.batch_sizes.append(len(batch))
+        for request, (context, _), (a, b) in zip(batch, built, pairs):
+            request.future.set_result((context, a, b))
