@@ -12,7 +12,7 @@ import logging
 
 from rlhf_chat.config import add_common_args, config_from_args
 from rlhf_chat.runtime import start_services
-from rlhf_chat.ui import CSS, build_demo
+from rlhf_chat.ui import build_demo, launch_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(parse_args(argv))
     services = start_services(cfg)
     demo = build_demo(services)
-    demo.launch(server_name=cfg.ui.host, server_port=cfg.ui.port, css=CSS)
+    demo.launch(server_name=cfg.ui.host, server_port=cfg.ui.port, **launch_options(cfg))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark: several people using the app at once, over HTTP, and every vote stored once.
 
     python bench/load.py [--users 8] [--seconds 120] [--tiny] [--turns 4] [--db URL] [--train]
+    python bench/load.py --burst 1,4,8,16 [--tiny]
 
 Serves the real app on 127.0.0.1 (start_services, build_demo, launch, as app.py
 does; the training loop only with --train), then starts ``--users`` simulated
@@ -19,9 +20,12 @@ what the clients were told. A vote can be stored only once per comparison by
 construction (an atomic UPDATE ... WHERE choice IS NULL); this checks that under
 concurrency nothing is lost and nothing is added behind a client's back.
 
-All generation goes through the one model worker, so the people queue for it:
-with N people, a reply takes about N single generations. Exits 1 when an
-acknowledged vote is missing or extra, or when any request failed.
+All generation goes through the one model worker; the pairs people wait for
+together are written in one batched call (batcher.py). ``--burst`` measures
+exactly that: N fresh people press Enter at the same moment, for each N, once
+with one pair per call (``ui.batch_people`` 1, the old way) and once batched,
+in the same run, so the speed-up is a ratio of figures taken minutes apart.
+Exits 1 when an acknowledged vote is missing or extra, or when any request failed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -53,7 +58,7 @@ from rlhf_chat.config import AppConfig, ModelConfig  # noqa: E402
 from rlhf_chat.loading import prepare_bundled_model, write_tiny_model  # noqa: E402
 from rlhf_chat.runtime import start_services  # noqa: E402
 from rlhf_chat.tables import Comparison, Message  # noqa: E402
-from rlhf_chat.ui import CSS, build_demo  # noqa: E402
+from rlhf_chat.ui import build_demo, launch_options  # noqa: E402
 
 OUT_NOTICE = 3  # the notice Markdown among the endpoints' outputs (gr.State is not returned)
 RATE_LIMITED = "You are voting very fast"
@@ -187,6 +192,61 @@ def vote_once(client, index: int, stats: UserStats) -> bool:
     return False
 
 
+def burst(url: str, people: int) -> tuple[list[float], list[str]]:
+    """``people`` fresh clients send one message at the same moment: each one's
+    wait for its two answers (the final output), and any errors. Each then
+    votes, untimed, so that no pair is left open."""
+    clients = [Client(url, verbose=False, analytics_enabled=False, download_files=False) for _ in range(people)]
+    ready = threading.Barrier(people)
+    waits: list[float] = [0.0] * people
+    errors: list[str] = []
+
+    def one(k: int) -> None:
+        ready.wait(BARRIER_TIMEOUT_S)
+        start = time.perf_counter()
+        try:
+            notice = notice_of(clients[k].predict(PROMPTS[k % len(PROMPTS)], api_name="/respond"))
+            waits[k] = time.perf_counter() - start
+            if "Which answer is better?" not in notice:
+                errors.append(f"person {k}: {notice!r}")
+            elif not notice_of(clients[k].predict(None, api_name="/vote_a")).startswith("Recorded"):
+                errors.append(f"person {k}: vote not recorded")
+        except Exception as exc:
+            errors.append(f"person {k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(people)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in clients:
+        c.close()
+    return waits, errors
+
+
+def run_bursts(services, url: str, sizes: list[int]) -> bool:
+    """Each burst size twice in the same run: one pair per call (the old way) and
+    batched (``ui.batch_people``); prints median and slowest wait and the ratio."""
+    batched = services.config.ui.batch_people
+    ok = True
+    print("people at once | one pair per call: median / slowest | batched: median / slowest | calls | speed-up (median)")
+    for n in sizes:
+        row = {}
+        for label, max_people in (("serial", 1), ("batched", batched)):
+            services.batcher.max_people = max_people
+            calls_before = len(services.batcher.batch_sizes)
+            waits, errors = burst(url, n)
+            calls = list(services.batcher.batch_sizes)[calls_before:]
+            row[label] = (statistics.median(waits), max(waits), calls)
+            for e in errors:
+                print(f"error ({label}, {n} people): {e}")
+            ok = ok and not errors
+        (sm, sx, _), (bm, bx, calls) = row["serial"], row["batched"]
+        print(f"{n} | {sm:.1f} s / {sx:.1f} s | {bm:.1f} s / {bx:.1f} s | {calls} | {sm / bm:.2f}x")
+    services.batcher.max_people = batched
+    return ok
+
+
 def latency_line(values: list[float]) -> str:
     """median / p95 / min / max, or a dash when nothing was timed."""
     return summary(values) if values else "-"
@@ -210,6 +270,11 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of the bundled one")
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: a fresh SQLite file in a temp folder)")
     parser.add_argument("--train", action="store_true", help="run the training loop too, as the app does")
+    parser.add_argument(
+        "--burst", default="", metavar="N,N,...",
+        help="instead: N people send one message at the same moment, for each N (e.g. 1,4,8,16), "
+             "one pair per call against batched, in the same run",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -217,6 +282,9 @@ def main() -> int:
     cfg = AppConfig()
     cfg.store.db_url = args.db or f"sqlite:///{tmp / 'feedback.db'}"
     cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    # Every simulated person comes from 127.0.0.1: one address, which may do as
+    # much as this many people (ui.people_per_address), so the limits measure nothing here.
+    cfg.ui.people_per_address = max(cfg.ui.people_per_address, args.users, *_sizes(args.burst))
     if args.tiny:
         bundled = prepare_bundled_model(ModelConfig().cache_dir)  # its tokenizer and chat template
         cfg.model.name = str(write_tiny_model(tmp / "tiny-model", str(bundled)))
@@ -234,7 +302,7 @@ def main() -> int:
         loaded_s = time.perf_counter() - start
         port = free_port()
         demo = build_demo(services)
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(cfg))
         url = f"http://127.0.0.1:{port}/"
         before_votes, before_comparison, before_message = database_marks(services.sessions)
 
@@ -245,6 +313,8 @@ def main() -> int:
             f"{cfg.sampling.max_new_tokens} new tokens per answer; training loop: {'on' if args.train else 'off'}"
         )
         print(f"database: {cfg.store.db_url}")
+        if args.burst:
+            return 0 if run_bursts(services, url, _sizes(args.burst)) else 1
         print(f"{args.users} users at once for {args.seconds:.0f} s, a new conversation every {args.turns} messages")
 
         stats = [UserStats() for _ in range(args.users)]
@@ -329,6 +399,11 @@ def main() -> int:
     if len(errors) > 10:
         print(f"... and {len(errors) - 10} more errors")
     return 0 if all(checks.values()) and not errors else 1
+
+
+def _sizes(text: str) -> list[int]:
+    """"1,4,8" -> [1, 4, 8]."""
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":

@@ -43,12 +43,19 @@ class PairRequest:
     future: Future | None = None
 
 
+class BatcherFull(Exception):
+    """More people are waiting than ``max_waiting``: come back in a minute."""
+
+
 class PairBatcher:
     """Gathers people's pair requests into batched sampling calls on the model worker."""
 
-    def __init__(self, worker: ModelWorker, sampling_config, max_people: int = 8, wait_s: float = 0.0):
+    def __init__(
+        self, worker: ModelWorker, sampling_config, max_people: int = 8, wait_s: float = 0.0, max_waiting: int = 64
+    ):
         if max_people < 1:
             raise ValueError(f"ui.batch_people {max_people}: at least 1")
+        self.max_waiting = max_waiting
         self.worker = worker
         self.sampling_config = sampling_config
         self.max_people = max_people
@@ -61,11 +68,15 @@ class PairBatcher:
     def submit(self, request: PairRequest) -> Future[PairResult]:
         """Queue a person's pair; the future holds (context, candidate A, candidate B).
 
+        Raises :class:`BatcherFull` when ``max_waiting`` people already wait.
+
         Cancelling the future before its batch starts takes the request out (a
         browser that went away costs no decoding).
         """
         request.future = Future()
         with self._lock:
+            if len(self._pending) >= self.max_waiting:
+                raise BatcherFull(f"{len(self._pending)} people are waiting")
             self._pending.append(request)
             schedule, self._scheduled = not self._scheduled, True
         if schedule:

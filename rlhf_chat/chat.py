@@ -60,6 +60,9 @@ def _visible(ch: str) -> bool:
     return not ch.isspace() and unicodedata.category(ch) != "Cf"
 
 
+RAW_CUT_FACTOR = 4  # raw characters kept per character allowed, before normalising
+
+
 def clean_message(raw: object, max_chars: int) -> CleanedMessage:
     """Normalise a typed message: valid text, no control characters, bounded length.
 
@@ -72,6 +75,11 @@ def clean_message(raw: object, max_chars: int) -> CleanedMessage:
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", errors="replace")  # invalid UTF-8 becomes U+FFFD, visibly
     text = "" if raw is None else str(raw)
+    raw_length = len(text)
+    # Cut before the per-character work below, so a megabyte pasted (or posted)
+    # costs no more than a message at the limit. Generous: what is dropped below
+    # (control characters, invisible ones) must not leave the kept text short.
+    text = text[: RAW_CUT_FACTOR * max_chars]
     if _SURROGATE.search(text):
         # Lone surrogates (from JSON such as "\ud800") cannot be encoded to UTF-8 for
         # the database or the tokenizer: each becomes U+FFFD, and a split pair is joined.
@@ -90,7 +98,7 @@ def clean_message(raw: object, max_chars: int) -> CleanedMessage:
     if len(text) > max_chars:
         return CleanedMessage(
             text[:max_chars],
-            f"Your message was {len(text):,} characters; only the first {max_chars:,} were kept.",
+            f"Your message was {max(raw_length, len(text)):,} characters; only the first {max_chars:,} were kept.",
         )
     return CleanedMessage(text)
 

@@ -210,7 +210,22 @@ class UIConfig:
     port: int = 7860
     host: str = "0.0.0.0"
     admin_password: str = field(default_factory=lambda: os.environ.get("RLHF_CHAT_ADMIN_PASSWORD", ""))
-    votes_per_minute: int = 30  # per-session flood limit
+    # Limits per browser session; an address may do people_per_address times
+    # as much, so a fresh session from the same address gains nothing while a
+    # classroom of 8 behind one router still chats (admission.py).
+    votes_per_minute: int = 30
+    generations_per_minute: int = 8  # messages, Regenerate and Continue together
+    people_per_address: int = 8
+    # Take the address from X-Forwarded-For: only behind a proxy that sets it
+    # (a Space's does, so on by default there); elsewhere any client could forge it.
+    trust_proxy: bool = field(default_factory=lambda: bool(os.environ.get("SPACE_ID")))
+    max_waiting: int = 64  # people waiting for their pair; more get "busy, try again"
+    max_turns: int = 40  # messages kept in one conversation; then "start a new one"
+    max_upload_bytes: int = 1_000_000  # the app has no upload field; Gradio's upload route refuses more
+    cache_cleanup_s: int = 3600  # Gradio's cache and exported files are deleted after this long
+    admin_max_failures: int = 5  # wrong passwords from one address ...
+    admin_lockout_s: float = 900.0  # ... within this long lock it out for as long
+    admin_min_password: int = 12  # the app refuses to start with a shorter admin password
     # The most people whose pairs one sampling call writes (batcher.py): 8 pairs
     # are 16 rows, which a 2-core CPU decodes in about twice the time of one pair.
     batch_people: int = 8
@@ -261,10 +276,17 @@ def _parse_value(text: str, current: object) -> object:
 MODE_CHOICES = ("uniform", "thompson")  # loop.mode_choice
 
 
-def check_choices(cfg: AppConfig) -> AppConfig:
-    """Refuse a setting whose value names nothing the code knows (it would silently do nothing)."""
+def validate(cfg: AppConfig) -> AppConfig:
+    """Refuse settings the app must not run with: a value that names nothing the
+    code knows (it would silently do nothing), or a guessable admin password."""
     if cfg.loop.mode_choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
+    password = cfg.ui.admin_password
+    if password and len(password) < cfg.ui.admin_min_password:
+        raise ValueError(
+            f"the admin password has {len(password)} characters; use at least {cfg.ui.admin_min_password} "
+            "(RLHF_CHAT_ADMIN_PASSWORD), or none to turn the admin panel off"
+        )
     return cfg
 
 
@@ -282,7 +304,7 @@ def apply_overrides(cfg: AppConfig, overrides: list[str]) -> AppConfig:
             setattr(group, field_name, _parse_value(text.strip(), getattr(group, field_name)))
         except ValueError as exc:
             raise ValueError(f"--set {item!r}: {exc}") from None
-    return check_choices(cfg)
+    return validate(cfg)
 
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AppConfig:

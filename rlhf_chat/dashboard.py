@@ -166,12 +166,22 @@ def loop_state(loop) -> str:
     return text
 
 
-def recent_events(session: Session, limit: int = 5) -> str:
-    """The newest training events (errors, admin actions) as a Markdown list, newest first."""
+def recent_events(session: Session, limit: int = 5, details: bool = False) -> str:
+    """The newest training events (errors, admin actions) as a Markdown list, newest first.
+
+    An error's text (an exception, perhaps with paths) is shown only with
+    ``details``, on the admin panel; the public Training tab says there was one.
+    """
     events = list(session.scalars(select(TrainingEvent).order_by(TrainingEvent.id.desc()).limit(limit)))
     if not events:
         return ""
-    lines = [f"- {e.created_at:%Y-%m-%d %H:%M:%S} UTC · {e.kind}: {e.message.splitlines()[0][:200]}" for e in events]
+
+    def text(e: TrainingEvent) -> str:
+        if e.kind == "error" and not details:
+            return "training hit an error and retries (details in the admin panel and the log)"
+        return e.message.splitlines()[0][:200]
+
+    lines = [f"- {e.created_at:%Y-%m-%d %H:%M:%S} UTC · {e.kind}: {text(e)}" for e in events]
     return "**Recent events**\n\n" + "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from rlhf_chat.candidates import Sampling, sample
 from rlhf_chat.chat import render_prompt
-from rlhf_chat.config import AppConfig
+from rlhf_chat.config import AppConfig, validate
 from rlhf_chat.loading import Models, load_models
 from rlhf_chat import store
 from rlhf_chat.ppo import load_policy
@@ -65,6 +65,7 @@ def load_for_serving(cfg: AppConfig, sessions=None) -> Models:
 def start_services(cfg: AppConfig, train: bool = True) -> Services:
     """Open the database, start the model worker (the model loads in the background)
     and, unless ``train`` is False, the training loop."""
+    validate(cfg)  # the same refusals as the command line, for callers that build a config in code
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     loop = TrainingLoop(worker, sessions, cfg).start() if train else None

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, make_url, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make_url, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -263,6 +263,14 @@ def record_vote(
     return VoteResult(True, "Vote recorded.")
 
 
+def pair_texts(session: Session, comparison_id: int) -> tuple[str, str]:
+    """The two answers of a stored pair, as they were shown: (A, B)."""
+    row = session.get(Comparison, comparison_id)
+    if row is None:
+        raise KeyError(f"no comparison {comparison_id}")
+    return row.response_a, row.response_b
+
+
 def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
     """Every comparison with a vote, oldest first, with its candidates (their ``finished`` flags)."""
     query = (
@@ -277,6 +285,26 @@ def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
 def count_votes(session: Session, choices: tuple[str, ...] = CHOICES) -> int:
     """How many comparisons have a vote among ``choices``."""
     return session.scalar(select(func.count()).select_from(Comparison).where(Comparison.choice.in_(choices))) or 0
+
+
+def delete_session_data(session: Session, session_id: str) -> int:
+    """Delete everything a browser session wrote: its conversations and messages,
+    its pairs and their candidates and votes. Returns how many rows went.
+
+    Models already trained on those votes keep what they learned; no later
+    reward round or PPO prompt will see them.
+    """
+    comparisons = select(Comparison.id).where(Comparison.session_id == session_id)
+    conversations = select(Conversation.id).where(Conversation.session_id == session_id)
+    removed = 0
+    for statement in (
+        delete(CandidateRow).where(CandidateRow.comparison_id.in_(comparisons)),
+        delete(Comparison).where(Comparison.session_id == session_id),
+        delete(Message).where(Message.conversation_id.in_(conversations)),
+        delete(Conversation).where(Conversation.session_id == session_id),
+    ):
+        removed += session.execute(statement.execution_options(synchronize_session=False)).rowcount or 0
+    return removed
 
 
 def user_contexts(session: Session, limit: int = 2000) -> list[list[dict]]:

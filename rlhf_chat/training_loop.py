@@ -83,14 +83,15 @@ class TrainingLoop:
         """Whether training is paused (by an admin or for a reset)."""
         return self._paused.is_set()
 
-    def state_text(self) -> str:
-        """One line for the status bar."""
+    def state_text(self, details: bool = False) -> str:
+        """One line for the status bar; the error itself only with ``details`` (the
+        admin panel): the public header says that training hit an error, not what."""
         s = self.status
         text = f"training: **{s.state}**"
         if s.detail:
             text += f" ({s.detail})"
         if s.state == "error" and s.last_error:
-            text += f" — last error: {s.last_error}"
+            text += f" — last error: {s.last_error}" if details else " — details in the admin panel and the log"
         return text
 
     # --- the loop -----------------------------------------------------------------------

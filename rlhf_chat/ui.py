@@ -8,11 +8,15 @@ events. Every use of the model goes through the model worker.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import queue
 import random
 import secrets
+import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,12 +33,17 @@ from rlhf_chat.behaviours import DETECTORS
 from rlhf_chat.modes import active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.batcher import PairBatcher, PairRequest
+from rlhf_chat.admission import Admission, AdminGuard, client_address
+from rlhf_chat.batcher import BatcherFull, PairBatcher, PairRequest
 from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
 
 DB_BUSY = "The database is busy right now (we retried for a few seconds)."
+BUSY = "Many people are chatting right now; please try again in a minute."
+GENERATION_FAILED = "Sorry, something went wrong while writing the answers."  # details go to the log only
+STILL_WRITING = "Still writing the two answers; please wait for them."
+WAITING_EVERY_S = 1.0  # while a pair waits for the model, the notice says so this often
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 CUT_LABEL = " (cut off)"  # added to a pane's label when its answer did not end on its own
 CUT_MARK = " …\n\n*(cut off: press Continue to read on)*"  # shown after a cut-off answer in the conversation
@@ -50,17 +59,42 @@ class Services:
     sessions: sessionmaker[Session]
     loop: object | None = None  # training_loop.TrainingLoop, when training runs
     batcher: PairBatcher | None = None  # people's pairs written together; made from the config when None
+    admission: Admission | None = None  # generation and vote limits, per session and per address
+    admin_guard: AdminGuard | None = None  # wrong admin passwords, per address
 
     def __post_init__(self) -> None:
+        ui = self.config.ui
         if self.batcher is None:
-            ui = self.config.ui
-            self.batcher = PairBatcher(self.worker, self.config.sampling, ui.batch_people, ui.batch_wait_s)
+            self.batcher = PairBatcher(self.worker, self.config.sampling, ui.batch_people, ui.batch_wait_s, ui.max_waiting)
+        self.admission = self.admission or Admission(ui)
+        self.admin_guard = self.admin_guard or AdminGuard(ui)
+
+    def address(self, request) -> str:
+        """Who sent this event (``admission.client_address``)."""
+        return client_address(request, self.config.ui.trust_proxy)
 
     def stop(self) -> None:
         """Stop training, then the worker (each after the slice under way)."""
         if self.loop is not None:
             self.loop.stop()
         self.worker.stop()
+
+
+class SessionLock:
+    """A mutex that a copy of the state gets afresh (a copied state is another tab's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> SessionLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __deepcopy__(self, memo) -> SessionLock:
+        return SessionLock()
 
 
 @dataclass
@@ -76,7 +110,11 @@ class ChatState:
     cut_turns: set[int] = field(default_factory=set)  # history indices of assistant answers that were cut off
     answer_message_id: int | None = None  # the stored row of the last assistant answer (Continue extends it)
     phase: str = "chat"  # chat: type a message | vote: choose | regenerate: both were bad
-    vote_times: list[float] = field(default_factory=list)
+    writing: bool = False  # two answers (or a continuation) are being written: a second send is refused
+    # Events of one browser session run concurrently (Gradio shares this object
+    # between them): the pair on screen changes only under this lock, so a vote
+    # and a Regenerate never act on half of each other's work.
+    lock: SessionLock = field(default_factory=lambda: SessionLock(), repr=False, compare=False)
 
 
 # --- what the screen shows ---------------------------------------------------------------
@@ -139,8 +177,8 @@ def can_continue(state: ChatState) -> bool:
 def status_line(services: Services) -> str:
     """Policy version and vote count, for the header."""
     worker = services.worker
-    if worker.load_error is not None:
-        return f"**The model failed to load:** {worker.load_error}"
+    if worker.load_error is not None:  # the exception is in the log and on the admin panel
+        return "**The model failed to load.** The app cannot answer until an admin restarts it."
     if not worker.ready.is_set():
         return "Loading the model..."
     with services.sessions() as session:
@@ -180,7 +218,12 @@ def _draw_modes(services: Services):
 
 
 def _generate(services: Services, state: ChatState, clear_input: bool = False, notice: str = "") -> Iterator[tuple]:
-    """Stream two candidates for the current history into the panes, then store the pair."""
+    """Stream two candidates for the current history into the panes, then store the pair.
+
+    The caller holds ``state.writing`` (``_start_writing``) and clears it however
+    this ends. When the browser goes away, Gradio closes the generator, and a
+    request whose batch has not started is taken out of it.
+    """
     updates: queue.Queue = queue.Queue()
     cfg = services.config
     arena = services.worker.serving_version > 0 and random.random() < cfg.loop.arena_fraction
@@ -191,22 +234,42 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
         context = _context_for(services, history, tokenizer)
         return context, render_prompt(tokenizer, context)
 
-    future = services.batcher.submit(PairRequest(build, arena, pair_modes, updates.put))
+    try:
+        future = services.batcher.submit(PairRequest(build, arena, pair_modes, updates.put))
+    except BatcherFull:
+        state.phase = "regenerate" if state.history else "chat"
+        yield view(state, BUSY + " Your message is kept: press Regenerate.", clear_input=clear_input)
+        return
     panes = ("", "")
-    while not future.done():
-        try:
-            panes = tuple(updates.get(timeout=0.1))  # type: ignore[assignment]
-            while not updates.empty():  # skip to the newest text
-                panes = tuple(updates.get_nowait())  # type: ignore[assignment]
+    shown_at = time.monotonic()
+    try:
+        while not future.done():
+            try:
+                panes = tuple(updates.get(timeout=0.1))  # type: ignore[assignment]
+                while not updates.empty():  # skip to the newest text
+                    panes = tuple(updates.get_nowait())  # type: ignore[assignment]
+            except queue.Empty:
+                if time.monotonic() - shown_at < WAITING_EVERY_S or any(panes):
+                    continue
+                # Nothing written yet: say why, and give Gradio a yield at which
+                # it can stop this generator if the browser has gone away.
+                waiting = services.batcher.waiting()
+                ahead = f" ({waiting} people waiting)" if waiting > 1 else ""
+                message = f"Waiting for the model, which is writing other people's answers{ahead}..."
+                yield view(state, message, generating=True, panes=panes, clear_input=clear_input)
+                shown_at = time.monotonic()
+                continue
             yield view(state, notice or "Writing two answers...", generating=True, panes=panes, clear_input=clear_input)
-        except queue.Empty:
-            continue
+            shown_at = time.monotonic()
+    finally:
+        if not future.done():  # the browser went away (Gradio closed this generator)
+            future.cancel()  # before its batch started: no decoding for nobody
     try:
         context, a, b = future.result()
-    except Exception as exc:  # the message is stored; the person can press Regenerate
+    except Exception:  # the message is stored; the person can press Regenerate
         log.exception("generation failed")
         state.phase = "regenerate" if state.history else "chat"
-        yield view(state, f"Sorry, generating failed ({exc}). Press Regenerate to try again.", clear_input=clear_input)
+        yield view(state, f"{GENERATION_FAILED} Press Regenerate to try again.", clear_input=clear_input)
         return
 
     def save() -> int:
@@ -222,27 +285,59 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
             ).id
 
     try:
-        state.pair_id = store.with_retry(save)
+        pair_id = store.with_retry(save)
     except OperationalError:
         state.phase = "regenerate"
         yield view(state, DB_BUSY + " The two answers could not be stored; press Regenerate.", clear_input=clear_input)
         return
-    state.pair = (a.text, b.text)
-    state.pair_finished = (a.finished, b.finished)
-    state.phase = "vote"
+    with state.lock:
+        state.pair_id = pair_id
+        state.pair = (a.text, b.text)
+        state.pair_finished = (a.finished, b.finished)
+        state.phase = "vote"
     yield view(state, f"{notice} Which answer is better?".strip(), clear_input=clear_input)
 
 
-def respond(services: Services, message: str, state: ChatState | None) -> Iterator[tuple]:
+def _start_writing(services: Services, state: ChatState, request) -> str | None:
+    """Claim the session for writing: None, or why not (already writing, or over a limit)."""
+    with state.lock:
+        if state.writing:
+            return STILL_WRITING
+        refusal = services.admission.generation(state.session_id, services.address(request))
+        if refusal is None:
+            state.writing = True
+        return refusal
+
+
+def _stop_writing(state: ChatState) -> None:
+    """Release the session after writing, however it ended. A message left without
+    a pair (the browser went away, or writing failed) waits for Regenerate."""
+    with state.lock:
+        state.writing = False
+        if state.phase == "chat" and state.history and state.history[-1]["role"] == "user":
+            state.phase = "regenerate"
+
+
+def respond(services: Services, message: str, state: ChatState | None, request=None) -> Iterator[tuple]:
     """A person sent a message: store it, then stream two candidates."""
     state = state or ChatState()
+    if state.writing:
+        yield view(state, STILL_WRITING)
+        return
     if state.phase != "chat":
         yield view(state, "Please vote on the two answers first (or press Regenerate).")
+        return
+    if len(state.history) >= services.config.ui.max_turns:
+        yield view(state, "This conversation is long enough; press New conversation to start another.")
         return
     try:
         cleaned = clean_message(message, services.config.sampling.max_message_chars)
     except EmptyMessage as exc:
         yield view(state, str(exc))
+        return
+    refusal = _start_writing(services, state, request)
+    if refusal is not None:  # nothing stored: the message stays in the box
+        yield view(state, refusal)
         return
 
     def save() -> int:
@@ -252,60 +347,89 @@ def respond(services: Services, message: str, state: ChatState | None) -> Iterat
             return conversation_id  # adopted only once committed
 
     try:
-        state.conversation_id = store.with_retry(save)
-    except OperationalError:  # nothing stored: the message stays in the box to send again
-        yield view(state, DB_BUSY + " Your message was not sent; please send it again.")
-        return
-    state.history.append({"role": "user", "content": cleaned.text})
-    state.pair, state.pair_id, state.answer_message_id = ("", ""), None, None
-    yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
-    yield from _generate(services, state, clear_input=True, notice=cleaned.notice)
+        try:
+            state.conversation_id = store.with_retry(save)
+        except OperationalError:  # nothing stored: the message stays in the box to send again
+            yield view(state, DB_BUSY + " Your message was not sent; please send it again.")
+            return
+        with state.lock:
+            state.history.append({"role": "user", "content": cleaned.text})
+            state.pair, state.pair_id, state.answer_message_id = ("", ""), None, None
+        yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
+        yield from _generate(services, state, clear_input=True, notice=cleaned.notice)
+    finally:
+        _stop_writing(state)
 
 
-def regenerate(services: Services, state: ChatState | None) -> Iterator[tuple]:
+def regenerate(services: Services, state: ChatState | None, request=None) -> Iterator[tuple]:
     """Two new candidates for the same context; the old pair can no longer be voted on."""
     state = state or ChatState()
     if not state.history or state.history[-1]["role"] != "user":
         yield view(state, "Send a message first.")
         return
-    state.pair, state.pair_id = ("", ""), None
-    yield from _generate(services, state)
+    refusal = _start_writing(services, state, request)
+    if refusal is not None:
+        yield view(state, refusal)
+        return
+    try:
+        with state.lock:
+            answered = not state.history or state.history[-1]["role"] != "user"  # a vote got there first
+            if not answered:
+                state.pair, state.pair_id = ("", ""), None
+        if answered:
+            yield view(state, "Send a message first.")
+            return
+        yield from _generate(services, state)
+    finally:
+        _stop_writing(state)
 
 
 def vote(
-    services: Services, choice: str, strength_label: str | None, state: ChatState | None, pair_id: int | None = None
+    services: Services,
+    choice: str,
+    strength_label: str | None,
+    state: ChatState | None,
+    pair_id: int | None = None,
+    request=None,
 ) -> tuple:
     """Store a vote, then continue the conversation with the chosen answer.
 
     ``pair_id`` is the pair the person saw; by default the one in the state.
-    The vote is committed before this returns, so what the UI shows as
-    recorded is in the database.
+    The whole vote runs under the session's lock and the chosen text is read
+    from the stored pair, so a Regenerate of the same session can neither swap
+    the pair underneath nor leave an empty answer behind. The vote is
+    committed before this returns, so what the UI shows as recorded is in the
+    database.
     """
     state = state or ChatState()
-    target = state.pair_id if pair_id is None else pair_id
-    if target is None or state.phase != "vote":
-        return view(state, "There is no pair to vote on right now.")
-    if _over_rate_limit(services, state):
-        return view(state, "You are voting very fast; please wait a few seconds and read the answers.")
-    strength = STRENGTH_LABELS.get(strength_label or "")
+    with state.lock:
+        target = state.pair_id if pair_id is None else pair_id
+        if target is None or state.phase != "vote" or state.writing:
+            return view(state, "There is no pair to vote on right now.")
+        refusal = services.admission.vote(state.session_id, services.address(request))
+        if refusal is not None:
+            return view(state, refusal)
+        return _store_vote(services, state, target, choice, STRENGTH_LABELS.get(strength_label or ""))
 
+
+def _store_vote(services: Services, state: ChatState, target: int, choice: str, strength: str | None) -> tuple:
+    """The vote itself (under the session's lock): stored, then the conversation goes on."""
     side = 1 if choice == "b" else 0  # a tie continues with A
-    chosen = state.pair[side]
 
-    def save() -> tuple[store.VoteResult, int | None]:
+    def save() -> tuple[store.VoteResult, str, int | None]:
         with services.sessions() as session, session.begin():
             result = store.record_vote(session, target, choice, strength, state.session_id)
+            chosen = store.pair_texts(session, target)[side]
             if result.ok and choice != "both_bad":
-                return result, store.add_message(session, state.conversation_id, "assistant", chosen).id
-            return result, None
+                return result, chosen, store.add_message(session, state.conversation_id, "assistant", chosen).id
+            return result, chosen, None
 
     try:
-        result, message_id = store.with_retry(save)
+        result, chosen, message_id = store.with_retry(save)
     except OperationalError:  # not stored, so not acknowledged: the person can click again
         return view(state, DB_BUSY + " Your vote was not saved; please click again.")
     if not result.ok:
         return view(state, result.message)
-    state.vote_times.append(time.monotonic())
     if choice == "both_bad":
         state.phase = "regenerate"
         return view(state, "Recorded: both are bad. Press Regenerate for two new answers.")
@@ -321,7 +445,7 @@ def vote(
     return view(state, f"Recorded: {VOTE_LABELS[choice]}. Thank you! {then}")
 
 
-def continue_answer(services: Services, state: ChatState | None) -> Iterator[tuple]:
+def continue_answer(services: Services, state: ChatState | None, request=None) -> Iterator[tuple]:
     """Write on where the chosen, cut-off answer stopped, streamed into the conversation.
 
     The continuation becomes part of that answer, on screen, in the stored
@@ -332,6 +456,17 @@ def continue_answer(services: Services, state: ChatState | None) -> Iterator[tup
     if not can_continue(state):
         yield view(state, "There is no cut-off answer to continue.")
         return
+    refusal = _start_writing(services, state, request)
+    if refusal is not None:
+        yield view(state, refusal)
+        return
+    try:
+        yield from _write_on(services, state)
+    finally:
+        state.writing = False
+
+
+def _write_on(services: Services, state: ChatState) -> Iterator[tuple]:
     turn = len(state.history) - 1
     before = state.history[turn]["content"]
     updates: queue.Queue = queue.Queue()
@@ -343,21 +478,24 @@ def continue_answer(services: Services, state: ChatState | None) -> Iterator[tup
 
     future = services.worker.submit(CHAT, job)
     shown = shown_history(state)
-    yield view(state, "Writing on...", generating=True, conversation=shown)
-    while not future.done():
-        try:
-            added = updates.get(timeout=0.1)[0]
-            while not updates.empty():  # skip to the newest text
-                added = updates.get_nowait()[0]
-        except queue.Empty:
-            continue
-        shown[turn] = {"role": "assistant", "content": before + added}
+    try:
         yield view(state, "Writing on...", generating=True, conversation=shown)
+        while not future.done():
+            try:
+                added = updates.get(timeout=0.1)[0]
+                while not updates.empty():  # skip to the newest text
+                    added = updates.get_nowait()[0]
+            except queue.Empty:
+                continue
+            shown[turn] = {"role": "assistant", "content": before + added}
+            yield view(state, "Writing on...", generating=True, conversation=shown)
+    finally:
+        future.cancel()  # the browser went away before the job started: no decoding for nobody
     try:
         added, finished = future.result()
-    except Exception as exc:  # the answer stays as it was; the person can press Continue again
+    except Exception:  # the answer stays as it was; the person can press Continue again
         log.exception("continuing failed")
-        yield view(state, f"Sorry, continuing failed ({exc}). Press Continue to try again.")
+        yield view(state, "Sorry, something went wrong while writing on. Press Continue to try again.")
         return
     full = before + added
 
@@ -391,16 +529,10 @@ def continue_text(model, tokenizer, context: list[dict], sampling: Sampling, on_
 
 def new_conversation(services: Services, state: ChatState | None) -> tuple:
     """Start over, keeping the browser session (and its rate limit)."""
-    fresh = ChatState(session_id=state.session_id if state else uuid.uuid4().hex)
-    if state:
-        fresh.vote_times = state.vote_times
+    if state is not None and state.writing:
+        return view(state, STILL_WRITING)
+    fresh = ChatState(session_id=state.session_id if state else uuid.uuid4().hex)  # the limits go with the session id
     return view(fresh, "New conversation started.")
-
-
-def _over_rate_limit(services: Services, state: ChatState) -> bool:
-    now = time.monotonic()
-    state.vote_times[:] = [t for t in state.vote_times if now - t < 60.0]
-    return len(state.vote_times) >= services.config.ui.votes_per_minute
 
 
 # --- the Training tab -------------------------------------------------------------------
@@ -422,27 +554,61 @@ def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
 
 # --- admin -------------------------------------------------------------------------------
 
-WRONG_PASSWORD_DELAY_S = 1.0  # slows password guessing to one try a second per connection
+WRONG_PASSWORD_DELAY_S = 1.0  # each wrong guess waits this long (on the event loop: no thread is held)
+NOT_AUTHORISED = "Not authorised: enter the admin password first."
+LOCKED_OUT = "Too many wrong passwords from your address; try again later."
 
 
-def unlock(services: Services, password: str | None) -> tuple:
+async def _admin_refusal(services: Services, password: str | None, request, wrong: str) -> str | None:
+    """None for the right password from an address that is not locked out, else the message to show.
+
+    Wrong guesses are counted and logged per address, wait without holding a
+    thread (``asyncio.sleep``), and lock the address out after
+    ``ui.admin_max_failures``; a locked-out address is refused without its
+    guess even being checked.
+    """
+    address = services.address(request)
+    if services.admin_guard.locked(address):
+        return LOCKED_OUT
+    if controls.check_admin(password, services.config):
+        return None
+    services.admin_guard.failed(address)
+    await asyncio.sleep(WRONG_PASSWORD_DELAY_S)
+    return wrong
+
+
+async def unlock(services: Services, password: str | None, request=None) -> tuple:
     """Show the admin controls for the right password: (panel, message, rollback choices, mode choices)."""
-    if not controls.check_admin(password, services.config):
-        time.sleep(WRONG_PASSWORD_DELAY_S)
-        return gr.update(visible=False), "Wrong password.", gr.update(), gr.update()
-    return gr.update(visible=True), "Unlocked.", _rollback_choices(services), _mode_choices(services)
+    refusal = await _admin_refusal(services, password, request, "Wrong password.")
+    if refusal is not None:
+        return gr.update(visible=False), refusal, gr.update(), gr.update()
+    choices = await asyncio.to_thread(lambda: (_rollback_choices(services), _mode_choices(services)))
+    return gr.update(visible=True), "Unlocked. " + await asyncio.to_thread(admin_details, services), *choices
+
+
+def admin_details(services: Services) -> str:
+    """What the public views leave out: the model's load error, the training error, the events in full."""
+    parts = []
+    if services.worker.load_error is not None:
+        parts.append(f"**The model failed to load:** {services.worker.load_error}")
+    if services.loop is not None:
+        parts.append(services.loop.state_text(details=True))
+    with services.sessions() as session:
+        parts.append(dashboard.recent_events(session, limit=10, details=True))
+    return "\n\n".join(p for p in parts if p)
 
 
 def _mode_choices(services: Services):
     return gr.update(choices=controls.mode_names(services.sessions), value=None)
 
 
-def admin_modes(services: Services, action, password: str | None, *args) -> tuple:
+async def admin_modes(services: Services, action, password: str | None, *args, request=None) -> tuple:
     """Add or remove a response mode for an admin: (message, the modes now in use)."""
-    message, _ = admin_control(services, action, password, *args)
-    if not controls.check_admin(password, services.config):
-        return message, gr.update()
-    return message, _mode_choices(services)
+    refusal = await _admin_refusal(services, password, request, NOT_AUTHORISED)
+    if refusal is not None:
+        return refusal, gr.update()
+    message, _ = await asyncio.to_thread(_run_control, services, action, *args)
+    return message, await asyncio.to_thread(_mode_choices, services)
 
 
 def _rollback_choices(services: Services):
@@ -450,32 +616,52 @@ def _rollback_choices(services: Services):
     return gr.update(choices=versions, value=versions[0] if versions else None)
 
 
-def admin_control(services: Services, action, password: str | None, *args) -> tuple:
+async def admin_control(services: Services, action, password: str | None, *args, request=None) -> tuple:
     """Run one control for an admin: (message, rollback choices).
 
     The password is checked here, on the server, on every call: hidden
     components are only hidden in the browser, and anyone can send an event.
+    The control itself runs in a thread (it may wait on the model worker).
     """
-    if not controls.check_admin(password, services.config):
-        time.sleep(WRONG_PASSWORD_DELAY_S)
-        return "Not authorised: enter the admin password first.", gr.update()
+    refusal = await _admin_refusal(services, password, request, NOT_AUTHORISED)
+    if refusal is not None:
+        return refusal, gr.update()
+    return await asyncio.to_thread(_run_control, services, action, *args)
+
+
+def _run_control(services: Services, action, *args) -> tuple:
     try:
         message = action(services, *args)
     except controls.ControlError as exc:
         return str(exc), gr.update()
-    except Exception as exc:  # shown to the admin; the chat is unaffected
+    except Exception as exc:  # shown to the admin (and logged); the chat is unaffected
         log.exception("admin control failed")
         return f"Failed: {type(exc).__name__}: {exc}", gr.update()
     return message, _rollback_choices(services)
 
 
-def admin_export(services: Services, password: str | None) -> tuple:
-    """Write the preferences as JSON Lines for download: (file, message)."""
-    if not controls.check_admin(password, services.config):
-        time.sleep(WRONG_PASSWORD_DELAY_S)
-        return gr.update(value=None, visible=False), "Not authorised: enter the admin password first."
-    path, message = controls.export_preferences(services.sessions, tempfile.mkdtemp(prefix="rlhf-chat-export-"))
+async def admin_export(services: Services, password: str | None, request=None) -> tuple:
+    """Write the preferences as JSON Lines for download: (file, message).
+
+    The file lives in a folder of its own that is deleted ``ui.cache_cleanup_s``
+    after it was written (Gradio has its own copy by then, under its cache,
+    which ``delete_cache`` clears).
+    """
+    refusal = await _admin_refusal(services, password, request, NOT_AUTHORISED)
+    if refusal is not None:
+        return gr.update(value=None, visible=False), refusal
+    folder = tempfile.mkdtemp(prefix="rlhf-chat-export-")
+    path, message = await asyncio.to_thread(controls.export_preferences, services.sessions, folder)
+    remove_later(folder, services.config.ui.cache_cleanup_s)
     return gr.update(value=str(path), visible=True), message
+
+
+def remove_later(folder: str, after_s: float) -> threading.Timer:
+    """Delete ``folder`` after ``after_s`` seconds, on a daemon timer."""
+    timer = threading.Timer(after_s, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True})
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 # --- layout ------------------------------------------------------------------------------
@@ -484,9 +670,64 @@ CSS = ".pane textarea { font-size: 0.95rem; }"
 REFRESH_S = 5.0  # the Training tab's refresh period
 
 
+PRIVACY_NOTICE = (
+    "Your messages and votes are stored and used to train this chatbot. "
+    "Do not type anything private. *Delete my data* removes this session's messages and votes."
+)
+
+
+def delete_my_data(services: Services, state: ChatState | None) -> tuple:
+    """Remove this session's conversations, pairs and votes from the database, and start afresh."""
+    if state is None:
+        return view(ChatState(), "Nothing stored for this session yet.")
+    if state.writing:
+        return view(state, STILL_WRITING)
+
+    def delete() -> int:
+        with services.sessions() as session, session.begin():
+            return store.delete_session_data(session, state.session_id)
+
+    try:
+        removed = store.with_retry(delete)
+    except OperationalError:
+        return view(state, DB_BUSY + " Nothing was deleted; please try again.")
+    return view(ChatState(session_id=state.session_id), f"Deleted this session's data ({removed} rows).")
+
+
+def _with_request(handler, inputs: list) -> object:
+    """The handler as Gradio needs it to pass on its request (for the client's address).
+
+    Gradio finds the request argument by a parameter annotated ``gr.Request``
+    and passes it in that position; ``functools.partial`` hides annotations. So
+    the wrapper declares one parameter per input, then the request, and calls
+    the handler with ``request=``. Generators and coroutines stay what they are.
+    """
+    fn = handler.func if isinstance(handler, partial) else handler
+    if inspect.isgeneratorfunction(fn):
+        def wrapper(*args):
+            yield from handler(*args[:-1], request=args[-1])
+    elif inspect.iscoroutinefunction(fn):
+        async def wrapper(*args):
+            return await handler(*args[:-1], request=args[-1])
+    else:
+        def wrapper(*args):
+            return handler(*args[:-1], request=args[-1])
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    # The handler's own names for its inputs where it has them, so the API (gradio_client) shows them.
+    named = [p.name for p in inspect.signature(handler).parameters.values()
+             if p.kind == positional and p.name != "request"]
+    names = [named[k] if k < len(named) else f"input_{k}" for k in range(len(inputs))]
+    params = [inspect.Parameter(name, positional) for name in names]
+    wrapper.__signature__ = inspect.Signature([*params, inspect.Parameter("request", positional, annotation=gr.Request)])
+    wrapper.__annotations__ = {"request": gr.Request}
+    return wrapper
+
+
 def build_chat(services: Services) -> None:
     """The chat: conversation, two candidate panes, vote buttons, input."""
+    ui = services.config.ui
     state = gr.State(None)
+    gr.Markdown(PRIVACY_NOTICE, elem_classes="privacy")
     chatbot = gr.Chatbot(label="Conversation", height=320)
     with gr.Row():
         pane_a = gr.Textbox(label="Response A", lines=8, max_lines=16, interactive=False, elem_classes="pane")
@@ -495,23 +736,35 @@ def build_chat(services: Services) -> None:
         vote_buttons = {c: gr.Button(label, interactive=False, variant="primary") for c, label in VOTE_LABELS.items()}
     strength = gr.Radio(list(STRENGTH_LABELS), value=None, label="How much better? (optional)")
     notice = gr.Markdown("")
-    textbox = gr.Textbox(label="Your message", placeholder="Type a message and press Enter", max_lines=8)
+    textbox = gr.Textbox(
+        label="Your message", placeholder="Type a message and press Enter", max_lines=8,
+        max_length=services.config.sampling.max_message_chars,
+    )
     with gr.Row():
         send = gr.Button("Send", variant="primary")
         regen = gr.Button("Regenerate", interactive=False)
         more = gr.Button("Continue", interactive=False)
         new = gr.Button("New conversation")
+        forget = gr.Button("Delete my data", variant="stop")
 
     outputs = [chatbot, pane_a, pane_b, notice, textbox, *vote_buttons.values(), regen, more, state]
-    # Named endpoints let gradio_client drive the app as a person would.
+    # Named endpoints let gradio_client drive the app as a person would. Events
+    # that write answers share one concurrency group, bounded so that a crowd
+    # waits in Gradio's queue (with its position shown) instead of in threads;
+    # the bound still lets ui.batch_people people share one batch, twice over.
+    writing = {"concurrency_limit": 2 * ui.batch_people, "concurrency_id": "writing"}
     for trigger, api_name in ((textbox.submit, "respond"), (send.click, False)):
-        trigger(partial(respond, services), [textbox, state], outputs, api_name=api_name)
-    regen.click(partial(regenerate, services), [state], outputs, api_name="regenerate")
-    more.click(partial(continue_answer, services), [state], outputs, api_name="continue")
+        trigger(_with_request(partial(respond, services), [textbox, state]), [textbox, state], outputs,
+                api_name=api_name, **writing)
+    regen.click(_with_request(partial(regenerate, services), [state]), [state], outputs, api_name="regenerate", **writing)
+    more.click(_with_request(partial(continue_answer, services), [state]), [state], outputs, api_name="continue",
+               **writing)
     new.click(partial(new_conversation, services), [state], outputs, api_name="new_conversation")
+    forget.click(partial(delete_my_data, services), [state], outputs, api_name="delete_my_data")
     for choice, button in vote_buttons.items():
         button.click(
-            partial(vote, services, choice), [strength, state], outputs, api_name=f"vote_{choice}"
+            _with_request(partial(vote, services, choice), [strength, state]), [strength, state], outputs,
+            api_name=f"vote_{choice}",
         ).then(lambda: None, None, strength, api_name=False)
 
 
@@ -599,14 +852,16 @@ def build_admin(services: Services) -> None:
         export_file = gr.File(label="Preferences", visible=False, interactive=False)
 
     unlocked = [panel, message, rollback_to, mode_list]
-    unlock_button.click(partial(unlock, services), [password], unlocked, api_name=False)
-    password.submit(partial(unlock, services), [password], unlocked, api_name=False)
+    mode_inputs = [password, mode_name, mode_description, mode_openings, mode_behaviour]
+    unlock_button.click(_with_request(partial(unlock, services), [password]), [password], unlocked, api_name=False)
+    password.submit(_with_request(partial(unlock, services), [password]), [password], unlocked, api_name=False)
     add_mode_button.click(
-        partial(admin_modes, services, controls.add_mode),
-        [password, mode_name, mode_description, mode_openings, mode_behaviour], [message, mode_list], api_name=False,
+        _with_request(partial(admin_modes, services, controls.add_mode), mode_inputs), mode_inputs, [message, mode_list],
+        api_name=False,
     )
     remove_mode_button.click(
-        partial(admin_modes, services, controls.remove_mode), [password, mode_list], [message, mode_list],
+        _with_request(partial(admin_modes, services, controls.remove_mode), [password, mode_list]), [password, mode_list],
+        [message, mode_list],
         api_name=False,
     )
     for button, action, extra in (
@@ -617,9 +872,11 @@ def build_admin(services: Services) -> None:
         (rollback_button, controls.rollback, [rollback_to]),
         (reset_button, controls.reset_policy, []),
     ):
-        button.click(partial(admin_control, services, action), [password, *extra], [message, rollback_to],
+        inputs = [password, *extra]
+        button.click(_with_request(partial(admin_control, services, action), inputs), inputs, [message, rollback_to],
                      api_name=False)
-    export_button.click(partial(admin_export, services), [password], [export_file, message], api_name=False)
+    export_button.click(_with_request(partial(admin_export, services), [password]), [password], [export_file, message],
+                        api_name=False)
 
 
 def build_demo(services: Services) -> gr.Blocks:
@@ -628,7 +885,9 @@ def build_demo(services: Services) -> gr.Blocks:
     The Admin tab exists only when an admin password is configured
     (``RLHF_CHAT_ADMIN_PASSWORD``): without one, nothing of it is rendered.
     """
-    with gr.Blocks(title="rlhf-chat") as demo:
+    ui = services.config.ui
+    # Gradio's cache (its copies of served files) is swept as often as files may live.
+    with gr.Blocks(title="rlhf-chat", delete_cache=(ui.cache_cleanup_s, ui.cache_cleanup_s)) as demo:
         gr.Markdown(
             "# rlhf-chat\nChat, compare two answers, pick the better one. "
             "Your votes train a reward model, and PPO teaches the chatbot what people prefer, live."
@@ -650,5 +909,13 @@ def build_demo(services: Services) -> gr.Blocks:
         )
         for tab in other_tabs:
             tab.select(lambda: gr.Timer(active=False), None, timer, api_name=False)
-    demo.queue(default_concurrency_limit=None)
+    # Events without a group of their own (votes, the Training tab) run as they come;
+    # beyond max_size waiting events Gradio tells the newcomer the queue is full.
+    demo.queue(default_concurrency_limit=None, max_size=ui.max_waiting)
     return demo
+
+
+def launch_options(cfg: AppConfig) -> dict:
+    """``demo.launch`` arguments that app.py and the benchmarks share: the upload
+    limit (the app has no upload field, but Gradio's upload route is open to anyone)."""
+    return {"max_file_size": cfg.ui.max_upload_bytes, "css": CSS}

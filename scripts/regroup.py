@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(sys.argv[1])
 GROUPS = {
     "model": ("loading", "quantized"),
-    "serving": ("chat", "candidates", "nucleus", "repetition", "modes", "worker", "runtime", "ui", "dashboard",
+    "serving": ("chat", "candidates", "nucleus", "repetition", "modes", "batcher", "admission", "worker", "runtime",
+                "ui", "dashboard",
                 "controls", "arena"),
     "storage": ("tables", "store", "export"),
     "learning": ("preferences", "heads", "reward", "supervised", "ppo_math", "ppo", "training_loop", "checkpoints"),
@@ -23,8 +24,8 @@ DOCS = {
     "storage": "Storage: the database schema, data access and the export of the votes.",
     "learning": "Learning: votes to preference pairs, the reward model, PPO (its math apart), the one supervised "
                 "term, checkpoints and the background loop.",
-    "evaluation": "Evaluation: tools that judge the loop, not runtime: the headless simulation, scripted labelers "
-                  "and the behaviour detectors.",
+    "evaluation": "Evaluation: judging answers and the loop: the behaviour detectors (which the Training tab "
+                  "also reads), the scripted labelers and the headless simulation; tools, apart from the detectors.",
 }
 WHERE = {m: g for g, ms in GROUPS.items() for m in ms}
 pkg = ROOT / "rlhf_chat"

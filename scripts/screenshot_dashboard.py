@@ -21,7 +21,7 @@ from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 from rlhf_chat.config import AppConfig  # noqa: E402
 from rlhf_chat.runtime import start_services  # noqa: E402
-from rlhf_chat.ui import CSS, build_demo  # noqa: E402
+from rlhf_chat.ui import build_demo, launch_options  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = build_demo(services)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_options(cfg))
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from rlhf_chat import store
 from rlhf_chat.tables import Message
 from rlhf_chat.runtime import start_services
-from rlhf_chat.ui import CSS, build_demo
+from rlhf_chat.ui import build_demo, launch_options
 
 CHROMIUM = Path("/usr/bin/chromium")
 # --headless and --disable-gpu: no display, no GPU. --no-sandbox: CI runs as root,
@@ -92,7 +92,8 @@ def served_app(tiny_config):
         port = free_port()
         demo = build_demo(services)
         demo.launch(
-            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS, share=False
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False,
+            **launch_options(tiny_config),
         )
         yield services, f"http://127.0.0.1:{port}/"
     finally:

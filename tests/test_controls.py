@@ -3,6 +3,8 @@ rollback on a live loop over the tiny model (with the before/after probes as wit
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from rlhf_chat import controls, ui
 from rlhf_chat.config import AppConfig
 from rlhf_chat.controls import ControlError, check_admin
+from rlhf_chat.admission import AdminGuard
 from rlhf_chat.dashboard import ProbeBoard
 from rlhf_chat.loading import POLICY, adapter_state, sync_policy_weights
 from rlhf_chat.ppo import make_optimizer, policy_tensors
@@ -47,19 +50,61 @@ def test_bad_values_are_refused_with_a_reason():
 
 def test_every_admin_handler_checks_the_password(monkeypatch, tmp_path):
     monkeypatch.setattr(ui, "WRONG_PASSWORD_DELAY_S", 0.0)
-    services = SimpleNamespace(config=config_with_password("pw"), sessions=None)
+    cfg = config_with_password("a long enough password")
+    services = SimpleNamespace(config=cfg, sessions=None, admin_guard=AdminGuard(cfg.ui), address=lambda r: "local")
     called = []
-    message, _ = ui.admin_control(services, lambda s: called.append(s) or "done", "wrong")
+    message, _ = asyncio.run(ui.admin_control(services, lambda s: called.append(s) or "done", "wrong"))
     assert message.startswith("Not authorised") and called == []  # the action never ran
-    panel, message, _, _ = ui.unlock(services, "wrong")
+    panel, message, _, _ = asyncio.run(ui.unlock(services, "wrong"))
     assert panel["visible"] is False and message == "Wrong password."
-    file, message = ui.admin_export(services, "")
+    file, message = asyncio.run(ui.admin_export(services, ""))
     assert file["visible"] is False and message.startswith("Not authorised")
-    message, _ = ui.admin_modes(services, lambda s, *a: called.append(a) or "done", "wrong", "riddle")
+    message, _ = asyncio.run(ui.admin_modes(services, lambda s, *a: called.append(a) or "done", "wrong", "riddle"))
     assert message.startswith("Not authorised") and called == []
     services.sessions = lambda: pytest.fail("a refused request must not read the database")
-    ui.admin_control(services, lambda s: "done", None)
-    ui.admin_modes(services, controls.remove_mode, None, "warm")
+    asyncio.run(ui.admin_control(services, lambda s: "done", None))
+
+
+def test_wrong_passwords_lock_an_address_out_are_logged_and_never_hold_a_thread(monkeypatch, caplog):
+    cfg = config_with_password("a long enough password")
+    cfg.ui.admin_max_failures = 3
+    now = [0.0]
+    guard = AdminGuard(cfg.ui, clock=lambda: now[0])
+    addresses = {"attacker": "203.0.113.9", "admin": "198.51.100.1"}
+    services = SimpleNamespace(config=cfg, sessions=None, admin_guard=guard, address=lambda r: addresses[r])
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert asyncio.run(ui.unlock(services, "guess", request="attacker"))[1] == "Wrong password."
+    assert "203.0.113.9" in caplog.text  # each failure is logged with its address
+    # locked: even the right password is refused from that address, without being checked
+    assert asyncio.run(ui.unlock(services, "a long enough password", request="attacker"))[1] == ui.LOCKED_OUT
+    message, _ = asyncio.run(ui.admin_control(services, lambda s: "done", "a long enough password", request="attacker"))
+    assert message == ui.LOCKED_OUT
+    # another address is not affected, and the lock ends after admin_lockout_s
+    assert asyncio.run(ui._admin_refusal(services, "a long enough password", "admin", "refused")) is None
+    now[0] += cfg.ui.admin_lockout_s + 1
+    assert not guard.locked("203.0.113.9")
+
+    # ten wrong guesses at once take about one delay, not ten: the waits share the event loop
+    monkeypatch.setattr(ui, "WRONG_PASSWORD_DELAY_S", 0.5)
+    cfg.ui.admin_max_failures = 100
+
+    async def ten_guesses():
+        return await asyncio.gather(*(ui.unlock(services, "guess", request="admin") for _ in range(10)))
+
+    start = time.perf_counter()
+    asyncio.run(ten_guesses())
+    assert time.perf_counter() - start < 2.0
+
+
+def test_the_app_refuses_a_short_admin_password():
+    from rlhf_chat.config import apply_overrides, validate
+
+    with pytest.raises(ValueError, match="at least 12"):
+        validate(config_with_password("hunter2"))
+    with pytest.raises(ValueError, match="at least 12"):
+        apply_overrides(AppConfig(), ["ui.admin_password=short"])
+    assert validate(config_with_password("")) and validate(config_with_password("twelve chars"))
 
 
 # --- on a live loop over the tiny model ----------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from rlhf_chat import store
-from rlhf_chat.dashboard import REFRESH_OUTPUTS, loop_state, refresh, thin
+from rlhf_chat.dashboard import REFRESH_OUTPUTS, loop_state, recent_events, refresh, thin
 from rlhf_chat.tables import Comparison
 from rlhf_chat.training_loop import LoopStatus
 from tests.test_arena import add_pair
@@ -88,7 +88,11 @@ def test_refresh_plots_the_known_metrics(sessions):
     assert "50%" in out["arena_summary"] and "3 blind arena votes" in out["arena_summary"]
 
     assert "running PPO" in out["loop"] and "policy v3" in out["loop"]
-    assert "out of memory" in out["events"] and "traceback" not in out["events"]
+    # the public tab says that training hit an error; what it was is for the admin panel
+    assert "error" in out["events"] and "out of memory" not in out["events"]
+    with sessions() as session:
+        full = recent_events(session, details=True)
+    assert "out of memory" in full and "traceback" not in full  # the first line only
 
 
 def test_every_plot_is_drawable_even_on_an_empty_database(sessions):
