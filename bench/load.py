@@ -54,7 +54,7 @@ from gradio_client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from rlhf_chat import store  # noqa: E402
-from rlhf_chat.config import AppConfig, ModelConfig  # noqa: E402
+from rlhf_chat.config import AppConfig, ModelConfig, apply_overrides  # noqa: E402
 from rlhf_chat.loading import prepare_bundled_model, write_tiny_model  # noqa: E402
 from rlhf_chat.runtime import start_services  # noqa: E402
 from rlhf_chat.tables import Comparison, Message  # noqa: E402
@@ -275,6 +275,8 @@ def main() -> int:
         help="instead: N people send one message at the same moment, for each N (e.g. 1,4,8,16), "
              "one pair per call against batched, in the same run",
     )
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+                        help="override a setting, as the app's --set (e.g. ui.batch_wait_s=0.2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -282,6 +284,7 @@ def main() -> int:
     cfg = AppConfig()
     cfg.store.db_url = args.db or f"sqlite:///{tmp / 'feedback.db'}"
     cfg.store.checkpoint_dir = str(tmp / "checkpoints")
+    apply_overrides(cfg, args.set)
     # Every simulated person comes from 127.0.0.1: one address, which may do as
     # much as this many people (ui.people_per_address), so the limits measure nothing here.
     cfg.ui.people_per_address = max(cfg.ui.people_per_address, args.users, *_sizes(args.burst))
@@ -313,6 +316,7 @@ def main() -> int:
             f"{cfg.sampling.max_new_tokens} new tokens per answer; training loop: {'on' if args.train else 'off'}"
         )
         print(f"database: {cfg.store.db_url}")
+        print(f"batching: up to {cfg.ui.batch_people} people a call, waiting {cfg.ui.batch_wait_s:g} s for more")
         if args.burst:
             return 0 if run_bursts(services, url, _sizes(args.burst)) else 1
         print(f"{args.users} users at once for {args.seconds:.0f} s, a new conversation every {args.turns} messages")

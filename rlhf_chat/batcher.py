@@ -26,6 +26,8 @@ from rlhf_chat.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
 
+EXPECT_WAIT_S = 0.5  # the longest a batch waits for more people before it starts
+
 # The context a pair answers and its rendered prompt, built on the worker
 # with the model's tokenizer (a person's history is trimmed to the budget there).
 PromptBuilder = Callable[[object], tuple[list[dict], list[int]]]
@@ -63,21 +65,27 @@ class PairBatcher:
         self._pending: list[PairRequest] = []
         self._lock = threading.Lock()
         self._scheduled = False  # a batch job is queued or running and will look at _pending
+        self._expected = 0  # pairs announced by expect() and not yet submitted
+        self._last_arrival = 0.0  # when the newest pair was submitted (monotonic)
+        self.running = 0  # people in the batch being written now (the UI paces its updates by it)
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # people per call, newest last (benchmark, tests)
 
-    def submit(self, request: PairRequest) -> Future[PairResult]:
+    def submit(self, request: PairRequest, expected: bool = False) -> Future[PairResult]:
         """Queue a person's pair; the future holds (context, candidate A, candidate B).
 
         Raises :class:`BatcherFull` when ``max_waiting`` people already wait.
+        ``expected``: this pair was announced with :meth:`expect`.
 
         Cancelling the future before its batch starts takes the request out (a
         browser that went away costs no decoding).
         """
         request.future = Future()
         with self._lock:
+            self._expected = max(0, self._expected - 1) if expected else self._expected
             if len(self._pending) >= self.max_waiting:
                 raise BatcherFull(f"{len(self._pending)} people are waiting")
             self._pending.append(request)
+            self._last_arrival = time.monotonic()
             schedule, self._scheduled = not self._scheduled, True
         if schedule:
             self.worker.submit(CHAT, self._run_batch)
@@ -99,9 +107,38 @@ class PairBatcher:
             self.worker.submit(CHAT, self._run_batch)
         return [r for r in batch if r.future.set_running_or_notify_cancel()]
 
+    def expect(self) -> None:
+        """A person's pair is on its way (their message is being stored): a batch
+        about to start waits for it, up to ``EXPECT_WAIT_S``. Each call is matched
+        by a :meth:`submit` or an :meth:`unexpect`."""
+        with self._lock:
+            self._expected += 1
+
+    def unexpect(self) -> None:
+        """An expected pair will not come (refused, or the browser went away)."""
+        with self._lock:
+            self._expected = max(0, self._expected - 1)
+
+    def _gather(self) -> None:
+        """Before a batch starts, while it has room: wait until no pair has arrived
+        for ``wait_s`` and none is on its way, at most ``EXPECT_WAIT_S`` in all.
+
+        People who press Enter at the same moment arrive a few tens of
+        milliseconds apart; each arrival extends the wait, so they share one
+        call, while a lone person waits ``wait_s`` once.
+        """
+        longest = time.monotonic() + EXPECT_WAIT_S
+        while True:
+            with self._lock:
+                room = len(self._pending) < self.max_people
+                quiet = time.monotonic() - self._last_arrival >= self.wait_s
+                expected = self._expected > 0
+            if not room or time.monotonic() >= longest or (quiet and not expected):
+                return
+            time.sleep(0.01)
+
     def _run_batch(self, models) -> None:
-        if self.wait_s > 0 and self.waiting() < self.max_people:
-            time.sleep(self.wait_s)  # people who pressed Enter at the same moment share this call
+        self._gather()
         batch, built = [], []
         for request in self._take_batch():
             try:  # one person's bad context fails that person's pair only
@@ -112,6 +149,7 @@ class PairBatcher:
                 request.future.set_exception(exc)
         if not batch:
             return
+        self.running = len(batch)
         try:
             sampling = Sampling.from_config(self.sampling_config, secrets.randbelow(2**31))
             pairs = generate_pairs(
@@ -123,6 +161,8 @@ class PairBatcher:
             for request in batch:
                 request.future.set_exception(exc)
             return
+        finally:
+            self.running = 0
         self.batch_sizes.append(len(batch))
         for request, (context, _), (a, b) in zip(batch, built, pairs):
             request.future.set_result((context, a, b))

@@ -229,7 +229,10 @@ class UIConfig:
     # The most people whose pairs one sampling call writes (batcher.py): 8 pairs
     # are 16 rows, which a 2-core CPU decodes in about twice the time of one pair.
     batch_people: int = 8
-    batch_wait_s: float = 0.0  # how long a batch waits for more people before it starts
+    # A batch starts once no one has joined it for this long (at most 0.5 s in
+    # all): people who press Enter at the same moment share one call, and a lone
+    # person's first token comes this much later (batcher.PairBatcher._gather).
+    batch_wait_s: float = 0.1
 
 
 @dataclass

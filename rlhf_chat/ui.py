@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator
@@ -44,6 +45,7 @@ BUSY = "Many people are chatting right now; please try again in a minute."
 GENERATION_FAILED = "Sorry, something went wrong while writing the answers."  # details go to the log only
 STILL_WRITING = "Still writing the two answers; please wait for them."
 WAITING_EVERY_S = 1.0  # while a pair waits for the model, the notice says so this often
+STREAM_UPDATES_PER_S = 5.0  # pane refreshes a second, shared by everyone whose answers are being written
 VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 CUT_LABEL = " (cut off)"  # added to a pane's label when its answer did not end on its own
 CUT_MARK = " …\n\n*(cut off: press Continue to read on)*"  # shown after a cut-off answer in the conversation
@@ -111,6 +113,7 @@ class ChatState:
     answer_message_id: int | None = None  # the stored row of the last assistant answer (Continue extends it)
     phase: str = "chat"  # chat: type a message | vote: choose | regenerate: both were bad
     writing: bool = False  # two answers (or a continuation) are being written: a second send is refused
+    expected: bool = False  # this session's pair is announced to the batcher and not yet submitted
     # Events of one browser session run concurrently (Gradio shares this object
     # between them): the pair on screen changes only under this lock, so a vote
     # and a Regenerate never act on half of each other's work.
@@ -158,6 +161,18 @@ def view(
         gr.update(interactive=can_continue(state) and not generating),
         state,
     )
+
+
+def pane_view(state: ChatState, panes: tuple[str, str]) -> tuple:
+    """A streaming update: the two panes' text, every other output left as it is.
+
+    The full :func:`view` re-sends the conversation and every button, which
+    Gradio renders and sends anew on each update; with 16 people streaming
+    at once on 2 cores that halved the decoding speed (README, load figures).
+    """
+    skip = gr.skip()
+    return (skip, gr.update(value=panes[0]), gr.update(value=panes[1]), skip, skip, *[skip for _ in VOTE_LABELS],
+            skip, skip, state)
 
 
 def shown_history(state: ChatState) -> list[dict]:
@@ -234,8 +249,9 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
         context = _context_for(services, history, tokenizer)
         return context, render_prompt(tokenizer, context)
 
+    expected, state.expected = state.expected, False  # submitting settles the announcement, whatever follows
     try:
-        future = services.batcher.submit(PairRequest(build, arena, pair_modes, updates.put))
+        future = services.batcher.submit(PairRequest(build, arena, pair_modes, updates.put), expected=expected)
     except BatcherFull:
         state.phase = "regenerate" if state.history else "chat"
         yield view(state, BUSY + " Your message is kept: press Regenerate.", clear_input=clear_input)
@@ -243,6 +259,8 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
     panes = ("", "")
     shown_at = time.monotonic()
     try:
+        # One full update (buttons off, the notice); then only the panes stream.
+        yield view(state, notice or "Writing two answers...", generating=True, panes=panes, clear_input=clear_input)
         while not future.done():
             try:
                 panes = tuple(updates.get(timeout=0.1))  # type: ignore[assignment]
@@ -259,8 +277,13 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
                 yield view(state, message, generating=True, panes=panes, clear_input=clear_input)
                 shown_at = time.monotonic()
                 continue
-            yield view(state, notice or "Writing two answers...", generating=True, panes=panes, clear_input=clear_input)
+            yield pane_view(state, panes)
             shown_at = time.monotonic()
+            # Screen updates share a budget for the whole server: each costs a
+            # render and a send, and with 8 people streaming every 0.2 s those
+            # took half the CPU from the decoding itself (README, load figures).
+            pace = max(1, services.batcher.running) / STREAM_UPDATES_PER_S
+            wait_futures([future], timeout=pace)  # returns at once when the pair is done
     finally:
         if not future.done():  # the browser went away (Gradio closed this generator)
             future.cancel()  # before its batch started: no decoding for nobody
@@ -298,22 +321,31 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
     yield view(state, f"{notice} Which answer is better?".strip(), clear_input=clear_input)
 
 
-def _start_writing(services: Services, state: ChatState, request) -> str | None:
-    """Claim the session for writing: None, or why not (already writing, or over a limit)."""
+def _start_writing(services: Services, state: ChatState, request, pair: bool = True) -> str | None:
+    """Claim the session for writing: None, or why not (already writing, or over a limit).
+
+    For a ``pair``, the batcher is told one is on its way (``PairBatcher.expect``),
+    so that a batch about to start waits the moment it takes to store the message.
+    """
     with state.lock:
         if state.writing:
             return STILL_WRITING
         refusal = services.admission.generation(state.session_id, services.address(request))
         if refusal is None:
             state.writing = True
+            state.expected = pair
+            if pair:
+                services.batcher.expect()
         return refusal
 
 
-def _stop_writing(state: ChatState) -> None:
+def _stop_writing(services: Services, state: ChatState) -> None:
     """Release the session after writing, however it ended. A message left without
     a pair (the browser went away, or writing failed) waits for Regenerate."""
     with state.lock:
-        state.writing = False
+        if state.expected:  # announced to the batcher but never submitted
+            services.batcher.unexpect()
+        state.writing = state.expected = False
         if state.phase == "chat" and state.history and state.history[-1]["role"] == "user":
             state.phase = "regenerate"
 
@@ -355,10 +387,9 @@ def respond(services: Services, message: str, state: ChatState | None, request=N
         with state.lock:
             state.history.append({"role": "user", "content": cleaned.text})
             state.pair, state.pair_id, state.answer_message_id = ("", ""), None, None
-        yield view(state, cleaned.notice or "Writing two answers...", generating=True, clear_input=True)
         yield from _generate(services, state, clear_input=True, notice=cleaned.notice)
     finally:
-        _stop_writing(state)
+        _stop_writing(services, state)
 
 
 def regenerate(services: Services, state: ChatState | None, request=None) -> Iterator[tuple]:
@@ -381,7 +412,7 @@ def regenerate(services: Services, state: ChatState | None, request=None) -> Ite
             return
         yield from _generate(services, state)
     finally:
-        _stop_writing(state)
+        _stop_writing(services, state)
 
 
 def vote(
@@ -456,14 +487,14 @@ def continue_answer(services: Services, state: ChatState | None, request=None) -
     if not can_continue(state):
         yield view(state, "There is no cut-off answer to continue.")
         return
-    refusal = _start_writing(services, state, request)
+    refusal = _start_writing(services, state, request, pair=False)
     if refusal is not None:
         yield view(state, refusal)
         return
     try:
         yield from _write_on(services, state)
     finally:
-        state.writing = False
+        _stop_writing(services, state)
 
 
 def _write_on(services: Services, state: ChatState) -> Iterator[tuple]:

@@ -107,3 +107,21 @@ def test_a_cancelled_request_costs_no_decoding_and_a_failure_reaches_everyone_in
     assert batcher.submit(request_for("after the failure", [])).result(60)
     with pytest.raises(ValueError, match="batch_people"):
         PairBatcher(worker, SAMPLING, max_people=0)
+
+
+def test_people_arriving_moments_apart_on_an_idle_model_share_one_call(worker):
+    """Each arrival extends the wait (ui.batch_wait_s after the newest): four people
+    30 ms apart go in one call; with no wait the first goes alone."""
+    import time
+
+    for wait_s, expected in ((0.1, [4]), (0.0, None)):
+        batcher = PairBatcher(worker, SAMPLING, max_people=8, wait_s=wait_s)
+        futures = []
+        for k in range(4):
+            futures.append(batcher.submit(request_for(f"q{k}", [])))
+            time.sleep(0.03)
+        assert all(f.result(60) for f in futures)
+        if expected is not None:
+            assert list(batcher.batch_sizes) == expected
+        else:
+            assert batcher.batch_sizes[0] == 1 and len(batcher.batch_sizes) > 1
