@@ -66,7 +66,7 @@ bench: setup
 
 # Mutation testing ([tool.mutmut] in pyproject.toml: the modules that decide what is
 # learned and stored, against their fast, model-free tests; about 10 minutes on 2
-# cores; not part of `make test` or CI). MUTANTS="rlhf_chat.ppo_math*" narrows it.
+# cores; not part of `make test` or CI). MUTANTS="rlhf_chat.learning.ppo_math*" narrows it.
 MUTANTS ?=
 mutants: setup
 	$(PY) -m pip install --quiet mutmut==3.8.1

@@ -11,8 +11,8 @@ import argparse
 import logging
 
 from rlhf_chat.config import add_common_args, config_from_args
-from rlhf_chat.runtime import start_services
-from rlhf_chat.ui import build_demo, launch_options
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import build_demo, launch_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,10 +18,10 @@ import argparse
 import torch
 from common import PROMPTS, machine
 
-from rlhf_chat import ppo_math as pm
 from rlhf_chat.config import AppConfig
-from rlhf_chat.ppo import rollout, score_rollout
-from rlhf_chat.runtime import load_for_serving
+from rlhf_chat.learning import ppo_math as pm
+from rlhf_chat.learning.ppo import rollout, score_rollout
+from rlhf_chat.serving.runtime import load_for_serving
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import time
 from common import PROMPTS as BENCH_PROMPTS
 from common import machine, summary
 
-from rlhf_chat.candidates import Sampling, generate_pair
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.runtime import load_for_serving
+from rlhf_chat.serving.candidates import Sampling, generate_pair
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.runtime import load_for_serving
 
 PROMPTS = BENCH_PROMPTS[:5]
 

@@ -21,12 +21,12 @@ from pathlib import Path
 from common import machine, percentile, summary
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.labelers import concise
-from rlhf_chat.reward import run_round
-from rlhf_chat.runtime import start_services
-from rlhf_chat.simulate import collect_votes, load_prompts
-from rlhf_chat.training_loop import TrainingLoop
-from rlhf_chat.ui import ChatState, respond
+from rlhf_chat.evaluation.labelers import concise
+from rlhf_chat.evaluation.simulate import collect_votes, load_prompts
+from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.training_loop import TrainingLoop
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import ChatState, respond
 
 
 def timed_requests(services, prompts: list[str], n: int, rng: random.Random) -> list[float]:

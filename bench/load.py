@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 
-# Before gradio is imported (through rlhf_chat.ui): no telemetry, no hub, only loopback.
+# Before gradio is imported (through rlhf_chat.serving.ui): no telemetry, no hub, only loopback.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,12 +53,12 @@ from common import PROMPTS, machine, summary  # noqa: E402
 from gradio_client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from rlhf_chat import store  # noqa: E402
 from rlhf_chat.config import AppConfig, ModelConfig, apply_overrides  # noqa: E402
-from rlhf_chat.loading import prepare_bundled_model, write_tiny_model  # noqa: E402
-from rlhf_chat.runtime import start_services  # noqa: E402
-from rlhf_chat.tables import Comparison, Message  # noqa: E402
-from rlhf_chat.ui import build_demo, launch_options  # noqa: E402
+from rlhf_chat.model.loading import prepare_bundled_model, write_tiny_model  # noqa: E402
+from rlhf_chat.serving.runtime import start_services  # noqa: E402
+from rlhf_chat.serving.ui import build_demo, launch_options  # noqa: E402
+from rlhf_chat.storage import store  # noqa: E402
+from rlhf_chat.storage.tables import Comparison, Message  # noqa: E402
 
 OUT_NOTICE = 3  # the notice Markdown among the endpoints' outputs (gr.State is not returned)
 RATE_LIMITED = "You are voting very fast"

@@ -16,11 +16,11 @@ from pathlib import Path
 from common import machine
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.ppo import PPOTrainer
-from rlhf_chat.runtime import load_for_serving
-from rlhf_chat.simulate import as_context, load_prompts
-from rlhf_chat.store import open_store
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.evaluation.simulate import as_context, load_prompts
+from rlhf_chat.learning.ppo import PPOTrainer
+from rlhf_chat.serving.runtime import load_for_serving
+from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.storage.store import open_store
 
 
 def main() -> None:

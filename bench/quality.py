@@ -17,7 +17,7 @@ For each weight path (fp32 is the shipped GGUF values de-quantized, the yardstic
 Then, on the default path, the answer budget: for each budget, the share of
 unbounded answers that finish within it, beside the time for two candidates
 of that many tokens. Loops are counted by :func:`loops`, a detector on words
-that is independent of the token rule that stops rows (``rlhf_chat/repetition.py``).
+that is independent of the token rule that stops rows (``rlhf_chat/serving/repetition.py``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import torch
 from common import PROMPTS as BENCH_PROMPTS
 from common import machine, percentile, summary
 
-from rlhf_chat.behaviours import loops
-from rlhf_chat.candidates import Sampling, generate_pair, sample
-from rlhf_chat.chat import render_prompt, render_response
 from rlhf_chat.config import AppConfig
-from rlhf_chat.loading import load_models
-from rlhf_chat.runtime import warm_up
-from rlhf_chat.supervised import SupervisedExample, lm_loss
+from rlhf_chat.evaluation.behaviours import loops
+from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
+from rlhf_chat.model.loading import load_models
+from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
+from rlhf_chat.serving.chat import render_prompt, render_response
+from rlhf_chat.serving.runtime import warm_up
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "answers.jsonl"
 BUDGETS = (64, 96, 128, 160, 192, 256)

@@ -29,14 +29,14 @@ from pathlib import Path
 
 from common import accuracy_interval, machine
 
-from rlhf_chat import store
 from rlhf_chat.config import AppConfig
-from rlhf_chat.labelers import load_labeler, normalize_choice
-from rlhf_chat.reward import run_round, score_texts
-from rlhf_chat.runtime import load_for_serving
-from rlhf_chat.simulate import as_context, collect_votes, load_prompts, sample_pairs, split_prompts
-from rlhf_chat.candidates import Sampling
-from rlhf_chat.worker import CHAT, ModelWorker
+from rlhf_chat.evaluation.labelers import load_labeler, normalize_choice
+from rlhf_chat.evaluation.simulate import as_context, collect_votes, load_prompts, sample_pairs, split_prompts
+from rlhf_chat.learning.reward import run_round, score_texts
+from rlhf_chat.serving.candidates import Sampling
+from rlhf_chat.serving.runtime import load_for_serving
+from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.storage import store
 
 
 def fresh_accuracy(worker, prompts, labeler, n: int, cfg: AppConfig) -> tuple[int, int]:
@@ -58,7 +58,7 @@ def fresh_accuracy(worker, prompts, labeler, n: int, cfg: AppConfig) -> tuple[in
 
 def rounds_benchmark(args: argparse.Namespace) -> None:
     """Votes from a policy that improves between rounds: the simulation, reporting its reward rounds."""
-    from rlhf_chat.simulate import simulate
+    from rlhf_chat.evaluation.simulate import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     cfg = AppConfig()

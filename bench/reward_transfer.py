@@ -23,11 +23,11 @@ import time
 
 from common import accuracy_interval, machine
 
-from rlhf_chat import store
 from rlhf_chat.config import AppConfig
-from rlhf_chat.loading import load_models
-from rlhf_chat.preferences import PreferencePair, modes_differ, preference_pairs
-from rlhf_chat.reward import evaluate, minibatches, reward_parameters, train_step
+from rlhf_chat.learning.preferences import PreferencePair, modes_differ, preference_pairs
+from rlhf_chat.learning.reward import evaluate, minibatches, reward_parameters, train_step
+from rlhf_chat.model.loading import load_models
+from rlhf_chat.storage import store
 
 
 def usable_votes(db_path: str) -> list[PreferencePair]:
@@ -55,7 +55,7 @@ def measure_checkpoint(path: str, tests: list[str]) -> None:
     """Accuracy of a saved reward model on other runs' votes, by kind of pair."""
     import torch
 
-    from rlhf_chat.reward import load_reward, pair_scores
+    from rlhf_chat.learning.reward import load_reward, pair_scores
 
     cfg = AppConfig()
     models = load_models(cfg.model)

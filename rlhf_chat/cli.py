@@ -17,9 +17,9 @@ from rlhf_chat.config import AppConfig, add_common_args, config_from_args
 
 
 def _start_worker(cfg: AppConfig):
-    from rlhf_chat.runtime import load_for_serving
-    from rlhf_chat.store import open_store
-    from rlhf_chat.worker import ModelWorker
+    from rlhf_chat.serving.runtime import load_for_serving
+    from rlhf_chat.storage.store import open_store
+    from rlhf_chat.serving.worker import ModelWorker
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
@@ -31,7 +31,7 @@ def _start_worker(cfg: AppConfig):
 
 def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Train one reward round on the votes in the database and print its metrics."""
-    from rlhf_chat.reward import run_round
+    from rlhf_chat.learning.reward import run_round
 
     worker, sessions = _start_worker(cfg)
     try:
@@ -47,8 +47,8 @@ def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
 
 def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Run K PPO steps against the latest reward model, printing each step's metrics."""
-    from rlhf_chat import store
-    from rlhf_chat.ppo import PPOTrainer
+    from rlhf_chat.storage import store
+    from rlhf_chat.learning.ppo import PPOTrainer
 
     worker, sessions = _start_worker(cfg)
     try:
@@ -82,7 +82,7 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
     """
     import os
 
-    from rlhf_chat.simulate import UsedDatabase, fresh_store_location, simulate
+    from rlhf_chat.evaluation.simulate import UsedDatabase, fresh_store_location, simulate
 
     if not args.db and not os.environ.get("RLHF_CHAT_DB"):
         cfg.store.db_url, fresh_checkpoints = fresh_store_location()
@@ -119,8 +119,8 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
 
 def cmd_export(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Write the preferences as JSON Lines or Parquet; count what was left out on stderr."""
-    from rlhf_chat.export import preference_rows, write_rows
-    from rlhf_chat.store import open_store
+    from rlhf_chat.storage.export import preference_rows, write_rows
+    from rlhf_chat.storage.store import open_store
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     with sessions() as session:

@@ -19,7 +19,7 @@ def main() -> None:
         name, sep, status = line.strip().rpartition(": ")
         if not sep or "__mutmut_" not in name:
             continue
-        match = re.match(r"(.+?)\.x[_\u01c1]", name)  # rlhf_chat.ppo.x_fn__mutmut_1, rlhf_chat.ppo.xǁClassǁmethod__...
+        match = re.match(r"(.+?)\.x[_\u01c1]", name)  # rlhf_chat.learning.ppo.x_fn__mutmut_1, rlhf_chat.learning.ppo.xǁClassǁmethod__...
         module = match.group(1) if match else name
         counts[module][status.strip()] += 1
     print(f"{'module':28} {'mutants':>7} {'caught':>7} {'survived':>8} {'no tests':>8} {'score':>6} {'score (tested)':>14}")

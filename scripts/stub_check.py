@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUBS: dict[str, tuple[str, str]] = {
     "score_rollout adds no score and no penalty": (
         "tests/test_ppo.py::test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end",
-        "import rlhf_chat.ppo_math as pm, torch\n"
+        "import rlhf_chat.learning.ppo_math as pm, torch\n"
         "pm.penalized_rewards = lambda s, lp, rlp, m, c, e='k1': (torch.zeros_like(lp), torch.zeros_like(lp))\n",
     ),
     "the reference pass leaves the adapter on": (
@@ -35,13 +35,13 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "restore() after a bad step does nothing": (
         "tests/test_ppo.py::test_non_finite_step_after_a_real_update_restores_adapter_and_optimizer",
-        "import rlhf_chat.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
+        "import rlhf_chat.learning.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
     ),
     "the store never says 'already has your vote' (UI phase check only)": (
         "tests/test_ui.py::test_double_vote_and_stale_vote_refused",
-        "import rlhf_chat.store as st\n_real = st.record_vote\n"
+        "import rlhf_chat.storage.store as st\n_real = st.record_vote\n"
         "def record_vote(session, cid, choice, strength=None, session_id=None):\n"
-        "    from rlhf_chat.tables import Comparison\n"
+        "    from rlhf_chat.storage.tables import Comparison\n"
         "    row = session.get(Comparison, cid)\n"
         "    if row is not None and row.choice is not None:\n"
         "        row.choice = None\n"
@@ -50,11 +50,11 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "a reward round that trains nothing": (
         "tests/test_reward.py::test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores",
-        "import rlhf_chat.reward as r\nr.train_step = lambda *a, **k: {'loss': 0.69, 'skipped': False}\n",
+        "import rlhf_chat.learning.reward as r\nr.train_step = lambda *a, **k: {'loss': 0.69, 'skipped': False}\n",
     ),
     "load_policy without the weight copy": (
         "tests/test_ppo.py::test_policy_checkpoint_reloads_into_both_copies",
-        "import rlhf_chat.ppo as ppo\nfrom rlhf_chat.checkpoints import load_checkpoint\n"
+        "import rlhf_chat.learning.ppo as ppo\nfrom rlhf_chat.learning.checkpoints import load_checkpoint\n"
         "def load_policy(models, path):\n"
         "    _, meta = load_checkpoint(path)\n"
         "    models.serving_version = int(meta['version'])\n"
@@ -63,7 +63,7 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "the reward LoRA never trains (the head alone)": (
         "tests/test_reward.py::test_training_steps_raise_heldout_accuracy_and_change_only_reward_weights",
-        "import rlhf_chat.reward as r\nr.reward_parameters = lambda models: list(models.reward_head.parameters())\n",
+        "import rlhf_chat.learning.reward as r\nr.reward_parameters = lambda models: list(models.reward_head.parameters())\n",
     ),
     "the reward step ignores a non-finite gradient": (
         "tests/test_reward.py::test_a_finite_loss_with_a_non_finite_gradient_is_skipped",
@@ -72,38 +72,38 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "a stored cut-off answer is re-encoded with an EOS": (
         "tests/test_reward.py::test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut",
-        "import rlhf_chat.reward as r\n_enc = r.encode\n"
+        "import rlhf_chat.learning.reward as r\n_enc = r.encode\n"
         "r.encode = lambda tok, c, resp, n, finished=True: _enc(tok, c, resp, n, True)\n",
     ),
     "PPO-ptx does nothing": (
         "tests/test_ppo.py::test_ptx_term_learns_the_chosen_answers_and_changes_the_update",
-        "import rlhf_chat.ppo as ppo, torch\nppo.lm_loss = lambda models, examples, n: torch.zeros((), requires_grad=True)\n",
+        "import rlhf_chat.learning.ppo as ppo, torch\nppo.lm_loss = lambda models, examples, n: torch.zeros((), requires_grad=True)\n",
     ),
     "votes between modes teach the plain policy nothing (no winners reach the LM term)": (
         "tests/test_ppo.py::test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour",
-        "import rlhf_chat.ppo as ppo\nppo.PPOTrainer.supervised_examples = lambda self: []\n",
+        "import rlhf_chat.learning.ppo as ppo\nppo.PPOTrainer.supervised_examples = lambda self: []\n",
     ),
     "a mode pair is sampled without its openings": (
         "tests/test_modes.py::test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them",
-        "import rlhf_chat.candidates as c\n_sample = c.sample\n"
+        "import rlhf_chat.serving.candidates as c\n_sample = c.sample\n"
         "c.sample = lambda *a, openings=None, **k: _sample(*a, **k)\n",
     ),
     "a strict labeler breaks ties by length": (
         "tests/test_modes.py::test_strict_labelers_say_tie_unless_only_one_answer_shows_the_behaviour",
-        "import rlhf_chat.labelers as l\n_strict = l.strict_choice\n"
+        "import rlhf_chat.evaluation.labelers as l\n_strict = l.strict_choice\n"
         "l.strict_choice = lambda a, b: _strict(a, b) if a != b else 'a'\n",
     ),
     "a PPO step that updates nothing": (
         "tests/test_learning.py::test_votes_train_a_reward_model_that_teaches_ppo_the_labelers_taste",
-        "import rlhf_chat.ppo as ppo\nppo.PPOTrainer._update = lambda self, batch, n, examples: ([{'finite': True}], True)\n",
+        "import rlhf_chat.learning.ppo as ppo\nppo.PPOTrainer._update = lambda self, batch, n, examples: ([{'finite': True}], True)\n",
     ),
     "PPO runs on without a budget": (
         "tests/test_training_loop.py::test_ppo_stops_when_its_budget_for_a_reward_version_is_spent",
-        "import rlhf_chat.training_loop as tl\ntl.TrainingLoop.ppo_budget_spent = lambda self, version: ''\n",
+        "import rlhf_chat.learning.training_loop as tl\ntl.TrainingLoop.ppo_budget_spent = lambda self, version: ''\n",
     ),
     "serving shares the training copy's adapter (half-updated policies served)": (
         "tests/test_live.py::test_people_are_only_ever_served_a_completed_policy_version",
-        "import rlhf_chat.ppo as ppo\nfrom rlhf_chat.loading import sync_policy_weights\n_mb = ppo.minibatch_update\n"
+        "import rlhf_chat.learning.ppo as ppo\nfrom rlhf_chat.model.loading import sync_policy_weights\n_mb = ppo.minibatch_update\n"
         "def minibatch_update(models, *a, **k):\n"
         "    out = _mb(models, *a, **k)\n"
         "    sync_policy_weights(models.trainer, models.serving)  # leak every minibatch into serving\n"
@@ -112,7 +112,7 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "concurrent clicks: the atomic UPDATE is a read-then-write": (
         "tests/test_store.py::test_concurrent_double_click_stores_one_vote",
-        "import rlhf_chat.store as st, time\nfrom rlhf_chat.tables import Comparison\nfrom rlhf_chat.store import VoteResult\n"
+        "import rlhf_chat.storage.store as st, time\nfrom rlhf_chat.storage.tables import Comparison\nfrom rlhf_chat.storage.store import VoteResult\n"
         "def record_vote(session, cid, choice, strength=None, session_id=None):\n"
         "    row = session.get(Comparison, cid)\n"
         "    if row.choice is not None:\n"
@@ -124,32 +124,49 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "a reset that does not wait for the step under way": (
         "tests/test_controls.py::test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it",
-        "import rlhf_chat.controls as c\nc.wait_until_paused = lambda loop, timeout_s=0: loop.pause()\n",
+        "import rlhf_chat.serving.controls as c\nc.wait_until_paused = lambda loop, timeout_s=0: loop.pause()\n",
     ),
     "the streamer shows nothing until the end": (
         "tests/test_candidates.py::test_row_streamer_pushes_each_rows_text_so_far_and_stops_a_row_at_its_eos",
-        "import rlhf_chat.candidates as c\nc.RowStreamer.put = lambda self, value: None\n",
+        "import rlhf_chat.serving.candidates as c\nc.RowStreamer.put = lambda self, value: None\n",
     ),
     "the worker runs jobs first come, first served": (
         "tests/test_worker.py::test_queued_jobs_run_most_urgent_first",
-        "import rlhf_chat.worker as w\n_submit = w.ModelWorker.submit\n"
+        "import rlhf_chat.serving.worker as w\n_submit = w.ModelWorker.submit\n"
         "w.ModelWorker.submit = lambda self, priority, fn: _submit(self, 5, fn)\n",
     ),
     "no yield point inside a training slice": (
         "tests/test_worker.py::test_a_person_waits_at_most_one_step_of_a_training_slice",
-        "import rlhf_chat.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
+        "import rlhf_chat.serving.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
     ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
-        "import rlhf_chat.ui as ui\nui._over_rate_limit = lambda services, state: False\n",
+        "import rlhf_chat.serving.admission as a\na.Admission.vote = lambda self, session_id, address: None\n",
+    ),
+    "limits per session only (a new client starts afresh)": (
+        "tests/test_abuse.py::test_a_new_session_from_the_same_address_does_not_reset_the_vote_limit",
+        "import rlhf_chat.serving.admission as a\n"
+        "a.Admission._limits = lambda self, n, session_id, address: {f'session:{session_id}': n}\n",
+    ),
+    "the mode pick ignores the votes": (
+        "tests/test_modes.py::test_a_thompson_pick_shows_the_mode_people_choose_in_most_pairs_and_still_compares_the_others",
+        "import rlhf_chat.serving.modes as m\n_pick = m.pick_pair\n"
+        "m.pick_pair = lambda modes, rng, record=None: _pick(modes, rng)\n",
+    ),
+    "one sampling call per person": (
+        "tests/test_batcher.py::test_people_waiting_together_share_one_call_and_each_sees_only_their_own_rows",
+        "import rlhf_chat.serving.batcher as b\n_init = b.PairBatcher.__init__\n"
+        "def init(self, worker, cfg, max_people=8, *a, **k):\n"
+        "    _init(self, worker, cfg, 1, *a, **k)\n"
+        "b.PairBatcher.__init__ = init\n",
     ),
     "a crash mid-update is not undone": (
         "tests/test_training_loop.py::test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off",
-        "import rlhf_chat.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
+        "import rlhf_chat.learning.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",
     ),
     "a policy version published before its checkpoint is saved": (
         "tests/test_training_loop.py::test_a_full_disk_publishes_no_policy_version_without_its_checkpoint",
-        "import rlhf_chat.ppo as ppo\n_save = ppo.PPOTrainer.save\n"
+        "import rlhf_chat.learning.ppo as ppo\n_save = ppo.PPOTrainer.save\n"
         "def step_publishing_first(self, contexts, _real=ppo.PPOTrainer.step):\n"
         "    self.worker.call(2, ppo.publish)\n"
         "    return _real(self, contexts)\n"

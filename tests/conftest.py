@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_chat.config import AppConfig, ModelConfig
-from rlhf_chat.loading import load_models, prepare_bundled_model, write_tiny_model
+from rlhf_chat.model.loading import load_models, prepare_bundled_model, write_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for a hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

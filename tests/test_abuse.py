@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import func, select
 
-from rlhf_chat import store
-from rlhf_chat.batcher import PairBatcher
-from rlhf_chat.runtime import start_services
-from rlhf_chat.tables import Comparison, Conversation, Message
-from rlhf_chat.ui import BUSY, STILL_WRITING, ChatState, delete_my_data, regenerate, respond, vote
-from rlhf_chat.worker import CHAT
+from rlhf_chat.serving.batcher import PairBatcher
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import BUSY, STILL_WRITING, ChatState, delete_my_data, regenerate, respond, vote
+from rlhf_chat.serving.worker import CHAT
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import Comparison, Conversation, Message
 
 OUT_NOTICE, OUT_STATE = 3, 11
 
@@ -168,7 +168,7 @@ def test_delete_my_data_removes_the_session_and_nothing_else(services):
 
 
 def test_long_conversations_are_capped_and_huge_messages_cut_before_the_work(services):
-    from rlhf_chat.chat import clean_message
+    from rlhf_chat.serving.chat import clean_message
 
     services.config.ui.max_turns = 2
     state = pair_for(services, "one")
@@ -191,7 +191,7 @@ def test_over_http_uploads_are_capped_and_the_address_limit_spans_clients(servic
     import httpx
     from gradio_client import Client
 
-    from rlhf_chat.ui import build_demo, launch_options
+    from rlhf_chat.serving.ui import build_demo, launch_options
 
     ui = services.config.ui
     ui.votes_per_minute, ui.people_per_address, ui.max_upload_bytes = 1, 1, 100_000
@@ -214,8 +214,8 @@ def test_over_http_uploads_are_capped_and_the_address_limit_spans_clients(servic
 
 
 def test_public_views_say_that_something_failed_and_only_the_admin_sees_what(services):
-    from rlhf_chat.dashboard import recent_events
-    from rlhf_chat.ui import admin_details, status_line
+    from rlhf_chat.serving.dashboard import recent_events
+    from rlhf_chat.serving.ui import admin_details, status_line
 
     with services.sessions() as s, s.begin():
         store.add_event(s, "error", "OSError: [Errno 28] No space left on device: '/data/checkpoints/policy-7'")

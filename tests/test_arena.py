@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from rlhf_chat import store
-from rlhf_chat.arena import ArenaResult, arena_results, bucket_results, outcome, total, win_rate
-from rlhf_chat.candidates import Candidate
+from rlhf_chat.serving.arena import ArenaResult, arena_results, bucket_results, outcome, total, win_rate
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage import store
 
 
 # --- win_rate: hand-worked ---------------------------------------------------------------

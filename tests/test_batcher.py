@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from rlhf_chat.batcher import PairBatcher, PairRequest
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import SamplingConfig
-from rlhf_chat.worker import CHAT, ModelWorker
+from rlhf_chat.serving.batcher import PairBatcher, PairRequest
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.worker import CHAT, ModelWorker
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ import pytest
 
 from sqlalchemy import select
 
-from rlhf_chat import store
-from rlhf_chat.tables import Message
-from rlhf_chat.runtime import start_services
-from rlhf_chat.ui import build_demo, launch_options
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import build_demo, launch_options
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import Message
 
 CHROMIUM = Path("/usr/bin/chromium")
 # --headless and --disable-gpu: no display, no GPU. --no-sandbox: CI runs as root,

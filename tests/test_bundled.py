@@ -11,17 +11,17 @@ import random
 import pytest
 import torch
 
-from rlhf_chat import store
-from rlhf_chat.candidates import Sampling, generate_pair, sample
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.labelers import concise
-from rlhf_chat.loading import POLICY, adapter_state
-from rlhf_chat.ppo import PPOTrainer
-from rlhf_chat.reward import run_round, score_texts
-from rlhf_chat.runtime import load_for_serving
-from rlhf_chat.simulate import collect_votes
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.evaluation.labelers import concise
+from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.learning.ppo import PPOTrainer
+from rlhf_chat.learning.reward import run_round, score_texts
+from rlhf_chat.model.loading import POLICY, adapter_state
+from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.runtime import load_for_serving
+from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.storage import store
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +96,10 @@ def test_both_copies_keep_the_quality_of_the_shipped_weights():
     import json
     from pathlib import Path
 
-    from rlhf_chat.chat import render_response
+    from rlhf_chat.serving.chat import render_response
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import load_models
-    from rlhf_chat.supervised import SupervisedExample, lm_loss
+    from rlhf_chat.model.loading import load_models
+    from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
 
     lines = (Path(__file__).resolve().parents[1] / "bench" / "data" / "answers.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()][:12]

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from sqlalchemy import update
 
-from rlhf_chat import store
-from rlhf_chat.dashboard import REFRESH_OUTPUTS, loop_state, recent_events, refresh, thin
-from rlhf_chat.tables import Comparison
-from rlhf_chat.training_loop import LoopStatus
+from rlhf_chat.learning.training_loop import LoopStatus
+from rlhf_chat.serving.dashboard import REFRESH_OUTPUTS, loop_state, recent_events, refresh, thin
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import Comparison
 from tests.test_arena import add_pair
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -133,8 +133,8 @@ def test_thin_keeps_ends_and_bounds_points():
 
 def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
     """Shares per behaviour from arena answers (by source) and from the probes, as a person reads them."""
-    from rlhf_chat.candidates import Candidate
-    from rlhf_chat.dashboard import ProbeAnswers, behaviour_table
+    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.serving.dashboard import ProbeAnswers, behaviour_table
 
     def cand(text, source, finished=True):
         return Candidate(text, source, 2 if source == "policy" else 0, 0, 0.7, 1.0, 64, 5, finished, 0.1)
@@ -160,8 +160,8 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
 
 def test_mode_table_shows_which_ways_of_answering_people_chose(sessions):
     """Wins and losses per mode from votes between two modes, the most chosen first."""
-    from rlhf_chat.candidates import Candidate
-    from rlhf_chat.dashboard import mode_table
+    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.serving.dashboard import mode_table
 
     def cand(mode):
         return Candidate("An answer.", "policy", 0, 0, 0.7, 1.0, 64, 5, True, 0.1, mode=mode)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from rlhf_chat import cli, store
-from rlhf_chat.candidates import Candidate
-from rlhf_chat.controls import export_preferences
+from rlhf_chat import cli
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.serving.controls import export_preferences
+from rlhf_chat.storage import store
 
 CONTEXT = [
     {"role": "user", "content": "Name a fruit."},

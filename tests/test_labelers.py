@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_chat import labelers
-from rlhf_chat.labelers import (
+from rlhf_chat.evaluation import labelers
+from rlhf_chat.evaluation.labelers import (
     BUILTIN_LABELERS,
     CHOICES,
     FRIENDLY_MARKERS,
@@ -132,8 +132,8 @@ def test_load_labeler_builtin(name: str) -> None:
 
 
 def test_load_labeler_import_path() -> None:
-    assert load_labeler("rlhf_chat.labelers:concise") is concise
-    assert load_labeler("rlhf_chat.labelers:friendly") is friendly
+    assert load_labeler("rlhf_chat.evaluation.labelers:concise") is concise
+    assert load_labeler("rlhf_chat.evaluation.labelers:friendly") is friendly
 
 
 def test_load_labeler_custom_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,17 +172,17 @@ def test_load_labeler_module_that_fails_on_import(
 
 def test_load_labeler_missing_attribute() -> None:
     with pytest.raises(ValueError, match="has no attribute 'does_not_exist'") as info:
-        load_labeler("rlhf_chat.labelers:does_not_exist")
+        load_labeler("rlhf_chat.evaluation.labelers:does_not_exist")
     assert "concise" in str(info.value)
 
 
 def test_load_labeler_not_callable() -> None:
     with pytest.raises(ValueError, match="is not callable") as info:
-        load_labeler("rlhf_chat.labelers:CHOICES")
+        load_labeler("rlhf_chat.evaluation.labelers:CHOICES")
     assert "concise" in str(info.value)
 
 
-@pytest.mark.parametrize("spec", [":concise", "rlhf_chat.labelers:", ":"])
+@pytest.mark.parametrize("spec", [":concise", "rlhf_chat.evaluation.labelers:", ":"])
 def test_load_labeler_malformed_spec(spec: str) -> None:
     with pytest.raises(ValueError, match="malformed labeler spec"):
         load_labeler(spec)

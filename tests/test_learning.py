@@ -8,13 +8,13 @@ import random
 
 import torch
 
-from rlhf_chat import store
 from rlhf_chat.config import SamplingConfig
-from rlhf_chat.loading import load_models
-from rlhf_chat.ppo import PPOTrainer, rollout
-from rlhf_chat.reward import run_round
-from rlhf_chat.simulate import collect_votes
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.learning.ppo import PPOTrainer, rollout
+from rlhf_chat.learning.reward import run_round
+from rlhf_chat.model.loading import load_models
+from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.storage import store
 
 PROMPT = "tell me something"
 

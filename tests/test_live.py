@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_chat.labelers import concise
-from rlhf_chat.reward import run_round
-from rlhf_chat.runtime import start_services
-from rlhf_chat.simulate import collect_votes
-from rlhf_chat.tables import CandidateRow
-from rlhf_chat.training_loop import TrainingLoop
-from rlhf_chat.ui import ChatState, respond
-from rlhf_chat.worker import CHAT
+from rlhf_chat.evaluation.labelers import concise
+from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.training_loop import TrainingLoop
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import ChatState, respond
+from rlhf_chat.serving.worker import CHAT
+from rlhf_chat.storage.tables import CandidateRow
 
 CHILD = Path(__file__).with_name("live_child.py")
 
@@ -69,8 +69,8 @@ def test_people_are_only_ever_served_a_completed_policy_version(tiny_config, mon
     training copy's half-updated ones, though many jobs run while those differ."""
     import torch
 
-    from rlhf_chat import ppo
-    from rlhf_chat.loading import POLICY, adapter_state
+    from rlhf_chat.learning import ppo
+    from rlhf_chat.model.loading import POLICY, adapter_state
 
     cfg = tiny_config
     cfg.loop.reward_every_votes, cfg.loop.ppo_steps_per_reward = 1000, 1000

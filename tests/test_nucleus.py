@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from rlhf_chat.candidates import Sampling, sample
-from rlhf_chat.chat import render_prompt
-from rlhf_chat.nucleus import NucleusSampler, draw, nucleus, sample_next_tokens
+from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.nucleus import NucleusSampler, draw, nucleus, sample_next_tokens
 
 
 def transformers_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from rlhf_chat import store
-from rlhf_chat.candidates import Candidate
-from rlhf_chat.tables import Comparison
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import Comparison
 
 PG_URL_ENV = "RLHF_CHAT_TEST_PG_URL"
 PG_SKIP_ENV = "RLHF_CHAT_TEST_PG_SKIP"  # why make could not start the server

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from rlhf_chat import ppo as ppo_module
-from rlhf_chat import store
+from rlhf_chat.learning import ppo as ppo_module
+from rlhf_chat.storage import store
 from rlhf_chat.config import ModelConfig, PPOConfig, SamplingConfig
-from rlhf_chat.heads import first_adapted_layer
-from rlhf_chat.loading import POLICY, adapter_state, load_models
-from rlhf_chat.ppo import (
+from rlhf_chat.learning.heads import first_adapted_layer
+from rlhf_chat.model.loading import POLICY, adapter_state, load_models
+from rlhf_chat.learning.ppo import (
     PPOTrainer,
     ScoreNormalizer,
     full_prefix,
@@ -25,7 +25,7 @@ from rlhf_chat.ppo import (
     rollout,
     score_rollout,
 )
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.serving.worker import ModelWorker
 
 CONTEXTS = [[{"role": "user", "content": q}] for q in ("hi", "what is tea?", "name a colour", "tell me a story")]
 SAMPLING = SamplingConfig(max_new_tokens=10, temperature=0.9)
@@ -93,7 +93,7 @@ def test_rollout_is_drawn_with_the_sampling_scheme_and_records_its_log_probs(fre
     test_bundled.py.)"""
     m = fresh_models
     perturb_policy(m)
-    from rlhf_chat.loading import sync_policy_weights
+    from rlhf_chat.model.loading import sync_policy_weights
 
     sync_policy_weights(m.trainer, m.serving)
     batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=5)
@@ -275,8 +275,8 @@ def test_policy_checkpoint_reloads_into_both_copies(tiny_config, tiny_path):
 def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):
     """PPO-ptx: with ptx_coef > 0 the update also lowers the policy's loss on the answers
     people chose (drawn from the stored votes); with 0 the same steps leave it alone."""
-    from rlhf_chat.candidates import Candidate
-    from rlhf_chat.supervised import chosen_answers, lm_loss
+    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.learning.supervised import chosen_answers, lm_loss
 
     sessions = store.open_store(tiny_config.store.db_url)
     with sessions() as s, s.begin():
@@ -316,8 +316,8 @@ def test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour(tiny_co
     direct one teach the *plain* policy, with no mode in its context, to ask a question
     on prompts it never saw. The same steps without the supervised term (a stub that
     learns nothing from the winners) leave it at zero."""
-    from rlhf_chat.behaviours import asks_question
-    from rlhf_chat.candidates import Candidate
+    from rlhf_chat.evaluation.behaviours import asks_question
+    from rlhf_chat.serving.candidates import Candidate
 
     # Short questions to the reader: a random tiny model learns which words to write
     # long before it learns their order, and this behaviour survives any order.
@@ -361,8 +361,8 @@ def test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour(tiny_co
 def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny_models):
     """The supervised term through the prefix cache equals the plain computation: the
     whole model's logits over prompt + answer, the answer tokens' mean negative log-likelihood."""
-    from rlhf_chat.chat import render_prompt, render_response
-    from rlhf_chat.supervised import SupervisedExample, lm_loss
+    from rlhf_chat.serving.chat import render_prompt, render_response
+    from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
 
     tok = tiny_models.tokenizer
     examples = [SupervisedExample(CONTEXTS[0], "Blue is calm.", True), SupervisedExample(CONTEXTS[3], "Once", False)]

@@ -1,4 +1,4 @@
-"""Hand-checked tests for rlhf_chat.ppo_math.
+"""Hand-checked tests for rlhf_chat.learning.ppo_math.
 
 Every expected number is worked out in a comment next to the assertion, on
 tensors small enough to do on paper.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rlhf_chat.ppo_math import (
+from rlhf_chat.learning.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -111,7 +111,7 @@ def test_length_mask_keeps_each_rows_real_tokens() -> None:
 
 def test_token_counts_and_length_mask_agree_with_the_eos_when_pad_is_eos() -> None:
     """The rollout's mask: up to and including the first EOS, pads (= EOS, id 2) after it."""
-    from rlhf_chat.candidates import count_response_tokens
+    from rlhf_chat.serving.candidates import count_response_tokens
 
     ids = torch.tensor([[5, 7, 2, 2, 2], [5, 2, 2, 2, 2], [2, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
     counts, finished = count_response_tokens(ids, eos_id=2)
@@ -424,7 +424,7 @@ def test_policy_loss_weights_each_token():
 
 
 def test_weighted_nll_by_hand():
-    from rlhf_chat.supervised import weighted_nll
+    from rlhf_chat.learning.supervised import weighted_nll
 
     logprobs = torch.tensor([[-1.0, -3.0], [-2.0, -7.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
@@ -504,7 +504,7 @@ def test_running_moments_divide_by_a_std_below_one() -> None:
 
 
 def test_missing_eos_penalty_lands_on_cut_off_answers_only() -> None:
-    from rlhf_chat.ppo import with_missing_eos_penalty
+    from rlhf_chat.learning.ppo import with_missing_eos_penalty
 
     scores = torch.tensor([0.5, 0.5, -2.0])
     close(with_missing_eos_penalty(scores, [True, False, False], -1.0), [0.5, -0.5, -3.0])
@@ -512,7 +512,7 @@ def test_missing_eos_penalty_lands_on_cut_off_answers_only() -> None:
 
 
 def test_rollout_layout_is_each_rows_real_prompt_then_answer_tokens() -> None:
-    from rlhf_chat.ppo import Rollout, rollout_layout
+    from rlhf_chat.learning.ppo import Rollout, rollout_layout
 
     batch = Rollout(
         contexts=[[], []], texts=["", ""], finished=[True, False],
@@ -524,8 +524,8 @@ def test_rollout_layout_is_each_rows_real_prompt_then_answer_tokens() -> None:
 
 def test_answer_mask_and_pair_margins() -> None:
     from rlhf_chat.config import RewardConfig
-    from rlhf_chat.preferences import PreferencePair
-    from rlhf_chat.reward import answer_mask, pair_margins
+    from rlhf_chat.learning.preferences import PreferencePair
+    from rlhf_chat.learning.reward import answer_mask, pair_margins
 
     close(answer_mask([2, 1, 0], 4, "cpu"), [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
     cfg = RewardConfig(margin_slightly=0.3, margin_clearly=1.2)

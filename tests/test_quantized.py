@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, dense_weight, int4_groups, int4_values, int8_rows, int8_values
+from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight, int4_groups, int4_values, int8_rows, int8_values
 
 
 def test_int4_groups_recover_q4_1_blocks_exactly():
     """A Q4_1 block is d * q + m with its smallest weight at q = 0 and its largest at
     q = 15: the groups found again are the shipped integers, scale and offset."""
-    from rlhf_chat.quantized import int4_groups
+    from rlhf_chat.model.quantized import int4_groups
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (8, 64), generator=gen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_chat.repetition import LoopStop, copies_at_end, is_loop, loop_cut
+from rlhf_chat.serving.repetition import LoopStop, copies_at_end, is_loop, loop_cut
 
 
 def test_copies_at_end_counts_adjacent_copies_only():
@@ -44,10 +44,10 @@ def test_sample_cuts_a_looping_row_and_marks_it_cut_off():
     """On the bundled model, asked to repeat a word: a stopped row keeps the first copy,
     is not finished, is padded after its cut and has log-probs 0 there, and holds the
     same draws as the row written with ``stop_loops`` off from the same seed."""
-    from rlhf_chat.candidates import Sampling, sample
-    from rlhf_chat.chat import render_prompt
+    from rlhf_chat.serving.candidates import Sampling, sample
+    from rlhf_chat.serving.chat import render_prompt
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import load_models
+    from rlhf_chat.model.loading import load_models
 
     models = load_models(ModelConfig())
     tok = models.tokenizer

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from rlhf_chat import store
-from rlhf_chat.candidates import Candidate
-from rlhf_chat.checkpoints import copy_into
+from rlhf_chat.storage import store
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.learning.checkpoints import copy_into
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
-from rlhf_chat.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, to_pair
-from rlhf_chat.reward import (
+from rlhf_chat.learning.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
+from rlhf_chat.learning.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, to_pair
+from rlhf_chat.learning.reward import (
     answer_mask,
     encode,
     evaluate,
@@ -28,8 +28,8 @@ from rlhf_chat.reward import (
     train_step,
     reward_parameters,
 )
-from rlhf_chat.tables import Comparison
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.storage.tables import Comparison
 
 
 def test_last_token_index_left_and_right_padding():
@@ -62,9 +62,9 @@ def test_encode_counts_the_answer_and_keeps_it_when_cut_from_the_left(tokenizer)
 
 def rollout_of(models, contexts, answers: list[list[int]], texts: list[str], finished: list[bool]):
     """A PPO rollout holding exactly these answer tokens, laid out as rollout() lays them out."""
-    from rlhf_chat.candidates import left_pad
-    from rlhf_chat.chat import render_prompt
-    from rlhf_chat.ppo import Rollout, full_prefix
+    from rlhf_chat.serving.candidates import left_pad
+    from rlhf_chat.serving.chat import render_prompt
+    from rlhf_chat.learning.ppo import Rollout, full_prefix
 
     tok = models.tokenizer
     prompt_ids, prompt_mask = left_pad([render_prompt(tok, c) for c in contexts], tok.pad_token_id, models.device)
@@ -80,8 +80,8 @@ def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(
     """The reward model learns from stored votes and PPO is scored on its rollouts: the
     same answer must get the same score through both paths, a finished answer (its
     EOS) and one cut off at the length limit (no EOS) alike, with the real tokenizer."""
-    from rlhf_chat.ppo import reward_model_scores
-    from rlhf_chat.reward import pair_scores
+    from rlhf_chat.learning.ppo import reward_model_scores
+    from rlhf_chat.learning.reward import pair_scores
 
     tok = tiny_models.tokenizer
     context = [{"role": "user", "content": "what is the capital of France?"}]
@@ -110,7 +110,7 @@ def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(
 def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_models):
     """Sampled tokens that decode and re-encode to other tokens (here a leading space,
     which the stored text loses) are scored as the stored answer would be."""
-    from rlhf_chat.ppo import reward_model_scores
+    from rlhf_chat.learning.ppo import reward_model_scores
 
     tok = tiny_models.tokenizer
     context = [{"role": "user", "content": "hi"}]
@@ -195,7 +195,7 @@ def test_a_round_starts_fresh_while_a_full_fit_fits_in_it():
 
 def test_reset_gives_a_new_reward_model_that_says_nothing(tiny_path):
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models
+    from rlhf_chat.model.loading import POLICY, REWARD, adapter_state, load_models
 
     models = load_models(ModelConfig(name=str(tiny_path)))
     policy_before = {k: v.clone() for k, v in adapter_state(models.trainer, POLICY).items()}
@@ -234,7 +234,7 @@ def length_pairs(n: int) -> list[PreferencePair]:
 
 def test_training_steps_raise_heldout_accuracy_and_change_only_reward_weights(tiny_path):
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import POLICY, REWARD, adapter_state, load_models
+    from rlhf_chat.model.loading import POLICY, REWARD, adapter_state, load_models
 
     models = load_models(ModelConfig(name=str(tiny_path)))
     cfg = RewardConfig(batch_size=8, learning_rate=5e-3)
@@ -265,7 +265,7 @@ def store_length_votes(db_url: str, n: int):
 
 def test_a_fresh_round_carries_nothing_of_the_last_adapter(tiny_config):
     """A poisoned adapter (NaN) poisons a continuing round, never a fresh one."""
-    from rlhf_chat.loading import REWARD, adapter_state, load_models
+    from rlhf_chat.model.loading import REWARD, adapter_state, load_models
 
     sessions = store_length_votes(tiny_config.store.db_url, 20)
     cfg = tiny_config.reward
@@ -292,7 +292,7 @@ def test_a_fresh_round_carries_nothing_of_the_last_adapter(tiny_config):
 
 
 def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_config):
-    from rlhf_chat.loading import load_models
+    from rlhf_chat.model.loading import load_models
 
     sessions = store_length_votes(tiny_config.store.db_url, 40)
     cfg = tiny_config.reward
@@ -336,7 +336,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_path):
     """An inf gradient (here from a hook on the head) with a finite loss: no step, and
     Adam's state is not poisoned either."""
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.loading import load_models
+    from rlhf_chat.model.loading import load_models
 
     models = load_models(ModelConfig(name=str(tiny_path)))
     cfg = RewardConfig(batch_size=4, learning_rate=5e-3)

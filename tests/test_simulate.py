@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from rlhf_chat import store
 from rlhf_chat.cli import main as cli_main
-from rlhf_chat.candidates import Sampling
-from rlhf_chat.simulate import is_eval_prompt, load_prompts, sample_pairs, simulate, split_evenly, split_prompts
+from rlhf_chat.evaluation.simulate import is_eval_prompt, load_prompts, sample_pairs, simulate, split_evenly, split_prompts
+from rlhf_chat.serving.candidates import Sampling
+from rlhf_chat.storage import store
 
 REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
@@ -122,8 +122,8 @@ def test_sample_pairs_writes_mode_pairs_in_their_modes_and_refuses_modes_in_the_
 
 
 def test_pearson_and_opening_share_by_hand():
-    from rlhf_chat.modes import Mode
-    from rlhf_chat.simulate import opening_share, pearson
+    from rlhf_chat.serving.modes import Mode
+    from rlhf_chat.evaluation.simulate import opening_share, pearson
 
     assert pearson([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
@@ -144,7 +144,7 @@ def test_cli_simulate_writes_the_report(tiny_config, tmp_path, capsys):
     prompts.write_text("\n".join(f"ask {i}" for i in range(20)))
     with pytest.raises(SystemExit) as done:
         cli_main([
-            "simulate", "--labeler", "rlhf_chat.labelers:friendly", "--comparisons", "4", "--ppo-steps", "0",
+            "simulate", "--labeler", "rlhf_chat.evaluation.labelers:friendly", "--comparisons", "4", "--ppo-steps", "0",
             "--model", tiny_config.model.name, "--db", tiny_config.store.db_url,
             "--checkpoints", tiny_config.store.checkpoint_dir, "--prompts", str(prompts), "--report", str(report),
         ])
@@ -154,7 +154,7 @@ def test_cli_simulate_writes_the_report(tiny_config, tmp_path, capsys):
 
 
 def test_simulate_refuses_a_database_with_votes_unless_told_to_continue(tiny_config, tmp_path):
-    from rlhf_chat.simulate import UsedDatabase
+    from rlhf_chat.evaluation.simulate import UsedDatabase
 
     cfg = tiny_config
     cfg.reward.min_pairs = 1000  # no reward round: only the database matters here

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from rlhf_chat import store
-from rlhf_chat.candidates import Candidate
-from rlhf_chat.tables import SCHEMA_VERSION, Comparison, SchemaInfo
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import SCHEMA_VERSION, Comparison, SchemaInfo
 
 # The PostgreSQL plumbing lives with the PostgreSQL-only tests; pytest puts tests/ on sys.path.
 from test_postgres import postgres_database
@@ -236,7 +236,7 @@ def test_a_pair_keeps_its_arena_flag_versions_and_source(sessions):
 def test_a_vote_becomes_the_preference_it_states(sessions):
     """preferences.to_pair: the chosen side first, each side's finished flag with it,
     the strength and context kept; ties and both-bad say nothing."""
-    from rlhf_chat.preferences import PreferencePair, preference_pairs, to_pair
+    from rlhf_chat.learning.preferences import PreferencePair, preference_pairs, to_pair
 
     with sessions() as s, s.begin():
         ctx = [{"role": "user", "content": "hi"}]

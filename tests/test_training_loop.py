@@ -6,13 +6,13 @@ import random
 
 import pytest
 
-from rlhf_chat import store
-from rlhf_chat.labelers import concise
-from rlhf_chat.ppo import rollout
-from rlhf_chat.runtime import start_services
-from rlhf_chat.simulate import collect_votes
-from rlhf_chat.tables import CandidateRow
-from rlhf_chat.training_loop import TrainingLoop
+from rlhf_chat.evaluation.labelers import concise
+from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.learning.ppo import rollout
+from rlhf_chat.learning.training_loop import TrainingLoop
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import CandidateRow
 
 PROMPTS = ["hi", "what is rain?", "name a bird", "tell me a joke", "how are you?"]
 
@@ -82,8 +82,8 @@ def test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off(idle_l
 
     import torch
 
-    from rlhf_chat import ppo
-    from rlhf_chat.tables import TrainingEvent
+    from rlhf_chat.learning import ppo
+    from rlhf_chat.storage.tables import TrainingEvent
 
     services, loop = idle_loop
     loop.cfg.loop.ppo_steps_per_reward = 0  # no budget: only the crash stops PPO
@@ -131,7 +131,7 @@ def test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off(idle_l
 def test_a_full_disk_publishes_no_reward_version_without_its_checkpoint(idle_loop, monkeypatch):
     import errno
 
-    from rlhf_chat import checkpoints
+    from rlhf_chat.learning import checkpoints
 
     services, loop = idle_loop
     usable_votes(services, 4, seed=0)
@@ -156,7 +156,7 @@ def test_a_full_disk_publishes_no_policy_version_without_its_checkpoint(idle_loo
 
     import torch
 
-    from rlhf_chat import checkpoints, ppo
+    from rlhf_chat.learning import checkpoints, ppo
 
     services, loop = idle_loop
     loop.cfg.ppo.checkpoint_every = 1  # every version is a checkpoint version

@@ -7,10 +7,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from rlhf_chat import store
-from rlhf_chat.runtime import start_services
-from rlhf_chat.tables import Comparison, Message
-from rlhf_chat.ui import CUT_LABEL, CUT_MARK, ChatState, continue_answer, new_conversation, regenerate, respond, vote
+from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.serving.ui import CUT_LABEL, CUT_MARK, ChatState, continue_answer, new_conversation, regenerate, respond, vote
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import Comparison, Message
 
 OUT_CHATBOT, OUT_A, OUT_B, OUT_NOTICE, OUT_TEXTBOX = 0, 1, 2, 3, 4
 OUT_VOTE_A, OUT_REGEN, OUT_CONTINUE, OUT_STATE = 5, 9, 10, 11
@@ -35,7 +35,7 @@ def send(services, text, state=None):
 
 
 def test_message_gives_two_streamed_candidates_and_vote_is_stored(services, monkeypatch):
-    from rlhf_chat.candidates import RowStreamer
+    from rlhf_chat.serving.candidates import RowStreamer
 
     real_put = RowStreamer.put
 
@@ -148,7 +148,7 @@ def test_new_conversation_resets(services):
 def test_database_down_is_told_and_nothing_is_lost(services, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from rlhf_chat import ui
+    from rlhf_chat.serving import ui
 
     _, final = send(services, "Hello there")
     state = final[OUT_STATE]
@@ -184,7 +184,7 @@ def test_a_cut_off_answer_is_marked_and_continues_into_the_conversation(services
     """At 12 tokens the tiny model's answers are cut off: both panes say so; the chosen
     one is marked in the conversation, and Continue streams on and stores the longer
     answer, which the next message's context then holds."""
-    import rlhf_chat.candidates as candidates
+    import rlhf_chat.serving.candidates as candidates
 
     _, final = send(services, "Tell me about the sea.")
     state = final[OUT_STATE]
@@ -204,7 +204,7 @@ def test_a_cut_off_answer_is_marked_and_continues_into_the_conversation(services
         seen.extend(prompts)
         return real_sample(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr("rlhf_chat.ui.sample", watched)
+    monkeypatch.setattr("rlhf_chat.serving.ui.sample", watched)
     updates, done = last(continue_answer(services, state))
     state = done[OUT_STATE]
     longer = state.history[-1]["content"]
@@ -238,7 +238,7 @@ def test_continue_is_refused_without_a_cut_off_answer(services):
 def test_mode_pairs_store_their_modes_never_show_them_and_arena_pairs_have_none(services):
     """A mode pair: the answers start with their modes' openings, the modes are stored
     with the candidates, and nothing the person sees names a mode. Arena pairs stay plain."""
-    from rlhf_chat.modes import BUILTIN_MODES, by_name
+    from rlhf_chat.serving.modes import BUILTIN_MODES, by_name
 
     services.config.loop.mode_fraction = 1.0
     names = by_name(BUILTIN_MODES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from rlhf_chat.tables import Comparison
+from rlhf_chat.storage.tables import Comparison
 
 
 @dataclass

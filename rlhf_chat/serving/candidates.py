@@ -17,8 +17,8 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from rlhf_chat.nucleus import NucleusSampler
-from rlhf_chat.repetition import LoopStop
+from rlhf_chat.serving.nucleus import NucleusSampler
+from rlhf_chat.serving.repetition import LoopStop
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
 
@@ -171,7 +171,7 @@ def sample(
     ``modes.py``; "" for none): the model continues it, and the row's text
     includes it, while ``response_ids`` and the log-probabilities hold only what
     the model wrote.
-    Tokens are drawn by :class:`~rlhf_chat.nucleus.NucleusSampler`: exactly
+    Tokens are drawn by :class:`~rlhf_chat.serving.nucleus.NucleusSampler`: exactly
     softmax(logits / ``temperature``) within the ``top_p`` nucleus, no top-k,
     so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
     """

@@ -29,16 +29,16 @@ import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat import store
-from rlhf_chat.behaviours import DETECTORS
-from rlhf_chat.checkpoints import copy_into, load_checkpoint, save_checkpoint
 from rlhf_chat.config import AppConfig
-from rlhf_chat.export import preference_rows, write_rows
-from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.modes import active_modes
-from rlhf_chat.ppo import policy_tensors
-from rlhf_chat.tables import Checkpoint, PPOStep
-from rlhf_chat.worker import CHAT
+from rlhf_chat.evaluation.behaviours import DETECTORS
+from rlhf_chat.learning.checkpoints import copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.learning.ppo import policy_tensors
+from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.serving.modes import active_modes
+from rlhf_chat.serving.worker import CHAT
+from rlhf_chat.storage import store
+from rlhf_chat.storage.export import preference_rows, write_rows
+from rlhf_chat.storage.tables import Checkpoint, PPOStep
 
 PAUSE_TIMEOUT_S = 600.0  # a PPO step on a 2-core CPU takes tens of seconds; an error back-off up to 300 s
 _REPLACING = threading.Lock()  # two admins resetting at once would resume training under each other

@@ -105,7 +105,7 @@ def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:
 
 def active_modes(session) -> list[Mode]:
     """The modes in use: the built-ins, with an admin's additions and removals (stored) applied."""
-    from rlhf_chat import store
+    from rlhf_chat.storage import store
 
     modes = by_name(BUILTIN_MODES)
     for row in store.mode_changes(session):
@@ -119,7 +119,7 @@ def active_modes(session) -> list[Mode]:
 def mode_record_for(session, choice: str) -> dict[str, tuple[int, int]] | None:
     """What ``pick_pair`` needs for a ``loop.mode_choice``: the votes' record for
     "thompson", None for "uniform"."""
-    from rlhf_chat import store
+    from rlhf_chat.storage import store
     from rlhf_chat.config import MODE_CHOICES
 
     if choice not in MODE_CHOICES:

@@ -18,7 +18,7 @@ How the frozen base holds its weights is the ``weights`` setting
 
 * ``int4`` (the bundled model's default on the CPU): the serving copy
   multiplies by the GGUF's own 4-bit blocks on torch's int4 kernel
-  (:mod:`rlhf_chat.quantized`), the training copy by the same values dense
+  (:mod:`rlhf_chat.model.quantized`), the training copy by the same values dense
   in bf16.
 * ``bf16`` (the bundled model's default on a GPU): the values as shipped, the decoder's
   linear layers in bf16, the output layer in float32. The two copies share
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from rlhf_chat.config import BUNDLED_MODEL, WEIGHT_PATHS, ModelConfig
-from rlhf_chat.heads import PrefixCache, make_scalar_head
+from rlhf_chat.learning.heads import PrefixCache, make_scalar_head
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def resolve_weights(cfg: ModelConfig, device: torch.device) -> str:
     4-bit (Q4_1), and quantizing those values again to NF4 added about 9%
     error per weight matrix and 0.29 nats per token on the project's answer
     set (bench/quality.py). On the CPU the ``int4`` path multiplies by those
-    very blocks (:mod:`rlhf_chat.quantized`), as fast as NF4; on a GPU they
+    very blocks (:mod:`rlhf_chat.model.quantized`), as fast as NF4; on a GPU they
     are held in bf16. A full-precision model from the Hub is quantized to
     NF4, the design card's 4-bit policy.
     """
@@ -292,7 +292,7 @@ def replace_decoder_linears(model: nn.Module, make_layer) -> int:
 def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
     """The ``int4`` path: the serving copy's layers on the int4 and int8 kernels, the
     training copy's dense in bf16 with exactly the values those kernels multiply by."""
-    from rlhf_chat.quantized import Int4Linear, Int8OutputLayer, dense_weight
+    from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight
 
     if training:
         replace_decoder_linears(
@@ -318,7 +318,7 @@ def load_base(path: str, weights: str, device: torch.device, training: bool = Fa
       bf16 (:class:`FrozenLinear`), the output layer in float32. Both copies
       compute one function.
     * ``int4``: the decoder's linear layers as 4-bit groups of 32 and the
-      output layer as 8-bit rows (:mod:`rlhf_chat.quantized`), which hold the
+      output layer as 8-bit rows (:mod:`rlhf_chat.model.quantized`), which hold the
       bundled GGUF's Q4_1 and Q8_0 values; the ``training`` copy holds the
       same values dense in bf16, because the kernels have no backward.
     * ``fp32``: the weights as loaded, in float32.

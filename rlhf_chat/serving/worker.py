@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import Future
 from typing import Callable, TypeVar
 
-from rlhf_chat.loading import Models
+from rlhf_chat.model.loading import Models
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

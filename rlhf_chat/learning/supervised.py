@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_chat import store
-from rlhf_chat.candidates import left_pad
-from rlhf_chat.heads import frozen_prefix, top_hidden
-from rlhf_chat.ppo_math import gather_logprobs, log_softmax_at
-from rlhf_chat.chat import render_prompt, render_response, trim_to_budget
-from rlhf_chat.preferences import modes_differ, preference_pairs
+from rlhf_chat.learning.heads import frozen_prefix, top_hidden
+from rlhf_chat.learning.ppo_math import gather_logprobs, log_softmax_at
+from rlhf_chat.learning.preferences import modes_differ, preference_pairs
+from rlhf_chat.serving.candidates import left_pad
+from rlhf_chat.serving.chat import render_prompt, render_response, trim_to_budget
+from rlhf_chat.storage import store
 
 
 @dataclass

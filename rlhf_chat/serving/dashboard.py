@@ -24,14 +24,14 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat import store
-from rlhf_chat.arena import ArenaResult, arena_results, bucket_results, total
-from rlhf_chat.candidates import count_response_tokens, left_pad
-from rlhf_chat.chat import render_prompt
-from rlhf_chat.loading import Models
-from rlhf_chat.behaviours import DETECTORS, behaviour_shares
-from rlhf_chat.tables import CandidateRow, Comparison, TrainingEvent
-from rlhf_chat.worker import PPO, ModelWorker
+from rlhf_chat.evaluation.behaviours import DETECTORS, behaviour_shares
+from rlhf_chat.model.loading import Models
+from rlhf_chat.serving.arena import ArenaResult, arena_results, bucket_results, total
+from rlhf_chat.serving.candidates import count_response_tokens, left_pad
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.worker import PPO, ModelWorker
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import CandidateRow, Comparison, TrainingEvent
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from rlhf_chat.candidates import Candidate
-from rlhf_chat.tables import (
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage.tables import (
     CHOICES,
     SCHEMA_VERSION,
     STRENGTHS,

@@ -10,17 +10,17 @@ import logging
 
 import torch
 
-from rlhf_chat.candidates import Sampling, sample
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig, validate
-from rlhf_chat.loading import Models, load_models
-from rlhf_chat import store
-from rlhf_chat.ppo import load_policy
-from rlhf_chat.reward import load_reward
-from rlhf_chat.store import open_store
-from rlhf_chat.training_loop import TrainingLoop
-from rlhf_chat.ui import Services
-from rlhf_chat.worker import ModelWorker
+from rlhf_chat.learning.ppo import load_policy
+from rlhf_chat.learning.reward import load_reward
+from rlhf_chat.learning.training_loop import TrainingLoop
+from rlhf_chat.model.loading import Models, load_models
+from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.ui import Services
+from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.storage import store
+from rlhf_chat.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ one slice:
                GAE; whitened advantages
 4. update    - epochs x minibatches of clipped surrogate (importance-weighted
                for the copy gap) + clipped value loss (+ PPO-ptx's
-               language-model loss on chosen answers, :mod:`rlhf_chat.supervised`)
+               language-model loss on chosen answers, :mod:`rlhf_chat.learning.supervised`)
 5. publish   - the updated adapter is copied into the serving copy and the
                version goes up; a non-finite step restores the old adapter
 
-The math is in :mod:`rlhf_chat.ppo_math`; this module only moves tensors.
+The math is in :mod:`rlhf_chat.learning.ppo_math`; this module only moves tensors.
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ from typing import Callable
 
 import torch
 
-from rlhf_chat import ppo_math as pm
-from rlhf_chat import store
-from rlhf_chat.candidates import Sampling, sample
-from rlhf_chat.chat import render_prompt, trim_to_budget
-from rlhf_chat.checkpoints import check_base, copy_into, load_checkpoint, save_checkpoint
 from rlhf_chat.config import PPOConfig, SamplingConfig
-from rlhf_chat.heads import Prefix, frozen_prefix, top_hidden
-from rlhf_chat.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.reward import encode, score_prefix, score_sequences
-from rlhf_chat.supervised import SupervisedExample, chosen_answers, lm_loss
-from rlhf_chat.worker import PPO as PPO_PRIORITY
-from rlhf_chat.worker import yield_point
+from rlhf_chat.learning import ppo_math as pm
+from rlhf_chat.learning.checkpoints import check_base, copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.learning.heads import Prefix, frozen_prefix, top_hidden
+from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
+from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, lm_loss
+from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.chat import render_prompt, trim_to_budget
+from rlhf_chat.serving.worker import PPO as PPO_PRIORITY
+from rlhf_chat.serving.worker import yield_point
+from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from rlhf_chat import store
 from rlhf_chat.config import AppConfig
-from rlhf_chat.ppo import PPOTrainer, ScoreNormalizer
-from rlhf_chat.reward import run_round
-from rlhf_chat.worker import REWARD, ModelWorker
+from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
+from rlhf_chat.learning.reward import run_round
+from rlhf_chat.serving.worker import REWARD, ModelWorker
+from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,16 @@ import gradio as gr
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat import controls, dashboard, store
-from rlhf_chat.candidates import Sampling, sample
-from rlhf_chat.behaviours import DETECTORS
-from rlhf_chat.modes import active_modes, mode_record_for, modes_for_pair
-from rlhf_chat.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.admission import Admission, AdminGuard, client_address
-from rlhf_chat.batcher import BatcherFull, PairBatcher, PairRequest
-from rlhf_chat.worker import CHAT, ModelWorker
+from rlhf_chat.evaluation.behaviours import DETECTORS
+from rlhf_chat.serving import controls, dashboard
+from rlhf_chat.serving.admission import Admission, AdminGuard, client_address
+from rlhf_chat.serving.batcher import BatcherFull, PairBatcher, PairRequest
+from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
+from rlhf_chat.serving.modes import active_modes, mode_record_for, modes_for_pair
+from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
 

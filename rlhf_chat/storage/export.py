@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_chat import store
-from rlhf_chat.chat import prompt_text
-from rlhf_chat.preferences import to_pair
+from rlhf_chat.learning.preferences import to_pair
+from rlhf_chat.serving.chat import prompt_text
+from rlhf_chat.storage import store
 
 
 def preference_rows(session) -> tuple[list[dict], dict[str, int]]:

@@ -1,7 +1,7 @@
 """Reward model: a ``reward`` LoRA adapter plus a scalar head, trained on the votes.
 
 The head reads the last token's state beside the mean state over the answer
-(:func:`rlhf_chat.heads.answer_summary`).
+(:func:`rlhf_chat.learning.heads.answer_summary`).
 
 The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
 Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
@@ -24,16 +24,16 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_chat import store
-from rlhf_chat.candidates import left_pad
-from rlhf_chat.chat import render_prompt, render_response
-from rlhf_chat.checkpoints import check_base, copy_into, load_checkpoint, module_state, save_checkpoint
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
-from rlhf_chat.loading import REWARD, Models, adapter_state
-from rlhf_chat.ppo_math import bradley_terry_loss
-from rlhf_chat.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
-from rlhf_chat.worker import REWARD as REWARD_PRIORITY
+from rlhf_chat.learning.checkpoints import check_base, copy_into, load_checkpoint, module_state, save_checkpoint
+from rlhf_chat.learning.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
+from rlhf_chat.learning.ppo_math import bradley_terry_loss
+from rlhf_chat.learning.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
+from rlhf_chat.model.loading import REWARD, Models, adapter_state
+from rlhf_chat.serving.candidates import left_pad
+from rlhf_chat.serving.chat import render_prompt, render_response
+from rlhf_chat.serving.worker import REWARD as REWARD_PRIORITY
+from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
 

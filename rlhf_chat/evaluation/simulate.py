@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from rlhf_chat import store
-from rlhf_chat.arena import win_rate
-from rlhf_chat.behaviours import DETECTORS, behaviour_shares
-from rlhf_chat.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
-from rlhf_chat.chat import render_prompt
 from rlhf_chat.config import AppConfig
-from rlhf_chat.labelers import Labeler, load_labeler, normalize_choice
-from rlhf_chat.modes import Mode, active_modes, mode_record_for, modes_for_pair
-from rlhf_chat.preferences import modes_differ
-from rlhf_chat.worker import CHAT, ModelWorker
+from rlhf_chat.evaluation.behaviours import DETECTORS, behaviour_shares
+from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choice
+from rlhf_chat.learning.preferences import modes_differ
+from rlhf_chat.serving.arena import win_rate
+from rlhf_chat.serving.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
+from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.modes import Mode, active_modes, mode_record_for, modes_for_pair
+from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
 EVAL_FRACTION = 0.2  # prompts kept out of pair collection and PPO, for the final evaluation
@@ -352,9 +352,9 @@ def simulate(
     """
     from tqdm import tqdm
 
-    from rlhf_chat.ppo import PPOTrainer
-    from rlhf_chat.reward import run_round
-    from rlhf_chat.runtime import load_for_serving
+    from rlhf_chat.learning.ppo import PPOTrainer
+    from rlhf_chat.learning.reward import run_round
+    from rlhf_chat.serving.runtime import load_for_serving
 
     start = time.perf_counter()
     labeler = load_labeler(labeler_spec)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rlhf_chat.tables import CandidateRow, Comparison
+from rlhf_chat.storage.tables import CandidateRow, Comparison
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Storage: the database schema, data access and the export of the votes."""
