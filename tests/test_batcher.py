@@ -125,3 +125,17 @@ def test_people_arriving_moments_apart_on_an_idle_model_share_one_call(worker):
             assert list(batcher.batch_sizes) == expected
         else:
             assert batcher.batch_sizes[0] == 1 and len(batcher.batch_sizes) > 1
+
+
+def test_a_model_that_failed_to_load_fails_the_request_instead_of_leaving_it_waiting():
+    def broken():
+        raise OSError("no weights here")
+
+    worker = ModelWorker(broken).start()
+    worker.ready.wait(30)
+    batcher = PairBatcher(worker, SAMPLING)
+    with pytest.raises(RuntimeError, match="no weights here"):
+        batcher.submit(request_for("anyone?", [])).result(30)
+    with pytest.raises(RuntimeError, match="no weights here"):  # and the next one too
+        batcher.submit(request_for("still?", [])).result(30)
+    worker.stop()

@@ -88,8 +88,22 @@ class PairBatcher:
             self._last_arrival = time.monotonic()
             schedule, self._scheduled = not self._scheduled, True
         if schedule:
-            self.worker.submit(CHAT, self._run_batch)
+            self._schedule()
         return request.future
+
+    def _schedule(self) -> None:
+        """Queue a batch job; if the worker cannot run it at all (the model failed
+        to load), everyone waiting hears why instead of waiting for ever."""
+        self.worker.submit(CHAT, self._run_batch).add_done_callback(self._job_done)
+
+    def _job_done(self, job: Future) -> None:
+        if job.cancelled() or job.exception() is None:
+            return
+        with self._lock:
+            stranded, self._pending, self._scheduled = self._pending, [], False
+        for request in stranded:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(job.exception())
 
     def waiting(self) -> int:
         """People whose pair has not started yet."""
@@ -104,7 +118,7 @@ class PairBatcher:
             more = bool(self._pending)
             self._scheduled = more
         if more:
-            self.worker.submit(CHAT, self._run_batch)
+            self._schedule()
         return [r for r in batch if r.future.set_running_or_notify_cancel()]
 
     def expect(self) -> None:
