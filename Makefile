@@ -24,7 +24,7 @@ define pytest_with_postgres
 	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
 endef
 
-.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench mutants clean
+.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench mutants mutants-models gpu-check clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,16 @@ mutants: setup
 	-$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
 	$(VENV)/bin/mutmut results --all true | $(PY) scripts/mutation_score.py
 
+# Mutation testing of the model-dependent scoring code (score_rollout, policy_forward,
+# reward.encode, ...) in one warm pytest session (scripts/mutation_in_process.py: mutmut
+# rebuilds the tiny model per mutant and times out). About an hour on 2 cores.
+mutants-models: setup
+	$(PY) scripts/mutation_in_process.py --report mutants-in-process.json
+
+# On a CUDA machine: the GPU-marked tests and the generation / PPO-step benchmarks in NF4.
+gpu-check:
+	bash scripts/gpu_check.sh
+
 # A throwaway PostgreSQL by hand, e.g. for `RLHF_CHAT_TEST_PG_URL=$$(cat .pg/url) pytest ...`.
 pg-start:
 	bash scripts/postgres.sh start
@@ -82,4 +92,4 @@ pg-stop:
 	bash scripts/postgres.sh stop
 
 clean: pg-stop
-	rm -rf $(VENV) .pytest_cache .pg mutants
+	rm -rf $(VENV) .pytest_cache .pg mutants mutants-in-process.json

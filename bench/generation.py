@@ -1,6 +1,6 @@
 """Benchmark: time to the first streamed token and to both full candidates.
 
-    python bench/generation.py [--runs 10] [--tokens 64] [--no-4bit]
+    python bench/generation.py [--runs 10] [--tokens 64] [--weights auto|int4|nf4|bf16|fp32] [--no-4bit]
 
 Two candidates of exactly ``--tokens`` new tokens each (EOS suppressed until
 then), sampled in one batched call on the bundled model, as the UI does.
@@ -15,7 +15,7 @@ import time
 from common import PROMPTS as BENCH_PROMPTS
 from common import machine, summary
 
-from rlhf_chat.config import AppConfig
+from rlhf_chat.config import WEIGHT_PATHS, AppConfig
 from rlhf_chat.serving.candidates import Sampling, generate_pair
 from rlhf_chat.serving.chat import render_prompt
 from rlhf_chat.serving.runtime import load_for_serving
@@ -27,11 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--no-4bit", action="store_true", help="the same as --weights fp32")
+    parser.add_argument("--weights", choices=("auto", *WEIGHT_PATHS), default="auto",
+                        help="how the base holds its weights (scripts/gpu_check.sh: nf4 on the GPU)")
     args = parser.parse_args()
 
     cfg = AppConfig()
-    cfg.model.weights = "fp32" if args.no_4bit else cfg.model.weights
+    cfg.model.weights = "fp32" if args.no_4bit else args.weights
     start = time.perf_counter()
     models = load_for_serving(cfg)  # includes the warm-up the app does before serving
     print(f"machine: {machine()}")

@@ -1,6 +1,6 @@
 """Benchmark: one PPO step on the bundled 4-bit model, split into rollout, scoring and update.
 
-    python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64]
+    python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64] [--weights auto|int4|nf4|bf16|fp32]
 
 Answers are forced to the full ``--tokens`` length (the worst case). Target on
 a 2-core CPU: under 15 s a step.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import machine
 
-from rlhf_chat.config import AppConfig
+from rlhf_chat.config import WEIGHT_PATHS, AppConfig
 from rlhf_chat.evaluation.simulate import as_context, load_prompts
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.serving.runtime import load_for_serving
@@ -30,10 +30,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=None, help="override PPOConfig.epochs")
     parser.add_argument("--minibatch", type=int, default=None, help="override PPOConfig.minibatch_size")
+    parser.add_argument("--weights", choices=("auto", *WEIGHT_PATHS), default="auto",
+                        help="how the base holds its weights (scripts/gpu_check.sh: nf4 on the GPU)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     cfg = AppConfig()
+    cfg.model.weights = args.weights
     cfg.ppo.batch_size, cfg.sampling.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
     cfg.sampling.stop_loops = False  # a yardstick: every row exactly --tokens tokens
     cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
@@ -42,6 +45,7 @@ def main() -> None:
     worker = ModelWorker(lambda: load_for_serving(cfg)).start()
     worker.ready.wait()
     print(f"machine: {machine()}")
+    print(f"weights: {cfg.model.weights}")
     print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
     trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"), sampling=cfg.sampling)
     contexts = [as_context(p) for p in load_prompts()]

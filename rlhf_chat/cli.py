@@ -3,7 +3,7 @@
     python -m rlhf_chat train-reward [--db URL]
     python -m rlhf_chat train-policy --steps K [--db URL]
     python -m rlhf_chat simulate --labeler NAME_OR_MODULE:CALLABLE [--comparisons N] [--ppo-steps K] ...
-    python -m rlhf_chat export --format jsonl|parquet [--out PATH]
+    python -m rlhf_chat export --format jsonl|parquet [--out PATH] [--demonstrations-out PATH]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from rlhf_chat.config import AppConfig, add_common_args, config_from_args
 
@@ -105,31 +106,36 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
             report_path=args.report,
             plot_path=args.plot,
             resume=args.resume,
+            teacher_spec=args.teacher,
         )
     except UsedDatabase as exc:
         print(str(exc), file=sys.stderr)
         return 2
     summary = {k: report.__dict__[k] for k in (
         "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
-        "db_url",
+        "demonstrations", "db_url",
     )}
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_export(cfg: AppConfig, args: argparse.Namespace) -> int:
-    """Write the preferences as JSON Lines or Parquet; count what was left out on stderr."""
-    from rlhf_chat.storage.export import preference_rows, write_rows
+    """Write the preferences, and the written answers beside them, as JSON Lines or
+    Parquet; count what was left out on stderr."""
+    from rlhf_chat.storage.export import demonstration_rows, preference_rows, write_rows
     from rlhf_chat.storage.store import open_store
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     with sessions() as session:
         rows, skipped = preference_rows(session)
-    out = args.out or f"preferences.{args.format}"
+        written = demonstration_rows(session)
+    out = Path(args.out or f"preferences.{args.format}")
+    sft_out = Path(args.demonstrations_out or out.with_name(f"demonstrations.{args.format}"))
     write_rows(rows, out, args.format)
+    write_rows(written, sft_out, args.format)
     print(
         f"wrote {len(rows)} preferences to {out}; left out {skipped.get('tie', 0)} ties "
-        f"and {skipped.get('both_bad', 0)} both-bad votes",
+        f"and {skipped.get('both_bad', 0)} both-bad votes; wrote {len(written)} written answers to {sft_out}",
         file=sys.stderr,
     )
     return 0
@@ -164,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--continue", dest="resume", action="store_true",
         help="build on a --db that already holds votes (by default such a database is refused)",
     )
+    p.add_argument(
+        "--teacher", default=None,
+        help="who writes the answer they wanted for some pairs instead of voting: a built-in (follow_up) or "
+        "package.module:function, (prompt, a, b) -> str | None; at most simulation.demonstrations (20)",
+    )
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
     p.set_defaults(run=cmd_simulate)
@@ -172,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     p.add_argument("--out", default=None)
+    p.add_argument("--demonstrations-out", default=None,
+                   help="the written answers, TRL's SFT layout (default: demonstrations.FORMAT beside --out)")
     p.set_defaults(run=cmd_export)
     return parser
 

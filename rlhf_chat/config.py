@@ -186,6 +186,10 @@ class LoopConfig:
     # favours, the other any other mode, so the pairs people see concentrate on
     # what they have been choosing while every mode keeps being compared.
     mode_choice: str = "thompson"
+    # How much an answer a person wrote weighs against one vote: each written
+    # answer is a reward-model pair over each of the two answers beside it, and
+    # a supervised example for the policy (the LM term), each with this weight.
+    demonstration_weight: float = 1.0
 
 
 @dataclass
@@ -201,6 +205,9 @@ class SimulationConfig:
     # Prompts per generate call (2 rows each). On the 2-core CPU a pair of
     # 64-token answers took 0.95 s at 8 prompts a call, 0.85 s at 16, 0.78 s at 32.
     batch_prompts: int = 32
+    # With --teacher: at most this many written answers in a run (issue 21's
+    # measurement: 20 written answers beside the usual votes).
+    demonstrations: int = 20
 
 
 @dataclass
@@ -235,6 +242,24 @@ class UIConfig:
     batch_wait_s: float = 0.1
 
 
+ROLES = ("all", "serve", "train")  # deploy.role
+
+
+@dataclass
+class DeployConfig:
+    """How this process takes part in a deployment (README, "Scaling out").
+
+    ``all`` is one process doing everything. Beyond one machine: several
+    ``serve`` replicas (the UI and a serving copy each) and one ``train``
+    process (the training loop), sharing one database and checkpoint folder.
+    """
+
+    role: str = "all"  # all | serve | train; --role or RLHF_CHAT_ROLE
+    follow_every_s: float = 2.0  # a serve replica looks for a newer published policy this often
+    heartbeat_s: float = 5.0  # the trainer renews its lease this often ...
+    lease_ttl_s: float = 30.0  # ... and a lease not renewed for this long can be taken over
+
+
 @dataclass
 class AppConfig:
     """Everything, grouped."""
@@ -247,6 +272,7 @@ class AppConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     ui: UIConfig = field(default_factory=UIConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -282,6 +308,13 @@ MODE_CHOICES = ("uniform", "thompson")  # loop.mode_choice
 def validate(cfg: AppConfig) -> AppConfig:
     """Refuse settings the app must not run with: a value that names nothing the
     code knows (it would silently do nothing), or a guessable admin password."""
+    if cfg.deploy.role not in ROLES:
+        raise ValueError(f"role {cfg.deploy.role!r}: expected one of {', '.join(ROLES)}")
+    if cfg.deploy.heartbeat_s <= 0 or cfg.deploy.lease_ttl_s <= 2 * cfg.deploy.heartbeat_s:
+        raise ValueError(
+            f"deploy.lease_ttl_s ({cfg.deploy.lease_ttl_s:g}) must exceed twice deploy.heartbeat_s "
+            f"({cfg.deploy.heartbeat_s:g}): one late heartbeat must not lose the lease"
+        )
     if cfg.loop.mode_choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
     password = cfg.ui.admin_password
@@ -324,6 +357,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     cfg.model.weights = getattr(args, "weights", None) or env.get("RLHF_CHAT_WEIGHTS") or cfg.model.weights
     if cfg.model.weights not in ("auto", *WEIGHT_PATHS):
         raise ValueError(f"weights {cfg.model.weights!r}: expected auto or one of {', '.join(WEIGHT_PATHS)}")
+    cfg.deploy.role = getattr(args, "role", None) or env.get("RLHF_CHAT_ROLE") or cfg.deploy.role
     port = getattr(args, "port", None) or env.get("PORT")
     if port:
         cfg.ui.port = int(port)

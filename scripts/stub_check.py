@@ -55,7 +55,7 @@ STUBS: dict[str, tuple[str, str]] = {
     "load_policy without the weight copy": (
         "tests/test_ppo.py::test_policy_checkpoint_reloads_into_both_copies",
         "import rlhf_chat.learning.ppo as ppo\nfrom rlhf_chat.learning.checkpoints import load_checkpoint\n"
-        "def load_policy(models, path):\n"
+        "def load_policy(models, path, sha256=None):\n"
         "    _, meta = load_checkpoint(path)\n"
         "    models.serving_version = int(meta['version'])\n"
         "    return models.serving_version\n"
@@ -171,6 +171,28 @@ STUBS: dict[str, tuple[str, str]] = {
         "    self.worker.call(2, ppo.publish)\n"
         "    return _real(self, contexts)\n"
         "ppo.PPOTrainer.step = step_publishing_first\n",
+    ),
+    "a replica loads a checkpoint without checking its checksum": (
+        "tests/test_replicas.py::test_a_partial_or_missing_checkpoint_is_refused_and_the_replica_keeps_serving",
+        "import rlhf_chat.learning.checkpoints as c, rlhf_chat.serving.follower as f, rlhf_chat.learning.ppo as ppo\n"
+        "f.load_verified = ppo.load_verified = lambda path, expected: c.load_checkpoint(path)\n",
+    ),
+    "a serve replica never follows the trainer": (
+        "tests/test_replicas.py::test_a_published_policy_reaches_the_replica_whole_and_is_what_it_serves",
+        "import rlhf_chat.serving.follower as f\nf.PolicyFollower.check_once = lambda self: False\n",
+    ),
+    "a second trainer takes a live lease": (
+        "tests/test_lease.py::test_a_second_trainer_is_refused_with_the_holders_host_and_heartbeat_age",
+        "import rlhf_chat.storage.lease as l\n_take = l.take\n"
+        "l.take = lambda sessions, me, ttl_s, now=None: _take(sessions, me, -1e12, now)\n",
+    ),
+    "written answers never reach the LM term": (
+        "tests/test_demonstrations.py::test_a_few_written_answers_teach_the_plain_policy_their_behaviour",
+        "import rlhf_chat.learning.ppo as ppo\nppo.demonstrated_answers = lambda *a, **k: []\n",
+    ),
+    "the demonstration weight is ignored by the reward model": (
+        "tests/test_demonstrations.py::test_the_demonstration_weight_changes_both_updates",
+        "import rlhf_chat.learning.reward as r\nr.pair_weights = lambda pairs, device: None\n",
     ),
 }
 

@@ -158,3 +158,43 @@ def test_vote_in_the_browser_is_stored(served_app, sync_playwright):
         assert store.count_votes(session) == 1
         answer = session.scalars(select(Message).where(Message.role == "assistant")).one()
         assert answer.content.startswith(row.response_a) and len(answer.content) > len(row.response_a)
+
+
+def test_a_written_answer_in_the_browser_continues_the_conversation_and_is_exported(served_app, sync_playwright, tmp_path):
+    from rlhf_chat.serving.controls import export_feedback
+
+    services, url = served_app
+    expect = sync_playwright.expect
+    mine = "Steep green tea at 80 degrees for two minutes. Do you like it strong?"
+    with sync_playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(WAIT_MS)
+            page.goto(url, wait_until="domcontentloaded")
+            box = page.get_by_label("Your message")
+            box.fill(MESSAGE)
+            box.press("Enter")
+            expect(page.get_by_role("button", name="A is better")).to_be_enabled()
+            shown_b = page.get_by_label("Response B", exact=False).input_value()
+
+            page.get_by_text("Neither is what you wanted? Write a better answer").click()
+            page.get_by_role("button", name="Edit answer B").click()
+            written = page.get_by_label("Your answer")
+            expect(written).to_have_value(shown_b)  # prefilled with the answer to edit
+            written.fill(mine)
+            page.get_by_role("button", name="Submit my answer").click()
+            expect(page.get_by_text("Recorded: your answer", exact=False)).to_be_visible()
+            expect(written).to_have_value("")
+            expect(page.get_by_text(mine, exact=True)).to_be_visible()  # in the conversation
+            expect(box).to_be_editable()
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "browser_written_answer.png"), full_page=True)
+        finally:
+            browser.close()
+
+    with services.sessions() as session:
+        (demo,) = store.demonstrations(session)
+        assert (demo.text, demo.started_from) == (mine, "b") and same_text(demo.comparison.response_b, shown_b)
+    (prefs, sft), _ = export_feedback(services.sessions, tmp_path)
+    assert mine in sft.read_text() and mine in prefs.read_text()

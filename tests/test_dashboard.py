@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import gradio as gr
 import pandas as pd
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from rlhf_chat.learning.training_loop import LoopStatus
 from rlhf_chat.serving.dashboard import REFRESH_OUTPUTS, loop_state, recent_events, refresh, thin
@@ -88,6 +88,11 @@ def test_refresh_plots_the_known_metrics(sessions):
     assert "50%" in out["arena_summary"] and "3 blind arena votes" in out["arena_summary"]
 
     assert "running PPO" in out["loop"] and "policy v3" in out["loop"]
+    with sessions() as session:  # what the votes were, and the answers people wrote
+        choices = [c.choice for c in session.scalars(select(Comparison).where(Comparison.choice.is_not(None)))]
+    a_or_b = sum(c in ("a", "b") for c in choices)
+    assert f"**Feedback:** {len(choices)} votes ({a_or_b} for A or B" in out["loop"]
+    assert "and 0 written answers." in out["loop"]
     # the public tab says that training hit an error; what it was is for the admin panel
     assert "error" in out["events"] and "out of memory" not in out["events"]
     with sessions() as session:

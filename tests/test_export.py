@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_chat import cli
 from rlhf_chat.serving.candidates import Candidate
-from rlhf_chat.serving.controls import export_preferences
+from rlhf_chat.serving.controls import export_feedback
 from rlhf_chat.storage import store
 
 CONTEXT = [
@@ -88,9 +88,10 @@ def test_parquet_export_matches_the_votes(db, tmp_path):
 
 def test_admin_download_writes_the_same_rows(db, tmp_path):
     url, votes = db
-    path, message = export_preferences(store.open_store(url), tmp_path)
+    (path, written), message = export_feedback(store.open_store(url), tmp_path)
     check_frame(pd.read_json(path, lines=True), votes)
-    assert message == "3 preferences; left out 1 ties and 1 both-bad votes."
+    assert written.name == "demonstrations.jsonl" and written.read_text() == ""
+    assert message == "3 preferences (0 from written answers); left out 1 ties and 1 both-bad votes. 0 written answers."
 
 
 def test_empty_database_exports_an_empty_file(tmp_path, capsys):

@@ -84,6 +84,14 @@ def test_logprobs_match_a_plain_forward_at_temperature(fresh_models):
     n = int(batch.response_mask[0].sum())
     assert torch.allclose(lp[0, :n], expected[:n], atol=1e-3)
     assert values.shape == batch.response_ids.shape
+    # An answer that ended after 4 tokens: 0 past its end, and the output layer ran on the real tokens only.
+    ended = batch.response_mask.clone()
+    ended[0, 4:] = 0
+    with torch.no_grad():
+        lp_ended, _, logp = policy_forward(m, prefix, batch.prompt_ids.shape[1], batch.response_ids, ended, 0.7)
+    assert torch.equal(lp_ended[0, 4:], torch.zeros_like(lp_ended[0, 4:]))
+    assert torch.allclose(lp_ended[0, :4], expected[:4], atol=1e-3)
+    assert logp.shape == (int(ended.sum()), m.trainer.config.vocab_size)
 
 
 def test_rollout_is_drawn_with_the_sampling_scheme_and_records_its_log_probs(fresh_models):
@@ -127,6 +135,80 @@ def test_score_rollout_masks_after_eos_and_places_score_minus_kl_at_the_end(fres
     for row, score in ((1, 3.0), (2, 5.0), (3, 7.0)):
         assert scored.rewards[row, last].item() == pytest.approx(score - 1.5 - beta * kl[row, last].item(), abs=1e-5)
         assert scored.rewards[row, 0].item() == pytest.approx(-beta * kl[row, 0].item(), abs=1e-6)
+
+
+def test_score_rollout_reads_the_policy_adapter_whatever_ran_before(fresh_models):
+    """A reward round leaves the reward adapter active in the training copy; the next
+    rollout must still be scored under the policy's own adapter, and leave it active."""
+    from rlhf_chat.model.loading import REWARD
+
+    m = fresh_models
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=8)
+    perturb_policy(m, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a reward adapter unlike the policy's
+        for name, p in adapter_state(m.trainer, REWARD).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    zero = lambda models, b: torch.zeros(len(b.texts))  # noqa: E731
+    under_policy = score_rollout(m, batch, tiny_ppo_config(), 0.0, zero).logprobs.clone()
+    m.trainer.set_adapter(REWARD)  # what a reward round leaves behind
+    again = score_rollout(m, batch, tiny_ppo_config(), 0.0, ppo_module.reward_model_scores)  # which reads REWARD
+    assert torch.allclose(again.logprobs, under_policy, atol=1e-5)
+    assert m.trainer.active_adapter == POLICY  # and hands the policy's adapter back to the update
+
+
+def scored_batch(m, seed: int = 9):
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=seed)
+    perturb_policy(m, seed=seed)
+    return score_rollout(m, batch, tiny_ppo_config(), 0.05, lambda models, b: torch.tensor([1.0, -1.0, 2.0, -2.0]))
+
+
+def test_a_minibatch_update_moves_the_policy_adapter_whatever_was_active(fresh_models):
+    """Only the policy's LoRA and the value head move, even when the reward adapter was
+    the active one (as a reward round leaves it)."""
+    from rlhf_chat.learning.ppo import make_optimizer, minibatch_update
+    from rlhf_chat.model.loading import REWARD
+
+    m = fresh_models
+    batch = scored_batch(m)
+    optimizer = make_optimizer(m, tiny_ppo_config())
+    before = {k: v.detach().clone() for k, v in m.trainer.named_parameters() if "lora_" in k}
+    m.trainer.set_adapter(REWARD)
+    stats = minibatch_update(m, optimizer, batch, [0, 1, 2, 3], tiny_ppo_config())
+    assert stats["finite"]
+    after = dict(m.trainer.named_parameters())
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert moved and all(f".{POLICY}." in k for k in moved), sorted(moved)[:3]
+
+
+def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fresh_models):
+    """Tokens sampled by the serving copy are weighted by min(p_train / p_serving, cap)
+    in the policy loss: with the serving log-probs 0.5 below the training copy's, every
+    weight is e^0.5, so the loss is e^0.5 times the unweighted one."""
+    import copy
+
+    from rlhf_chat.learning.ppo import make_optimizer, minibatch_update
+
+    m = fresh_models
+    batch = scored_batch(m)
+    state = {k: v.detach().clone() for k, v in policy_tensors(m).items()}
+
+    def loss_with(sample_logprobs, cap: float) -> float:
+        with torch.no_grad():
+            for k, v in policy_tensors(m).items():
+                v.copy_(state[k])
+        b = copy.copy(batch)
+        b.sample_logprobs = sample_logprobs
+        b.advantages = torch.ones_like(batch.advantages)  # whitened ones average 0: the loss would be 0 too
+        cfg = tiny_ppo_config(importance_cap=cap)
+        return minibatch_update(m, make_optimizer(m, cfg), b, [0, 1, 2, 3], cfg)["policy_loss"]
+
+    plain = loss_with(None, 2.0)
+    assert plain == pytest.approx(-1.0, rel=1e-4)  # ratio 1 at the rollout's own weights
+    assert loss_with(batch.logprobs - 0.5, 2.0) == pytest.approx(math.exp(0.5) * plain, rel=1e-4)
+    assert loss_with(batch.logprobs - 0.5, 0.0) == pytest.approx(plain, rel=1e-6)  # cap 0: no weights
+    assert loss_with(batch.logprobs - 5.0, 2.0) == pytest.approx(2.0 * plain, rel=1e-4)  # truncated at the cap
 
 
 def test_an_empty_answer_scores_the_fixed_empty_answer_score(fresh_models):

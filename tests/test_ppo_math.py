@@ -334,6 +334,16 @@ def test_bradley_terry_margin_center_and_accuracy() -> None:
     close(loss_c, math.log(2.0) + 0.04)
 
 
+def test_bradley_terry_weights_each_pair_by_hand() -> None:
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    # per pair: log(1 + e^-2) = 0.126928, log(1 + e^1) = 1.313262; weights 3 and 1
+    loss, stats = bradley_terry_loss(chosen, rejected, weight=torch.tensor([3.0, 1.0]))
+    close(loss, (3 * math.log1p(math.exp(-2)) + math.log1p(math.exp(1))) / 4)
+    close(stats["accuracy"], 0.5)  # the stats stay per pair
+    equal, _ = bradley_terry_loss(chosen, rejected, weight=torch.tensor([2.0, 2.0]))
+    close(equal, bradley_terry_loss(chosen, rejected)[0].item())  # equal weights: the plain mean
+
+
 # --------------------------------------------------------------------------- #
 # controllers and running moments
 # --------------------------------------------------------------------------- #

@@ -200,3 +200,27 @@ def test_set_overrides_any_setting_and_refuses_unknown_ones():
     for bad in ("ppo.no_such=1", "nope.kl_coef=1", "ppo.kl_coef", "ppo.adaptive_kl=maybe", "ppo.epochs=two"):
         with pytest.raises(ValueError, match="--set"):
             apply_overrides(AppConfig(), [bad])
+
+
+def test_cli_simulate_with_a_teacher_stores_its_written_answers_up_to_the_limit(tiny_config, tmp_path, capsys):
+    report = tmp_path / "taught.json"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"how do I fix thing {i}" for i in range(20)))
+    with pytest.raises(SystemExit) as done:
+        cli_main([
+            "simulate", "--labeler", "concise", "--teacher", "rlhf_chat.evaluation.teachers:follow_up",
+            "--comparisons", "6", "--ppo-steps", "0", "--set", "simulation.demonstrations=3", "--set", "loop.arena_fraction=0",
+            "--model", tiny_config.model.name, "--db", tiny_config.store.db_url,
+            "--checkpoints", tiny_config.store.checkpoint_dir, "--prompts", str(prompts), "--report", str(report),
+        ])
+    assert done.value.code == 0
+    saved = json.loads(report.read_text())
+    assert saved["teacher"] == "rlhf_chat.evaluation.teachers:follow_up" and saved["demonstrations"] == 3
+    assert saved["votes"]["demonstration"] == 3 and sum(saved["votes"].values()) == 6
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as session:
+        written = store.demonstrations(session)
+        assert len(written) == 3 and len(store.voted_comparisons(session)) == 3
+    assert all(w.text.endswith("?") and w.comparison.choice is None for w in written)
+    with pytest.raises(ValueError, match="unknown teacher 'nobody'; use a built-in teacher \\(follow_up\\)"):
+        simulate(tiny_config, "concise", comparisons=1, ppo_steps=0, report_path=None, teacher_spec="nobody")

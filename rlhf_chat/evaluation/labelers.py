@@ -142,16 +142,21 @@ BUILTIN_LABELERS: dict[str, Labeler] = {
 }
 
 
-def _spec_help() -> str:
+def _spec_help(builtins: dict | None = None, kind: str = "labeler") -> str:
     """The part of every error message that says what a valid spec looks like."""
-    names = ", ".join(sorted(BUILTIN_LABELERS))
-    return f"use a built-in labeler ({names}) or 'package.module:function'"
+    names = ", ".join(sorted(BUILTIN_LABELERS if builtins is None else builtins))
+    return f"use a built-in {kind} ({names}) or 'package.module:function'"
 
 
 def load_labeler(spec: str) -> Labeler:
-    """Resolve a labeler from a command-line style spec.
+    """Resolve a labeler from a command-line style spec (:func:`load_callable`)."""
+    return load_callable(spec, BUILTIN_LABELERS, "labeler")
 
-    ``spec`` is either a built-in name (a key of ``BUILTIN_LABELERS``) or
+
+def load_callable(spec: str, builtins: dict, kind: str):
+    """Resolve a scripted person (a labeler, a teacher) from a command-line style spec.
+
+    ``spec`` is either a built-in name (a key of ``builtins``) or
     ``"package.module:function"``, which is imported with ``importlib``; the
     part after the colon may be dotted (``"module:Class.method"``).
 
@@ -161,26 +166,27 @@ def load_labeler(spec: str) -> Labeler:
     a CLI can catch one exception type and show the message as-is.
     """
     name = spec.strip()
-    if name in BUILTIN_LABELERS:
-        return BUILTIN_LABELERS[name]
+    if name in builtins:
+        return builtins[name]
+    helps = _spec_help(builtins, kind)
     if ":" not in name:
-        raise ValueError(f"unknown labeler {spec!r}; {_spec_help()}")
+        raise ValueError(f"unknown {kind} {spec!r}; {helps}")
 
     module_name, _, attr_path = name.partition(":")
     module_name = module_name.strip()
     attr_path = attr_path.strip()
     if not module_name or not attr_path:
         raise ValueError(
-            f"malformed labeler spec {spec!r}: both a module and a function "
-            f"name are needed; {_spec_help()}"
+            f"malformed {kind} spec {spec!r}: both a module and a function "
+            f"name are needed; {helps}"
         )
 
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any failure while importing user code means "cannot import"
         raise ValueError(
-            f"cannot import module {module_name!r} for labeler {spec!r}: "
-            f"{type(exc).__name__}: {exc}; {_spec_help()}"
+            f"cannot import module {module_name!r} for {kind} {spec!r}: "
+            f"{type(exc).__name__}: {exc}; {helps}"
         ) from exc
 
     for part in attr_path.split("."):
@@ -188,16 +194,16 @@ def load_labeler(spec: str) -> Labeler:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise ValueError(
-                f"labeler {spec!r}: {module_name!r} has no attribute "
-                f"{attr_path!r}; {_spec_help()}"
+                f"{kind} {spec!r}: {module_name!r} has no attribute "
+                f"{attr_path!r}; {helps}"
             ) from exc
 
     if not callable(obj):
         raise ValueError(
-            f"labeler {spec!r} is not callable (got {type(obj).__name__}); "
-            f"{_spec_help()}"
+            f"{kind} {spec!r} is not callable (got {type(obj).__name__}); "
+            f"{helps}"
         )
-    return obj  # type: ignore[return-value]  # callable() has narrowed it enough for us
+    return obj
 
 
 def normalize_choice(value: str) -> Choice:

@@ -28,7 +28,8 @@ from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choic
 from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.serving.arena import win_rate
 from rlhf_chat.serving.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
-from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.evaluation.teachers import Teacher, load_teacher
+from rlhf_chat.serving.chat import clean_message, render_prompt
 from rlhf_chat.serving.modes import Mode, active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.serving.worker import CHAT, ModelWorker
 from rlhf_chat.storage import store
@@ -101,6 +102,8 @@ def collect_votes(
     progress: Callable[[int], None] | None = None,
     modes: list[Mode] | None = None,
     mode_fraction: float = 0.0,
+    teacher: Teacher | None = None,
+    teach_limit: int = 0,
 ) -> dict[str, int]:
     """Generate ``n`` pairs from the serving policy, ask the labeler, and store pairs
     and votes as the UI does.
@@ -108,9 +111,11 @@ def collect_votes(
     As in the UI, a share ``arena_fraction`` of the pairs puts the policy
     against the reference, once the policy differs from it, and a share
     ``mode_fraction`` of the others shows the policy in two different ``modes``,
-    picked as ``loop.mode_choice`` says.
+    picked as ``loop.mode_choice`` says. With a ``teacher``, up to
+    ``teach_limit`` policy pairs get the answer it writes instead of a vote,
+    stored as the UI stores a written answer (counted as ``demonstration``).
     """
-    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0}
     done = 0
     while done < n:
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
@@ -129,12 +134,19 @@ def collect_votes(
 
         pairs, flags = worker.call(CHAT, job)
         for prompt, (a, b), is_arena in zip(chunk, pairs, flags):
-            choice = normalize_choice(labeler(prompt, a.text, b.text))
+            written = None
+            if teacher is not None and not is_arena and counts["demonstration"] < teach_limit:
+                written = teacher(prompt, a.text, b.text)
+                written = clean_message(written, cfg.sampling.max_message_chars).text if written else None
+            choice = "demonstration" if written else normalize_choice(labeler(prompt, a.text, b.text))
             with sessions() as session, session.begin():
                 comparison = store.save_pair(
                     session, session_id=session_id, context=as_context(prompt), a=a, b=b, arena=is_arena, source="simulate"
                 )
-                store.record_vote(session, comparison.id, choice)
+                if written:
+                    store.add_demonstration(session, comparison.id, session_id, written)
+                else:
+                    store.record_vote(session, comparison.id, choice)
             counts[choice] += 1
         done += len(chunk)
         if progress:
@@ -183,6 +195,8 @@ class Report:
     # a canned phrase is not a learned taste, so the README quotes this beside the shares.
     opening_repeats: dict = field(default_factory=dict)
     reward_length_corr: float | None = None  # Pearson r of reward and length, last round's rollouts
+    teacher: str = ""  # --teacher: who wrote answers instead of voting on some pairs
+    demonstrations: int = 0  # how many answers it wrote
     mode_pairs: dict = field(default_factory=dict)  # how many pairs were mode pairs, and their votes
     eval_answers: list[dict] = field(default_factory=list)  # {"prompt", "policy", "reference", "choice", ...}
 
@@ -339,6 +353,7 @@ def simulate(
     report_path: str | Path | None = "simulation.json",
     plot_path: str | Path | None = None,
     resume: bool = False,
+    teacher_spec: str | None = None,
 ) -> Report:
     """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report.
 
@@ -358,12 +373,14 @@ def simulate(
 
     start = time.perf_counter()
     labeler = load_labeler(labeler_spec)
+    teacher = load_teacher(teacher_spec) if teacher_spec else None
     train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
     rounds = max(1, min(cfg.simulation.rounds, comparisons))
     report = Report(
         labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
     )
-    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0}
+    report.teacher = teacher_spec or ""
     report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
     report.settings = {"sampling": asdict(cfg.sampling), "ppo": asdict(cfg.ppo), "reward": asdict(cfg.reward)}
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
@@ -378,7 +395,9 @@ def simulate(
         if worker.load_error is not None:
             raise RuntimeError(f"the model failed to load: {worker.load_error}")
         seconds["load"] = time.perf_counter() - start
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
+        weight = cfg.loop.demonstration_weight
+        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
+                             demonstration_weight=weight)
         trainer.rng.seed(seed)
         rng = random.Random(seed)
         owed = 0  # PPO steps planned before a reward model existed
@@ -391,13 +410,16 @@ def simulate(
                     worker, sessions, train_prompts, labeler, pairs, cfg, rng,
                     session_id=f"simulate-{seed}", arena_fraction=cfg.loop.arena_fraction, progress=bar.update,
                     modes=modes, mode_fraction=cfg.loop.mode_fraction,
+                    teacher=teacher, teach_limit=cfg.simulation.demonstrations - report.votes["demonstration"],
                 )
                 report.votes = {k: report.votes[k] + v for k, v in counts.items()}
+                report.demonstrations = report.votes["demonstration"]
                 seconds["votes"] += time.perf_counter() - mark
                 # 2) a reward round on every vote so far
                 mark = time.perf_counter()
                 bar.set_description("reward model")
-                result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed)
+                result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed,
+                                   demonstration_weight=weight)
                 if result is not None:
                     report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
                     report.reward_rounds.append(round_summary(result, len(report.reward_curve)))

@@ -8,6 +8,7 @@ of a new one. The database names each finished folder (``store.add_checkpoint``)
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "weights.safetensors"
@@ -125,6 +127,54 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except SafetensorError as exc:
         raise ValueError(f"unreadable checkpoint weights in {path}: {exc}") from exc
     return tensors, json.loads((path / META).read_text())
+
+
+def _digest(parts: list[tuple[str, bytes]]) -> str:
+    digest = hashlib.sha256()
+    for name, data in parts:
+        digest.update(name.encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def files_digest(path: str | Path) -> str:
+    """SHA-256 over a checkpoint's files (weights, then metadata): recorded when it is
+    published, so that a replica reading it from a shared volume knows it is whole."""
+    return _digest([(name, (Path(path) / name).read_bytes()) for name in (WEIGHTS, META)])
+
+
+def verify_digest(path: str | Path, expected: str | None) -> None:
+    """Refuse (ValueError; OSError when a file is missing) a checkpoint whose files are
+    not what was published; one published before checksums were recorded passes."""
+    if expected is None:
+        return
+    actual = files_digest(path)
+    if actual != expected:
+        raise ValueError(_mismatch(path, actual, expected))
+
+
+def _mismatch(path, actual: str, expected: str) -> str:
+    return (f"checkpoint {path} does not match its published checksum (sha256 {actual[:12]}..., "
+            f"published {expected[:12]}...): partial, corrupt or overwritten")
+
+
+def load_verified(path: str | Path, expected: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`load_checkpoint`, from the very bytes that were checked against the
+    published checksum: a file that is missing (OSError), partial, corrupt or
+    replaced since it was published (ValueError) is refused, never half-loaded.
+    Checkpoints published before checksums were recorded (``expected`` None)
+    load as they are."""
+    if expected is None:
+        return load_checkpoint(path)
+    path = Path(path)
+    weights, meta = (path / WEIGHTS).read_bytes(), (path / META).read_bytes()
+    actual = _digest([(WEIGHTS, weights), (META, meta)])
+    if actual != expected:
+        raise ValueError(_mismatch(path, actual, expected))
+    try:
+        return load_safetensors(weights), json.loads(meta)
+    except SafetensorError as exc:
+        raise ValueError(f"unreadable checkpoint weights in {path}: {exc}") from exc
 
 
 def check_base(meta: dict, base: dict, path: str | Path) -> None:

@@ -32,10 +32,10 @@ import torch
 
 from rlhf_chat.config import PPOConfig, SamplingConfig
 from rlhf_chat.learning import ppo_math as pm
-from rlhf_chat.learning.checkpoints import check_base, copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.learning.checkpoints import check_base, copy_into, files_digest, load_verified, save_checkpoint
 from rlhf_chat.learning.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
-from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, lm_loss
+from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
 from rlhf_chat.serving.candidates import Sampling, sample
 from rlhf_chat.serving.chat import render_prompt, trim_to_budget
@@ -154,7 +154,7 @@ def policy_forward(
 def stored_layout(models: Models, batch: Rollout) -> list:
     """Each rollout answer encoded as a stored vote's answer is (``reward.encode``):
     its context, its text, an EOS only if it finished."""
-    no_cut = 1 << 30  # PPO's prompts (max_prompt_tokens) and answers fit any scorer's max_length
+    no_cut = 1 << 30  # pragma: no mutate (any bound past every prompt + answer, and 0 = [-0:], keep all)
     return [encode(models.tokenizer, c, t, no_cut, f) for c, t, f in zip(batch.contexts, batch.texts, batch.finished)]
 
 
@@ -234,10 +234,11 @@ def score_rollout(
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
     if batch.sample_logprobs is not None:
         batch.copy_gap = pm.masked_mean((batch.logprobs - batch.sample_logprobs).abs(), batch.response_mask).item()
-    yield_point()  # a waiting person goes first (nested jobs only use the serving copy)
+    # A waiting person goes first (nested jobs only use the serving copy).
+    yield_point()  # pragma: no mutate (scheduling, tested in test_worker)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
-        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)
-    yield_point()
+        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)  # pragma: no mutate (saves work only)
+    yield_point()  # pragma: no mutate (scheduling, as above)
     batch.raw_scores = score_fn(models, batch).float()
     models.trainer.set_adapter(POLICY)
     scores = normalizer.normalize(batch.raw_scores, models.reward_version) if normalizer else batch.raw_scores
@@ -309,7 +310,7 @@ def minibatch_update(
 ) -> dict:
     """One gradient step on a minibatch of the rollout. Returns stats, with
     ``finite=False`` (and no step taken) when the loss or a gradient is not finite."""
-    models.trainer.train()
+    models.trainer.train()  # pragma: no mutate (the training copy never leaves train mode; its dropout is 0)
     models.trainer.set_adapter(POLICY)
     idx = torch.tensor(rows, device=batch.response_ids.device)
     mask = batch.response_mask[idx]
@@ -421,8 +422,10 @@ class PPOTrainer:
         checkpoint_dir: str,
         score_fn: ScoreFn | None = None,
         sampling: SamplingConfig | None = None,
+        demonstration_weight: float = 1.0,
     ):
         self.worker = worker
+        self.demonstration_weight = demonstration_weight
         self.sessions = sessions
         self.cfg = cfg
         self.sampling = sampling or SamplingConfig()
@@ -444,11 +447,14 @@ class PPOTrainer:
 
     def supervised_examples(self) -> list[SupervisedExample]:
         """What PPO-ptx's language-model term learns from: the newest chosen answers
-        (of votes between two modes, or of every vote: ``PPOConfig.ptx_from``)."""
+        (of votes between two modes, or of every vote: ``PPOConfig.ptx_from``), and
+        the answers people wrote themselves, each weighing ``demonstration_weight``."""
         if self.cfg.ptx_coef <= 0:
             return []
+        cfg = self.cfg
         with self.sessions() as session:
-            return chosen_answers(session, self.cfg.ptx_examples, only_mode_pairs=self.cfg.ptx_from == "modes")
+            chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes")
+            return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight)
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts (phases in the module docstring)."""
@@ -564,7 +570,7 @@ class PPOTrainer:
 
         def write() -> None:
             with self.sessions() as session, session.begin():
-                store.add_checkpoint(session, "policy", version, str(path), meta)
+                store.add_checkpoint(session, "policy", version, str(path), {**meta, "sha256": files_digest(path)})
 
         store.with_retry(write)
         return str(path)
@@ -576,12 +582,26 @@ class PPOTrainer:
         return [self.rng.choice(contexts) for _ in range(self.cfg.batch_size)]
 
 
-def load_policy(models: Models, path: str) -> int:
-    """Load a saved policy adapter and value head into the training copy, publish it
-    to the serving copy, and return its version."""
-    tensors, meta = load_checkpoint(path)
+def load_policy(models: Models, path: str, sha256: str | None = None) -> int:
+    """Load a saved policy checkpoint (checked against its published ``sha256``
+    when given) into the models and return its version (:func:`install_policy`)."""
+    return install_policy(models, *load_verified(path, sha256), path)
+
+
+def install_policy(models: Models, tensors: dict[str, torch.Tensor], meta: dict, path: str) -> int:
+    """Put a policy checkpoint's tensors into the models (in the worker, as one job)
+    and return its version.
+
+    With a training copy, the adapter and value head go there and the adapter is
+    published to the serving copy; a serve replica has only the serving copy, and
+    the adapter goes straight into it. Every name is checked before anything is
+    copied, so a checkpoint that does not fit changes nothing.
+    """
     check_base(meta, models.base, path)
-    copy_into(policy_tensors(models), tensors)
-    sync_policy_weights(models.trainer, models.serving)
+    if models.trainer is None:
+        copy_into({f"lora.{k}": v for k, v in adapter_state(models.serving, POLICY).items()}, tensors)
+    else:
+        copy_into(policy_tensors(models), tensors)
+        sync_policy_weights(models.trainer, models.serving)
     models.serving_version = int(meta["version"])
     return models.serving_version

@@ -335,11 +335,13 @@ def bradley_terry_loss(
     rejected_scores: Tensor,
     margin: Tensor | None = None,
     center_coef: float = 0.0,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Pairwise reward-model loss (Bradley-Terry; InstructGPT Ouyang et al. 2022 eq. 1).
 
     ``-log sigmoid(r_c - r_r - margin)`` averaged over the batch (margin as in
-    Llama 2 / TRL, optional (B,)), plus ``center_coef * mean((r_c + r_r)^2)``
+    Llama 2 / TRL, optional (B,); a pair's ``weight``, optional (B,), is its
+    share of the weighted mean: a written answer may weigh more than a vote), plus ``center_coef * mean((r_c + r_r)^2)``
     (TRL RewardTrainer ``center_rewards_coefficient``), which pins the otherwise
     shift-invariant scores near 0. Scores are (B,).
     Stats: ``loss``, ``accuracy`` (fraction with r_c > r_r), ``mean_margin``
@@ -347,7 +349,8 @@ def bradley_terry_loss(
     """
     diff = chosen_scores - rejected_scores  # (B,)
     logits = diff if margin is None else diff - margin
-    loss = -F.logsigmoid(logits).mean()
+    per_pair = -F.logsigmoid(logits)
+    loss = per_pair.mean() if weight is None else (weight * per_pair).sum() / weight.sum()
     if center_coef:
         loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
     with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from rlhf_chat.storage.tables import Comparison
+from rlhf_chat.storage.tables import Comparison, Demonstration
 
 
 @dataclass
@@ -25,6 +25,8 @@ class PreferencePair:
     # the reward model scores each one in the layout it was written in.
     chosen_finished: bool = True
     rejected_finished: bool = True
+    weight: float = 1.0  # its share of the loss against one vote's (``loop.demonstration_weight``)
+    source: str = "vote"  # vote | demonstration
 
 
 def finished_flags(comparison: Comparison) -> dict[str, bool]:
@@ -63,6 +65,26 @@ def to_pair(comparison: Comparison) -> PreferencePair | None:
 def preference_pairs(comparisons: list[Comparison]) -> list[PreferencePair]:
     """Every usable preference among the comparisons, in order."""
     return [pair for pair in map(to_pair, comparisons) if pair is not None]
+
+
+def demonstration_pairs(demonstrations: list[Demonstration], weight: float) -> list[PreferencePair]:
+    """A written answer over each of the two answers it was written beside (FeeL:
+    an edited reply is chosen over the original), each pair weighing ``weight``.
+
+    Keyed by the pair's comparison id, so the held-out split keeps a written
+    answer on the same side as any vote on that pair. A written answer is whole:
+    it is scored as finished; each candidate as it was shown.
+    """
+    pairs = []
+    for demo in demonstrations:
+        finished = finished_flags(demo.comparison)
+        shown = {"a": demo.comparison.response_a, "b": demo.comparison.response_b}
+        for side, text in shown.items():
+            pairs.append(PreferencePair(
+                demo.comparison_id, list(demo.context), demo.text, text, None,
+                chosen_finished=True, rejected_finished=finished[side], weight=weight, source="demonstration",
+            ))
+    return pairs
 
 
 def is_heldout(comparison_id: int, fraction: float) -> bool:

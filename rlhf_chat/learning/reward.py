@@ -25,10 +25,23 @@ from typing import NamedTuple
 import torch
 
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.learning.checkpoints import check_base, copy_into, load_checkpoint, module_state, save_checkpoint
+from rlhf_chat.learning.checkpoints import (
+    check_base,
+    copy_into,
+    files_digest,
+    load_verified,
+    module_state,
+    save_checkpoint,
+)
 from rlhf_chat.learning.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.learning.ppo_math import bradley_terry_loss
-from rlhf_chat.learning.preferences import PreferencePair, margin_for, preference_pairs, split_pairs
+from rlhf_chat.learning.preferences import (
+    PreferencePair,
+    demonstration_pairs,
+    margin_for,
+    preference_pairs,
+    split_pairs,
+)
 from rlhf_chat.model.loading import REWARD, Models, adapter_state
 from rlhf_chat.serving.candidates import left_pad
 from rlhf_chat.serving.chat import render_prompt, render_response
@@ -127,6 +140,13 @@ def pair_margins(pairs: list[PreferencePair], cfg: RewardConfig, device: torch.d
     return torch.tensor(values, dtype=torch.float32, device=device)  # pragma: no mutate (float32 is the default)
 
 
+def pair_weights(pairs: list[PreferencePair], device: torch.device) -> torch.Tensor | None:
+    """Per-pair loss weights (B,), or None when every pair weighs one vote (the plain mean)."""
+    if all(p.weight == 1.0 for p in pairs):
+        return None
+    return torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)  # pragma: no mutate (default dtype)
+
+
 def pair_scores(
     models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +169,8 @@ def train_step(
     with a non-finite gradient, is skipped: no optimizer step, the weights as they were."""
     models.trainer.train()  # never eval: see loading.py
     chosen, rejected = pair_scores(models, pairs, cfg, cache)
-    loss, stats = bradley_terry_loss(chosen, rejected, pair_margins(pairs, cfg, models.device), cfg.center_coef)
+    margins, weights = pair_margins(pairs, cfg, models.device), pair_weights(pairs, models.device)
+    loss, stats = bradley_terry_loss(chosen, rejected, margins, cfg.center_coef, weights)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         return {**stats, "skipped": True}
@@ -242,8 +263,12 @@ class RoundResult:
     train_accuracy: float | None = None
 
 
-def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: int = 0) -> RoundResult | None:
-    """Train one reward round on every usable vote; None when there are too few.
+def run_round(
+    worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: int = 0, demonstration_weight: float = 1.0
+) -> RoundResult | None:
+    """Train one reward round on every usable vote and every written answer (each
+    over both answers it was written beside, weighing ``demonstration_weight``);
+    None when there are too few.
 
     Each step is a worker job at reward priority, so chat requests cut in
     between steps. The new adapter is only named in the database once its
@@ -252,7 +277,9 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
     start = time.perf_counter()
     # 1) votes -> pairs -> (train, held-out), stable by comparison id
     with sessions() as session:
-        pairs = preference_pairs(store.voted_comparisons(session))
+        voted = preference_pairs(store.voted_comparisons(session))
+        written = store.demonstrations(session)
+        pairs = voted + demonstration_pairs(written, demonstration_weight)
         previous = store.latest_checkpoint(session, "reward")
     train, heldout = split_pairs(pairs, cfg.heldout_fraction)
     if len(train) < cfg.min_pairs:
@@ -295,7 +322,7 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
         mean_margin=fit["mean_margin"],
         train_pairs=len(train),
         heldout_pairs=len(heldout),
-        votes=len(pairs),
+        votes=len(voted) + len(written),  # the feedback TrainingLoop counts: A/B votes and written answers
         seconds=time.perf_counter() - start,
         checkpoint=str(path),
         train_accuracy=fit["accuracy"],
@@ -303,7 +330,7 @@ def run_round(worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: in
 
     def record() -> None:
         with sessions() as session, session.begin():
-            store.add_checkpoint(session, "reward", version, str(path), meta)
+            store.add_checkpoint(session, "reward", version, str(path), {**meta, "sha256": files_digest(path)})
             store.add_reward_round(
                 session,
                 version=version,
@@ -329,9 +356,10 @@ def set_reward_version(models: Models, version: int) -> None:
     models.reward_version = version
 
 
-def load_reward(models: Models, path: str) -> int:
-    """Load a saved reward adapter and head into the models; returns its version."""
-    tensors, meta = load_checkpoint(path)
+def load_reward(models: Models, path: str, sha256: str | None = None) -> int:
+    """Load a saved reward adapter and head into the models (checked against its
+    published ``sha256`` when given); returns its version."""
+    tensors, meta = load_verified(path, sha256)
     check_base(meta, models.base, path)
     copy_into(reward_tensors(models), tensors)  # all or nothing: checked before anything is copied
     set_reward_version(models, int(meta["version"]))

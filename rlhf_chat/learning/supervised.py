@@ -9,6 +9,7 @@ log-likelihood per answer token under the policy adapter, at temperature 1
 
 Chosen answers come from votes: the answer a person preferred, in the layout
 it was written in (its EOS only when it finished, as the reward model reads it).
+Demonstrations are answers people wrote themselves; they are whole (EOS).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def chosen_answers(session, limit: int, only_mode_pairs: bool = False) -> list[S
         comparisons = [c for c in comparisons if modes_differ(c)]
     pairs = preference_pairs(comparisons)[-limit:] if limit > 0 else []
     return [SupervisedExample(p.context, p.chosen, p.chosen_finished) for p in pairs]
+
+
+def demonstrated_answers(session, limit: int, weight: float) -> list[SupervisedExample]:
+    """The newest ``limit`` answers people wrote themselves, oldest first, each
+    weighing ``weight`` against one chosen answer (``loop.demonstration_weight``)."""
+    written = store.demonstrations(session)[-limit:] if limit > 0 else []
+    return [SupervisedExample(list(d.context), d.text, True, weight) for d in written]
 
 
 def example_sequences(tokenizer, examples: list[SupervisedExample], max_prompt_tokens: int) -> tuple[list, list]:

@@ -51,10 +51,12 @@ class TrainingLoop:
         self.sessions = sessions
         self.cfg = cfg
         self.status = LoopStatus()
-        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
+        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
+                              demonstration_weight=cfg.loop.demonstration_weight)
         self._votes_at_last_round = 0
         self._paused = threading.Event()
         self._stop = threading.Event()
+        self._halted = ""
         self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
 
     # --- control ----------------------------------------------------------------------
@@ -68,6 +70,14 @@ class TrainingLoop:
         """Stop after the slice under way."""
         self._stop.set()
         self._thread.join(timeout)
+
+    def halt(self, why: str) -> None:
+        """Stop training for good, after the slice under way, and say why (the
+        trainer lease was lost to another process: two trainers must never
+        publish side by side)."""
+        self._halted = why
+        self._stop.set()
+        self.status.state, self.status.detail, self.status.last_error = "error", "stopped", why
 
     def pause(self) -> None:
         """Finish the current step, then train no more until resumed."""
@@ -118,6 +128,8 @@ class TrainingLoop:
                 self._record_error(exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.cfg.loop.max_backoff_s)
+        if self._halted:  # the slice that was under way may have set its own state
+            self.status.state, self.status.detail, self.status.last_error = "error", "stopped", self._halted
 
     def run_once(self) -> bool:
         """Do the next piece of training; False when there is nothing to do yet."""
@@ -126,7 +138,8 @@ class TrainingLoop:
         due = votes - self._votes_at_last_round >= self.cfg.loop.reward_every_votes
         if (reward_version == 0 and votes >= self.cfg.loop.min_votes) or (reward_version > 0 and due):
             self.status.state, self.status.detail = "training reward model", f"{votes} votes"
-            result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir)
+            result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir,
+                               demonstration_weight=self.cfg.loop.demonstration_weight)
             self._votes_at_last_round = votes
             if result is not None:
                 self.status.reward_rounds += 1
@@ -170,8 +183,9 @@ class TrainingLoop:
         return ""
 
     def _count_votes(self) -> int:
+        """Usable feedback: A/B votes (ties teach the loss nothing) and written answers."""
         with self.sessions() as session:
-            return store.count_votes(session, ("a", "b"))  # usable votes: ties teach the loss nothing
+            return store.count_votes(session, ("a", "b")) + store.count_demonstrations(session)
 
     def _restore_counters(self) -> None:
         """After a restart: votes already used by the last reward round, and the KL coefficient."""

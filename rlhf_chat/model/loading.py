@@ -68,9 +68,9 @@ class Models:
 
     tokenizer: object
     serving: nn.Module  # PeftModel, eval mode, `policy` adapter only
-    trainer: nn.Module  # PeftModel, train mode, `policy` and `reward` adapters
-    value_head: nn.Module  # on the policy's last hidden state, per token
-    reward_head: nn.Module  # on heads.answer_summary under the reward adapter: last token + answer mean (2H)
+    trainer: nn.Module | None  # PeftModel, train mode, `policy` and `reward` adapters; None on a serve replica
+    value_head: nn.Module | None  # on the policy's last hidden state, per token
+    reward_head: nn.Module | None  # on heads.answer_summary under the reward adapter: last token + answer mean (2H)
     device: torch.device
     base: dict = field(default_factory=dict)  # loading.base_identity: what checkpoints must match
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
@@ -80,7 +80,7 @@ class Models:
     @property
     def hidden_size(self) -> int:
         """Width of the base model's hidden states (what the heads read)."""
-        return self.trainer.config.hidden_size
+        return self.serving.config.hidden_size
 
 
 def pick_device() -> torch.device:
@@ -387,30 +387,35 @@ def add_adapters(base: nn.Module, cfg: ModelConfig, names: tuple[str, ...]) -> n
     return model
 
 
-def load_models(cfg: ModelConfig, device: torch.device | None = None) -> Models:
-    """Load the tokenizer, the serving copy and the training copy of the base."""
+def load_models(cfg: ModelConfig, device: torch.device | None = None, training: bool = True) -> Models:
+    """Load the tokenizer, the serving copy and (unless ``training`` is False: a
+    serve replica, which only answers) the training copy of the base."""
     device = device or pick_device()
     path = resolve_model_path(cfg)
     weights = resolve_weights(cfg, device)
     tokenizer = load_tokenizer(path)
     serving_base = load_base(path, weights, device)
-    shared = weights in ("bf16", "fp32")  # the same layers serve and train: one copy of the weights
-    training_base = second_copy(serving_base) if shared else load_base(path, weights, device, training=True)
     serving = add_adapters(serving_base, cfg, (POLICY,))
     serving.eval()
-    trainer = add_adapters(training_base, cfg, (POLICY, REWARD))
-    trainer.train()
-    sync_policy_weights(trainer, serving)
-    hidden = trainer.config.hidden_size
+    trainer = value_head = reward_head = None
+    if training:
+        shared = weights in ("bf16", "fp32")  # the same layers serve and train: one copy of the weights
+        training_base = second_copy(serving_base) if shared else load_base(path, weights, device, training=True)
+        trainer = add_adapters(training_base, cfg, (POLICY, REWARD))
+        trainer.train()
+        sync_policy_weights(trainer, serving)
+        hidden = trainer.config.hidden_size
+        value_head = make_scalar_head(hidden, device)
+        reward_head = make_scalar_head(2 * hidden, device)  # heads.answer_summary
     return Models(
         tokenizer=tokenizer,
         serving=serving,
         trainer=trainer,
-        value_head=make_scalar_head(hidden, device),
-        reward_head=make_scalar_head(2 * hidden, device),  # heads.answer_summary
+        value_head=value_head,
+        reward_head=reward_head,
         device=device,
         base=base_identity(cfg, device),
-        prefix_cache=PrefixCache(cfg.prefix_cache_tokens),
+        prefix_cache=PrefixCache(cfg.prefix_cache_tokens) if training else None,
     )
 
 

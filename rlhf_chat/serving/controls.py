@@ -31,13 +31,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.behaviours import DETECTORS
-from rlhf_chat.learning.checkpoints import copy_into, load_checkpoint, save_checkpoint
+from rlhf_chat.learning.checkpoints import copy_into, files_digest, load_checkpoint, save_checkpoint
 from rlhf_chat.learning.ppo import policy_tensors
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
 from rlhf_chat.serving.modes import active_modes
 from rlhf_chat.serving.worker import CHAT
 from rlhf_chat.storage import store
-from rlhf_chat.storage.export import preference_rows, write_rows
+from rlhf_chat.storage.export import demonstration_rows, preference_rows, write_rows
 from rlhf_chat.storage.tables import Checkpoint, PPOStep
 
 PAUSE_TIMEOUT_S = 600.0  # a PPO step on a 2-core CPU takes tens of seconds; an error back-off up to 300 s
@@ -67,9 +67,21 @@ def check_admin(password: str | None, cfg: AppConfig) -> bool:
 
 
 def _loop(services):
+    _refuse_on_a_replica(services)
     if services.loop is None:
         raise ControlError("Training is not running in this process.")
     return services.loop
+
+
+def _refuse_on_a_replica(services) -> None:
+    """Training controls act on the training copy, which a serve replica does not
+    have: a policy changed here would be overwritten by the trainer's next one."""
+    config = getattr(services, "config", None)  # a stand-in without settings is no replica
+    if config is not None and config.deploy.role == "serve":
+        raise ControlError(
+            "This replica only serves (role serve): pause, resume, reset, roll back and the training "
+            "settings act on the trainer's process (role train, or all)."
+        )
 
 
 def pause(services) -> str:
@@ -192,6 +204,7 @@ def zero_policy(models: Models) -> None:
 
 def _replace_policy(services, change, extra: dict) -> int:
     """Pause, change the training copy's policy, publish it under a new version, save it; returns the version."""
+    _refuse_on_a_replica(services)
     if services.worker.load_error is not None:
         raise ControlError(f"The model failed to load ({services.worker.load_error}); there is no policy to change.")
     loop = services.loop
@@ -221,7 +234,7 @@ def _replace_policy(services, change, extra: dict) -> int:
 
         def record() -> None:
             with services.sessions() as session, session.begin():
-                store.add_checkpoint(session, "policy", version, str(path), meta)
+                store.add_checkpoint(session, "policy", version, str(path), {**meta, "sha256": files_digest(path)})
                 store.add_event(session, "info", _describe(version, extra))
 
         store.with_retry(record)
@@ -242,6 +255,7 @@ def reset_policy(services) -> str:
 
 def rollback(services, version) -> str:
     """Serve the policy saved as checkpoint ``version`` again, as a new version."""
+    _refuse_on_a_replica(services)
     try:
         wanted = int(version)
     except (TypeError, ValueError):
@@ -275,17 +289,20 @@ def policy_versions(sessions: sessionmaker[Session]) -> list[int]:
 # --- export -------------------------------------------------------------------------------
 
 
-def export_preferences(sessions: sessionmaker[Session], folder: str | Path, fmt: str = "jsonl") -> tuple[Path, str]:
-    """Write the preferences (as ``python -m rlhf_chat export`` does) into ``folder``;
-    returns the file and a message counting what was left out."""
+def export_feedback(sessions: sessionmaker[Session], folder: str | Path, fmt: str = "jsonl") -> tuple[list[Path], str]:
+    """Write the preferences and the written answers (as ``python -m rlhf_chat export``
+    does) into ``folder``; returns the two files and a message counting what is in them."""
     with sessions() as session:
         rows, skipped = preference_rows(session)
-    path = write_rows(rows, Path(folder) / f"preferences.{fmt}", fmt)
+        written = demonstration_rows(session)
+    folder = Path(folder)
+    paths = [write_rows(rows, folder / f"preferences.{fmt}", fmt), write_rows(written, folder / f"demonstrations.{fmt}", fmt)]
+    from_written = sum(r["source"] == "demonstration" for r in rows)
     message = (
-        f"{len(rows)} preferences; left out {skipped.get('tie', 0)} ties "
-        f"and {skipped.get('both_bad', 0)} both-bad votes."
+        f"{len(rows)} preferences ({from_written} from written answers); left out {skipped.get('tie', 0)} ties "
+        f"and {skipped.get('both_bad', 0)} both-bad votes. {len(written)} written answers."
     )
-    return path, message
+    return paths, message
 
 
 # --- response modes ---------------------------------------------------------------------

@@ -135,6 +135,14 @@ def arena_curve(results: list[ArenaResult], min_votes: int = ARENA_MIN_VOTES) ->
     )
 
 
+def feedback_counts(session: Session) -> str:
+    """One line: the votes by choice, and the answers people wrote themselves."""
+    votes = {c: store.count_votes(session, (c,)) for c in ("a", "b", "tie", "both_bad")}
+    written = store.count_demonstrations(session)
+    return (f"**Feedback:** {sum(votes.values())} votes ({votes['a'] + votes['b']} for A or B, {votes['tie']} ties, "
+            f"{votes['both_bad']} both bad) and {written} written answer{'' if written == 1 else 's'}.")
+
+
 def arena_summary(results: list[ArenaResult]) -> str:
     """One line on the win-rate of all arena votes so far, with its interval."""
     pooled = total(results)
@@ -150,8 +158,11 @@ def arena_summary(results: list[ArenaResult]) -> str:
 # --- the loop's state and its events -----------------------------------------------------
 
 
-def loop_state(loop) -> str:
-    """What the training loop is doing, in one Markdown line (training, paused, waiting, error)."""
+def loop_state(loop, follower=None) -> str:
+    """What the training loop is doing, in one Markdown line (training, paused, waiting,
+    error); on a serve replica, what it knows of the trainer (``follower.state_markdown``)."""
+    if loop is None and follower is not None:
+        return follower.state_markdown()
     if loop is None:
         return "**Training:** off in this process."
     status = loop.status
@@ -185,7 +196,7 @@ def recent_events(session: Session, limit: int = 5, details: bool = False) -> st
     return "**Recent events**\n\n" + "\n".join(lines)
 
 
-def refresh(sessions: sessionmaker[Session], loop) -> tuple:
+def refresh(sessions: sessionmaker[Session], loop, follower=None) -> tuple:
     """Everything the Training tab shows, in the order of :data:`REFRESH_OUTPUTS`.
 
     One database session per refresh; every part is a plain value (Markdown or
@@ -195,7 +206,7 @@ def refresh(sessions: sessionmaker[Session], loop) -> tuple:
         ppo = ppo_metrics(session)
         arena = arena_results(session)
         return (
-            loop_state(loop),
+            loop_state(loop, follower) + "\n\n" + feedback_counts(session),
             votes_over_time(session),
             reward_accuracy(session),
             ppo[["time", "mean_reward"]],

@@ -11,15 +11,17 @@ import logging
 import torch
 
 from rlhf_chat.config import AppConfig, validate
+from rlhf_chat.learning.checkpoints import verify_digest
 from rlhf_chat.learning.ppo import load_policy
 from rlhf_chat.learning.reward import load_reward
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.model.loading import Models, load_models
 from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.follower import PolicyFollower
 from rlhf_chat.serving.chat import render_prompt
 from rlhf_chat.serving.ui import Services
 from rlhf_chat.serving.worker import ModelWorker
-from rlhf_chat.storage import store
+from rlhf_chat.storage import lease, store
 from rlhf_chat.storage.store import open_store
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,18 @@ def warm_up(models: Models) -> None:
 
 
 def restore_latest(models: Models, sessions, kind: str, load) -> int:
-    """Load the newest checkpoint of a kind that is still on disk; 0 when there is none.
+    """Load the newest checkpoint of a kind that is still on disk and whole; 0 when
+    there is none.
 
-    An older one is tried when the newest is unreadable (a wiped disk, a
-    half-copied volume), so a restart never serves less than it can.
+    An older one is tried when the newest is unreadable, or does not match the
+    checksum it was published with (a wiped disk, a half-copied volume), so a
+    restart never serves less than it can.
     """
     with sessions() as session:
         saved = list(reversed(store.checkpoints(session, kind)))
     for checkpoint in saved:
         try:
+            verify_digest(checkpoint.path, checkpoint.extra.get("sha256"))  # read twice at start-up: cheap
             version = load(models, checkpoint.path)
             log.info("restored %s checkpoint v%d from %s", kind, version, checkpoint.path)
             return version
@@ -51,22 +56,42 @@ def restore_latest(models: Models, sessions, kind: str, load) -> int:
     return 0
 
 
-def load_for_serving(cfg: AppConfig, sessions=None) -> Models:
-    """Load the models, restore the newest checkpoints, and warm up."""
+def load_for_serving(cfg: AppConfig, sessions=None, training: bool = True) -> Models:
+    """Load the models, restore the newest checkpoints, and warm up. A serve
+    replica (``training`` False) loads the serving copy and the policy only."""
     torch.set_grad_enabled(True)
-    models = load_models(cfg.model)
+    models = load_models(cfg.model, training=training)
     if sessions is not None:
-        restore_latest(models, sessions, "reward", load_reward)
+        if training:
+            restore_latest(models, sessions, "reward", load_reward)
         restore_latest(models, sessions, "policy", load_policy)
     warm_up(models)
     return models
 
 
 def start_services(cfg: AppConfig, train: bool = True) -> Services:
-    """Open the database, start the model worker (the model loads in the background)
-    and, unless ``train`` is False, the training loop."""
+    """Open the database and start what this process's role (``deploy.role``) runs.
+
+    * ``all``: the model worker (the model loads in the background) and, unless
+      ``train`` is False (tests, benchmarks), the training loop;
+    * ``serve``: the worker with the serving copy only, and a follower that
+      loads each policy the trainer publishes;
+    * ``train``: first the trainer lease (:class:`lease.LeaseHeld` if another
+      trainer holds it), then the worker and the training loop, the lease
+      renewed in the background.
+    """
     validate(cfg)  # the same refusals as the command line, for callers that build a config in code
+    role = cfg.deploy.role
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
-    worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
-    loop = TrainingLoop(worker, sessions, cfg).start() if train else None
-    return Services(config=cfg, worker=worker, sessions=sessions, loop=loop)
+    me = None
+    if role == "train":
+        me = lease.Holder.this_process()
+        lease.take(sessions, me, cfg.deploy.lease_ttl_s)
+    training = role != "serve"
+    worker = ModelWorker(lambda: load_for_serving(cfg, sessions, training)).start()
+    loop = TrainingLoop(worker, sessions, cfg).start() if training and (train or role == "train") else None
+    follower = PolicyFollower(worker, sessions, cfg.deploy).start() if role == "serve" else None
+    keeper = None
+    if me is not None:
+        keeper = lease.LeaseKeeper(sessions, me, cfg.deploy.heartbeat_s, on_lost=lambda why: loop.halt(why)).start()
+    return Services(config=cfg, worker=worker, sessions=sessions, loop=loop, follower=follower, lease_keeper=keeper)

@@ -35,6 +35,7 @@ from rlhf_chat.serving.admission import Admission, AdminGuard, client_address
 from rlhf_chat.serving.batcher import BatcherFull, PairBatcher, PairRequest
 from rlhf_chat.serving.candidates import Sampling, sample
 from rlhf_chat.serving.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
+from rlhf_chat.serving.health import health_route
 from rlhf_chat.serving.modes import active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.serving.worker import CHAT, ModelWorker
 from rlhf_chat.storage import store
@@ -64,6 +65,8 @@ class Services:
     batcher: PairBatcher | None = None  # people's pairs written together; made from the config when None
     admission: Admission | None = None  # generation and vote limits, per session and per address
     admin_guard: AdminGuard | None = None  # wrong admin passwords, per address
+    follower: object | None = None  # follower.PolicyFollower, on a serve replica
+    lease_keeper: object | None = None  # lease.LeaseKeeper, on the trainer
 
     def __post_init__(self) -> None:
         ui = self.config.ui
@@ -77,10 +80,15 @@ class Services:
         return client_address(request, self.config.ui.trust_proxy)
 
     def stop(self) -> None:
-        """Stop training, then the worker (each after the slice under way)."""
+        """Stop training, then the worker (each after the slice under way); a trainer
+        gives its lease back last, once nothing of it trains any more."""
+        if self.follower is not None:
+            self.follower.stop()
         if self.loop is not None:
             self.loop.stop()
         self.worker.stop()
+        if self.lease_keeper is not None:
+            self.lease_keeper.stop()
 
 
 class SessionLock:
@@ -203,6 +211,9 @@ def status_line(services: Services) -> str:
     parts = [f"Policy version **{worker.serving_version}**", f"votes collected: **{votes}**"]
     if loop_state:
         parts.append(loop_state)
+    if services.follower is not None:
+        parts.append("training: **on the trainer**" if services.follower.trainer_online()
+                     else "training: **trainer offline** (your votes are kept)")
     return " · ".join(parts)
 
 
@@ -477,6 +488,63 @@ def _store_vote(services: Services, state: ChatState, target: int, choice: str, 
     return view(state, f"Recorded: {VOTE_LABELS[choice]}. Thank you! {then}")
 
 
+def start_from(side: str, state: ChatState | None) -> tuple:
+    """Prefill the "write a better answer" box: with answer A or B to edit, or empty
+    (``side`` ""), and remember which one it started from: (box, started_from)."""
+    state = state or ChatState()
+    if state.pair_id is None or state.phase not in ("vote", "regenerate") or state.writing:
+        return gr.update(), ""
+    text = {"a": state.pair[0], "b": state.pair[1]}.get(side, "")
+    return gr.update(value=text), side if side in ("a", "b") else ""
+
+
+def submit_demonstration(
+    services: Services, text: str, started_from: str, state: ChatState | None, request=None
+) -> tuple:
+    """Store the answer a person wrote for the pair on screen, then continue the
+    conversation with it, as a chosen answer does: the chat's outputs, then the box.
+
+    Cleaned as a message is (empty and over-long texts refused with the reason,
+    nothing stored); one identical to the answer it started from is refused (a
+    vote says that); the vote limit applies. Committed before it is acknowledged.
+    """
+    state = state or ChatState()
+    keep = gr.update()  # a refused text stays in the box, to be fixed
+    with state.lock:
+        if state.pair_id is None or state.phase not in ("vote", "regenerate") or state.writing:
+            return (*view(state, "There is no pair to write a better answer for right now."), keep)
+        try:
+            cleaned = clean_message(text or "", services.config.sampling.max_message_chars)
+        except EmptyMessage:
+            return (*view(state, "Your answer is empty: write the answer you wanted, then submit it."), keep)
+        if cleaned.notice:  # over the limit: cut, a message goes on; an answer to learn from must be whole
+            limit = services.config.sampling.max_message_chars
+            return (*view(state, f"Your answer is {len(text):,} characters; the limit is {limit:,}. "
+                                 "Shorten it, then submit it."), keep)
+        refusal = services.admission.vote(state.session_id, services.address(request))
+        if refusal is not None:
+            return (*view(state, refusal), keep)
+
+        def save() -> tuple[store.VoteResult, int | None]:
+            with services.sessions() as session, session.begin():
+                result = store.add_demonstration(session, state.pair_id, state.session_id, cleaned.text, started_from)
+                if not result.ok:
+                    return result, None
+                return result, store.add_message(session, state.conversation_id, "assistant", cleaned.text).id
+
+        try:
+            result, message_id = store.with_retry(save)
+        except OperationalError:  # not stored, so not acknowledged: the person can submit again
+            return (*view(state, DB_BUSY + " Your answer was not saved; please submit it again."), keep)
+        if not result.ok:
+            return (*view(state, result.message), keep)
+        state.history.append({"role": "assistant", "content": cleaned.text})
+        state.answer_message_id = message_id
+        state.pair, state.pair_id, state.phase = ("", ""), None, "chat"
+        return (*view(state, "Recorded: your answer. Thank you! It teaches the model what you wanted. "
+                             "Continue the conversation."), gr.update(value=""))
+
+
 def continue_answer(services: Services, state: ChatState | None, request=None) -> Iterator[tuple]:
     """Write on where the chosen, cut-off answer stopped, streamed into the conversation.
 
@@ -581,7 +649,8 @@ def training_tick(services: Services, board: dashboard.ProbeBoard) -> tuple:
     with services.sessions() as session:
         behaviours = dashboard.behaviour_table(session, probes)
         modes = dashboard.mode_table(session)
-    return (*dashboard.refresh(services.sessions, services.loop), dashboard.probe_table(probes), behaviours, modes)
+    refreshed = dashboard.refresh(services.sessions, services.loop, services.follower)
+    return (*refreshed, dashboard.probe_table(probes), behaviours, modes)
 
 
 # --- admin -------------------------------------------------------------------------------
@@ -625,6 +694,8 @@ def admin_details(services: Services) -> str:
         parts.append(f"**The model failed to load:** {services.worker.load_error}")
     if services.loop is not None:
         parts.append(services.loop.state_text(details=True))
+    if services.follower is not None:
+        parts.append(services.follower.state_markdown(details=True))
     with services.sessions() as session:
         parts.append(dashboard.recent_events(session, limit=10, details=True))
     return "\n\n".join(p for p in parts if p)
@@ -673,7 +744,7 @@ def _run_control(services: Services, action, *args) -> tuple:
 
 
 async def admin_export(services: Services, password: str | None, request=None) -> tuple:
-    """Write the preferences as JSON Lines for download: (file, message).
+    """Write the preferences and the written answers as JSON Lines for download: (files, message).
 
     The file lives in a folder of its own that is deleted ``ui.cache_cleanup_s``
     after it was written (Gradio has its own copy by then, under its cache,
@@ -683,9 +754,9 @@ async def admin_export(services: Services, password: str | None, request=None) -
     if refusal is not None:
         return gr.update(value=None, visible=False), refusal
     folder = tempfile.mkdtemp(prefix="rlhf-chat-export-")
-    path, message = await asyncio.to_thread(controls.export_preferences, services.sessions, folder)
+    paths, message = await asyncio.to_thread(controls.export_feedback, services.sessions, folder)
     remove_later(folder, services.config.ui.cache_cleanup_s)
-    return gr.update(value=str(path), visible=True), message
+    return gr.update(value=[str(p) for p in paths], visible=True), message
 
 
 def remove_later(folder: str, after_s: float) -> threading.Timer:
@@ -767,6 +838,14 @@ def build_chat(services: Services) -> None:
     with gr.Row():
         vote_buttons = {c: gr.Button(label, interactive=False, variant="primary") for c, label in VOTE_LABELS.items()}
     strength = gr.Radio(list(STRENGTH_LABELS), value=None, label="How much better? (optional)")
+    with gr.Accordion("Neither is what you wanted? Write a better answer", open=False):
+        with gr.Row():
+            starts = {side: gr.Button(label, size="sm") for side, label in
+                      (("a", "Edit answer A"), ("b", "Edit answer B"), ("", "Write from scratch"))}
+        written = gr.Textbox(label="Your answer", lines=5, max_lines=16,
+                             max_length=services.config.sampling.max_message_chars)
+        started_from = gr.State("")
+        submit_written = gr.Button("Submit my answer", variant="primary")
     notice = gr.Markdown("")
     textbox = gr.Textbox(
         label="Your message", placeholder="Type a message and press Enter", max_lines=8,
@@ -798,6 +877,10 @@ def build_chat(services: Services) -> None:
             _with_request(partial(vote, services, choice), [strength, state]), [strength, state], outputs,
             api_name=f"vote_{choice}",
         ).then(lambda: None, None, strength, api_name=False)
+    for side, button in starts.items():
+        button.click(partial(start_from, side), [state], [written, started_from], api_name=f"start_from_{side or 'scratch'}")
+    submit_written.click(_with_request(partial(submit_demonstration, services), [written, started_from, state]),
+                         [written, started_from, state], [*outputs, written], api_name="submit_answer")
 
 
 def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeBoard]:
@@ -880,8 +963,8 @@ def build_admin(services: Services) -> None:
             mode_openings = gr.Textbox(label="Openings, one per line", lines=3, max_length=2000)
             mode_behaviour = gr.Dropdown(choices=["", *DETECTORS], value="", label="Behaviour that shows it")
             add_mode_button = gr.Button("Add mode")
-        export_button = gr.Button("Download preferences (JSONL)")
-        export_file = gr.File(label="Preferences", visible=False, interactive=False)
+        export_button = gr.Button("Download preferences and written answers (JSONL)")
+        export_file = gr.File(label="Preferences, written answers", file_count="multiple", visible=False, interactive=False)
 
     unlocked = [panel, message, rollback_to, mode_list]
     mode_inputs = [password, mode_name, mode_description, mode_openings, mode_behaviour]
@@ -947,7 +1030,11 @@ def build_demo(services: Services) -> gr.Blocks:
     return demo
 
 
-def launch_options(cfg: AppConfig) -> dict:
+def launch_options(cfg: AppConfig, services: Services | None = None) -> dict:
     """``demo.launch`` arguments that app.py and the benchmarks share: the upload
-    limit (the app has no upload field, but Gradio's upload route is open to anyone)."""
-    return {"max_file_size": cfg.ui.max_upload_bytes, "css": CSS}
+    limit (the app has no upload field, but Gradio's upload route is open to anyone)
+    and, given the services, the ``/health`` route (``health.health``)."""
+    options = {"max_file_size": cfg.ui.max_upload_bytes, "css": CSS}
+    if services is not None:
+        options["app_kwargs"] = {"routes": [health_route(services)]}
+    return options

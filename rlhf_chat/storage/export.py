@@ -1,9 +1,14 @@
-"""Export: votes as a preference dataset, in the layout TRL's reward and DPO trainers read.
+"""Export: the feedback as datasets, in the layouts TRL's trainers read.
 
-One row per usable vote: ``prompt``, ``chosen``, ``rejected`` (strings) and
+Preferences (reward and DPO trainers): one row per usable vote and two per
+written answer (it over each answer it was written beside), marked by
+``source``: ``prompt``, ``chosen``, ``rejected`` (strings) and
 ``chosen_messages`` / ``rejected_messages`` (role/content lists: the context
 followed by the answer). Ties and "both bad" carry no preference and are left
 out; the caller is told how many.
+
+Demonstrations (SFT trainer): one row per written answer, ``messages`` (the
+context followed by the answer), with the candidate it started from.
 """
 
 from __future__ import annotations
@@ -11,32 +16,50 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_chat.learning.preferences import to_pair
+from rlhf_chat.learning.preferences import PreferencePair, demonstration_pairs, to_pair
 from rlhf_chat.serving.chat import prompt_text
 from rlhf_chat.storage import store
 
 
 def preference_rows(session) -> tuple[list[dict], dict[str, int]]:
-    """(rows, counts of votes left out by choice)."""
+    """(rows, counts of votes left out by choice): the votes, then the written answers' pairs."""
     rows, skipped = [], {"tie": 0, "both_bad": 0}
     for comparison in store.voted_comparisons(session):
         pair = to_pair(comparison)
         if pair is None:
             skipped[comparison.choice] = skipped.get(comparison.choice, 0) + 1
             continue
-        rows.append(
-            {
-                "comparison_id": pair.comparison_id,
-                "prompt": prompt_text(pair.context),
-                "chosen": pair.chosen,
-                "rejected": pair.rejected,
-                "chosen_messages": [*pair.context, {"role": "assistant", "content": pair.chosen}],
-                "rejected_messages": [*pair.context, {"role": "assistant", "content": pair.rejected}],
-                "strength": pair.strength,
-                "arena": bool(comparison.arena),
-            }
-        )
+        rows.append(_preference_row(pair, bool(comparison.arena)))
+    for pair in demonstration_pairs(store.demonstrations(session), 1.0):
+        rows.append(_preference_row(pair, False))
     return rows, skipped
+
+
+def _preference_row(pair: PreferencePair, arena: bool) -> dict:
+    return {
+        "comparison_id": pair.comparison_id,
+        "prompt": prompt_text(pair.context),
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+        "chosen_messages": [*pair.context, {"role": "assistant", "content": pair.chosen}],
+        "rejected_messages": [*pair.context, {"role": "assistant", "content": pair.rejected}],
+        "strength": pair.strength,
+        "arena": arena,
+        "source": pair.source,
+    }
+
+
+def demonstration_rows(session) -> list[dict]:
+    """The written answers in TRL's conversational SFT layout (``messages``)."""
+    return [
+        {
+            "comparison_id": d.comparison_id,
+            "messages": [*d.context, {"role": "assistant", "content": d.text}],
+            "started_from": d.started_from or None,  # a | b: the candidate edited; None: written from scratch
+            "source": "demonstration",
+        }
+        for d in store.demonstrations(session)
+    ]
 
 
 def write_rows(rows: list[dict], path: str | Path, fmt: str) -> Path:

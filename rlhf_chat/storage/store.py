@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make_url, select, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from rlhf_chat.serving.candidates import Candidate
@@ -25,6 +25,7 @@ from rlhf_chat.storage.tables import (
     Checkpoint,
     Comparison,
     Conversation,
+    Demonstration,
     Message,
     PPOStep,
     ResponseMode,
@@ -81,6 +82,8 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("ppo_steps", "ptx_loss", "FLOAT"),
     ],
     3: [("candidates", "mode", "VARCHAR(32)")],  # the response_modes table is new: create_all makes it
+    # Tables added without touching an existing one need no new version: create_all
+    # makes them on start (trainer_lease, demonstrations).
 }
 
 
@@ -263,6 +266,49 @@ def record_vote(
     return VoteResult(True, "Vote recorded.")
 
 
+def add_demonstration(
+    session: Session, comparison_id: int, session_id: str, text: str, started_from: str = ""
+) -> VoteResult:
+    """Store an answer a person wrote for a pair on screen, at most one per pair.
+
+    The same checks as a vote: the pair must be this session's and the newest of
+    its conversation. A text identical to the candidate it started from teaches
+    nothing (that is a vote for it) and is refused. The unique index on the pair
+    makes a double click store one answer, whatever the timing.
+    """
+    comparison = session.get(Comparison, comparison_id)
+    if comparison is None or comparison.session_id != session_id:
+        return VoteResult(False, "That pair is unknown; please send a message first.")
+    newer = session.scalar(select(func.max(Comparison.id)).where(Comparison.conversation_id == comparison.conversation_id))
+    if comparison.conversation_id is not None and newer != comparison.id:
+        return VoteResult(False, "That pair is no longer current; write your answer for the newest one.")
+    started_from = started_from if started_from in ("a", "b") else ""
+    original = {"a": comparison.response_a, "b": comparison.response_b}.get(started_from)
+    if original is not None and text.strip() == original.strip():
+        return VoteResult(False, f"That is answer {started_from.upper()} unchanged; edit it, or vote for it instead.")
+    if session.scalar(select(Demonstration.id).where(Demonstration.comparison_id == comparison_id)) is not None:
+        return VoteResult(False, "You already wrote an answer for this pair.")
+    try:
+        with session.begin_nested():  # a racing second click hits the unique index: refused, not an error
+            session.add(Demonstration(comparison_id=comparison_id, session_id=session_id, context=list(comparison.context),
+                                      text=storable_text(text), started_from=started_from))
+    except IntegrityError:
+        return VoteResult(False, "You already wrote an answer for this pair.")
+    return VoteResult(True, "Answer recorded.")
+
+
+def demonstrations(session: Session) -> list[Demonstration]:
+    """Every written answer, oldest first, with the pair it was written for (and its candidates)."""
+    query = (select(Demonstration).order_by(Demonstration.id)
+             .options(selectinload(Demonstration.comparison).selectinload(Comparison.candidates)))
+    return list(session.scalars(query))
+
+
+def count_demonstrations(session: Session) -> int:
+    """How many answers people wrote."""
+    return session.scalar(select(func.count()).select_from(Demonstration)) or 0
+
+
 def pair_texts(session: Session, comparison_id: int) -> tuple[str, str]:
     """The two answers of a stored pair, as they were shown: (A, B)."""
     row = session.get(Comparison, comparison_id)
@@ -289,7 +335,7 @@ def count_votes(session: Session, choices: tuple[str, ...] = CHOICES) -> int:
 
 def delete_session_data(session: Session, session_id: str) -> int:
     """Delete everything a browser session wrote: its conversations and messages,
-    its pairs and their candidates and votes. Returns how many rows went.
+    its pairs and their candidates, votes and written answers. Returns how many rows went.
 
     Models already trained on those votes keep what they learned; no later
     reward round or PPO prompt will see them.
@@ -298,6 +344,7 @@ def delete_session_data(session: Session, session_id: str) -> int:
     conversations = select(Conversation.id).where(Conversation.session_id == session_id)
     removed = 0
     for statement in (
+        delete(Demonstration).where(Demonstration.comparison_id.in_(comparisons)),
         delete(CandidateRow).where(CandidateRow.comparison_id.in_(comparisons)),
         delete(Comparison).where(Comparison.session_id == session_id),
         delete(Message).where(Message.conversation_id.in_(conversations)),

@@ -204,3 +204,40 @@ class TrainingEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))  # error | info
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Demonstration(Base):
+    """An answer a person wrote for a pair on screen, editing one of the two or from
+    scratch: what good looks like, beyond which of two is better (FeeL's edited
+    replies). It continues the conversation as a chosen answer does, and teaches
+    both learners (``preferences.demonstration_pairs``, ``supervised.demonstrated_answers``).
+    """
+
+    __tablename__ = "demonstrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), unique=True, index=True)  # one per pair
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    context: Mapped[list] = mapped_column(JSON)  # the conversation it answers (the pair's context)
+    text: Mapped[str] = mapped_column(Text)
+    started_from: Mapped[str] = mapped_column(String(1), default="")  # a | b: the candidate edited; "": from scratch
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    comparison: Mapped[Comparison] = relationship()
+
+
+class TrainerLease(Base):
+    """One row: which process trains (at most one per database), and its last heartbeat.
+
+    Times are the holder's clock in seconds since the epoch (``time.time()``):
+    the hosts of one deployment are assumed to keep their clocks in sync (NTP).
+    """
+
+    __tablename__ = "trainer_lease"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # always 1
+    holder: Mapped[str] = mapped_column(String(200))  # host:pid:random, unique per process
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    taken_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
