@@ -194,6 +194,17 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_demonstrations.py::test_the_demonstration_weight_changes_both_updates",
         "import rlhf_chat.learning.reward as r\nr.pair_weights = lambda pairs, device: None\n",
     ),
+    "the reward step clips its gradient at norm 2, not 1": (
+        "tests/test_reward.py::test_a_reward_step_clips_the_gradient_to_norm_one_and_skips_a_non_finite_loss",
+        "import torch\n_clip = torch.nn.utils.clip_grad_norm_\n"
+        "torch.nn.utils.clip_grad_norm_ = lambda params, norm, *a, **k: _clip(params, 2 * norm, *a, **k)\n",
+    ),
+    "score_texts drops the first answer": (
+        "tests/test_reward.py::test_score_texts_gives_one_score_per_answer_in_order_across_chunks",
+        "import rlhf_chat.learning.reward as r\n_score = r.score_texts\n"
+        "r.score_texts = lambda models, c, a, n, batch_size=16, finished=None: "
+        "_score(models, c[1:], a[1:], n, batch_size, finished[1:] if finished else None)\n",
+    ),
 }
 
 PLUGIN = '''

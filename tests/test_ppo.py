@@ -180,6 +180,12 @@ def test_a_minibatch_update_moves_the_policy_adapter_whatever_was_active(fresh_m
     after = dict(m.trainer.named_parameters())
     moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
     assert moved and all(f".{POLICY}." in k for k in moved), sorted(moved)[:3]
+    # the LM term runs only with a positive coefficient: at 0 it costs nothing and reports nothing
+    from rlhf_chat.learning.supervised import SupervisedExample
+
+    examples = [SupervisedExample(CONTEXTS[0], "Blue is calm.")]
+    assert "ptx_loss" not in minibatch_update(m, optimizer, batch, [0, 1], tiny_ppo_config(ptx_coef=0.0), examples)
+    assert minibatch_update(m, optimizer, batch, [0, 1], tiny_ppo_config(ptx_coef=0.5), examples)["ptx_loss"] > 0
 
 
 def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fresh_models):
@@ -209,6 +215,7 @@ def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fre
     assert loss_with(batch.logprobs - 0.5, 2.0) == pytest.approx(math.exp(0.5) * plain, rel=1e-4)
     assert loss_with(batch.logprobs - 0.5, 0.0) == pytest.approx(plain, rel=1e-6)  # cap 0: no weights
     assert loss_with(batch.logprobs - 5.0, 2.0) == pytest.approx(2.0 * plain, rel=1e-4)  # truncated at the cap
+    assert loss_with(batch.logprobs - 0.5, 0.5) == pytest.approx(0.5 * plain, rel=1e-4)  # a cap below 1 too
 
 
 def test_an_empty_answer_scores_the_fixed_empty_answer_score(fresh_models):

@@ -354,3 +354,69 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_path):
     assert all(torch.equal(before[id(p)], p) for p in reward_parameters(models))
     after = opt.state_dict()["state"]
     assert all(torch.equal(state_before[k][n], after[k][n]) for k in state_before for n in state_before[k])
+
+
+def test_score_texts_gives_one_score_per_answer_in_order_across_chunks(tiny_path):
+    """Scored in chunks of ``batch_size``, every answer keeps its own score: the first
+    chunk included, the order kept, each as when scored alone."""
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.learning.reward import score_texts
+    from rlhf_chat.model.loading import load_models
+
+    tiny_models = load_models(ModelConfig(name=str(tiny_path)))
+    with torch.no_grad():  # a head that says something (a fresh one scores every answer 0)
+        tiny_models.reward_head.weight.copy_(torch.randn(tiny_models.reward_head.weight.shape,
+                                                         generator=torch.Generator().manual_seed(0)))
+    contexts = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    answers = [f"answer number {i} " * (i + 1) for i in range(5)]
+    together = score_texts(tiny_models, contexts, answers, 512, batch_size=2)
+    alone = torch.cat([score_texts(tiny_models, [c], [a], 512) for c, a in zip(contexts, answers)])
+    assert together.shape == (5,) and together.abs().min() > 0
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert len(set(together.tolist())) == 5  # five answers, five scores: none shifted onto another
+
+
+def test_a_reward_step_clips_the_gradient_to_norm_one_and_skips_a_non_finite_loss(tiny_path):
+    """With plain SGD at rate 1 the step is the clipped gradient itself: its norm is 1
+    when the raw gradient is larger. A non-finite loss is skipped and says so."""
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.model.loading import load_models
+
+    models = load_models(ModelConfig(name=str(tiny_path)))
+    with torch.no_grad():  # a loud head: the raw gradient is far above norm 1
+        models.reward_head.weight.copy_(50 * torch.randn(models.reward_head.weight.shape,
+                                                         generator=torch.Generator().manual_seed(1)))
+    cfg = RewardConfig(batch_size=4)
+    params = reward_parameters(models)
+    before = [p.detach().clone() for p in params]
+    assert not train_step(models, torch.optim.SGD(params, lr=1.0), length_pairs(4), cfg)["skipped"]
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+    assert step.item() == pytest.approx(1.0, rel=1e-3)
+
+    with torch.no_grad():  # a head that answers NaN: the loss itself is not finite
+        models.reward_head.bias.fill_(float("nan"))
+    assert train_step(models, torch.optim.SGD(params, lr=1.0), length_pairs(4), cfg)["skipped"]
+
+
+def test_evaluate_on_no_pairs_says_nothing_was_measured(tiny_models):
+    from rlhf_chat.learning.reward import evaluate
+
+    out = evaluate(tiny_models, [], RewardConfig())
+    assert math.isnan(out["loss"]) and (out["accuracy"], out["mean_margin"], out["scores"]) == (None, 0.0, [])
+
+
+@pytest.mark.parametrize("top_layers", [9, 8])  # one frozen layer below the adapted ones, and two
+def test_the_frozen_prefix_then_the_top_layers_equal_one_whole_forward(tiny_path, top_layers):
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.learning.heads import first_adapted_layer, frozen_prefix, hidden_states, top_hidden
+    from rlhf_chat.model.loading import load_models
+    from rlhf_chat.serving.candidates import left_pad
+
+    models = load_models(ModelConfig(name=str(tiny_path), lora_top_layers=top_layers))
+    assert first_adapted_layer(models.trainer) == 10 - top_layers
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]], models.tokenizer.pad_token_id, models.device)
+    with torch.no_grad():
+        split = top_hidden(models.trainer, frozen_prefix(models.trainer, ids, mask))
+        whole = hidden_states(models.trainer, ids, mask)
+    real = mask.bool()
+    assert torch.allclose(split[real], whole[real], atol=1e-4)

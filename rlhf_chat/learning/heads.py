@@ -61,7 +61,7 @@ def answer_summary(hidden: torch.Tensor, mask: torch.Tensor, answer_mask: torch.
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(mask)]  # (B, H)
     weights = answer_mask.unsqueeze(-1).expand_as(hidden)  # (B, T, H)
-    return torch.cat([last, masked_mean(hidden, weights, dim=1)], dim=-1)
+    return torch.cat([last, masked_mean(hidden, weights, dim=1)], dim=-1)  # pragma: no mutate (-1 is 1 for (B, H))
 
 
 def backbone(peft_model: nn.Module) -> nn.Module:

@@ -332,19 +332,19 @@ def minibatch_update(
         ptx = lm_loss(models, ptx_examples, cfg.max_prompt_tokens)
         loss = loss + cfg.ptx_coef * ptx
         ptx_stats = {"ptx_loss": ptx.item()}
-    with torch.no_grad():
+    with torch.no_grad():  # pragma: no mutate (memory only: a float is kept)
         entropy = pm.entropy_from_logprobs(logp).mean().item()  # logp holds real tokens only
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (every update ends with one: a safeguard)
     stats = {**pg_stats, **vf_stats, **ptx_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
     if not torch.isfinite(loss):
         return stats
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(models), cfg.max_grad_norm)
     if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (the next update starts with one, too)
         return stats
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (the next update starts with one, too)
     return {**stats, "finite": True, "grad_norm": grad_norm.item()}
 
 

