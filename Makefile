@@ -24,7 +24,7 @@ define pytest_with_postgres
 	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
 endef
 
-.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench mutants mutants-models gpu-check clean
+.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench llama-anchor mutants mutants-models gpu-check clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,14 @@ test-db: setup
 
 bench: setup
 	$(PY) bench/generation.py
+
+# Optional: llama.cpp on the same GGUF file, the yardstick bench/generation.py prints
+# beside our pair when it is installed. Never a dependency of the app. Builds from
+# source (about 6 minutes on 2 cores); GGML_NATIVE crashed on this CPU, so the
+# instruction sets are named.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+llama-anchor: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet llama-cpp-python==0.3.36
 
 # Mutation testing ([tool.mutmut] in pyproject.toml: the modules that decide what is
 # learned and stored, against their fast, model-free tests; about 10 minutes on 2

@@ -4,7 +4,8 @@
 
 The serving copy draws each token and records its log-probability; the training
 copy (bf16, a dense output layer) computes the log-probability of the same token
-for PPO. This prints their gap per sampled token on the bundled model (mean
+for PPO. This prints, for answers sampled on the decoder and on transformers'
+``generate`` in the same run, their gap per sampled token on the bundled model (mean
 absolute, signed mean, 99th percentile), and what the truncated importance
 weights ``min(p_train / p_serving, cap)`` that correct for it look like: their
 spread and the share that hit the cap. The simulation records the same gap for
@@ -34,21 +35,30 @@ def main() -> None:
     models = load_for_serving(cfg)
     print(machine())
     contexts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    print(f"{args.batches} batches of {len(contexts)} x {args.tokens} tokens, "
+          f"T={cfg.sampling.temperature}, top_p={cfg.sampling.top_p}")
+    for path, fast in (("decoder (model/decoder.py)", True), ("baseline, transformers' generate", False)):
+        cfg.sampling.fast_decoder = fast
+        gap, w = copy_gap(models, cfg, contexts, args.batches)
+        print(f"sampled on the {path}: {gap.numel()} tokens")
+        print(f"  log p_train - log p_serving: mean |gap| {gap.abs().mean():.4f} nats, signed mean {gap.mean():+.4f}, "
+              f"p99 |gap| {gap.abs().quantile(0.99):.3f}, max {gap.abs().max():.3f}")
+        print(f"  importance weights (cap {cfg.ppo.importance_cap}): mean {w.mean():.4f}, "
+              f"mean |w - 1| {(w - 1).abs().mean():.4f}, min {w.min():.3f}, "
+              f"share at the cap {(w >= cfg.ppo.importance_cap).float().mean():.4%}")
+
+
+def copy_gap(models, cfg: AppConfig, contexts: list, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sampled token: the training copy's log-prob minus the serving copy's, and
+    the truncated importance weight PPO gives it, over ``batches`` rollouts."""
     gaps, weights = [], []
-    for seed in range(args.batches):
+    for seed in range(batches):
         batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed)
         batch = score_rollout(models, batch, cfg.ppo, cfg.ppo.kl_coef, lambda m, b: torch.zeros(len(b.texts)))
         real = batch.response_mask.bool()
         gaps.append((batch.logprobs - batch.sample_logprobs)[real])
         weights.append(pm.truncated_importance_weights(batch.logprobs, batch.sample_logprobs, cfg.ppo.importance_cap)[real])
-    gap, w = torch.cat(gaps), torch.cat(weights)
-    print(f"{gap.numel()} sampled tokens ({args.batches} batches of {len(contexts)} x {args.tokens}), "
-          f"T={cfg.sampling.temperature}, top_p={cfg.sampling.top_p}")
-    print(f"log p_train - log p_serving: mean |gap| {gap.abs().mean():.4f} nats, signed mean {gap.mean():+.4f}, "
-          f"p99 |gap| {gap.abs().quantile(0.99):.3f}, max {gap.abs().max():.3f}")
-    print(f"importance weights (cap {cfg.ppo.importance_cap}): mean {w.mean():.4f}, mean |w - 1| {(w - 1).abs().mean():.4f}, "
-          f"min {w.min():.3f}, share at the cap {(w >= cfg.ppo.importance_cap).float().mean():.4%}")
-
+    return torch.cat(gaps), torch.cat(weights)
 
 if __name__ == "__main__":
     main()

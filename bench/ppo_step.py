@@ -2,8 +2,10 @@
 
     python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64] [--weights auto|int4|nf4|bf16|fp32]
 
-Answers are forced to the full ``--tokens`` length (the worst case). Target on
-a 2-core CPU: under 15 s a step.
+Answers are forced to the full ``--tokens`` length (the worst case). The same
+steps then run with rollouts on transformers' ``generate`` (the generic path,
+``sampling.fast_decoder`` off), as the same-run baseline. Target on a 2-core
+CPU: at most 5 s a step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--minibatch", type=int, default=None, help="override PPOConfig.minibatch_size")
     parser.add_argument("--weights", choices=("auto", *WEIGHT_PATHS), default="auto",
                         help="how the base holds its weights (scripts/gpu_check.sh: nf4 on the GPU)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the steps on transformers' generate")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
@@ -49,20 +52,31 @@ def main() -> None:
     print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
     trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"), sampling=cfg.sampling)
     contexts = [as_context(p) for p in load_prompts()]
-    rows = []
-    for i in range(args.steps):
-        r = trainer.step(trainer.sample_contexts(contexts))
-        rows.append(r)
-        print(f"step {i + 1}: rollout {r.rollout_s:.2f} s, scoring {r.score_s:.2f} s, update {r.update_s:.2f} s, total {r.seconds:.2f} s")
+    runs = {}
+    paths = {"decoder": True} if args.no_baseline else {"decoder": True, "baseline (transformers' generate)": False}
+    for path, fast in paths.items():
+        cfg.sampling.fast_decoder = fast  # the trainer reads this config at every rollout
+        rows = runs[path] = []
+        print(f"-- rollouts on the {path}")
+        for i in range(args.steps):
+            r = trainer.step(trainer.sample_contexts(contexts))
+            rows.append(r)
+            print(f"step {i + 1}: rollout {r.rollout_s:.2f} s, scoring {r.score_s:.2f} s, "
+                  f"update {r.update_s:.2f} s, total {r.seconds:.2f} s")
     worker.stop()
 
-    def med(key: str) -> float:
+    def med(rows, key: str) -> float:
         return statistics.median(getattr(r, key) for r in rows)
 
-    print(
-        f"median: rollout {med('rollout_s'):.2f} s, scoring {med('score_s'):.2f} s, "
-        f"update {med('update_s'):.2f} s, total {med('seconds'):.2f} s a step"
-    )
+    for path, rows in runs.items():
+        print(
+            f"median, {path}: rollout {med(rows, 'rollout_s'):.2f} s, scoring {med(rows, 'score_s'):.2f} s, "
+            f"update {med(rows, 'update_s'):.2f} s, total {med(rows, 'seconds'):.2f} s a step"
+        )
+    if len(runs) == 2:
+        fast_rows, generic_rows = runs.values()
+        print(f"speed-up of the step: {med(generic_rows, 'seconds') / med(fast_rows, 'seconds'):.2f}x, "
+              f"of the rollout: {med(generic_rows, 'rollout_s') / med(fast_rows, 'rollout_s'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
         if not args.checkpoints and not os.environ.get("RLHF_CHAT_CHECKPOINTS"):
             cfg.store.checkpoint_dir = fresh_checkpoints
         print(f"fresh database: {cfg.store.db_url}", file=sys.stderr)
+    if args.no_guards:
+        cfg.guards.enabled = False
     if args.rounds is not None:
         if args.rounds < 1:
             print("--rounds must be at least 1", file=sys.stderr)
@@ -107,13 +109,15 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
             plot_path=args.plot,
             resume=args.resume,
             teacher_spec=args.teacher,
+            adversary_spec=args.adversary,
+            adversary_share=args.adversary_share,
         )
     except UsedDatabase as exc:
         print(str(exc), file=sys.stderr)
         return 2
     summary = {k: report.__dict__[k] for k in (
         "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
-        "demonstrations", "db_url",
+        "demonstrations", "adversary", "guards", "db_url",
     )}
     print(json.dumps(summary, indent=2))
     return 0
@@ -175,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="who writes the answer they wanted for some pairs instead of voting: a built-in (follow_up) or "
         "package.module:function, (prompt, a, b) -> str | None; at most simulation.demonstrations (20)",
     )
+    p.add_argument(
+        "--adversary", default=None,
+        help="a bad actor voting on a share of the pairs under its own session: reversed (the labeler's "
+        "choice reversed) or package.module:function, a labeler",
+    )
+    p.add_argument("--adversary-share", type=float, default=0.3, help="its share of the votes (default 0.3)")
+    p.add_argument("--no-guards", action="store_true",
+                   help="turn the guards off (guards.enabled=false): the influence cap, the flags and the tripwire")
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
     p.set_defaults(run=cmd_simulate)

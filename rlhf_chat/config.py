@@ -67,6 +67,11 @@ class SamplingConfig:
     # (repetition.py): at 64 tokens 2.1% of answers looped without it, 0 of 96 with it
     # (bench/quality.py, counted by an independent detector on words).
     stop_loops: bool = True
+    # The serving copy's own decoding loop (model/decoder.py: static cache, fused
+    # int4 projections): a 64-token pair 2.9 s -> see the README. False: transformers'
+    # generate, the generic path, kept as the benchmark's baseline and for models
+    # the decoder does not support (which fall back to it either way).
+    fast_decoder: bool = True
     context_tokens: int = 768  # oldest turns are dropped to fit this budget
     max_message_chars: int = 2000  # longer messages are trimmed with a visible notice
     system_prompt: str = ""  # empty: the tokenizer's chat template adds its default
@@ -193,6 +198,36 @@ class LoopConfig:
 
 
 @dataclass
+class GuardConfig:
+    """What a few bad actors can teach the model (learning/guards.py, learning/tripwire.py)."""
+
+    enabled: bool = True  # False: flags and the influence cap are off (an admin's exclusions still hold)
+    # No session and no client address carries more than this share of a reward
+    # round's training weight, or of the supervised examples (at least 1/k with k
+    # contributors, so that one person alone still teaches the model).
+    max_share: float = 0.1
+    # A contributor is flagged once it has this many scored votes and the upper end
+    # of the Wilson 95% interval of its agreement (with the reward model, or with the
+    # others' majority on shared arena prompts) is below flag_below: worse than chance.
+    min_votes: int = 10
+    flag_below: float = 0.5
+    flagged_weight: float = 0.0  # what a flagged contributor's feedback weighs in training
+    # A written answer trains only between these lengths, without links, e-mail
+    # addresses or phone numbers, and when no other session wrote the same text.
+    written_min_chars: int = 2
+    written_max_chars: int = 2000
+    client_salt: str = "rlhf-chat"  # addresses are stored as salted hashes (guards.client_key)
+    # The tripwire pauses the loop, keeping the policy being served, when the arena
+    # win-rate's 95% interval lies below 0.5 after tripwire_arena_votes arena votes
+    # since the policy last changed, when a PPO step's KL passes tripwire_kl (nats
+    # per answer; 0: off), or when the reward model's held-out accuracy falls below
+    # tripwire_rm_accuracy on at least 20 held-out pairs (0: off).
+    tripwire_arena_votes: int = 20
+    tripwire_kl: float = 25.0
+    tripwire_rm_accuracy: float = 0.5
+
+
+@dataclass
 class SimulationConfig:
     """The headless simulation (``python -m rlhf_chat simulate``)."""
 
@@ -270,6 +305,7 @@ class AppConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     ui: UIConfig = field(default_factory=UIConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
@@ -317,6 +353,11 @@ def validate(cfg: AppConfig) -> AppConfig:
         )
     if cfg.loop.mode_choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
+    if not 0 < cfg.guards.max_share <= 1 or not 0 <= cfg.guards.flagged_weight <= 1:
+        raise ValueError(
+            f"guards.max_share ({cfg.guards.max_share:g}) must be in (0, 1] and guards.flagged_weight "
+            f"({cfg.guards.flagged_weight:g}) in [0, 1]"
+        )
     password = cfg.ui.admin_password
     if password and len(password) < cfg.ui.admin_min_password:
         raise ValueError(

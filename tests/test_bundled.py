@@ -60,6 +60,37 @@ def test_two_candidates_are_real_english_answers(bundled):
     assert sum("Paris" in t for t in texts) >= 4, texts
 
 
+def test_the_decoder_fuses_the_bundled_projections_and_computes_the_models_function(bundled):
+    """On the bundled model q, k, v and gate, up are fused int4 layers (576, 192, 192 and
+    1536, 1536 rows: whole blocks of 64); the prefill equals the model's own logits, and
+    a pair on the decoder is the pair generate writes from the same seed."""
+    from rlhf_chat.model.decoder import decoder_for
+    from rlhf_chat.model.quantized import Int4Linear
+    from rlhf_chat.serving.candidates import left_pad
+
+    cfg, _, worker = bundled
+
+    def job(models):
+        decoder = decoder_for(models.serving)
+        fused = [type(layer.qkv) is Int4Linear and type(layer.gate_up) is Int4Linear for layer in decoder.layers]
+        tok = models.tokenizer
+        prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("Why is the sky blue?", "Hi")]
+        ids, mask = left_pad(prompts, tok.pad_token_id, models.device)
+        _, logits = decoder.start(ids, mask, 1, torch.tensor([1, 1]))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        expected = models.serving(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        pairs = [
+            generate_pair(models.serving, tok, prompts[0], Sampling(24, 0.7, seed=3, fast_decoder=fast), 0)
+            for fast in (True, False)
+        ]
+        return fused, (logits - expected).abs().max().item(), pairs
+
+    fused, gap, (fast, slow) = worker.call(0, job)
+    assert all(fused)
+    assert gap < 1e-3
+    assert [c.text for c in fast] == [c.text for c in slow]
+
+
 def test_reward_round_and_ppo_step_on_the_bundled_model(bundled):
     cfg, sessions, worker = bundled
     prompts = ["Name a fruit.", "Say hello.", "What is 2 + 2?", "Name a colour.", "Give me a word."]

@@ -277,3 +277,32 @@ def test_an_admin_adds_and_removes_modes_and_bad_requests_are_refused(services):
     assert "every pair is plain" in message
     with services.sessions() as s:
         assert len(active_modes(s)) == 1
+
+
+def test_an_admin_lists_excludes_and_retrains_without_a_contributor(services):
+    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.storage import store
+
+    def cand(text):
+        return Candidate(text, "policy", 0, 0, 0.7, 1.0, 8, 2, True, 0.1)
+
+    for who, n in (("kind-person", 8), ("troll", 6)):
+        for i in range(n):
+            with services.sessions() as s, s.begin():
+                c = store.save_pair(s, session_id=who, context=[{"role": "user", "content": f"{who} asks {i}"}],
+                                    a=cand(f"short {i}"), b=cand(f"a much longer answer number {i}"), client=f"hash-{who}")
+                store.record_vote(s, c.id, "a" if who == "kind-person" else "b")
+    rows = {r[0]: r for r in controls.contributors_table(services)}
+    assert rows["session:kind-person"][1] == 8 and rows["client:hash-troll"][1] == 6
+    with pytest.raises(ControlError, match="session:KEY"):
+        controls.exclude_contributor(services, "troll")
+    assert "excluded" in controls.exclude_contributor(services, "session:troll", "votes for the longer one")
+    assert "already" in controls.exclude_contributor(services, "session:troll")
+    assert {r[0]: r for r in controls.contributors_table(services)}["session:troll"][6] == "excluded"
+    message = controls.retrain_reward(services)
+    assert "Reward model v" in message
+    with services.sessions() as s:
+        latest = store.reward_rounds(s)[-1]
+        assert store.count_votes(s, ("a", "b")) >= 14  # every vote kept
+    assert latest.train_pairs + latest.heldout_pairs <= 8  # the troll's six left the round
+    assert "trains again" in controls.include_contributor(services, "session:troll")

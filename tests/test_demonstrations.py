@@ -198,8 +198,13 @@ def test_the_demonstration_weight_changes_both_updates(tiny_config, tmp_path):
     from rlhf_chat.serving.worker import ModelWorker
     from tests.test_ppo import CONTEXTS, SAMPLING, tiny_ppo_config
 
+    from rlhf_chat.config import GuardConfig
+
     cfg = tiny_config.reward
     cfg.steps_per_round, cfg.min_pairs, cfg.heldout_fraction = 6, 2, 0.0
+    # The votes and the answers come from two sessions here, and the influence cap would
+    # hold each to half of the round whatever the weight: the weight is what is measured.
+    unguarded = GuardConfig(enabled=False)
 
     def trained(weight: float, run: str) -> tuple[dict, dict]:
         sessions = store.open_store(f"sqlite:///{tmp_path / run}.db")  # the same feedback, a database per run
@@ -210,11 +215,12 @@ def test_the_demonstration_weight_changes_both_updates(tiny_config, tmp_path):
                 store.record_vote(s, store.save_pair(s, session_id="v", context=ctx, a=shown[0], b=shown[1]).id, "a")
         worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
         try:
-            assert run_round(worker, sessions, cfg, str(tmp_path / run), demonstration_weight=weight)
+            assert run_round(worker, sessions, cfg, str(tmp_path / run), demonstration_weight=weight, guard_cfg=unguarded)
             reward = worker.call(0, lambda m: {k: v.clone() for k, v in reward_tensors(m).items()})
             ppo_cfg = tiny_ppo_config(ptx_coef=1.0, ptx_batch=8, ptx_from="all")  # written beside chosen answers
             trainer = PPOTrainer(worker, sessions, ppo_cfg, str(tmp_path / run),
-                                 lambda m, b: torch.zeros(b.response_ids.shape[0]), SAMPLING, demonstration_weight=weight)
+                                 lambda m, b: torch.zeros(b.response_ids.shape[0]), SAMPLING, demonstration_weight=weight,
+                                 guard_cfg=unguarded)
             trainer.rng.seed(0)
             trainer.step(CONTEXTS * 2)
             policy = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})

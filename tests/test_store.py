@@ -174,7 +174,7 @@ def test_a_schema_1_database_upgrades_and_keeps_its_rows(tmp_path):
     connection.close()
     sessions = store.open_store(f"sqlite:///{path}")
     with sessions() as s:
-        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION == 3
+        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION == 4
         [old] = store.ppo_steps(s)
         assert (old.version, old.mean_reward, old.reward_version, old.copy_gap) == (1, 0.5, None, None)
     with sessions() as s, s.begin():
@@ -270,3 +270,30 @@ def test_voted_comparisons_are_the_voted_ones_after_an_id_oldest_first(sessions)
 def test_text_is_stored_without_nul_and_otherwise_as_it_is():
     assert store.storable_text("a\x00b\x00") == "ab"
     assert store.storable_text("plain  text\n") == "plain  text\n"
+
+
+def test_a_schema_3_database_gains_the_guards_columns_and_keeps_its_votes(tmp_path):
+    """Schema 4 added who voted from where (a salted hash) and the reward model's agreement."""
+    import sqlite3
+
+    path = tmp_path / "v3.db"
+    sessions = store.open_store(f"sqlite:///{path}")
+    with sessions() as s, s.begin():
+        c = store.save_pair(s, session_id="old", context=[{"role": "user", "content": "hi"}], a=cand("x"), b=cand("y"))
+        store.record_vote(s, c.id, "b")
+    connection = sqlite3.connect(path)
+    for table, column in (("comparisons", "client"), ("comparisons", "rm_agrees"), ("demonstrations", "client")):
+        connection.execute(f"DROP INDEX IF EXISTS ix_{table}_{column}")
+        connection.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    connection.execute("UPDATE schema_info SET version = 3")
+    connection.commit()
+    connection.close()
+    sessions = store.open_store(f"sqlite:///{path}")
+    with sessions() as s:
+        [old] = store.voted_comparisons(s)
+        assert (old.choice, old.client, old.rm_agrees) == ("b", None, None)
+        assert s.get(SchemaInfo, 1).version == 4
+    with sessions() as s, s.begin():
+        store.set_rm_agreement(s, {old.id: True})
+    with sessions() as s:
+        assert store.voted_comparisons(s)[0].rm_agrees is True

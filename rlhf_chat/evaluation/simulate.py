@@ -104,6 +104,8 @@ def collect_votes(
     mode_fraction: float = 0.0,
     teacher: Teacher | None = None,
     teach_limit: int = 0,
+    adversary: Labeler | None = None,
+    adversary_share: float = 0.0,
 ) -> dict[str, int]:
     """Generate ``n`` pairs from the serving policy, ask the labeler, and store pairs
     and votes as the UI does.
@@ -114,8 +116,11 @@ def collect_votes(
     picked as ``loop.mode_choice`` says. With a ``teacher``, up to
     ``teach_limit`` policy pairs get the answer it writes instead of a vote,
     stored as the UI stores a written answer (counted as ``demonstration``).
+    With an ``adversary``, a share ``adversary_share`` of the pairs is voted on by
+    it instead, under its own session and client (``ADVERSARY``), as one bad
+    actor among the people would (counted under ``adversary``).
     """
-    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0}
+    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
     done = 0
     while done < n:
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
@@ -138,20 +143,53 @@ def collect_votes(
             if teacher is not None and not is_arena and counts["demonstration"] < teach_limit:
                 written = teacher(prompt, a.text, b.text)
                 written = clean_message(written, cfg.sampling.max_message_chars).text if written else None
-            choice = "demonstration" if written else normalize_choice(labeler(prompt, a.text, b.text))
+            bad = adversary is not None and not written and rng.random() < adversary_share
+            voter = adversary if bad else labeler
+            choice = "demonstration" if written else normalize_choice(voter(prompt, a.text, b.text))
+            who, client = (f"{session_id}-{ADVERSARY}", ADVERSARY) if bad else (session_id, "")
             with sessions() as session, session.begin():
                 comparison = store.save_pair(
-                    session, session_id=session_id, context=as_context(prompt), a=a, b=b, arena=is_arena, source="simulate"
+                    session, session_id=who, context=as_context(prompt), a=a, b=b, arena=is_arena,
+                    source="simulate", client=client,
                 )
                 if written:
                     store.add_demonstration(session, comparison.id, session_id, written)
                 else:
                     store.record_vote(session, comparison.id, choice)
-            counts[choice] += 1
+            counts["adversary" if bad else choice] += 1
         done += len(chunk)
         if progress:
             progress(len(chunk))
     return counts
+
+
+ADVERSARY = "adversary"  # the session suffix and client key of the simulation's bad actor
+
+
+def load_adversary(spec: str, honest: Labeler) -> Labeler:
+    """The bad actor of ``--adversary``: ``reversed`` (the honest labeler's choice
+    reversed: A for B, B for A, ties kept) or a labeler spec (``MODULE:CALLABLE``)."""
+    if spec.strip() == "reversed":
+        flip = {"a": "b", "b": "a"}
+
+        def reversed_labeler(prompt: str, a: str, b: str) -> str:
+            choice = normalize_choice(honest(prompt, a, b))
+            return flip.get(choice, choice)
+
+        return reversed_labeler
+    return load_labeler(spec)
+
+
+def contributor_rows(sessions, cfg: AppConfig) -> list[dict]:
+    """What the guards made of each session at the end of a run (learning/guards.py)."""
+    from rlhf_chat.learning.guards import SESSION, assess_feedback
+
+    with sessions() as session:
+        trust = assess_feedback(session, cfg.guards, cfg.loop.demonstration_weight)
+    return [
+        {k: v for k, v in asdict(c).items() if k != "kind"}
+        for (kind, _), c in sorted(trust.contributors.items()) if kind == SESSION
+    ]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -199,6 +237,10 @@ class Report:
     demonstrations: int = 0  # how many answers it wrote
     mode_pairs: dict = field(default_factory=dict)  # how many pairs were mode pairs, and their votes
     eval_answers: list[dict] = field(default_factory=list)  # {"prompt", "policy", "reference", "choice", ...}
+    adversary: str = ""  # --adversary: who voted for a share of the pairs under its own session
+    adversary_share: float = 0.0
+    guards: bool = True  # whether the guards weighed the feedback (guards.enabled)
+    contributors: list[dict] = field(default_factory=list)  # guards.Contributor rows at the end, by session
 
     def write(self, path: str | Path) -> None:
         """Save as JSON."""
@@ -354,6 +396,8 @@ def simulate(
     plot_path: str | Path | None = None,
     resume: bool = False,
     teacher_spec: str | None = None,
+    adversary_spec: str | None = None,
+    adversary_share: float = 0.0,
 ) -> Report:
     """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report.
 
@@ -363,7 +407,10 @@ def simulate(
     policy is judged blind against the reference on held-out prompts.
 
     A database that already holds votes is refused (:class:`UsedDatabase`)
-    unless ``resume`` says to build on the run that left them.
+    unless ``resume`` says to build on the run that left them. With an
+    ``adversary_spec`` (:func:`load_adversary`), a share ``adversary_share`` of the
+    votes comes from a bad actor; ``cfg.guards.enabled`` says whether the guards
+    (learning/guards.py, learning/tripwire.py's thresholds) weigh it down.
     """
     from tqdm import tqdm
 
@@ -374,13 +421,18 @@ def simulate(
     start = time.perf_counter()
     labeler = load_labeler(labeler_spec)
     teacher = load_teacher(teacher_spec) if teacher_spec else None
+    adversary = load_adversary(adversary_spec, labeler) if adversary_spec else None
+    if adversary is not None and not 0 < adversary_share < 1:
+        raise ValueError(f"--adversary-share must be between 0 and 1, got {adversary_share}")
     train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
     rounds = max(1, min(cfg.simulation.rounds, comparisons))
     report = Report(
         labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
     )
-    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0}
+    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
     report.teacher = teacher_spec or ""
+    report.adversary, report.adversary_share = adversary_spec or "", adversary_share if adversary_spec else 0.0
+    report.guards = cfg.guards.enabled
     report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
     report.settings = {"sampling": asdict(cfg.sampling), "ppo": asdict(cfg.ppo), "reward": asdict(cfg.reward)}
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
@@ -397,7 +449,7 @@ def simulate(
         seconds["load"] = time.perf_counter() - start
         weight = cfg.loop.demonstration_weight
         trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                             demonstration_weight=weight)
+                             demonstration_weight=weight, guard_cfg=cfg.guards)
         trainer.rng.seed(seed)
         rng = random.Random(seed)
         owed = 0  # PPO steps planned before a reward model existed
@@ -411,6 +463,7 @@ def simulate(
                     session_id=f"simulate-{seed}", arena_fraction=cfg.loop.arena_fraction, progress=bar.update,
                     modes=modes, mode_fraction=cfg.loop.mode_fraction,
                     teacher=teacher, teach_limit=cfg.simulation.demonstrations - report.votes["demonstration"],
+                    adversary=adversary, adversary_share=adversary_share,
                 )
                 report.votes = {k: report.votes[k] + v for k, v in counts.items()}
                 report.demonstrations = report.votes["demonstration"]
@@ -419,7 +472,7 @@ def simulate(
                 mark = time.perf_counter()
                 bar.set_description("reward model")
                 result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed,
-                                   demonstration_weight=weight)
+                                   demonstration_weight=weight, guard_cfg=cfg.guards)
                 if result is not None:
                     report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
                     report.reward_rounds.append(round_summary(result, len(report.reward_curve)))
@@ -458,6 +511,7 @@ def simulate(
         report.eval_counts = outcome
         describe_final_answers(report, modes)
         report.mode_pairs = count_mode_pairs(sessions)
+        report.contributors = contributor_rows(sessions, cfg)
         interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
         report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
         seconds["eval"] = time.perf_counter() - mark

@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
-from rlhf_chat.config import PPOConfig, SamplingConfig
+from rlhf_chat.config import GuardConfig, PPOConfig, SamplingConfig
 from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.checkpoints import check_base, copy_into, files_digest, load_verified, save_checkpoint
+from rlhf_chat.learning.guards import assess_feedback
 from rlhf_chat.learning.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
@@ -423,9 +424,11 @@ class PPOTrainer:
         score_fn: ScoreFn | None = None,
         sampling: SamplingConfig | None = None,
         demonstration_weight: float = 1.0,
+        guard_cfg: GuardConfig | None = None,
     ):
         self.worker = worker
         self.demonstration_weight = demonstration_weight
+        self.guard_cfg = guard_cfg or GuardConfig()
         self.sessions = sessions
         self.cfg = cfg
         self.sampling = sampling or SamplingConfig()
@@ -448,13 +451,15 @@ class PPOTrainer:
     def supervised_examples(self) -> list[SupervisedExample]:
         """What PPO-ptx's language-model term learns from: the newest chosen answers
         (of votes between two modes, or of every vote: ``PPOConfig.ptx_from``), and
-        the answers people wrote themselves, each weighing ``demonstration_weight``."""
+        the answers people wrote themselves, each weighing ``demonstration_weight``,
+        all as the guards weigh them (learning/guards.py)."""
         if self.cfg.ptx_coef <= 0:
             return []
         cfg = self.cfg
         with self.sessions() as session:
-            chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes")
-            return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight)
+            trust = assess_feedback(session, self.guard_cfg, self.demonstration_weight)
+            chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes", trust=trust)
+            return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight, trust)
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts (phases in the module docstring)."""

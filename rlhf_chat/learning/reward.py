@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_chat.config import RewardConfig
+from rlhf_chat.config import GuardConfig, RewardConfig
+from rlhf_chat.learning import guards
 from rlhf_chat.learning.checkpoints import (
     check_base,
     copy_into,
@@ -265,23 +266,89 @@ class RoundResult:
     train_accuracy: float | None = None
 
 
+@torch.no_grad()
+def agreement_of(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> dict[int, bool]:
+    """Per comparison id, whether the reward model scores the chosen answer above the rejected one."""
+    agrees = {}
+    for i in range(0, len(pairs), cfg.batch_size):
+        batch = pairs[i : i + cfg.batch_size]
+        chosen, rejected = pair_scores(models, batch, cfg, models.prefix_cache)
+        agrees.update({p.comparison_id: bool(c > r) for p, c, r in zip(batch, chosen.tolist(), rejected.tolist())})
+    return agrees
+
+
+def score_unseen_votes(worker, sessions, cfg: RewardConfig) -> int:
+    """Score, with the reward model being served, the votes no reward round has
+    trained on yet, and store whether it agrees with each (``Comparison.rm_agrees``):
+    out-of-sample evidence of who votes as the rest do (learning/guards.py).
+    Returns how many were scored (0 before the first reward model)."""
+    with sessions() as session:
+        previous = store.latest_checkpoint(session, "reward")
+        through = (previous.extra or {}).get("trained_through") if previous is not None else None
+        if through is None:  # no reward model, or one from before the guards: nothing is known unseen
+            return 0
+        unseen = [c for c in store.voted_comparisons(session, after_id=int(through)) if c.rm_agrees is None]
+        pairs = preference_pairs(unseen)
+    if not pairs or worker.call(REWARD_PRIORITY, lambda m: m.reward_version) != previous.version:
+        return 0
+    agrees = worker.call(REWARD_PRIORITY, lambda m: agreement_of(m, pairs, cfg))
+    store.with_retry(lambda: _store_agreement(sessions, agrees))
+    return len(agrees)
+
+
+def _store_agreement(sessions, agrees: dict[int, bool]) -> None:
+    with sessions() as session, session.begin():
+        store.set_rm_agreement(session, agrees)
+
+
+def guarded_pairs(session, guard_cfg: GuardConfig, demonstration_weight: float) -> tuple[list[PreferencePair], int]:
+    """Every vote's pair and every written answer's two pairs, weighted by the guards
+    (learning/guards.py); pairs that weigh nothing are left out. Also returns how many
+    comparisons the round's feedback reaches (its ``trained_through`` mark)."""
+    trust = guards.assess_feedback(session, guard_cfg, demonstration_weight)
+    comparisons = store.voted_comparisons(session)
+    pairs = []
+    for pair in preference_pairs(comparisons):
+        pair.weight *= trust.vote_weight(pair.comparison_id)
+        pairs.append(pair)
+    written = [d for d in store.demonstrations(session) if d.id not in trust.held_back]
+    for pair in demonstration_pairs(written, demonstration_weight):
+        pair.weight *= trust.written_weight(pair.comparison_id)
+        pairs.append(pair)
+    through = max((c.id for c in comparisons), default=0)
+    return [p for p in pairs if p.weight > 0], through
+
+
 def run_round(
-    worker, sessions, cfg: RewardConfig, checkpoint_dir: str, seed: int = 0, demonstration_weight: float = 1.0
+    worker,
+    sessions,
+    cfg: RewardConfig,
+    checkpoint_dir: str,
+    seed: int = 0,
+    demonstration_weight: float = 1.0,
+    guard_cfg: GuardConfig | None = None,
+    score_unseen: bool = True,
 ) -> RoundResult | None:
     """Train one reward round on every usable vote and every written answer (each
-    over both answers it was written beside, weighing ``demonstration_weight``);
-    None when there are too few.
+    over both answers it was written beside, weighing ``demonstration_weight``),
+    as the guards weigh them (``guard_cfg``, on by default); None when there are too few.
 
+    First the reward model being served scores the votes no round has trained on
+    (:func:`score_unseen_votes`), which is how the guards see who disagrees;
+    ``score_unseen`` False skips that (an admin's retraining from a reset adapter,
+    which must not score anything).
     Each step is a worker job at reward priority, so chat requests cut in
     between steps. The new adapter is only named in the database once its
     checkpoint is completely on disk.
     """
     start = time.perf_counter()
-    # 1) votes -> pairs -> (train, held-out), stable by comparison id
+    guard_cfg = guard_cfg or GuardConfig()
+    if score_unseen:
+        score_unseen_votes(worker, sessions, cfg)
+    # 1) votes -> weighted pairs -> (train, held-out), stable by comparison id
     with sessions() as session:
-        voted = preference_pairs(store.voted_comparisons(session))
-        written = store.demonstrations(session)
-        pairs = voted + demonstration_pairs(written, demonstration_weight)
+        pairs, trained_through = guarded_pairs(session, guard_cfg, demonstration_weight)
+        feedback = store.count_votes(session, ("a", "b")) + store.count_demonstrations(session)
         previous = store.latest_checkpoint(session, "reward")
     train, heldout = split_pairs(pairs, cfg.heldout_fraction)
     if len(train) < cfg.min_pairs:
@@ -315,7 +382,7 @@ def run_round(
     tensors, base = worker.call(
         REWARD_PRIORITY, lambda m: ({k: v.detach().clone() for k, v in reward_tensors(m).items()}, m.base)
     )
-    meta = {"version": version, "train_pairs": len(train), "base": base}
+    meta = {"version": version, "train_pairs": len(train), "base": base, "trained_through": trained_through}
     path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
     result = RoundResult(
         version=version,
@@ -324,7 +391,7 @@ def run_round(
         mean_margin=fit["mean_margin"],
         train_pairs=len(train),
         heldout_pairs=len(heldout),
-        votes=len(voted) + len(written),  # the feedback TrainingLoop counts: A/B votes and written answers
+        votes=feedback,  # the feedback TrainingLoop counts (A/B votes and written answers), guarded or not
         seconds=time.perf_counter() - start,
         checkpoint=str(path),
         train_accuracy=fit["accuracy"],

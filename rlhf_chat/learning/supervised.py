@@ -22,6 +22,7 @@ from rlhf_chat.learning.heads import frozen_prefix, top_hidden
 from rlhf_chat.learning.ppo_math import gather_logprobs, log_softmax_at
 from rlhf_chat.learning.preferences import modes_differ, preference_pairs
 from rlhf_chat.serving.candidates import left_pad
+from rlhf_chat.learning.guards import Trust
 from rlhf_chat.serving.chat import render_prompt, render_response, trim_to_budget
 from rlhf_chat.storage import store
 
@@ -36,25 +37,35 @@ class SupervisedExample:
     weight: float = 1.0  # how much this example counts in the loss's weighted mean
 
 
-def chosen_answers(session, limit: int, only_mode_pairs: bool = False) -> list[SupervisedExample]:
+def chosen_answers(session, limit: int, only_mode_pairs: bool = False, trust: Trust | None = None) -> list[SupervisedExample]:
     """The newest ``limit`` answers people chose in a vote (A or B better), oldest first.
 
     With ``only_mode_pairs``, only votes between two different response modes
     count: the winners that differ from what the policy writes anyway
     (AlpacaFarm: supervised updates on every pairwise winner did not beat SFT).
+    With ``trust`` (learning/guards.py) each weighs what the guards gave its vote,
+    and those that weigh nothing are left out.
     """
     comparisons = store.voted_comparisons(session)
     if only_mode_pairs:
         comparisons = [c for c in comparisons if modes_differ(c)]
-    pairs = preference_pairs(comparisons)[-limit:] if limit > 0 else []
-    return [SupervisedExample(p.context, p.chosen, p.chosen_finished) for p in pairs]
+    factor = trust.vote_weight if trust is not None else (lambda _id: 1.0)
+    pairs = [p for p in preference_pairs(comparisons) if factor(p.comparison_id) > 0]
+    pairs = pairs[-limit:] if limit > 0 else []
+    return [SupervisedExample(p.context, p.chosen, p.chosen_finished, factor(p.comparison_id)) for p in pairs]
 
 
-def demonstrated_answers(session, limit: int, weight: float) -> list[SupervisedExample]:
+def demonstrated_answers(session, limit: int, weight: float, trust: Trust | None = None) -> list[SupervisedExample]:
     """The newest ``limit`` answers people wrote themselves, oldest first, each
-    weighing ``weight`` against one chosen answer (``loop.demonstration_weight``)."""
-    written = store.demonstrations(session)[-limit:] if limit > 0 else []
-    return [SupervisedExample(list(d.context), d.text, True, weight) for d in written]
+    weighing ``weight`` against one chosen answer (``loop.demonstration_weight``).
+    With ``trust``, held-back answers (a link, an address, a copy) are left out and
+    the rest weigh what the guards gave them."""
+    written = store.demonstrations(session)
+    if trust is not None:
+        written = [d for d in written if d.id not in trust.held_back and trust.written_weight(d.comparison_id) > 0]
+    written = written[-limit:] if limit > 0 else []
+    factor = trust.written_weight if trust is not None else (lambda _id: 1.0)
+    return [SupervisedExample(list(d.context), d.text, True, weight * factor(d.comparison_id)) for d in written]
 
 
 def example_sequences(tokenizer, examples: list[SupervisedExample], max_prompt_tokens: int) -> tuple[list, list]:

@@ -12,7 +12,11 @@ chatting wait at most one slice:
   few votes is evidence for a few steps, not for an idle night. Then it waits
   for votes;
 * pause/resume at any time; an exception is logged, shown in the UI, and
-  retried with exponential back-off; it never takes the chat down.
+  retried with exponential back-off; it never takes the chat down;
+* after every reward round and PPO step the tripwire (learning/tripwire.py)
+  looks at the arena, the KL and the reward model: when it trips, training
+  pauses, the admin is told why, and the policy being served goes back to the
+  last good one (``on_trip``, wired to the admin's rollback by the runtime).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import logging
 import threading
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 from rlhf_chat.config import AppConfig
+from rlhf_chat.learning import tripwire
 from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.serving.worker import REWARD, ModelWorker
@@ -46,13 +52,19 @@ class LoopStatus:
 class TrainingLoop:
     """The background trainer. One per app, beside the one model worker."""
 
-    def __init__(self, worker: ModelWorker, sessions, cfg: AppConfig):
+    def __init__(self, worker: ModelWorker, sessions, cfg: AppConfig, on_trip: Callable[[int], str] | None = None):
         self.worker = worker
         self.sessions = sessions
         self.cfg = cfg
         self.status = LoopStatus()
         self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                              demonstration_weight=cfg.loop.demonstration_weight)
+                              demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards)
+        # Called with the version to serve again when the tripwire trips (0: the starting
+        # model); returns what it did. The runtime wires it to controls.rollback / reset.
+        self.on_trip = on_trip
+        self.tripped: tripwire.Trip | None = None
+        self._after_policy = 0  # tripwire evidence up to these versions was seen at a resume
+        self._after_reward = 0
         self._votes_at_last_round = 0
         self._paused = threading.Event()
         self._stop = threading.Event()
@@ -85,7 +97,14 @@ class TrainingLoop:
         self.status.state = "paused"
 
     def resume(self) -> None:
-        """Carry on training."""
+        """Carry on training. Evidence the tripwire acted on (or that was there when
+        an admin resumed) does not trip it again: only new votes and steps count."""
+        if self.tripped is not None:
+            with self.sessions() as session:
+                self._after_policy = max(self.worker.serving_version, tripwire.newest_policy_evidence(session))
+                latest = store.latest_checkpoint(session, "reward")
+            self._after_reward = latest.version if latest is not None else 0
+            self.tripped = None
         self._paused.clear()
 
     @property
@@ -139,12 +158,13 @@ class TrainingLoop:
         if (reward_version == 0 and votes >= self.cfg.loop.min_votes) or (reward_version > 0 and due):
             self.status.state, self.status.detail = "training reward model", f"{votes} votes"
             result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir,
-                               demonstration_weight=self.cfg.loop.demonstration_weight)
+                               demonstration_weight=self.cfg.loop.demonstration_weight, guard_cfg=self.cfg.guards)
             self._votes_at_last_round = votes
             if result is not None:
                 self.status.reward_rounds += 1
                 acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
                 self.status.detail = f"reward v{result.version}, held-out accuracy {acc}"
+                self.check_tripwire()
                 return True
         if reward_version == 0:
             self.status.state = "waiting for votes"
@@ -166,7 +186,44 @@ class TrainingLoop:
         result = self.ppo.step(self.ppo.sample_contexts(contexts))
         self.status.ppo_steps += 1
         self.status.detail = f"policy v{result.version}, reward {result.mean_reward:+.2f}, KL {result.mean_kl:.2f}"
+        self.check_tripwire()
         return True
+
+    def check_tripwire(self) -> tripwire.Trip | None:
+        """Pause training when the tripwire trips (arena, KL, reward model), tell the
+        admin why, and have the last good policy served (``on_trip``, in the background:
+        a rollback waits for this thread to be idle). Returns the trip, if any."""
+        if not self.cfg.guards.enabled or self.tripped is not None:
+            return None
+        with self.sessions() as session:
+            trip = tripwire.check(session, self.cfg.guards, self._after_policy, self._after_reward)
+        if trip is None:
+            return None
+        self.tripped = trip
+        self.pause()
+        self.status.detail = f"tripwire: {trip.reason}"
+        log.warning("training paused by the tripwire: %s", trip.reason)
+        self._record_event("tripwire", f"training paused: {trip.reason}")
+        if trip.roll_back_to is not None and self.on_trip is not None:
+            threading.Thread(target=self._roll_back, args=(trip.roll_back_to,), name="tripwire-rollback",
+                             daemon=True).start()
+        return trip
+
+    def _roll_back(self, version: int) -> None:
+        try:
+            done = self.on_trip(version)
+            self._record_event("tripwire", done)
+            self.status.detail = f"tripwire: {self.tripped.reason if self.tripped else ''}; {done}"
+        except Exception as exc:  # the policy being served stays; the admin can still roll back by hand
+            log.exception("the tripwire could not roll the policy back")
+            self._record_event("error", f"the tripwire could not roll back to v{version}: {exc}")
+
+    def _record_event(self, kind: str, message: str) -> None:
+        try:
+            with self.sessions() as session, session.begin():
+                store.add_event(session, kind, message)
+        except Exception:  # the database itself may be what failed
+            log.exception("could not record a training event")
 
     def ppo_budget_spent(self, reward_version: int) -> str:
         """Why PPO must wait for new votes ("" when it may run): the reward version's
@@ -202,9 +259,4 @@ class TrainingLoop:
     def _record_error(self, exc: Exception) -> None:
         self.status.state = "error"
         self.status.last_error = f"{type(exc).__name__}: {exc}"
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        try:
-            with self.sessions() as session, session.begin():
-                store.add_event(session, "error", detail)
-        except Exception:  # the database itself may be what failed
-            log.exception("could not record the training error")
+        self._record_event("error", "".join(traceback.format_exception_only(type(exc), exc)).strip())

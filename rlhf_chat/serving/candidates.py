@@ -17,7 +17,8 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from rlhf_chat.serving.nucleus import NucleusSampler
+from rlhf_chat.model.decoder import Decoder, decoder_for
+from rlhf_chat.serving.nucleus import NucleusSampler, sample_next_tokens
 from rlhf_chat.serving.repetition import LoopStop
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
@@ -33,11 +34,14 @@ class Sampling:
     seed: int = 0
     min_new_tokens: int = 0  # benchmarks force full-length answers with this
     stop_loops: bool = True  # end a row that repeats itself (repetition.LoopStop), as cut off
+    fast_decoder: bool = True  # model/decoder.py where the model allows it, else generate
 
     @classmethod
     def from_config(cls, cfg, seed: int, min_new_tokens: int = 0) -> Sampling:
         """The one sampling scheme (a ``config.SamplingConfig``) for one call."""
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, min_new_tokens, cfg.stop_loops)
+        return cls(
+            cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, min_new_tokens, cfg.stop_loops, cfg.fast_decoder
+        )
 
 
 @dataclass
@@ -185,19 +189,25 @@ def sample(
     criteria = [c for c in (loops, EachStep(on_step) if on_step is not None else None) if c is not None]
     if criteria:
         extra["stopping_criteria"] = StoppingCriteriaList(criteria)
+    decoder = decoder_for(model) if sampling.fast_decoder else None
     start = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=False,  # greedy over the sampler's one-hot scores: it draws the token
-        logits_processor=LogitsProcessorList([sampler]),
-        max_new_tokens=sampling.max_new_tokens,
-        min_new_tokens=sampling.min_new_tokens or None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-        **extra,
-    )
+    if decoder is not None:
+        lora_rows = torch.tensor([name != BASE_ADAPTER for name in adapter_names or ["policy"] * len(prompts)])
+        out, logprobs = decode(decoder, ids, mask, lora_rows, sampling, sampler, tokenizer, streamer, criteria)
+        sampler.logprobs = logprobs
+    else:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,  # greedy over the sampler's one-hot scores: it draws the token
+            logits_processor=LogitsProcessorList([sampler]),
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens or None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+            **extra,
+        )
     latency = time.perf_counter() - start
     response = out[:, ids.shape[1]:].clone()
     counts, finished = count_response_tokens(response, tokenizer.eos_token_id)
@@ -214,6 +224,54 @@ def sample(
     ]
     looped = [row in cuts for row in range(len(prompts))]
     return Samples(ids, mask, response, texts, counts, finished, latency, logprobs, looped)
+
+
+def decode(
+    decoder: Decoder,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    lora_rows: torch.Tensor,
+    sampling: Sampling,
+    sampler: NucleusSampler,
+    tokenizer,
+    streamer: RowStreamer | None,
+    criteria: list[StoppingCriteria],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What ``generate`` does in :func:`sample`, on the serving copy's own decoding loop.
+
+    The same rules, step for step: EOS is suppressed before ``min_new_tokens``;
+    the sampler draws from the logits; a row that has ended (EOS, or a stopping
+    criterion) gets padding from then on; the loop ends when every row has.
+    Returns the prompt and answer ids (B, P + steps) and each step's log-probabilities.
+    """
+    rows, width = ids.shape
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sequences = torch.full((rows, width + sampling.max_new_tokens), pad, dtype=ids.dtype, device=ids.device)
+    sequences[:, :width] = ids
+    running = torch.ones(rows, dtype=torch.bool, device=ids.device)
+    logprobs: list[torch.Tensor] = []
+    if streamer is not None:
+        streamer.put(ids)
+    batch, logits = decoder.start(ids, mask, sampling.max_new_tokens, lora_rows)
+    steps = 0
+    while steps < sampling.max_new_tokens:
+        if steps < sampling.min_new_tokens:
+            logits[:, eos] = float("-inf")
+        tokens, logprob = sample_next_tokens(logits, sampler.temperature, sampler.top_p, sampler.generator)
+        tokens = torch.where(running, tokens, torch.full_like(tokens, pad))
+        sequences[:, width + steps] = tokens
+        logprobs.append(logprob)
+        steps += 1
+        if streamer is not None:
+            streamer.put(tokens)
+        done = tokens == eos
+        for criterion in criteria:
+            done |= criterion(sequences[:, : width + steps], logits)
+        running &= ~done
+        if not bool(running.any()) or steps == sampling.max_new_tokens:
+            break
+        logits = decoder.step(batch, tokens)
+    return sequences[:, : width + steps], logprobs
 
 
 def pair_sources(arena: bool, rng: random.Random) -> list[str]:

@@ -349,3 +349,95 @@ def remove_mode(services, name) -> str:
     left = mode_names(services.sessions)
     note = "" if len(left) >= 2 else " Fewer than two modes are left: every pair is plain until one is added."
     return f"Mode {name!r} removed; in use: {', '.join(left) or 'none'}.{note}"
+
+
+# --- contributors (learning/guards.py) -------------------------------------------------------
+
+
+def contributors_table(services) -> list[list]:
+    """Every session and client address with feedback, most votes first: what the guards
+    made of it (agreement with the reward model and with the others, weight, flag, why)."""
+    from rlhf_chat.learning.guards import assess_feedback
+
+    with services.sessions() as session:
+        trust = assess_feedback(session, services.config.guards, services.config.loop.demonstration_weight)
+    rows = []
+    for c in sorted(trust.contributors.values(), key=lambda c: (-c.votes - c.written, c.kind, c.key)):
+        status = "excluded" if c.excluded else ("flagged" if c.flagged else "")
+        rows.append([
+            f"{c.kind}:{c.key}", c.votes, c.written,
+            "" if c.rm_agreement is None else f"{c.rm_agreement:.2f} of {c.rm_scored}",
+            "" if c.majority_agreement is None else f"{c.majority_agreement:.2f} of {c.overlaps}",
+            round(c.weight, 2), status, "; ".join(c.reasons),
+        ])
+    return rows
+
+
+CONTRIBUTOR_COLUMNS = ["who", "votes", "written", "agrees with the reward model", "agrees with the majority",
+                       "weight", "status", "why"]
+
+
+def _who(who) -> tuple[str, str]:
+    kind, _, key = str(who or "").strip().partition(":")
+    if kind not in ("session", "client") or not key.strip():
+        raise ControlError(f"Name a contributor as session:KEY or client:KEY (from the table), got {who!r}.")
+    return kind, key.strip()
+
+
+def exclude_contributor(services, who, reason="") -> str:
+    """Leave a session or client out of training; its feedback stays, marked (export: ``excluded``)."""
+    _refuse_on_a_replica(services)
+    kind, key = _who(who)
+    with services.sessions() as session, session.begin():
+        added = store.add_exclusion(session, kind, key, str(reason or ""))
+        if added:
+            store.add_event(session, "info", f"an admin excluded {kind} {key} from training: {reason or 'no reason given'}")
+    if not added:
+        return f"{kind} {key} was already excluded."
+    return f"{kind} {key} is excluded from training from the next round on; retrain the reward model to drop it now."
+
+
+def include_contributor(services, who) -> str:
+    """Let an excluded session or client train again."""
+    _refuse_on_a_replica(services)
+    kind, key = _who(who)
+    with services.sessions() as session, session.begin():
+        removed = store.remove_exclusion(session, kind, key)
+    return f"{kind} {key} trains again." if removed else f"{kind} {key} was not excluded."
+
+
+def retrain_reward(services) -> str:
+    """Train the reward model again from a fresh adapter on the feedback the guards keep
+    (without excluded or flagged contributors), with training paused meanwhile."""
+    from dataclasses import replace
+
+    from rlhf_chat.learning.reward import full_fit_steps, reset_reward_model, run_round
+
+    _refuse_on_a_replica(services)
+    if services.worker.load_error is not None:
+        raise ControlError(f"The model failed to load ({services.worker.load_error}).")
+    cfg = services.config
+    with services.sessions() as session:
+        feedback = store.count_votes(session, ("a", "b")) + 2 * store.count_demonstrations(session)
+    # a fresh adapter, fitted in full: nothing of what it learned from the left-out votes remains
+    fresh = replace(cfg.reward, steps_per_round=max(cfg.reward.steps_per_round, full_fit_steps(feedback, cfg.reward)))
+    with _Paused(services.loop):
+        services.worker.call(CHAT, lambda m: reset_reward_model(m, cfg.model.seed))
+        result = None
+        try:
+            result = run_round(
+                services.worker, services.sessions, fresh, cfg.store.checkpoint_dir,
+                demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, score_unseen=False,
+            )
+        finally:
+            if result is None:  # failed, or too few votes: serve the last reward model again
+                from rlhf_chat.learning.reward import load_reward
+                from rlhf_chat.serving.runtime import restore_latest
+
+                services.worker.call(CHAT, lambda m: restore_latest(m, services.sessions, "reward", load_reward))
+    if result is None:
+        return "Too few votes to train a reward model; the last one is served again."
+    acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
+    with services.sessions() as session, session.begin():
+        store.add_event(session, "info", f"an admin retrained the reward model: v{result.version}, held-out accuracy {acc}")
+    return f"Reward model v{result.version} trained on {result.train_pairs} pairs; held-out accuracy {acc}."

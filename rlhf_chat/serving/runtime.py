@@ -89,9 +89,21 @@ def start_services(cfg: AppConfig, train: bool = True) -> Services:
         lease.take(sessions, me, cfg.deploy.lease_ttl_s)
     training = role != "serve"
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions, training)).start()
-    loop = TrainingLoop(worker, sessions, cfg).start() if training and (train or role == "train") else None
+    loop = TrainingLoop(worker, sessions, cfg) if training and (train or role == "train") else None
     follower = PolicyFollower(worker, sessions, cfg.deploy).start() if role == "serve" else None
     keeper = None
     if me is not None:
         keeper = lease.LeaseKeeper(sessions, me, cfg.deploy.heartbeat_s, on_lost=lambda why: loop.halt(why)).start()
-    return Services(config=cfg, worker=worker, sessions=sessions, loop=loop, follower=follower, lease_keeper=keeper)
+    services = Services(config=cfg, worker=worker, sessions=sessions, loop=loop, follower=follower, lease_keeper=keeper)
+    if loop is not None:
+        loop.on_trip = lambda version: roll_back_after_trip(services, version)
+        loop.start()
+    return services
+
+
+def roll_back_after_trip(services: Services, version: int) -> str:
+    """What the tripwire does to the policy being served: the admin's own rollback to
+    ``version`` (a new version, checkpointed), or a reset to the starting model for 0."""
+    from rlhf_chat.serving import controls
+
+    return controls.rollback(services, version) if version > 0 else controls.reset_policy(services)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.behaviours import DETECTORS
+from rlhf_chat.learning.guards import client_key
 from rlhf_chat.serving import controls, dashboard
 from rlhf_chat.serving.admission import Admission, AdminGuard, client_address
 from rlhf_chat.serving.batcher import BatcherFull, PairBatcher, PairRequest
@@ -123,6 +124,7 @@ class ChatState:
     phase: str = "chat"  # chat: type a message | vote: choose | regenerate: both were bad
     writing: bool = False  # two answers (or a continuation) are being written: a second send is refused
     expected: bool = False  # this session's pair is announced to the batcher and not yet submitted
+    client: str = ""  # salted hash of the address it last wrote from (guards.client_key), stored with each pair
     # Events of one browser session run concurrently (Gradio shares this object
     # between them): the pair on screen changes only under this lock, so a vote
     # and a Regenerate never act on half of each other's work.
@@ -317,6 +319,7 @@ def _generate(services: Services, state: ChatState, clear_input: bool = False, n
                 b=b,
                 conversation_id=state.conversation_id,
                 arena=arena,
+                client=state.client,
             ).id
 
     try:
@@ -342,8 +345,10 @@ def _start_writing(services: Services, state: ChatState, request, pair: bool = T
     with state.lock:
         if state.writing:
             return STILL_WRITING
-        refusal = services.admission.generation(state.session_id, services.address(request))
+        address = services.address(request)
+        refusal = services.admission.generation(state.session_id, address)
         if refusal is None:
+            state.client = client_key(address, services.config.guards.client_salt)
             state.writing = True
             state.expected = pair
             if pair:
@@ -759,6 +764,15 @@ async def admin_export(services: Services, password: str | None, request=None) -
     return gr.update(value=[str(p) for p in paths], visible=True), message
 
 
+async def admin_contributors(services: Services, password: str | None, request=None):
+    """The contributors table for an admin (an empty update for anyone else)."""
+    refusal = await _admin_refusal(services, password, request, NOT_AUTHORISED)
+    if refusal is not None:
+        return gr.update()
+    rows = await asyncio.to_thread(controls.contributors_table, services)
+    return gr.update(value=rows or [[""] * len(controls.CONTRIBUTOR_COLUMNS)])
+
+
 def remove_later(folder: str, after_s: float) -> threading.Timer:
     """Delete ``folder`` after ``after_s`` seconds, on a daemon timer."""
     timer = threading.Timer(after_s, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True})
@@ -963,6 +977,19 @@ def build_admin(services: Services) -> None:
             mode_openings = gr.Textbox(label="Openings, one per line", lines=3, max_length=2000)
             mode_behaviour = gr.Dropdown(choices=["", *DETECTORS], value="", label="Behaviour that shows it")
             add_mode_button = gr.Button("Add mode")
+        gr.Markdown(
+            "**Contributors.** Each session and client address (a salted hash), with how often the reward model "
+            "and the others agree with its votes, and what its feedback weighs in training (README, \"Bad actors\"). "
+            "Excluding one keeps its votes in the database and the export, marked."
+        )
+        contributors = gr.Dataframe(headers=controls.CONTRIBUTOR_COLUMNS, interactive=False, wrap=True)
+        with gr.Row():
+            refresh_contributors = gr.Button("Refresh contributors")
+            who = gr.Textbox(label="Contributor (session:KEY or client:KEY)", max_length=80)
+            why = gr.Textbox(label="Reason", max_length=200)
+            exclude_button = gr.Button("Exclude from training", variant="stop")
+            include_button = gr.Button("Include again")
+            retrain_button = gr.Button("Retrain the reward model without them")
         export_button = gr.Button("Download preferences and written answers (JSONL)")
         export_file = gr.File(label="Preferences, written answers", file_count="multiple", visible=False, interactive=False)
 
@@ -990,6 +1017,18 @@ def build_admin(services: Services) -> None:
         inputs = [password, *extra]
         button.click(_with_request(partial(admin_control, services, action), inputs), inputs, [message, rollback_to],
                      api_name=False)
+    for button, action, extra in (
+        (exclude_button, controls.exclude_contributor, [who, why]),
+        (include_button, controls.include_contributor, [who]),
+        (retrain_button, controls.retrain_reward, []),
+    ):
+        inputs = [password, *extra]
+        button.click(_with_request(partial(admin_control, services, action), inputs), inputs, [message, rollback_to],
+                     api_name=False).then(
+            _with_request(partial(admin_contributors, services), [password]), [password], [contributors], api_name=False
+        )
+    refresh_contributors.click(_with_request(partial(admin_contributors, services), [password]), [password],
+                               [contributors], api_name=False)
     export_button.click(_with_request(partial(admin_export, services), [password]), [password], [export_file, message],
                         api_name=False)
 

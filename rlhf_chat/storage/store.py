@@ -26,6 +26,7 @@ from rlhf_chat.storage.tables import (
     Comparison,
     Conversation,
     Demonstration,
+    Exclusion,
     Message,
     PPOStep,
     ResponseMode,
@@ -82,6 +83,11 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("ppo_steps", "ptx_loss", "FLOAT"),
     ],
     3: [("candidates", "mode", "VARCHAR(32)")],  # the response_modes table is new: create_all makes it
+    4: [  # the guards (learning/guards.py); the exclusions table is new
+        ("comparisons", "client", "VARCHAR(16)"),
+        ("comparisons", "rm_agrees", "BOOLEAN"),
+        ("demonstrations", "client", "VARCHAR(16)"),
+    ],
     # Tables added without touching an existing one need no new version: create_all
     # makes them on start (trainer_lease, demonstrations).
 }
@@ -203,11 +209,14 @@ def save_pair(
     conversation_id: int | None = None,
     arena: bool = False,
     source: str = "ui",
+    client: str = "",
 ) -> Comparison:
-    """Store two candidates as an open comparison (no choice yet)."""
+    """Store two candidates as an open comparison (no choice yet); ``client`` is the
+    salted hash of the person's address (``guards.client_key``), "" when unknown."""
     comparison = Comparison(
         conversation_id=conversation_id,
         session_id=session_id,
+        client=client or None,
         context=context,
         response_a=storable_text(a.text),
         response_b=storable_text(b.text),
@@ -291,7 +300,7 @@ def add_demonstration(
     try:
         with session.begin_nested():  # a racing second click hits the unique index: refused, not an error
             session.add(Demonstration(comparison_id=comparison_id, session_id=session_id, context=list(comparison.context),
-                                      text=storable_text(text), started_from=started_from))
+                                      text=storable_text(text), started_from=started_from, client=comparison.client))
     except IntegrityError:
         return VoteResult(False, "You already wrote an answer for this pair.")
     return VoteResult(True, "Answer recorded.")
@@ -307,6 +316,37 @@ def demonstrations(session: Session) -> list[Demonstration]:
 def count_demonstrations(session: Session) -> int:
     """How many answers people wrote."""
     return session.scalar(select(func.count()).select_from(Demonstration)) or 0
+
+
+def set_rm_agreement(session: Session, agrees: dict[int, bool]) -> None:
+    """Record, per comparison id, whether the reward model preferred the chosen answer
+    (``guards``: scored once, before any round trains on the vote). The vote is untouched."""
+    for comparison_id, value in agrees.items():
+        session.execute(update(Comparison).where(Comparison.id == comparison_id).values(rm_agrees=bool(value)))
+
+
+def exclusions(session: Session) -> list[Exclusion]:
+    """Every session or client an admin left out of training, oldest first."""
+    return list(session.scalars(select(Exclusion).order_by(Exclusion.id)))
+
+
+def add_exclusion(session: Session, kind: str, key: str, reason: str = "") -> bool:
+    """Leave a session (``kind`` "session") or client ("client") out of training;
+    False when it already is. Its feedback stays, marked."""
+    if kind not in ("session", "client") or not key:
+        raise ValueError(f"exclude a session or a client by its key, not {kind!r} {key!r}")
+    if session.scalar(select(Exclusion.id).where(Exclusion.kind == kind, Exclusion.key == key)) is not None:
+        return False
+    session.add(Exclusion(kind=kind, key=key, reason=reason))
+    return True
+
+
+def remove_exclusion(session: Session, kind: str, key: str) -> bool:
+    """Let an excluded session or client train again; False when it was not excluded."""
+    rows = list(session.scalars(select(Exclusion).where(Exclusion.kind == kind, Exclusion.key == key)))
+    for row in rows:
+        session.delete(row)
+    return bool(rows)
 
 
 def pair_texts(session: Session, comparison_id: int) -> tuple[str, str]:

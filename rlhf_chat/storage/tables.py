@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3  # bump with a migration in store.MIGRATIONS when a table changes
+SCHEMA_VERSION = 4  # bump with a migration in store.MIGRATIONS when a table changes
 CHOICES = ("a", "b", "tie", "both_bad")  # what a vote can say
 STRENGTHS = ("slightly", "clearly")  # how much better, optional (Anthropic's comparison interface)
 
@@ -89,6 +89,11 @@ class Comparison(Base):
     source: Mapped[str] = mapped_column(String(16), default="ui")  # ui | simulate
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     voted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # schema 4 (learning/guards.py)
+    client: Mapped[str | None] = mapped_column(String(16), index=True)  # salted hash of the address; never the address
+    # Whether the reward model of the round before preferred the chosen answer, scored
+    # before any round trained on this vote; NULL until scored (or a tie, or no model yet).
+    rm_agrees: Mapped[bool | None] = mapped_column(Boolean)
 
     conversation: Mapped[Conversation | None] = relationship(back_populates="comparisons")
     candidates: Mapped[list[CandidateRow]] = relationship(back_populates="comparison", order_by="CandidateRow.side")
@@ -222,8 +227,22 @@ class Demonstration(Base):
     text: Mapped[str] = mapped_column(Text)
     started_from: Mapped[str] = mapped_column(String(1), default="")  # a | b: the candidate edited; "": from scratch
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    client: Mapped[str | None] = mapped_column(String(16), index=True)  # schema 4, as Comparison.client
 
     comparison: Mapped[Comparison] = relationship()
+
+
+class Exclusion(Base):
+    """A session or client an admin left out of training (learning/guards.py). Its
+    feedback stays in the database and the export, marked; deleting this row undoes it."""
+
+    __tablename__ = "exclusions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # session | client
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class TrainerLease(Base):

@@ -1,0 +1,371 @@
+"""Guards: what one contributor, or a few bad ones, can teach the model everyone is served.
+
+On a public demo the votes and written answers train the model, so a person
+who votes for the worse answer on purpose, or a handful of scripted clients,
+could teach it rudeness within minutes. Three guards, each a plain function
+of the stored feedback (no vote is ever changed or deleted by them; they only
+decide how much each one weighs in training):
+
+* **Bounded influence** (:func:`cap_factors`): no session and no client
+  address carries more than ``guards.max_share`` of a round's training weight.
+  With k contributors the bound is at least 1/k, so one person alone (a local
+  demo) still trains the model; the excess is down-weighted, not dropped.
+* **Agreement** (:func:`agreement_table`): every vote, before the reward model
+  trains on it, is scored by the reward model of the round before
+  (``Comparison.rm_agrees``, out of sample by construction), and where votes
+  overlap (arena pairs on the same prompt) it is compared with the other
+  contributors' majority. A contributor whose agreement is significantly below
+  chance (the upper end of its Wilson 95% interval under ``guards.flag_below``)
+  after ``guards.min_votes`` votes is flagged; its weight becomes
+  ``guards.flagged_weight`` (FastChat drops outlier judges the same way).
+* **Exclusion** by an admin (``tables.Exclusion``): a session or address whose
+  feedback leaves training; it stays in the database and the export, marked.
+
+Written answers pass :func:`written_answer_problems` before they train
+anything. The tripwire that pauses the loop is :mod:`rlhf_chat.learning.tripwire`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from rlhf_chat.serving.arena import win_rate
+
+SESSION, CLIENT = "session", "client"
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of ``successes`` in ``n`` (arena.win_rate's, no ties);
+    (0, 1) for no trials.
+
+    >>> [round(v, 3) for v in wilson_interval(2, 20)]
+    [0.028, 0.301]
+    """
+    rate = win_rate(successes, 0, n - successes)
+    return rate.low, rate.high
+
+
+def client_key(address: str | None, salt: str) -> str:
+    """A client address as stored: a salted hash (16 hex digits), never the address
+    itself; "" when unknown. The same address gives the same key under one salt."""
+    if not address:
+        return ""
+    return hashlib.sha256(f"{salt}:{address}".encode()).hexdigest()[:16]
+
+
+def cap_level(amounts: list[float], share: float) -> float:
+    """The largest level L with ``L <= share * sum(min(a, L))``: capped at L, no
+    amount is more than ``share`` of the capped total. ``share`` is raised to
+    1 / len(amounts) first (k contributors can each hold 1/k). Returns the largest
+    amount when nobody needs capping.
+
+    >>> cap_level([10, 10, 80], 0.5)   # 80 capped to 20: 20 is half of 10 + 10 + 20
+    20.0
+    >>> cap_level([30, 30, 40], 0.5)   # nobody above half: no cap
+    40.0
+    """
+    positive = [a for a in amounts if a > 0]
+    if not positive:
+        return 0.0
+    share = max(share, 1.0 / len(positive))
+    top = max(positive)
+    if top <= share * sum(positive) + 1e-12:
+        return float(top)
+    low, high = 0.0, top  # low satisfies the bound (slope share*k - 1 >= 0 near 0), high does not
+    for _ in range(100):
+        mid = (low + high) / 2
+        if mid <= share * sum(min(a, mid) for a in positive):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def cap_factors(amounts: dict[str, float], share: float) -> dict[str, float]:
+    """Per contributor, the factor (0..1] that brings its amount down to the cap level.
+
+    >>> cap_factors({"x": 10, "y": 10, "z": 80}, 0.5)
+    {'x': 1.0, 'y': 1.0, 'z': 0.25}
+    """
+    level = cap_level(list(amounts.values()), share)
+    return {key: (1.0 if amount <= level or amount <= 0 else level / amount) for key, amount in amounts.items()}
+
+
+@dataclass
+class Feedback:
+    """One piece of feedback as the guards see it: who gave it and what it weighs."""
+
+    comparison_id: int
+    session: str
+    client: str = ""
+    weight: float = 1.0  # before the guards: a vote 1, a written answer's pairs loop.demonstration_weight
+
+
+def influence_factors(items: list[Feedback], share: float) -> list[float]:
+    """Per item, the factor that keeps every session's and every client's share of the
+    total weight within ``share`` (the smaller of its session's and its client's factor)."""
+    factors = [1.0] * len(items)
+    for kind in (SESSION, CLIENT):
+        totals: dict[str, float] = defaultdict(float)
+        for item in items:
+            key = getattr(item, kind)
+            if key:
+                totals[key] += item.weight
+        caps = cap_factors(totals, share)
+        for i, item in enumerate(items):
+            key = getattr(item, kind)
+            if key:
+                factors[i] = min(factors[i], caps[key])
+    return factors
+
+
+@dataclass
+class Vote:
+    """A decided vote (A or B better), for the agreement estimates."""
+
+    comparison_id: int
+    session: str
+    client: str
+    prompt: str
+    arena: bool
+    chose_policy: bool | None  # arena pairs: whether the policy's side won; else None
+    rm_agrees: bool | None  # whether the previous reward model preferred the chosen answer; None: not scored
+
+
+@dataclass
+class Contributor:
+    """One session or client address: how much it gave, how far others agree with it, and its weight."""
+
+    kind: str  # session | client
+    key: str
+    votes: int = 0
+    written: int = 0
+    rm_scored: int = 0
+    rm_agreement: float | None = None
+    overlaps: int = 0
+    majority_agreement: float | None = None
+    flagged: bool = False
+    excluded: bool = False
+    weight: float = 1.0  # what its feedback weighs in training (before the influence cap)
+    reasons: list[str] = field(default_factory=list)
+
+
+def majority_agreement(votes: list[Vote]) -> dict[str, tuple[int, int]]:
+    """Per session, (agreements, overlaps) with the other sessions' majority on arena
+    pairs of the same prompt (leave one out: a session never votes in its own majority).
+    A prompt where the others are split evenly, or absent, gives no overlap."""
+    by_prompt: dict[str, list[Vote]] = defaultdict(list)
+    for v in votes:
+        if v.arena and v.chose_policy is not None:
+            by_prompt[v.prompt].append(v)
+    result: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for group in by_prompt.values():
+        per_session = Counter((v.session, v.chose_policy) for v in group)
+        for v in group:
+            others_policy = sum(n for (s, c), n in per_session.items() if s != v.session and c)
+            others_reference = sum(n for (s, c), n in per_session.items() if s != v.session and not c)
+            if others_policy == others_reference:
+                continue
+            result[v.session][1] += 1
+            result[v.session][0] += int(v.chose_policy == (others_policy > others_reference))
+    return {k: (a, n) for k, (a, n) in result.items()}
+
+
+@dataclass
+class GuardRules:
+    """The thresholds (a ``config.GuardConfig`` carries the defaults)."""
+
+    min_votes: int = 10
+    flag_below: float = 0.5
+    flagged_weight: float = 0.0
+
+
+def assess(agreements: int, n: int, rules: GuardRules) -> bool:
+    """Whether ``agreements`` of ``n`` is significantly below ``rules.flag_below``
+    (the Wilson interval's upper end under it), with at least ``rules.min_votes``."""
+    return n >= rules.min_votes and wilson_interval(agreements, n)[1] < rules.flag_below
+
+
+def agreement_table(
+    votes: list[Vote], written: dict[str, int], excluded: set[tuple[str, str]], rules: GuardRules
+) -> dict[tuple[str, str], Contributor]:
+    """Every contributor (by session and by client), its agreement, flag and weight.
+
+    ``written`` counts written answers per session; ``excluded`` holds the
+    (kind, key) an admin excluded. A flagged contributor's weight is
+    ``rules.flagged_weight``; an excluded one's is 0.
+    """
+    table: dict[tuple[str, str], Contributor] = {}
+
+    def entry(kind: str, key: str) -> Contributor:
+        return table.setdefault((kind, key), Contributor(kind, key))
+
+    for v in votes:
+        for kind, key in ((SESSION, v.session), (CLIENT, v.client)):
+            if not key:
+                continue
+            c = entry(kind, key)
+            c.votes += 1
+            if v.rm_agrees is not None:
+                c.rm_scored += 1
+                c.rm_agreement = (c.rm_agreement or 0.0) + float(v.rm_agrees)
+    for session, n in written.items():
+        entry(SESSION, session).written += n
+    majority = majority_agreement(votes)
+    for (kind, key), c in table.items():
+        agreed_rm = c.rm_agreement or 0.0
+        c.rm_agreement = agreed_rm / c.rm_scored if c.rm_scored else None
+        if kind == SESSION and key in majority:
+            agreed, c.overlaps = majority[key]
+            c.majority_agreement = agreed / c.overlaps if c.overlaps else None
+            if assess(agreed, c.overlaps, rules):
+                c.reasons.append(f"agrees with the others' majority on {agreed} of {c.overlaps} shared arena prompts")
+        if assess(round(agreed_rm), c.rm_scored, rules):
+            c.reasons.append(f"the reward model agrees with {round(agreed_rm)} of its {c.rm_scored} scored votes")
+        c.flagged = bool(c.reasons)
+        c.excluded = (kind, key) in excluded
+        c.weight = 0.0 if c.excluded else (rules.flagged_weight if c.flagged else 1.0)
+    return table
+
+
+def feedback_weights(
+    items: list[Feedback], table: dict[tuple[str, str], Contributor], share: float, enabled: bool = True
+) -> list[float]:
+    """The training weight of each item: its own weight times its contributors' weights
+    (flags, exclusions) times the influence cap. With ``enabled`` False, exclusions by
+    an admin still hold; flags and the cap do not (the simulation's guards-off arm)."""
+    weights = []
+    for item in items:
+        w = item.weight
+        for kind in (SESSION, CLIENT):
+            c = table.get((kind, getattr(item, kind)))
+            if c is not None:
+                w *= (0.0 if c.excluded else 1.0) if not enabled else c.weight
+        weights.append(w)
+    if not enabled:
+        return weights
+    kept = [Feedback(i.comparison_id, i.session, i.client, w) for i, w in zip(items, weights)]
+    return [w * f for w, f in zip(weights, influence_factors(kept, share))]
+
+
+# --- written answers -----------------------------------------------------------------
+
+LINK = re.compile(r"(https?://|www\.|\b[a-z0-9-]+\.(com|net|org|io|ru|cn|info|biz|xyz|ly)\b)", re.IGNORECASE)
+EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")
+PHONE = re.compile(r"(?<!\w)\+?\d[\d\s().-]{7,}\d(?!\w)")
+
+
+def normalized(text: str) -> str:
+    """A written answer as compared for duplicates: case-folded, spaces collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def written_answer_problems(text: str, min_chars: int, max_chars: int) -> list[str]:
+    """Why a written answer must not train anything ([] when it may): too short or
+    too long, or it holds a link, an e-mail address or a phone number (kept for the
+    admin, never learned: a model that learns them repeats them to everyone)."""
+    problems = []
+    stripped = text.strip()
+    if len(stripped) < min_chars:
+        problems.append(f"shorter than {min_chars} characters")
+    if len(stripped) > max_chars:
+        problems.append(f"longer than {max_chars} characters")
+    if LINK.search(stripped):
+        problems.append("holds a link")
+    if EMAIL.search(stripped):
+        problems.append("holds an e-mail address")
+    if PHONE.search(stripped):
+        problems.append("holds a phone number")
+    return problems
+
+
+def duplicate_sessions(answers: list[tuple[str, str]]) -> set[int]:
+    """Indices of written answers (session, text) whose text another session also
+    wrote: the same words from several sessions is one voice, or a script."""
+    sessions_of: dict[str, set[str]] = defaultdict(set)
+    for session, text in answers:
+        sessions_of[normalized(text)].add(session)
+    return {i for i, (_, text) in enumerate(answers) if len(sessions_of[normalized(text)]) > 1}
+
+
+# --- from the store ------------------------------------------------------------------
+
+
+@dataclass
+class Trust:
+    """What the guards decided for the feedback in the store, for one round."""
+
+    contributors: dict[tuple[str, str], Contributor]
+    vote_factor: dict[int, float]  # comparison id -> factor on its vote's weight (0: left out)
+    written_factor: dict[int, float]  # comparison id -> factor on its written answer's weight
+    held_back: dict[int, list[str]]  # demonstration id -> why it trains nothing
+    excluded_comparisons: set[int] = field(default_factory=set)  # feedback of excluded contributors
+
+    def vote_weight(self, comparison_id: int) -> float:
+        """The factor on one vote (1 where the guards know nothing of it)."""
+        return self.vote_factor.get(comparison_id, 1.0)
+
+    def written_weight(self, comparison_id: int) -> float:
+        """The factor on the written answer of one pair (1 where the guards know nothing of it)."""
+        return self.written_factor.get(comparison_id, 1.0)
+
+
+def policy_won(comparison) -> bool | None:
+    """On an arena pair, whether the vote chose the policy's side; None elsewhere."""
+    if not comparison.arena or comparison.choice not in ("a", "b"):
+        return None
+    sources = {row.side: row.source for row in comparison.candidates}
+    return sources.get(comparison.choice) == "policy"
+
+
+def prompt_of(context: list[dict]) -> str:
+    """The last user turn of a context: what an overlap between two votes is keyed on."""
+    users = [m.get("content", "") for m in context if m.get("role") == "user"]
+    return normalized(users[-1]) if users else ""
+
+
+def assess_feedback(session, cfg, demonstration_weight: float = 1.0) -> Trust:
+    """The guards over every vote and written answer in the store (``cfg``: a ``config.GuardConfig``).
+
+    Exclusions by an admin always hold; flags and the influence cap only with
+    ``cfg.enabled``. Written answers that fail :func:`written_answer_problems`,
+    or that another session wrote word for word, are held back whatever the setting.
+    """
+    from rlhf_chat.storage import store
+
+    rules = GuardRules(cfg.min_votes, cfg.flag_below, cfg.flagged_weight)
+    decided = [c for c in store.voted_comparisons(session) if c.choice in ("a", "b")]
+    written = store.demonstrations(session)
+    excluded = {(e.kind, e.key) for e in store.exclusions(session)}
+    duplicates = duplicate_sessions([(d.session_id, d.text) for d in written])
+    held_back: dict[int, list[str]] = {}
+    for i, d in enumerate(written):
+        problems = written_answer_problems(d.text, cfg.written_min_chars, cfg.written_max_chars)
+        if i in duplicates:
+            problems.append("another session wrote the same text")
+        if problems:
+            held_back[d.id] = problems
+    trained_written = [d for d in written if d.id not in held_back]
+    votes = [
+        Vote(c.id, c.session_id, c.client or "", prompt_of(c.context), bool(c.arena), policy_won(c), c.rm_agrees)
+        for c in decided
+    ]
+    per_session = Counter(d.session_id for d in trained_written)
+    table = agreement_table(votes, dict(per_session), excluded, rules)
+    items = [Feedback(c.id, c.session_id, c.client or "", 1.0) for c in decided]
+    # a written answer is two reward pairs (over each candidate) of demonstration_weight each
+    items += [Feedback(d.comparison_id, d.session_id, d.client or "", 2 * demonstration_weight) for d in trained_written]
+    weights = feedback_weights(items, table, cfg.max_share, cfg.enabled)
+    vote_factor = {item.comparison_id: w for item, w in zip(items[: len(decided)], weights)}
+    written_factor = {
+        item.comparison_id: (w / item.weight if item.weight else 0.0)
+        for item, w in zip(items[len(decided):], weights[len(decided):])
+    }
+    left_out = {
+        item.comparison_id for item in items
+        for kind in (SESSION, CLIENT) if (kind, getattr(item, kind)) in excluded
+    }
+    return Trust(table, vote_factor, written_factor, held_back, left_out)

@@ -1,0 +1,292 @@
+"""Decoder: the serving copy's decoding loop, in few and large operations.
+
+``transformers``' ``generate`` runs every decoding step through the generic
+model code: per layer, peft's LoRA wrapper, the cache object, separate q, k, v,
+gate and up projections, a rotary embedding recomputed from the positions, and
+the loop's own logits processors and stopping criteria. On the 2-core CPU a
+step of the bundled model (30 layers, 2 rows, one token each) took about 31 ms,
+where reading its 4-bit weights once takes about 8 ms: the rest was overhead.
+
+:class:`Decoder` runs the same Llama-family computation on the serving copy's
+own tensors, with
+
+* a static key/value cache per layer, filled in place;
+* the q, k and v projections fused into one int4 matmul, and the gate and up
+  projections into another (:func:`fuse_int4`: the packed rows concatenated);
+* the rotary tables computed once per call for every position;
+* the LoRA adapter as two small matmuls beside its base layer, scaled per
+  row, so that the policy and the reference (scale 0) share a step;
+* RMSNorm as one fused op, and the output layer on the last position only.
+
+It reads the peft LoRA parameters themselves, not copies, so an update the
+worker syncs into the serving copy is what the next step uses. Numerics follow
+the generic path (float32 residual stream and norms, bf16 into the int4
+kernel), so what is sampled and what PPO scores stay one distribution:
+``tests/test_decoder.py`` checks its logits against the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhf_chat.model.quantized import Int4Linear
+
+
+@dataclass
+class Lora:
+    """One LoRA adapter on one projection: ``x @ A.T @ B.T * scaling``, the live peft tensors."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+
+
+@dataclass
+class Layer:
+    """One decoder layer's tensors, as the step reads them."""
+
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: nn.Module  # fused q, k, v projections: (H + 2 KV) outputs
+    o: nn.Module
+    gate_up: nn.Module  # fused gate and up projections: 2 I outputs
+    down: nn.Module
+    lora: dict[str, Lora]  # target name ("q_proj", ...) -> adapter; empty for a frozen layer
+
+
+INT4_ROW_BLOCK = 64  # the CPU int4 kernel packs output rows in interleaved blocks of 64
+
+
+def fuse_int4(layers: list[Int4Linear]) -> Int4Linear:
+    """One :class:`Int4Linear` whose outputs are ``layers``' outputs, concatenated.
+
+    The CPU int4 kernel packs output rows in blocks of 64 ((N, K / 2) bytes,
+    interleaved within a block; scales (K / group, N, 2)), so concatenating
+    layers of whole blocks concatenates their outputs exactly. Other widths are
+    refused: their rows would land in the wrong block.
+    """
+    if any(layer.out_features % INT4_ROW_BLOCK for layer in layers):
+        raise ValueError(f"fuse_int4: output widths must be multiples of {INT4_ROW_BLOCK}")
+    fused = Int4Linear.__new__(Int4Linear)
+    nn.Module.__init__(fused)
+    fused.in_features = layers[0].in_features
+    fused.out_features = sum(layer.out_features for layer in layers)
+    fused.group = layers[0].group
+    fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+    fused.bias = None
+    if any(layer.bias is not None for layer in layers):
+        raise ValueError("fuse_int4: biased layers are not fused")
+    fused.register_buffer("scales_and_zeros", torch.cat([layer.scales_and_zeros for layer in layers], dim=1))
+    return fused
+
+
+class Concat(nn.Module):
+    """Several linear layers on one input, outputs concatenated: the unfused fallback
+    of :func:`fuse_int4` for weights held any other way (bf16, NF4, float32)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[layer(x) for layer in parts]``, concatenated on the last dimension."""
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def fuse(layers: list[nn.Module]) -> nn.Module:
+    """The fused projection of ``layers`` (:func:`fuse_int4` where all are int4 of whole row blocks)."""
+    if all(type(layer) is Int4Linear and layer.out_features % INT4_ROW_BLOCK == 0 for layer in layers):
+        return fuse_int4(layers)
+    return Concat(layers)
+
+
+def split_lora(module: nn.Module, adapter: str) -> tuple[nn.Module, Lora | None]:
+    """A projection's frozen base layer, and its LoRA adapter ``adapter`` if it has one."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module, None
+    if adapter not in module.lora_A:
+        return base, None
+    return base, Lora(module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter]))
+
+
+def is_supported(model: nn.Module) -> bool:
+    """Whether :class:`Decoder` can run this model: a Llama-family decoder with
+    plain LoRA (no DoRA, no dropout at serving), rotary positions and no biases."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in ("llama", "mistral", "qwen2") or getattr(config, "attention_bias", False):
+        return False
+    if getattr(config, "mlp_bias", False) or getattr(config, "sliding_window", None):
+        return False
+    layer = base.model.layers[0]
+    return hasattr(layer.self_attn, "q_proj") and hasattr(layer.mlp, "gate_proj")
+
+
+class Decoder:
+    """Prefill and decoding steps of a (peft-wrapped) Llama-family serving copy.
+
+    Build it once per serving copy (:func:`decoder_for`); :meth:`start` takes a
+    left-padded batch and returns the first logits, :meth:`step` one token per
+    row and returns the next logits.
+    """
+
+    def __init__(self, model: nn.Module, adapter: str = "policy"):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = base.config
+        self.embed = base.model.embed_tokens
+        self.norm = base.model.norm
+        self.lm_head = base.lm_head
+        self.rotary = base.model.rotary_emb
+        self.eps = float(self.config.rms_norm_eps)
+        self.heads = self.config.num_attention_heads
+        self.kv_heads = self.config.num_key_value_heads
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.heads
+        self.adapter = adapter
+        self.layers = [self._layer(layer, adapter) for layer in base.model.layers]
+
+    def _layer(self, layer: nn.Module, adapter: str) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        owner = {n: attn if n in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp for n in names}
+        bases, loras = {}, {}
+        for name in names:
+            bases[name], lora = split_lora(getattr(owner[name], name), adapter)
+            if lora is not None:
+                loras[name] = lora
+        return Layer(
+            attn_norm=layer.input_layernorm.weight,
+            mlp_norm=layer.post_attention_layernorm.weight,
+            qkv=fuse([bases["q_proj"], bases["k_proj"], bases["v_proj"]]),
+            o=bases["o_proj"],
+            gate_up=fuse([bases["gate_proj"], bases["up_proj"]]),
+            down=bases["down_proj"],
+            lora=loras,
+        )
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """Prefill a left-padded batch ``ids`` (B, P) with its ``mask``.
+
+        ``lora_rows`` (B,) is 1 where a row uses the adapter and 0 where it is the
+        reference (adapters off). Returns the batch's state, which :meth:`step`
+        continues, and the last position's logits (B, V). The state is the
+        call's own: a PPO rollout yields to a person's request between two steps,
+        and both decode on this one copy.
+        """
+        width = ids.shape[1]
+        batch = Batch.empty(self, mask, max_new_tokens, lora_rows)
+        causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+        attend = causal & mask.bool()[:, None, :]
+        attend |= torch.eye(width, dtype=torch.bool, device=ids.device)  # padding attends to itself: no NaN rows
+        logits = self._forward(batch, self.embed(ids), 0, width, attend.unsqueeze(1))
+        batch.length = width
+        return batch, logits
+
+    def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) to ``batch`` and return the next logits (B, V)."""
+        at = batch.length
+        batch.length += 1
+        attend = batch.keys_valid[:, None, None, : batch.length]
+        return self._forward(batch, self.embed(tokens[:, None]), at, 1, attend)
+
+    # -- the computation -------------------------------------------------------------------
+
+    def _forward(self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor) -> torch.Tensor:
+        cos, sin = batch.cos[:, :, at: at + count], batch.sin[:, :, at: at + count]
+        scale = batch.lora_rows
+        for layer, (keys, values) in zip(self.layers, batch.cache):
+            hidden = hidden + self._attention(layer, hidden, keys, values, at, count, cos, sin, attend, scale)
+            hidden = hidden + self._mlp(layer, hidden, scale)
+        last = nn.functional.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm.weight, self.eps)
+        return self.lm_head(last).float()
+
+    def _project(self, layer: Layer, base: nn.Module, x: torch.Tensor, names: tuple[str, ...], scale) -> torch.Tensor:
+        out = base(x)
+        if not layer.lora or not any(n in layer.lora for n in names):
+            return out
+        parts = list(out.split(self._widths(names), dim=-1)) if len(names) > 1 else [out]
+        for i, name in enumerate(names):
+            lora = layer.lora.get(name)
+            if lora is not None:
+                delta = (x @ lora.a.t()) @ lora.b.t()
+                parts[i] = parts[i] + delta * (scale * lora.scaling)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def _widths(self, names: tuple[str, ...]) -> list[int]:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        return [sizes[n] for n in names]
+
+    def _attention(self, layer, hidden, keys, values, at, count, cos, sin, attend, scale) -> torch.Tensor:
+        rows = hidden.shape[0]
+        x = nn.functional.rms_norm(hidden, (hidden.shape[-1],), layer.attn_norm, self.eps)
+        qkv = self._project(layer, layer.qkv, x, ("q_proj", "k_proj", "v_proj"), scale)
+        q, k, v = qkv.view(rows, count, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2).split(
+            [self.heads, self.kv_heads, self.kv_heads], dim=1
+        )
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        end = at + count
+        keys[:, :, at:end] = k
+        values[:, :, at:end] = v
+        out = nn.functional.scaled_dot_product_attention(
+            q, keys[:, :, :end], values[:, :, :end], attn_mask=attend, enable_gqa=self.heads != self.kv_heads
+        )
+        out = out.transpose(1, 2).reshape(rows, count, self.heads * self.head_dim)
+        return self._project(layer, layer.o, out, ("o_proj",), scale)
+
+    def _mlp(self, layer: Layer, hidden: torch.Tensor, scale) -> torch.Tensor:
+        x = nn.functional.rms_norm(hidden, (hidden.shape[-1],), layer.mlp_norm, self.eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return self._project(layer, layer.down, nn.functional.silu(gate) * up, ("down_proj",), scale)
+
+
+@dataclass
+class Batch:
+    """One sampling call's state: its key/value cache, rotary tables and masks."""
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, KV, P + new, D)
+    keys_valid: torch.Tensor  # (B, P + new): False at left padding
+    cos: torch.Tensor  # (B, 1, P + new, D)
+    sin: torch.Tensor
+    lora_rows: torch.Tensor  # (B, 1, 1): 1 where the row uses the adapter, 0 for the reference
+    length: int = 0  # positions filled so far
+
+    @classmethod
+    def empty(cls, decoder: Decoder, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor) -> Batch:
+        """The state for a left-padded batch with ``mask`` (B, P), before its prefill."""
+        rows, width = mask.shape
+        device = mask.device
+        total = width + max_new_tokens
+        keys_valid = torch.ones(rows, total, dtype=torch.bool, device=device)
+        keys_valid[:, :width] = mask.bool()
+        # Left padding: a row's positions count its real tokens only, as generate's do.
+        prompt_positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+        after = prompt_positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        cos, sin = decoder.rotary(probe, torch.cat([prompt_positions, after], -1))  # (B, total, D)
+        shape = (rows, decoder.kv_heads, total, decoder.head_dim)
+        cache = [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in decoder.layers]
+        scale = lora_rows.float().view(rows, 1, 1).to(device)
+        return cls(cache, keys_valid, cos.unsqueeze(1), sin.unsqueeze(1), scale)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` (B, heads, T, D), Llama's half-split layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def decoder_for(model: nn.Module, adapter: str = "policy") -> Decoder | None:
+    """The model's :class:`Decoder`, built on first use and kept on the model;
+    None where the model is not one it supports (``generate`` is used then)."""
+    decoder = getattr(model, "_rlhf_decoder", None)
+    if decoder is None and is_supported(model):
+        decoder = Decoder(model, adapter)
+        object.__setattr__(model, "_rlhf_decoder", decoder)  # not a submodule: no state-dict entry
+    return decoder

@@ -1,0 +1,167 @@
+"""The serving copy's own decoding loop (model/decoder.py): the model's function,
+step for step, with live LoRA weights, per-row adapters, and calls nested inside
+each other's steps as a PPO rollout nests a person's request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_chat.config import ModelConfig
+from rlhf_chat.model.decoder import Concat, Decoder, decoder_for, fuse, fuse_int4, is_supported
+from rlhf_chat.model.loading import load_models, sync_policy_weights
+from rlhf_chat.model.quantized import Int4Linear
+from rlhf_chat.serving.candidates import BASE_ADAPTER, Sampling, left_pad, sample
+from rlhf_chat.serving.chat import render_prompt
+
+
+@pytest.fixture(scope="module", params=["int4", "nf4"])
+def models(request, tiny_path):
+    """The tiny model on the bundled model's CPU path (int4) and on bitsandbytes (NF4),
+    its policy adapter moved away from zero so that LoRA changes every answer."""
+    loaded = load_models(ModelConfig(name=str(tiny_path), weights=request.param))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for name, param in loaded.trainer.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    sync_policy_weights(loaded.trainer, loaded.serving)
+    return loaded
+
+
+def padded_prompts(tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of different lengths, left-padded as the sampler pads them."""
+    rows = [
+        render_prompt(tok, [{"role": "user", "content": "Explain how a rainbow forms, step by step."}]),
+        render_prompt(tok, [{"role": "user", "content": "Hi"}]),
+    ]
+    return left_pad(rows, tok.pad_token_id, torch.device("cpu"))
+
+
+def model_logits(model, ids, mask, adapters) -> torch.Tensor:
+    """The peft model's own last-position logits, with generate's positions for left padding."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapters).logits[:, -1]
+
+
+def test_fusing_int4_layers_concatenates_their_outputs_exactly():
+    gen = torch.Generator().manual_seed(1)
+    layers = [Int4Linear(torch.randn(n, 64, generator=gen)) for n in (128, 64, 64)]  # q, k, v of whole row blocks
+    x = torch.randn(3, 64, generator=gen)
+    fused = fuse(layers)
+    assert type(fused) is Int4Linear and fused.out_features == 256
+    assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], -1))
+
+
+def test_int4_layers_that_do_not_fill_whole_row_blocks_are_not_fused():
+    """Their packed rows interleave in blocks of 64: concatenated they would multiply wrong rows."""
+    gen = torch.Generator().manual_seed(2)
+    layers = [Int4Linear(torch.randn(n, 64, generator=gen)) for n in (64, 32, 32)]
+    x = torch.randn(3, 64, generator=gen)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        fuse_int4(layers)
+    fallback = fuse(layers)
+    assert type(fallback) is Concat
+    assert torch.equal(fallback(x), torch.cat([layer(x) for layer in layers], -1))
+    assert type(fuse([torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)])) is Concat
+
+
+@torch.no_grad()
+def test_prefill_gives_the_models_own_logits_for_policy_and_reference_rows(models):
+    ids, mask = padded_prompts(models.tokenizer)
+    decoder = Decoder(models.serving)
+    _, logits = decoder.start(ids, mask, 4, torch.tensor([1, 0]))
+    expected = model_logits(models.serving, ids, mask, ["policy", BASE_ADAPTER])
+    torch.testing.assert_close(logits, expected.float(), atol=1e-4, rtol=1e-4)
+    # the adapter matters: the reference row is not the policy's
+    policy_only = model_logits(models.serving, ids, mask, ["policy", "policy"])
+    assert (policy_only[1] - expected[1]).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_each_step_continues_the_sequence_as_the_model_would(models):
+    """Step by step against the full forward over the grown sequence: the same
+    function (bf16 kernels round a 1-row and a 40-row product differently, so
+    log-probabilities agree to a small tolerance, not bit for bit)."""
+    ids, mask = padded_prompts(models.tokenizer)
+    decoder = Decoder(models.serving)
+    batch, logits = decoder.start(ids, mask, 6, torch.tensor([1, 0]))
+    for _ in range(6):
+        token = logits.argmax(-1)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = decoder.step(batch, token)
+        expected = model_logits(models.serving, ids, mask, ["policy", BASE_ADAPTER]).float()
+        gap = (torch.log_softmax(logits, -1) - torch.log_softmax(expected, -1)).abs()
+        assert gap.max() < 0.05, gap.max()
+
+
+@torch.no_grad()
+def test_an_adapter_update_is_what_the_next_call_uses(models):
+    """The decoder reads peft's LoRA tensors, not copies: a sync after a PPO update changes its answers."""
+    ids, mask = padded_prompts(models.tokenizer)
+    decoder = decoder_for(models.serving)
+    _, before = decoder.start(ids, mask, 2, torch.tensor([1, 1]))
+    saved = {n: p.clone() for n, p in models.trainer.named_parameters() if "lora_A" in n and ".policy." in n}
+    try:
+        for name, param in models.trainer.named_parameters():
+            if name in saved:
+                param.mul_(3.0)
+        sync_policy_weights(models.trainer, models.serving)
+        _, after = decoder.start(ids, mask, 2, torch.tensor([1, 1]))
+        torch.testing.assert_close(after, model_logits(models.serving, ids, mask, None).float(), atol=1e-4, rtol=1e-4)
+        assert (after - before).abs().max() > 0.1
+    finally:
+        for name, param in models.trainer.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
+        sync_policy_weights(models.trainer, models.serving)
+
+
+def test_sampling_on_the_decoder_draws_what_generate_draws(models):
+    """Same seed, same settings: the decoder's loop and transformers' generate write the
+    same answers, EOS suppressed before min_new_tokens, with the same log-probabilities."""
+    tok = models.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("Name a colour.", "Count to three.")]
+    settings = dict(max_new_tokens=10, temperature=0.7, seed=4, min_new_tokens=3, stop_loops=True)
+    fast = sample(models.serving, tok, prompts, Sampling(**settings, fast_decoder=True), adapter_names=["policy", BASE_ADAPTER])
+    slow = sample(models.serving, tok, prompts, Sampling(**settings, fast_decoder=False), adapter_names=["policy", BASE_ADAPTER])
+    assert fast.texts == slow.texts
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    assert fast.token_counts == slow.token_counts and fast.finished == slow.finished
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=0.02, rtol=0)
+    assert min(fast.token_counts) >= 3
+
+
+def test_a_call_nested_in_another_calls_step_changes_neither(models):
+    """A PPO rollout yields to a person's request between two of its steps, on the same copy."""
+    tok = models.tokenizer
+    outer_prompts = [render_prompt(tok, [{"role": "user", "content": "Tell me about owls."}])] * 2
+    inner_prompt = [render_prompt(tok, [{"role": "user", "content": "Hello there"}])]
+    alone_outer = sample(models.serving, tok, outer_prompts, Sampling(8, 0.9, seed=7, stop_loops=False))
+    alone_inner = sample(models.serving, tok, inner_prompt, Sampling(5, 0.9, seed=8, stop_loops=False))
+    inner: list = []
+
+    def person_arrives() -> None:
+        if len(inner) < 2:  # two requests, at the first two steps
+            inner.append(sample(models.serving, tok, inner_prompt, Sampling(5, 0.9, seed=8, stop_loops=False)))
+
+    outer = sample(models.serving, tok, outer_prompts, Sampling(8, 0.9, seed=7, stop_loops=False), on_step=person_arrives)
+    assert outer.texts == alone_outer.texts
+    assert [r.texts for r in inner] == [alone_inner.texts] * 2
+
+
+def test_a_model_it_does_not_support_falls_back_to_generate(tmp_path, bundled_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlhf_chat.model.loading import load_tokenizer
+
+    tok = load_tokenizer(str(bundled_path))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, attention_bias=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not is_supported(model) and decoder_for(model) is None
+    prompt = render_prompt(tok, [{"role": "user", "content": "Hi"}])
+    out = sample(model, tok, [prompt], Sampling(4, 1.0, seed=1, stop_loops=False))
+    assert len(out.texts) == 1 and out.token_counts[0] >= 1

@@ -1,0 +1,356 @@
+"""The guards against a few bad actors (learning/guards.py) and the tripwire
+(learning/tripwire.py): bounded influence, agreement flags, exclusions, checks
+on written answers, and the loop pausing itself on a scripted drop."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from sqlalchemy import select
+
+from rlhf_chat.config import AppConfig, GuardConfig
+from rlhf_chat.learning import guards, tripwire
+from rlhf_chat.learning.guards import (
+    Feedback,
+    GuardRules,
+    Vote,
+    agreement_table,
+    cap_factors,
+    cap_level,
+    feedback_weights,
+    influence_factors,
+    wilson_interval,
+    written_answer_problems,
+)
+from rlhf_chat.learning.reward import guarded_pairs
+from rlhf_chat.learning.supervised import chosen_answers, demonstrated_answers
+from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage import store
+from rlhf_chat.storage.export import demonstration_rows, preference_rows
+from rlhf_chat.storage.tables import TrainingEvent
+
+# --- the arithmetic, by hand ---------------------------------------------------------------
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10, z = 1.96: centre (0.8 + 3.8416/20) / 1.38416 = 0.71676;
+    # half 1.96 sqrt(0.016 + 3.8416/400) / 1.38416 = 0.22658
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_the_cap_level_solves_its_equation():
+    # 10, 10, 80 at share 0.5: L = 0.5 (10 + 10 + L) -> L = 20
+    assert cap_level([10, 10, 80], 0.5) == pytest.approx(20.0)
+    # 5 x 10 and 50 at share 0.2: L = 0.2 (50 + L) -> L = 12.5
+    assert cap_level([10] * 5 + [50], 0.2) == pytest.approx(12.5)
+    # nobody above the share: the largest amount, no cap
+    assert cap_level([30, 30, 40], 0.5) == 40
+    # two contributors can each hold a half, whatever the share asks: never an empty round
+    assert cap_level([10, 90], 0.1) == pytest.approx(10.0)
+    assert cap_level([100], 0.1) == 100  # one person alone still teaches the model
+
+
+def test_cap_factors_bring_every_share_within_the_bound():
+    amounts = {"a": 3.0, "b": 5.0, "c": 7.0, "d": 60.0, "e": 25.0}
+    factors = cap_factors(amounts, 0.25)
+    capped = {k: v * factors[k] for k, v in amounts.items()}
+    total = sum(capped.values())
+    assert all(v <= 0.25 * total + 1e-9 for v in capped.values())
+    assert factors["a"] == factors["b"] == factors["c"] == 1.0  # the small ones untouched
+    assert capped["d"] == pytest.approx(capped["e"])  # both capped at the one level
+
+
+def test_influence_is_capped_by_session_and_by_client():
+    # four sessions of 10; sessions s3 and s4 come from one address, which would hold half
+    items = [Feedback(i, f"s{i % 4 + 1}", "shared" if i % 4 >= 2 else f"c{i % 4}") for i in range(40)]
+    factors = influence_factors(items, share=0.3)
+    by_client: dict[str, float] = {}
+    for item, f in zip(items, factors):
+        by_client[item.client] = by_client.get(item.client, 0.0) + f
+    total = sum(factors)
+    # three clients: each may hold max(0.3, 1/3) of the total; "shared" had 20 of 40
+    assert by_client["shared"] == pytest.approx(total / 3)
+    assert by_client["shared"] == pytest.approx(10.0)
+    assert factors[0] == factors[1] == 1.0
+
+
+# --- agreement: a reversed labeler is flagged, a noisy honest one is not --------------------
+
+
+def scripted_votes(kind: str, n: int, rng: random.Random, rm_accuracy: float = 0.9) -> list[Vote]:
+    """n votes by one session; the reward model is right about the truth rm_accuracy of the
+    time. ``honest`` votes the truth, ``noisy`` flips 25% of its votes at random, ``reversed``
+    always votes against the truth."""
+    votes = []
+    for i in range(n):
+        truth = rng.random() < 0.5
+        rm = truth if rng.random() < rm_accuracy else not truth
+        vote = {"honest": truth, "noisy": truth if rng.random() >= 0.25 else not truth, "reversed": not truth}[kind]
+        votes.append(Vote(i, kind, f"client-{kind}", f"prompt {i % 7}", False, None, vote == rm))
+    return votes
+
+
+def test_a_reversed_labeler_is_flagged_and_weighs_nothing_a_noisy_honest_one_is_not():
+    rng = random.Random(0)
+    votes = [v for kind in ("honest", "noisy", "reversed") for v in scripted_votes(kind, 40, rng)]
+    table = agreement_table(votes, {}, set(), GuardRules(min_votes=10, flag_below=0.5, flagged_weight=0.0))
+    reversed_, noisy = table[("session", "reversed")], table[("session", "noisy")]
+    assert reversed_.flagged and reversed_.weight == 0.0 and reversed_.rm_agreement < 0.3
+    assert "reward model agrees" in reversed_.reasons[0]
+    assert not noisy.flagged and noisy.weight == 1.0 and noisy.rm_agreement > 0.5  # 0.7 expected
+    assert not table[("session", "honest")].flagged
+    # the flag reaches training: the reversed session's feedback weighs nothing
+    items = [Feedback(v.comparison_id, v.session, v.client) for v in votes]
+    weights = feedback_weights(items, table, share=1.0)
+    assert all(w == 0 for v, w in zip(votes, weights) if v.session == "reversed")
+    assert all(w == 1 for v, w in zip(votes, weights) if v.session != "reversed")
+
+
+def test_few_votes_are_never_flagged():
+    votes = scripted_votes("reversed", 6, random.Random(1))
+    table = agreement_table(votes, {}, set(), GuardRules(min_votes=10))
+    assert not table[("session", "reversed")].flagged
+
+
+def test_majority_agreement_on_shared_arena_prompts_flags_the_odd_one_out():
+    votes = []
+    for i in range(24):  # three sessions agree the policy wins each prompt; "odd" always says it loses
+        for session in ("p1", "p2", "p3"):
+            votes.append(Vote(len(votes), session, "", f"q{i}", True, True, None))
+        votes.append(Vote(len(votes), "odd", "", f"q{i}", True, False, None))
+    table = agreement_table(votes, {}, set(), GuardRules(min_votes=10))
+    assert table[("session", "odd")].flagged and table[("session", "odd")].majority_agreement == 0.0
+    assert table[("session", "p1")].majority_agreement == 1.0 and not table[("session", "p1")].flagged
+
+
+# --- written answers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("Write to me at someone@example.com for more.", "e-mail"),
+    ("See https://bad.example/x for the answer.", "link"),
+    ("Visit www.example.org today.", "link"),
+    ("Call +1 (555) 123-4567 now.", "phone"),
+    ("", "shorter"),
+])
+def test_written_answers_with_contact_details_or_links_are_held_back(text, problem):
+    assert any(problem in p for p in written_answer_problems(text, 2, 2000))
+
+
+def test_an_ordinary_written_answer_passes():
+    assert written_answer_problems("Photosynthesis turns light, water and CO2 into sugar and oxygen.", 2, 2000) == []
+    assert written_answer_problems("It takes 3 to 4 days, about 72 hours.", 2, 2000) == []
+
+
+# --- on the store ------------------------------------------------------------------------------
+
+
+def candidate(text: str, source: str = "policy") -> Candidate:
+    return Candidate(text, source, 1, 0, 0.7, 1.0, 64, len(text.split()), True, 0.1)
+
+
+def add_vote(sessions, session_id: str, client: str, choice: str = "a", prompt: str = "Hi?") -> int:
+    with sessions() as session, session.begin():
+        comparison = store.save_pair(
+            session, session_id=session_id, context=[{"role": "user", "content": prompt}],
+            a=candidate(f"answer A for {prompt}"), b=candidate(f"answer B for {prompt}"), client=client,
+        )
+        assert store.record_vote(session, comparison.id, choice).ok
+        return comparison.id
+
+
+def add_written(sessions, session_id: str, text: str, prompt: str = "Hi?") -> int:
+    with sessions() as session, session.begin():
+        comparison = store.save_pair(
+            session, session_id=session_id, context=[{"role": "user", "content": prompt}],
+            a=candidate("one"), b=candidate("two"),
+        )
+        assert store.add_demonstration(session, comparison.id, session_id, text).ok
+        return comparison.id
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return store.open_store(f"sqlite:///{tmp_path / 'guards.db'}")
+
+
+def test_the_influence_cap_holds_in_a_reward_rounds_pairs(sessions):
+    for i in range(40):
+        add_vote(sessions, "flood", "client-flood", prompt=f"f{i}")
+    for person in range(6):
+        for i in range(5):
+            add_vote(sessions, f"person{person}", f"client{person}", prompt=f"p{person}-{i}")
+    cfg = GuardConfig(max_share=0.1)
+    with sessions() as session:
+        pairs, _ = guarded_pairs(session, cfg, 1.0)
+        owner = {c.id: c.session_id for c in store.voted_comparisons(session)}
+    total = sum(p.weight for p in pairs)
+    flood = sum(p.weight for p in pairs if owner[p.comparison_id] == "flood")
+    # 7 contributors: the bound is max(0.1, 1/7) of the round's weight
+    assert flood <= total / 7 + 1e-9
+    assert flood < 40 and all(p.weight == 1.0 for p in pairs if owner[p.comparison_id] != "flood")
+    with sessions() as session:  # the votes themselves are untouched
+        assert store.count_votes(session, ("a", "b")) == 70
+    with sessions() as session:
+        off, _ = guarded_pairs(session, GuardConfig(enabled=False), 1.0)
+    assert sum(p.weight for p in off) == 70
+
+
+def test_excluded_votes_leave_training_but_stay_in_the_database_and_the_export(sessions):
+    kept = [add_vote(sessions, "honest", "c1", prompt=f"h{i}") for i in range(5)]
+    dropped = [add_vote(sessions, "troll", "c2", prompt=f"t{i}") for i in range(5)]
+    with sessions() as session, session.begin():
+        assert store.add_exclusion(session, "session", "troll", "voted nonsense")
+        assert not store.add_exclusion(session, "session", "troll")
+    with sessions() as session:
+        pairs, _ = guarded_pairs(session, GuardConfig(), 1.0)
+        examples = chosen_answers(session, 100, trust=guards.assess_feedback(session, GuardConfig()))
+        assert {p.comparison_id for p in pairs} == set(kept)
+        assert len(examples) == 5
+        assert store.count_votes(session, ("a", "b")) == 10
+        rows, _ = preference_rows(session)
+    marked = {r["comparison_id"]: r["excluded"] for r in rows}
+    assert all(marked[i] for i in dropped) and not any(marked[i] for i in kept)
+    with sessions() as session:  # even with the guards off, an admin's exclusion holds
+        off, _ = guarded_pairs(session, GuardConfig(enabled=False), 1.0)
+    assert {p.comparison_id for p in off} == set(kept)
+    with sessions() as session, session.begin():
+        assert store.remove_exclusion(session, "session", "troll")
+    with sessions() as session:
+        back, _ = guarded_pairs(session, GuardConfig(), 1.0)
+    assert len(back) == 10
+
+
+def test_written_answers_with_an_address_or_a_link_are_never_trained_on(sessions):
+    good = add_written(sessions, "s1", "Plants make sugar from light.", prompt="plants?")
+    mail = add_written(sessions, "s2", "Mail me: troll@example.com", prompt="mail?")
+    link = add_written(sessions, "s3", "Read http://spam.example now", prompt="link?")
+    copy_a = add_written(sessions, "s4", "Buy cheap watches today", prompt="x?")
+    copy_b = add_written(sessions, "s5", "buy cheap  watches today", prompt="y?")
+    cfg = GuardConfig()
+    with sessions() as session:
+        pairs, _ = guarded_pairs(session, cfg, 1.0)
+        trust = guards.assess_feedback(session, cfg)
+        examples = demonstrated_answers(session, 100, 1.0, trust)
+        rows = demonstration_rows(session)
+    assert {p.comparison_id for p in pairs} == {good}
+    assert [e.text for e in examples] == ["Plants make sugar from light."]
+    held = {r["comparison_id"]: r["held_back"] for r in rows}
+    assert held[good] == [] and "holds an e-mail address" in held[mail] and "holds a link" in held[link]
+    assert "another session wrote the same text" in held[copy_a] and held[copy_b]
+    assert len(rows) == 5  # all kept for the admin
+
+
+# --- the tripwire --------------------------------------------------------------------------------
+
+
+def add_arena_votes(sessions, n: int, policy_wins: int, version: int) -> None:
+    for i in range(n):
+        with sessions() as session, session.begin():
+            policy, reference = candidate(f"policy answer {i}"), candidate(f"reference answer {i}", "reference")
+            policy.policy_version = version
+            comparison = store.save_pair(session, session_id=f"judge{i % 5}", context=[{"role": "user", "content": f"q{i}"}],
+                                         a=policy, b=reference, arena=True)
+            store.record_vote(session, comparison.id, "a" if i < policy_wins else "b")
+
+
+def test_the_arena_trip_needs_enough_votes_and_a_significant_drop(sessions):
+    add_arena_votes(sessions, 12, policy_wins=2, version=5)
+    with sessions() as session:
+        assert tripwire.arena_trip(session, 20) is None  # 12 votes: too few
+    add_arena_votes(sessions, 12, policy_wins=3, version=6)
+    with sessions() as session:
+        trip = tripwire.arena_trip(session, 20)
+        assert trip is not None and "preferred the starting model" in trip.reason
+        assert trip.roll_back_to == 0  # no checkpoint before v5: the starting model
+        assert tripwire.arena_trip(session, 20, after_version=6) is None  # seen at a resume
+
+
+def test_an_even_arena_does_not_trip(sessions):
+    add_arena_votes(sessions, 30, policy_wins=13, version=3)
+    with sessions() as session:
+        assert tripwire.arena_trip(session, 20) is None
+
+
+def test_the_tripwire_pauses_the_live_loop_rolls_back_and_keeps_serving(tiny_config):
+    """A scripted drop in the arena: the loop pauses itself, the policy goes back to the
+    last checkpoint before the evidence, and people still get answers."""
+    from rlhf_chat.serving.candidates import Sampling, generate_pair
+    from rlhf_chat.serving.chat import render_prompt
+    from rlhf_chat.serving.runtime import start_services
+    from rlhf_chat.serving.worker import CHAT
+
+    cfg: AppConfig = tiny_config
+    cfg.loop.min_votes = 10_000  # no training of its own: only the tripwire acts
+    services = start_services(cfg)
+    try:
+        assert services.worker.ready.wait(120)
+        loop = services.loop
+        # a checkpoint v2 exists (as PPO saves them); then v4 and v5 lose the arena
+        loop.ppo.save(2)
+        add_arena_votes(services.sessions, 24, policy_wins=2, version=4)
+        trip = loop.check_tripwire()
+        assert trip is not None and trip.roll_back_to == 2
+        assert loop.paused and "tripwire" in loop.status.detail
+        deadline = time.monotonic() + 60
+        while services.worker.serving_version <= 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # the rollback's event is written after the new version is live
+        with services.sessions() as session:
+            events = [e.message for e in session.scalars(select(TrainingEvent))]
+        assert any("training paused" in m for m in events)
+        assert any("Rolled back to v2" in m for m in events), events
+        assert loop.paused  # the rollback did not resume training: an admin does
+
+        def chat(models):
+            prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "Still there?"}])
+            return generate_pair(models.serving, models.tokenizer, prompt, Sampling(4, 1.0, seed=1), 0)
+
+        a, b = services.worker.call(CHAT, chat)
+        assert a.token_count > 0 and b.token_count > 0
+        loop.resume()  # the admin resumes: the evidence already acted on does not trip again
+        assert loop.check_tripwire() is None
+    finally:
+        services.stop()
+
+
+def test_stored_agreement_flags_a_session_and_leaves_its_votes_out(sessions):
+    honest = [add_vote(sessions, "honest", "", prompt=f"h{i}") for i in range(20)]
+    troll = [add_vote(sessions, "troll", "", prompt=f"t{i}") for i in range(20)]
+    with sessions() as session, session.begin():
+        store.set_rm_agreement(session, {**{i: True for i in honest}, **{i: k < 3 for k, i in enumerate(troll)}})
+    with sessions() as session:
+        trust = guards.assess_feedback(session, GuardConfig())
+        pairs, _ = guarded_pairs(session, GuardConfig(), 1.0)
+        assert trust.contributors[("session", "troll")].flagged
+        assert {p.comparison_id for p in pairs} == set(honest)
+        off, _ = guarded_pairs(session, GuardConfig(enabled=False), 1.0)
+        assert len(off) == 40
+        assert all(c.choice == "a" for c in store.voted_comparisons(session))  # no vote altered
+
+
+def test_a_reward_round_scores_only_the_votes_no_round_trained_on(tiny_config):
+    """Round 1 has no model to score with; round 2 scores exactly the votes that came after round 1."""
+    from rlhf_chat.learning.reward import run_round
+    from rlhf_chat.model.loading import load_models
+    from rlhf_chat.serving.worker import ModelWorker
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    first = [add_vote(sessions, "s", "", prompt=f"first {i}") for i in range(12)]
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        assert run_round(worker, sessions, tiny_config.reward, tiny_config.store.checkpoint_dir) is not None
+        later = [add_vote(sessions, "s", "", "b", prompt=f"later {i}") for i in range(6)]
+        assert run_round(worker, sessions, tiny_config.reward, tiny_config.store.checkpoint_dir) is not None
+    finally:
+        worker.stop()
+    with sessions() as session:
+        scored = {c.id: c.rm_agrees for c in store.voted_comparisons(session)}
+        latest = store.latest_checkpoint(session, "reward")
+    assert all(scored[i] is None for i in first)
+    assert all(scored[i] is not None for i in later)
+    assert latest.extra["trained_through"] == max(later)
