@@ -205,6 +205,27 @@ STUBS: dict[str, tuple[str, str]] = {
         "r.score_texts = lambda models, c, a, n, batch_size=16, finished=None: "
         "_score(models, c[1:], a[1:], n, batch_size, finished[1:] if finished else None)\n",
     ),
+    "the guards weigh every contributor alike (no cap, no flag)": (
+        "tests/test_guards.py::test_the_influence_cap_holds_in_a_reward_rounds_pairs",
+        "import rlhf_chat.learning.guards as g\n"
+        "g.feedback_weights = lambda items, table, share, enabled=True: [i.weight for i in items]\n",
+    ),
+    "the reward model's agreement is never stored": (
+        "tests/test_guards.py::test_a_reward_round_scores_only_the_votes_no_round_trained_on",
+        "import rlhf_chat.learning.reward as r\nr.score_unseen_votes = lambda *a, **k: 0\n",
+    ),
+    "the tripwire never trips": (
+        "tests/test_guards.py::test_the_tripwire_pauses_the_live_loop_rolls_back_and_keeps_serving",
+        "import rlhf_chat.learning.tripwire as t\nt.check = lambda *a, **k: None\n",
+    ),
+    "written answers with a link train anyway": (
+        "tests/test_guards.py::test_written_answers_with_an_address_or_a_link_are_never_trained_on",
+        "import rlhf_chat.learning.guards as g\ng.written_answer_problems = lambda text, lo, hi: []\n",
+    ),
+    "the decoder ignores the adapter": (
+        "tests/test_decoder.py::test_prefill_gives_the_models_own_logits_for_policy_and_reference_rows",
+        "import rlhf_chat.model.decoder as d\nd.split_lora = lambda module, adapter: (getattr(module, 'base_layer', module), None)\n",
+    ),
 }
 
 PLUGIN = '''
@@ -229,7 +250,7 @@ def run(name: str, test: str, stub: str) -> bool:
             plugin.unlink()
     # caught: the test failed on an assertion (not on an error the stub itself raised)
     failures = [line for line in result.stdout.splitlines() if line.startswith("E ")]
-    caught = result.returncode == 1 and any("assert" in line or "Failed" in line for line in failures)
+    caught = result.returncode == 1 and any("assert" in line.lower() or "Failed" in line for line in failures)
     why = next((line[1:].strip() for line in failures), "")[:110]
     print(f"{'caught ' if caught else 'MISSED '} {name}\n         {test}\n         {why}", flush=True)
     return caught
