@@ -467,3 +467,8 @@ def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny
             count += len(answer)
         for _ in range(2):  # the second time from the cache
             assert lm_loss(tiny_models, examples, 256).item() == pytest.approx(nll / count, rel=2e-3)
+        cache, tiny_models.prefix_cache = tiny_models.prefix_cache, None  # a serve replica's models have none
+        try:
+            assert lm_loss(tiny_models, examples, 256).item() == pytest.approx(nll / count, rel=2e-3)
+        finally:
+            tiny_models.prefix_cache = cache

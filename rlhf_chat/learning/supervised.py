@@ -119,14 +119,16 @@ def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -
     """
     tok = models.tokenizer
     sequences, answer_lens = example_sequences(tok, examples, max_prompt_tokens)
-    if models.prefix_cache is not None:  # pragma: no mutate (the cache is exact: either way, one result)
+    if models.prefix_cache is not None:
         prefix = models.prefix_cache.prefix(models, sequences)
     else:
         prefix = frozen_prefix(models.trainer, *left_pad(sequences, tok.pad_token_id, models.device))
     ids, _ = left_pad(sequences, tok.pad_token_id, models.device)
     hidden = top_hidden(models.trainer, prefix)  # (B, L, H)
     mask = answer_positions(answer_lens, ids.shape[1], models.device)  # (B, L-1)
-    real = mask.bool()
+    # None would index every position: the same loss (the mask zeroes the rest), at the
+    # cost of the output layer over prompts too
+    real = mask.bool()  # pragma: no mutate (a cost mutant: one value either way)
     # the 49k-word output layer on the answer tokens only, at temperature 1
     logits = models.trainer.get_base_model().lm_head(hidden[:, :-1][real]).float()  # (N, V)
     logprobs = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
