@@ -25,7 +25,7 @@ from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.serving.candidates import Candidate, Sampling, generate_pair, sample
 from rlhf_chat.serving.chat import render_prompt
 from rlhf_chat.serving.modes import BUILTIN_MODES, Mode, active_modes, by_name, mode_record_for, modes_for_pair, pick_pair
-from rlhf_chat.storage.tables import SchemaInfo
+from rlhf_chat.storage.tables import SCHEMA_VERSION, SchemaInfo
 
 ASKS = "Sure. Could you tell me which country you mean?"
 PLAIN = "The capital of France is Paris, a city on the Seine with many museums and old bridges."
@@ -193,7 +193,7 @@ def test_the_mode_is_stored_with_each_candidate_and_a_schema_2_database_upgrades
     connection.close()
     sessions = store.open_store(f"sqlite:///{path}")
     with sessions() as s, s.begin():
-        assert s.get(SchemaInfo, 1).version == 3
+        assert s.get(SchemaInfo, 1).version == SCHEMA_VERSION  # upgraded through every version since 2
         new = store.save_pair(s, session_id="s", context=[{"role": "user", "content": "q"}],
                               a=candidate(PLAIN, "direct"), b=candidate(ASKS, "follow_up")).id
         store.record_vote(s, old, "b")
