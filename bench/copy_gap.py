@@ -5,7 +5,9 @@
 The serving copy draws each token and records its log-probability; the training
 copy (bf16, a dense output layer) computes the log-probability of the same token
 for PPO. This prints, for answers sampled on the decoder and on transformers'
-``generate`` in the same run, their gap per sampled token on the bundled model (mean
+``generate`` in the same run, their gap per sampled token, and then both paths' gap on
+the very same tokens (the decoder's rollouts teacher-forced through
+``generate``'s cached steps) on the bundled model (mean
 absolute, signed mean, 99th percentile), and what the truncated importance
 weights ``min(p_train / p_serving, cap)`` that correct for it look like: their
 spread and the share that hit the cap. The simulation records the same gap for
@@ -46,6 +48,42 @@ def main() -> None:
         print(f"  importance weights (cap {cfg.ppo.importance_cap}): mean {w.mean():.4f}, "
               f"mean |w - 1| {(w - 1).abs().mean():.4f}, min {w.min():.3f}, "
               f"share at the cap {(w >= cfg.ppo.importance_cap).float().mean():.4%}")
+    # Each path's own samples differ (different texts, different tokens); on identical tokens:
+    cfg.sampling.fast_decoder = True
+    decoder, generic = same_token_gaps(models, cfg, contexts, args.batches)
+    print(f"on the same {decoder.numel()} tokens (the decoder's rollouts): mean |train - decoder| "
+          f"{decoder.abs().mean():.4f} nats, mean |train - generate's cached steps| {generic.abs().mean():.4f}")
+
+
+@torch.no_grad()
+def generate_step_logprobs(models, batch, temperature: float) -> torch.Tensor:
+    """The log-probabilities (B, R) that transformers' own cached decoding steps give the
+    tokens of ``batch`` (teacher-forced: the peft model, its cache, one token a step,
+    positions as ``generate`` makes them), at the sampling temperature."""
+    model, ids, mask, response = models.serving, batch.prompt_ids, batch.prompt_mask, batch.response_ids
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    steps, last = [], positions[:, -1:]
+    for t in range(response.shape[1]):
+        logits = out.logits[:, -1].float()
+        steps.append(torch.log_softmax(logits / temperature, -1).gather(-1, response[:, t : t + 1]).squeeze(-1))
+        mask, last = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), last + 1
+        out = model(input_ids=response[:, t : t + 1], attention_mask=mask, position_ids=last,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(steps, 1)
+
+
+def same_token_gaps(models, cfg: AppConfig, contexts: list, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the decoder's own rollouts, per token: training copy minus the decoder (what it
+    recorded while sampling), and training copy minus generate's cached steps on the same tokens."""
+    decoder, generic = [], []
+    for seed in range(batches):
+        batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed)
+        batch = score_rollout(models, batch, cfg.ppo, cfg.ppo.kl_coef, lambda m, b: torch.zeros(len(b.texts)))
+        real = batch.response_mask.bool()
+        decoder.append((batch.logprobs - batch.sample_logprobs)[real])
+        generic.append((batch.logprobs - generate_step_logprobs(models, batch, cfg.sampling.temperature))[real])
+    return torch.cat(decoder), torch.cat(generic)
 
 
 def copy_gap(models, cfg: AppConfig, contexts: list, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
