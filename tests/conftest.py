@@ -14,7 +14,18 @@ from rlhf_chat.model.loading import load_models, prepare_bundled_model, write_ti
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for a hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs two pytest-xdist workers (most of a tiny-model test is Python
+# overhead on one core); each gets its share of the cores, so that two workers'
+# matrix products never fight over the same two.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+
+
+def pytest_configure(config) -> None:
+    """Convert the bundled model once, before any xdist worker starts: two workers
+    converting at once would both spend the ~20 s and race to rename the folder."""
+    if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        prepare_bundled_model(ModelConfig().cache_dir)
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -48,16 +48,18 @@ def test_two_candidates_are_real_english_answers(bundled):
     def job(models):
         prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
         pair = generate_pair(models.serving, models.tokenizer, prompt, Sampling.from_config(cfg.sampling, seed=0), 0)
-        more = sample(models.serving, models.tokenizer, [prompt] * 8, Sampling.from_config(cfg.sampling, seed=1))
+        more = sample(models.serving, models.tokenizer, [prompt] * 32, Sampling.from_config(cfg.sampling, seed=1))
         return pair, more.texts
 
     (a, b), texts = worker.call(0, job)
     assert a.text and b.text and a.text != b.text
     assert 0 < a.token_count <= 24 and a.latency_s > 0
     # The 4-bit model still knows its facts: at the app's scheme (T=0.7, whole
-    # softmax) it names Paris in most samples (54 of 64 at T=0.8, top-p 0.95, the
-    # earlier scheme), so one pair can miss it by chance, but not half of eight answers.
-    assert sum("Paris" in t for t in texts) >= 4, texts
+    # softmax) and 24 tokens it names Paris in about half of its answers (7-10 of
+    # 16 for seeds 1-3; many open with a French phrase and never get there), so
+    # 8 answers could miss the bar by chance (P ~ 0.17 for ">= 4 of 8"). 32 answers
+    # and ">= 8": a chance miss is P < 0.002, and a broken model names Paris in none.
+    assert sum("Paris" in t for t in texts) >= 8, texts
 
 
 def test_the_decoder_fuses_the_bundled_projections_and_computes_the_models_function(bundled):
