@@ -21,7 +21,7 @@ it the session's tiny model, across all mutants:
 
 Lines marked ``# pragma: no mutate`` are skipped, as mutmut does.
 
-    python scripts/mutation_in_process.py [--only score_rollout] [--list] [--report mutants.json]
+    python scripts/mutation_in_process.py [--only score_rollout,lm_loss] [--list] [--report mutants.json]
 """
 
 from __future__ import annotations
@@ -402,12 +402,13 @@ def summary(mutants: list[Mutant], problems: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="targets whose name contains this (e.g. score_rollout)")
+    parser.add_argument("--only", default="", help="targets whose name contains one of these, comma-separated "
+                        "(e.g. score_rollout,lm_loss)")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--report", default="mutants-in-process.json")
     args = parser.parse_args()
     mutants = [m for module, names in TARGETS.items() for q in names for m in mutants_of(module, q)
-               if args.only in f"{module}:{q}"]
+               if any(part in f"{module}:{q}" for part in args.only.split(","))]
     if args.list:
         for m in mutants:
             print(f"{m.target} line {m.line}: {m.what}")

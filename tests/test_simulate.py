@@ -15,7 +15,7 @@ REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
     "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval", "rounds", "reward_rounds",
     "eval_answers", "behaviour_reference", "behaviour_policy", "behaviour_rounds", "opening_repeats",
-    "reward_length_corr", "mode_pairs",
+    "reward_length_corr", "mode_pairs", "ppo_seconds",
 }
 
 
@@ -58,6 +58,8 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     assert REPORT_FIELDS <= saved.keys()
     assert saved["comparisons"] == 12 and saved["ppo_steps"] == 3 and len(saved["reward_curve"]) == 3
     assert 0.0 <= saved["win_rate_vs_reference"] <= 1.0 and saved["wall_seconds"] > 0
+    assert saved["ppo_seconds"].keys() == {"rollout", "score", "update"}
+    assert 0 < sum(saved["ppo_seconds"].values()) <= saved["seconds"]["ppo"]
     assert sum(saved["eval_counts"].values()) == report.eval_prompts
     assert report_path.with_suffix(".png").stat().st_size > 1000  # the reward-curve plot
     sessions = store.open_store(cfg.store.db_url)

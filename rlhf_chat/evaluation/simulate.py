@@ -219,6 +219,9 @@ class Report:
     eval_prompts: int = 0
     eval_counts: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    # Where the PPO time went, summed over the steps (ppo.StepResult): rollout on the
+    # serving copy, scoring (reference, policy, reward model), the minibatch updates.
+    ppo_seconds: dict = field(default_factory=dict)
     copy_gap_curve: list[float] = field(default_factory=list)  # serving vs training log-prob gap per step
     db_url: str = ""  # where this run's votes are: other runs' votes for bench/reward_transfer.py
     checkpoint_dir: str = ""
@@ -493,6 +496,9 @@ def simulate(
                         report.kl_curve.append(step.mean_kl)
                         report.length_curve.append(step.mean_length)
                         report.copy_gap_curve.append(round(step.copy_gap, 5))
+                        for phase in ("rollout", "score", "update"):
+                            spent = report.ppo_seconds.get(phase, 0.0) + getattr(step, f"{phase}_s")
+                            report.ppo_seconds[phase] = round(spent, 1)
                         bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
                         bar.update(1)
                     owed = 0
