@@ -133,6 +133,57 @@ def test_sampling_on_the_decoder_draws_what_generate_draws(models):
     assert min(fast.token_counts) >= 3
 
 
+class EosBias(torch.nn.Module):
+    """An output layer that favours EOS by a fixed amount, so that the tiny random
+    model's rows end at different steps (on its own it never writes EOS)."""
+
+    def __init__(self, inner: torch.nn.Module, eos: int, bias: float):
+        super().__init__()
+        self.inner, self.eos, self.bias = inner, eos, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        out[..., self.eos] += self.bias
+        return out
+
+
+def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, monkeypatch):
+    """Eight rows ending at different steps: the loop drops ended rows from the decoder's
+    batch (the cache shrinks), and writes what it writes keeping every row, token for
+    token, with the same log-probabilities. (Against generate, the 2-row test above:
+    on this random model's near-uniform 49k-word distributions, eight rows of generate's
+    other matrix shapes already round a draw or two differently, dropping or not.)"""
+    import rlhf_chat.model.decoder as decoder_module
+    import rlhf_chat.serving.candidates as candidates
+
+    tok = models.tokenizer
+    questions = ["Name a colour.", "Count to three.", "Hi", "What is rain?", "Tell me a joke.", "Why?", "A bird?", "Tides?"]
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    adapters = ["policy", BASE_ADAPTER] * 4
+    base, decoder = models.serving.get_base_model(), decoder_for(models.serving)
+    biased = EosBias(base.lm_head, tok.eos_token_id, 16.0)
+    monkeypatch.setattr(base, "lm_head", biased)
+    monkeypatch.setattr(decoder, "lm_head", biased)
+    kept: list[int] = []
+    keep = decoder_module.Batch.keep
+    monkeypatch.setattr(decoder_module.Batch, "keep", lambda self, rows: (kept.append(rows.numel()), keep(self, rows))[1])
+
+    def run(**extra):
+        return sample(models.serving, tok, prompts, Sampling(24, 0.7, seed=3, **extra), adapter_names=adapters)
+
+    dropping = run()
+    assert len(set(dropping.token_counts)) >= 4 and max(dropping.token_counts) >= 8  # they end apart
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < len(prompts)  # the batch shrank
+    with monkeypatch.context() as m:
+        m.setattr(candidates, "decoding_rows", lambda running, steps_left: None)
+        keeping = run()
+    assert dropping.texts == keeping.texts and torch.equal(dropping.response_ids, keeping.response_ids)
+    assert dropping.token_counts == keeping.token_counts and dropping.finished == keeping.finished
+    torch.testing.assert_close(dropping.logprobs, keeping.logprobs, atol=1e-5, rtol=0)
+    for row, n in enumerate(dropping.token_counts):
+        assert not dropping.logprobs[row, n:].any()  # nothing scored past an answer's end
+
+
 def test_a_call_nested_in_another_calls_step_changes_neither(models):
     """A PPO rollout yields to a person's request between two of its steps, on the same copy."""
     tok = models.tokenizer

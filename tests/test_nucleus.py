@@ -100,3 +100,18 @@ def test_same_seed_same_answers(tiny_models):
     runs = [sample(model, tok, [prompt, prompt], Sampling(max_new_tokens=8, temperature=1.0, seed=s)) for s in (1, 1, 2)]
     assert torch.equal(runs[0].response_ids, runs[1].response_ids)
     assert not torch.equal(runs[0].response_ids, runs[2].response_ids)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampling_in_blocks_of_rows_draws_what_one_block_draws(monkeypatch, top_p):
+    """Blocks of SAMPLE_ROWS keep the rows in the CPU's cache; a row's draw must not
+    depend on the block it fell in (21 rows: two whole blocks and a part)."""
+    from rlhf_chat.serving import nucleus
+
+    logits = torch.randn(21, 49152, generator=torch.Generator().manual_seed(3)) * 4
+    results = []
+    for rows in (1, nucleus.SAMPLE_ROWS, 1000):
+        monkeypatch.setattr(nucleus, "SAMPLE_ROWS", rows)
+        results.append(sample_next_tokens(logits, 0.7, top_p, torch.Generator().manual_seed(9)))
+    for tokens, logprobs in results[1:]:
+        assert torch.equal(tokens, results[0][0]) and torch.equal(logprobs, results[0][1])

@@ -188,7 +188,7 @@ class Decoder:
         return batch, logits
 
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (B,) to ``batch`` and return the next logits (B, V)."""
+        """Append one token per row of ``batch`` (its rows, in order) and return the next logits."""
         at = batch.length
         batch.length += 1
         attend = batch.keys_valid[:, None, None, : batch.length]
@@ -255,6 +255,18 @@ class Batch:
     sin: torch.Tensor
     lora_rows: torch.Tensor  # (B, 1, 1): 1 where the row uses the adapter, 0 for the reference
     length: int = 0  # positions filled so far
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only these rows (indices into the current rows, in order).
+
+        A step's cost grows with its rows (on the 2-core CPU, bundled model: 18 ms
+        at 1 row, 36 ms at 8, 177 ms at 64), and rows that have ended only pad, so
+        the sampling loop drops them (:func:`serving.candidates.decode`).
+        """
+        self.cache = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.cache]
+        self.keys_valid = self.keys_valid.index_select(0, rows)
+        self.cos, self.sin = self.cos.index_select(0, rows), self.sin.index_select(0, rows)
+        self.lora_rows = self.lora_rows.index_select(0, rows)
 
     @classmethod
     def empty(cls, decoder: Decoder, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor) -> Batch:

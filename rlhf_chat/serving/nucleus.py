@@ -77,9 +77,20 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tor
     located in the cumulative sum (float64, so 49k small terms add up exactly
     enough). Words of weight 0 are never drawn.
     """
+    return locate(weights, torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device))
+
+
+def locate(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index (B,) where each row's uniform number ``u`` (B, 1) falls in its
+    cumulative ``weights`` (B, K): :func:`draw` with its random numbers given."""
     cdf = weights.double().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+# Rows sampled at a time: a row's float64 cumulative sum over 49k words is 0.4 MB,
+# and 8 rows stay in the CPU's cache. On the 2-core CPU, 64 rows at once took
+# 28.9 ms a step, eight blocks of 8 rows 5-6 ms.
+SAMPLE_ROWS = 8
 
 
 def sample_next_tokens(
@@ -87,14 +98,23 @@ def sample_next_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token ids (B,) drawn from softmax(logits / temperature) restricted to the
     top-p nucleus, and each drawn token's log-probability (B,) under the distribution
-    it was drawn from (the nucleus renormalised; with ``top_p`` 1, the plain softmax)."""
+    it was drawn from (the nucleus renormalised; with ``top_p`` 1, the plain softmax).
+
+    One uniform number per row, drawn for the whole batch first, then the rows in
+    blocks of ``SAMPLE_ROWS``: each row's result is what it would be alone."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    ids, weights = nucleus(probs, top_p)
-    picked = draw(weights, generator).unsqueeze(-1)  # (B, 1)
-    logprob = weights.gather(-1, picked).double().log() - weights.double().sum(-1, keepdim=True).log()
-    return ids.gather(-1, picked).squeeze(-1), logprob.squeeze(-1).float()
+    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+    tokens, logprobs = [], []
+    for start in range(0, logits.shape[0], SAMPLE_ROWS):
+        rows = slice(start, start + SAMPLE_ROWS)
+        probs = torch.softmax(logits[rows].float() / temperature, dim=-1)
+        ids, weights = nucleus(probs, top_p)
+        picked = locate(weights, u[rows]).unsqueeze(-1)  # (b, 1)
+        logprob = weights.gather(-1, picked).double().log() - weights.double().sum(-1, keepdim=True).log()
+        tokens.append(ids.gather(-1, picked).squeeze(-1))
+        logprobs.append(logprob.squeeze(-1).float())
+    return torch.cat(tokens), torch.cat(logprobs)
 
 
 class NucleusSampler(LogitsProcessor):
