@@ -374,6 +374,7 @@ def test_score_texts_gives_one_score_per_answer_in_order_across_chunks(tiny_path
     assert together.shape == (5,) and together.abs().min() > 0
     assert torch.allclose(together, alone, atol=1e-4)
     assert len(set(together.tolist())) == 5  # five answers, five scores: none shifted onto another
+    assert score_texts(tiny_models, [], [], 512).shape == (0,)  # nothing to score: no score
 
 
 def test_a_reward_step_clips_the_gradient_to_norm_one_and_skips_a_non_finite_loss(tiny_path):

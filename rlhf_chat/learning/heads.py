@@ -130,10 +130,9 @@ def frozen_prefix(peft_model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
     model = backbone(peft_model)
     split = first_adapted_layer(peft_model)
     hidden = model.embed_tokens(ids)  # (B, T, H)
-    if split > 0:
-        inputs = _layer_inputs(model, hidden, mask)
-        for layer in model.layers[:split]:
-            hidden = layer(hidden, **inputs)
+    inputs = _layer_inputs(model, hidden, mask)  # masks and rotary tables: cheap, even with no frozen layer
+    for layer in model.layers[:split]:
+        hidden = layer(hidden, **inputs)
     return Prefix(hidden, mask, split)
 
 
