@@ -24,7 +24,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 def pytest_configure(config) -> None:
     """Convert the bundled model once, before any xdist worker starts: two workers
     converting at once would both spend the ~20 s and race to rename the folder."""
-    if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+    is_controller = not hasattr(config, "workerinput")
+    if is_controller and config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
         prepare_bundled_model(ModelConfig().cache_dir)
 
 

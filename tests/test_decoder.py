@@ -150,14 +150,15 @@ class EosBias(torch.nn.Module):
 def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, monkeypatch):
     """Eight rows ending at different steps: the loop drops ended rows from the decoder's
     batch (the cache shrinks), and writes what it writes keeping every row, token for
-    token, with the same log-probabilities. (Against generate, the 2-row test above:
-    on this random model's near-uniform 49k-word distributions, eight rows of generate's
-    other matrix shapes already round a draw or two differently, dropping or not.)"""
+    token, with the same log-probabilities. (Against generate, see the 2-row test above:
+    with eight rows, generate's other matrix shapes round a draw or two differently on
+    this random model's near-uniform distributions, with or without dropping.)"""
     import rlhf_chat.model.decoder as decoder_module
     import rlhf_chat.serving.candidates as candidates
 
     tok = models.tokenizer
-    questions = ["Name a colour.", "Count to three.", "Hi", "What is rain?", "Tell me a joke.", "Why?", "A bird?", "Tides?"]
+    questions = ["Name a colour.", "Count to three.", "Hi", "What is rain?",
+                 "Tell me a joke.", "Why?", "A bird?", "Tides?"]
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
     adapters = ["policy", BASE_ADAPTER] * 4
     base, decoder = models.serving.get_base_model(), decoder_for(models.serving)
@@ -166,10 +167,15 @@ def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, m
     monkeypatch.setattr(decoder, "lm_head", biased)
     kept: list[int] = []
     keep = decoder_module.Batch.keep
-    monkeypatch.setattr(decoder_module.Batch, "keep", lambda self, rows: (kept.append(rows.numel()), keep(self, rows))[1])
 
-    def run(**extra):
-        return sample(models.serving, tok, prompts, Sampling(24, 0.7, seed=3, **extra), adapter_names=adapters)
+    def counting_keep(self, rows):
+        kept.append(rows.numel())
+        keep(self, rows)
+
+    monkeypatch.setattr(decoder_module.Batch, "keep", counting_keep)
+
+    def run():
+        return sample(models.serving, tok, prompts, Sampling(24, 0.7, seed=3), adapter_names=adapters)
 
     dropping = run()
     assert len(set(dropping.token_counts)) >= 4 and max(dropping.token_counts) >= 8  # they end apart

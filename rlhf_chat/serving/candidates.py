@@ -55,7 +55,8 @@ class Samples:
     token_counts: list[int]  # real tokens in each response, EOS included; the rest of a row is padding
     finished: list[bool]  # ended with EOS before the length limit (a loop stopped is not finished)
     latency_s: float
-    logprobs: torch.Tensor | None = None  # (B, R) each drawn token's log-prob under the sampling distribution; 0 past the end
+    # (B, R) each drawn token's log-prob under the sampling distribution; 0 past the answer's end
+    logprobs: torch.Tensor | None = None
     looped: list[bool] | None = None  # stopped by repetition.LoopStop, cut after the first copy
 
 

@@ -77,7 +77,8 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tor
     located in the cumulative sum (float64, so 49k small terms add up exactly
     enough). Words of weight 0 are never drawn.
     """
-    return locate(weights, torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device))
+    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
+    return locate(weights, u)
 
 
 def locate(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
