@@ -356,7 +356,8 @@ def generate_pairs(
                     callback(texts[2 * k: 2 * k + 2])
 
     rows = [ids for ids in prompts for _ in range(2)]
-    out = sample(model, tokenizer, rows, sampling, names, on_update, on_step, openings if any(openings) else None)
+    out = sample(model, tokenizer, rows, sampling, names, on_update, on_step,
+                 openings=openings if any(openings) else None)
     return [
         tuple(  # type: ignore[misc]
             to_candidate(out, 2 * k + side, sampling, sources[k][side], policy_version, sides[k][side][0])
