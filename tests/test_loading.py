@@ -44,11 +44,24 @@ def test_lora_gradients_same_before_and_after_generate(tiny_path):
     check_generation_keeps_gradients(models)
 
 
+def _bitsandbytes_repacks_on_this_cpu() -> bool:
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    return has_avx512bf16()
+
+
 @pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")  # that is the trap
+@pytest.mark.skipif(
+    not _bitsandbytes_repacks_on_this_cpu(),
+    reason="bitsandbytes repacks 4-bit weights in eval mode (the trap) only on a CPU with AVX512-BF16",
+)
 def test_generate_in_eval_mode_on_a_4bit_copy_loses_gradients(tiny_path):
     """The trap itself (DESIGN.md), so that the test above is known to have teeth:
     once a copy with a 4-bit output layer has generated in eval mode, no gradient
-    flows through it. (The serving copy has one; the training copy's is dense.)"""
+    flows through it. (The serving copy has one; the training copy's is dense.)
+    bitsandbytes takes that faster path only where the CPU has AVX512-BF16; on
+    others (an AVX2-only CPU) the trap does not arise, and the separate training
+    copy costs nothing it would not anyway."""
     models = load_models(ModelConfig(name=str(tiny_path)))
     model, ids = models.serving, prompt_ids(models.tokenizer)
     model.train()
@@ -191,13 +204,18 @@ def test_bf16_weights_are_the_loaded_values_shared_by_both_copies_which_compute_
     check_generation_keeps_gradients(models)
 
 
-def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path):
+@pytest.mark.parametrize("matmul_dtype", [torch.bfloat16, torch.float32], ids=["native-bf16", "no-bf16"])
+def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path, monkeypatch, matmul_dtype):
     """The bundled model's CPU path on the tiny model: the serving copy multiplies by
-    4-bit groups on the int4 kernel, the training copy by the same values in bf16, and
-    the two compute one function up to bf16 rounding of the activations."""
+    4-bit groups on the int4 kernel, the training copy by the same values dense, in
+    bf16 where the CPU multiplies it natively and float32 where it would be emulated
+    (12x slower PPO steps on an AVX2-only CPU), and the two compute one function up
+    to bf16 rounding of the activations."""
+    from rlhf_chat.model import loading
     from rlhf_chat.model.loading import FrozenLinear
     from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, int4_groups, int4_values, int8_rows, int8_values
 
+    monkeypatch.setattr(loading, "fast_matmul_dtype", lambda device: matmul_dtype)
     models = load_models(ModelConfig(name=str(tiny_path), weights="int4"))
     serving_q = models.serving.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
     trainer_q = models.trainer.get_base_model().model.layers[-1].self_attn.q_proj.base_layer
@@ -208,9 +226,9 @@ def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path)
 
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32)
     shipped = plain.model.layers[-1].self_attn.q_proj.weight
-    assert torch.equal(trainer_q.weight, int4_values(*int4_groups(shipped)).to(torch.bfloat16))
+    assert torch.equal(trainer_q.weight, int4_values(*int4_groups(shipped)).to(matmul_dtype))
     head = models.trainer.get_base_model().lm_head.weight
-    assert torch.equal(head, int8_values(*int8_rows(plain.lm_head.weight)).to(torch.bfloat16))
+    assert torch.equal(head, int8_values(*int8_rows(plain.lm_head.weight)).to(matmul_dtype))
 
     with torch.no_grad():
         for name, p in models.trainer.named_parameters():

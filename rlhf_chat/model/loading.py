@@ -19,7 +19,7 @@ How the frozen base holds its weights is the ``weights`` setting
 * ``int4`` (the bundled model's default on the CPU): the serving copy
   multiplies by the GGUF's own 4-bit blocks on torch's int4 kernel
   (:mod:`rlhf_chat.model.quantized`), the training copy by the same values dense
-  in bf16.
+  in bf16 (float32 on a CPU without native bf16).
 * ``bf16`` (the bundled model's default on a GPU): the values as shipped, the decoder's
   linear layers in bf16, the output layer in float32. The two copies share
   these tensors (:func:`second_copy`) and compute one function.
@@ -291,17 +291,19 @@ def replace_decoder_linears(model: nn.Module, make_layer) -> int:
 
 def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
     """The ``int4`` path: the serving copy's layers on the int4 and int8 kernels, the
-    training copy's dense in bf16 with exactly the values those kernels multiply by."""
+    training copy's dense with the values those kernels multiply by, in bf16 where
+    the hardware multiplies it, else in float32 (:func:`fast_matmul_dtype`)."""
     from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight
 
+    dtype = fast_matmul_dtype(next(model.parameters()).device)
     if training:
         replace_decoder_linears(
-            model, lambda linear: frozen_linear(dense_weight(linear.weight.data, "int4"), linear.bias)
+            model, lambda linear: frozen_linear(dense_weight(linear.weight.data, "int4", dtype), linear.bias)
         )
     else:
         replace_decoder_linears(model, lambda linear: Int4Linear(linear.weight.data, linear.bias))
     head = model.get_output_embeddings().weight.data
-    model.lm_head = DenseOutputLayer(dense_weight(head, "int8")) if training else Int8OutputLayer(head)
+    model.lm_head = DenseOutputLayer(dense_weight(head, "int8", dtype)) if training else Int8OutputLayer(head)
     model.config.tie_word_embeddings = False  # the input embeddings stay float32, as shipped
 
 
@@ -320,7 +322,8 @@ def load_base(path: str, weights: str, device: torch.device, training: bool = Fa
     * ``int4``: the decoder's linear layers as 4-bit groups of 32 and the
       output layer as 8-bit rows (:mod:`rlhf_chat.model.quantized`), which hold the
       bundled GGUF's Q4_1 and Q8_0 values; the ``training`` copy holds the
-      same values dense in bf16, because the kernels have no backward.
+      same values dense (bf16 where the hardware multiplies it, else float32),
+      because the kernels have no backward.
     * ``fp32``: the weights as loaded, in float32.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

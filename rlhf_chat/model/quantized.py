@@ -118,10 +118,17 @@ class Int8OutputLayer(nn.Module):
         return out.reshape(*hidden.shape[:-1], self.out_features).to(hidden.dtype)
 
 
-def dense_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The values the serving copy's ``kind`` ("int4" | "int8") layer multiplies by, in bf16."""
+def dense_weight(weight: torch.Tensor, kind: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The values the serving copy's ``kind`` ("int4" | "int8") layer multiplies by, in ``dtype``.
+
+    float32 holds them exactly (a bf16 scale times a small integer, plus a bf16
+    offset); bf16 rounds them to 8 bits of mantissa, as the kernels round their
+    activations. bf16 is faster only where the hardware multiplies it: on a CPU
+    without AVX512-BF16 or AMX it is emulated, and a PPO update took 150 s
+    instead of 1.5 s (``loading.fast_matmul_dtype`` chooses).
+    """
     if kind == "int4":
-        return int4_values(*int4_groups(weight)).to(torch.bfloat16)
+        return int4_values(*int4_groups(weight)).to(dtype)
     if kind == "int8":
-        return int8_values(*int8_rows(weight)).to(torch.bfloat16)
+        return int8_values(*int8_rows(weight)).to(dtype)
     raise ValueError(f"unknown kind {kind!r}")
