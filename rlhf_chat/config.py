@@ -156,6 +156,18 @@ class PPOConfig:
     # Which chosen answers: "modes" (votes between two different modes: the
     # winners that differ, AlpacaFarm's lesson) or "all" (every winner).
     ptx_from: str = "modes"
+    # Guided rollouts: this share of each step's rollout rows opens with an opening
+    # of the mode people have been choosing (a Thompson draw over the votes between
+    # modes, modes.guided_openings); the opening is scored and updated as the plain
+    # policy's own answer under the plain context, so PPO reinforces, by the reward
+    # model's judgement, a behaviour the plain policy almost never samples (off-policy
+    # guidance, as LUFFY, Yan et al. 2025, mixes guided traces into on-policy RL).
+    # It helps only as far as the reward model already prefers the mode: on `friendly`
+    # (seed 0, 0.25 of the rows) the first reward models scored the guided rows no
+    # higher than plain ones (gap +0.00, -0.05), and the run ended where it did
+    # without them (win-rate 0.69 against 0.68), 1685 s on a slow CPU. So it is off
+    # by default (README, "Guided rollouts"); 0: every row is the plain policy's own.
+    guided_fraction: float = 0.0
     # Truncated importance sampling (Yao et al. 2025): the serving copy samples,
     # the training copy scores, and their log-probabilities differ a little
     # (bf16, another output-layer kernel). Each token's policy-gradient term is

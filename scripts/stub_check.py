@@ -83,6 +83,16 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_ppo.py::test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour",
         "import rlhf_chat.learning.ppo as ppo\nppo.PPOTrainer.supervised_examples = lambda self: []\n",
     ),
+    "PPO's guided rows get no opening (every rollout row plain)": (
+        "tests/test_ppo.py::test_guided_rollouts_teach_the_plain_policy_an_opening_it_never_samples",
+        "import rlhf_chat.learning.ppo as ppo\n"
+        "ppo.guided_openings = lambda modes, rows, fraction, rng, record: [''] * rows\n",
+    ),
+    "a guided row's opening stays in the prompt (PPO never scores it)": (
+        "tests/test_ppo.py::test_a_guided_row_opens_its_answer_with_the_opening_scored_as_the_policys_own",
+        "import rlhf_chat.learning.ppo as ppo\n"
+        "ppo.move_openings_into_answers = lambda *a, **k: None\n",
+    ),
     "a mode pair is sampled without its openings": (
         "tests/test_modes.py::test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them",
         "import rlhf_chat.serving.candidates as c\n_sample = c.sample\n"

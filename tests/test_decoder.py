@@ -93,7 +93,10 @@ def test_each_step_continues_the_sequence_as_the_model_would(models):
         logits = decoder.step(batch, token)
         expected = model_logits(models.serving, ids, mask, ["policy", BASE_ADAPTER]).float()
         gap = (torch.log_softmax(logits, -1) - torch.log_softmax(expected, -1)).abs()
-        assert gap.max() < 0.05, gap.max()
+        # A stale or misplaced cache entry is off by nats; rounding is not. The worst
+        # seen is 0.12 (an AVX2-only CPU, int4: a 1-row and a 40-row product round
+        # a key differently in bf16, and this random model's logits are huge).
+        assert gap.max() < 0.25, gap.max()
 
 
 @torch.no_grad()
@@ -185,7 +188,9 @@ def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, m
         keeping = run()
     assert dropping.texts == keeping.texts and torch.equal(dropping.response_ids, keeping.response_ids)
     assert dropping.token_counts == keeping.token_counts and dropping.finished == keeping.finished
-    torch.testing.assert_close(dropping.logprobs, keeping.logprobs, atol=1e-5, rtol=0)
+    # the same draws; their log-probs up to the kernels' rounding, which depends on how
+    # many rows a product has (up to 8e-5 seen on an AVX2-only CPU, 0 on AVX-512)
+    torch.testing.assert_close(dropping.logprobs, keeping.logprobs, atol=1e-3, rtol=0)
     for row, n in enumerate(dropping.token_counts):
         assert not dropping.logprobs[row, n:].any()  # nothing scored past an answer's end
 

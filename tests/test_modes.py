@@ -24,7 +24,16 @@ from rlhf_chat.evaluation.labelers import example, follow_up, load_labeler, stri
 from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.serving.candidates import Candidate, Sampling, generate_pair, sample
 from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.modes import BUILTIN_MODES, Mode, active_modes, by_name, mode_record_for, modes_for_pair, pick_pair
+from rlhf_chat.serving.modes import (
+    BUILTIN_MODES,
+    Mode,
+    active_modes,
+    by_name,
+    guided_openings,
+    mode_record_for,
+    modes_for_pair,
+    pick_pair,
+)
 from rlhf_chat.storage.tables import SCHEMA_VERSION, SchemaInfo
 
 ASKS = "Sure. Could you tell me which country you mean?"
@@ -130,6 +139,20 @@ def test_a_thompson_pick_shows_the_mode_people_choose_in_most_pairs_and_still_co
     with pytest.raises(ValueError, match="mode_choice"):
         mode_record_for(None, "greedy")
     assert mode_record_for(None, "uniform") is None
+
+
+def test_guided_openings_open_the_configured_share_of_rows_as_the_mode_people_choose():
+    rng = random.Random(2)
+    modes = list(BUILTIN_MODES)
+    record = {m.name: (5, 5) for m in modes} | {"warm": (30, 1)}
+    rows = guided_openings(modes, 4000, 0.25, rng, record)
+    guided = [o for o in rows if o]
+    assert 900 < len(guided) < 1100  # the share
+    warm = set(by_name(modes)["warm"].openings)
+    assert sum(o in warm for o in guided) > 0.8 * len(guided)  # mostly the favourite ...
+    assert len(set(guided) - warm) > 0  # ... while the others still get tried now and then
+    assert guided_openings(modes, 50, 0.0, rng, record) == [""] * 50
+    assert guided_openings([], 5, 1.0, rng, record) == [""] * 5
 
 
 def test_the_mode_record_counts_wins_and_losses_of_votes_between_modes_only(tmp_path):

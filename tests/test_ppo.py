@@ -32,7 +32,8 @@ SAMPLING = SamplingConfig(max_new_tokens=10, temperature=0.9)
 
 
 def tiny_ppo_config(**overrides) -> PPOConfig:
-    cfg = PPOConfig(batch_size=8, minibatch_size=4, epochs=2, learning_rate=1e-2, kl_coef=0.02)
+    # Plain rollouts unless a test asks for guided rows (its own tests below).
+    cfg = PPOConfig(batch_size=8, minibatch_size=4, epochs=2, learning_rate=1e-2, kl_coef=0.02, guided_fraction=0.0)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -274,7 +275,10 @@ def test_ppo_learns_a_rule_with_bounded_kl(tiny_config):
         after = mean_rule_score(worker, cfg)
     finally:
         worker.stop()
-    assert after > before + 0.15, (before, after, [round(r.mean_reward, 2) for r in results])
+    # Half the way to always at least: where the random model starts depends on the
+    # CPU's kernels (0.75 on AVX-512, 0.875 on an AVX2-only CPU); without learning the
+    # same seeded measurement gives the same figure again.
+    assert after - before >= 0.5 * (1 - before) and after > before, (before, after, [round(r.mean_reward, 2) for r in results])
     kls = [r.mean_kl for r in results]
     assert kls[0] == pytest.approx(0.0, abs=1e-3) and max(kls[-5:]) > 0.05  # the policy moved away ...
     assert max(kls) < 8.0  # ... by a bounded amount (nats over a 10-token answer)
@@ -446,6 +450,94 @@ def test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour(tiny_co
     _, stub = share_after(0.0)
     assert before == 0.0 and stub == 0.0
     assert with_winners >= 0.3, with_winners
+
+
+def test_a_guided_row_opens_its_answer_with_the_opening_scored_as_the_policys_own(fresh_models):
+    """A guided row's opening is part of the answer, after the plain prompt: the
+    training copy scores its tokens as the plain policy's, their importance weight
+    is 1 (nothing drew them), and the copy gap counts only what was drawn."""
+    m = fresh_models
+    tok = m.tokenizer
+    perturb_policy(m)
+    from rlhf_chat.model.loading import sync_policy_weights
+
+    sync_policy_weights(m.trainer, m.serving)
+    opening = "For example,"
+    opening_ids = tok.encode(opening, add_special_tokens=False)
+    openings = ["", opening, "", opening]
+    plain = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=6)
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=6, openings=openings)
+    assert torch.equal(batch.prompt_ids, plain.prompt_ids)  # the plain context: no opening in the prompt
+    for k, o in enumerate(openings):
+        n = len(opening_ids) if o else 0
+        assert batch.response_ids[k, :n].tolist() == (opening_ids if o else [])
+        assert batch.forced[k].tolist() == [1.0] * n + [0.0] * (batch.forced.shape[1] - n)
+        assert batch.texts[k].startswith(opening) == bool(o)
+    assert batch.texts[0] == plain.texts[0] and torch.equal(batch.response_ids[0, :5], plain.response_ids[0, :5])
+    scored = score_rollout(m, batch, tiny_ppo_config(), 0.0, lambda models, b: torch.zeros(len(b.texts)))
+    forced = scored.forced.bool()
+    assert torch.equal(scored.sample_logprobs[forced], scored.logprobs[forced])  # weight exp(0) = 1
+    drawn = scored.response_mask.bool() & ~forced
+    gap = (scored.logprobs - scored.sample_logprobs).abs()[drawn]
+    assert scored.copy_gap == pytest.approx(gap.mean().item())
+    # the opening's log-probs are the plain policy's, after the plain prompt
+    p_len = int(batch.prompt_mask[1].sum())
+    with torch.no_grad():
+        ids = torch.cat([batch.prompt_ids[1, -p_len:], batch.response_ids[1]])[None]
+        logits = m.trainer(input_ids=ids).logits[0, p_len - 1 : -1] / SAMPLING.temperature
+    expected = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[1][:, None]).squeeze(-1)
+    n = len(opening_ids)
+    assert torch.allclose(scored.logprobs[1, :n], expected[:n], atol=1e-3)
+
+
+def test_guided_rollouts_teach_the_plain_policy_an_opening_it_never_samples(tiny_config):
+    """Guided rows reach what plain sampling cannot: a reward for answers that open
+    with one admin-added mode's opening, which the random tiny model never writes by
+    itself. With guided rows PPO raises the plain policy's log-probability of that
+    opening; the same steps without them (the stub) leave it where it was."""
+    from rlhf_chat.serving.modes import BUILTIN_MODES
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    opening = " riddle"
+    with sessions() as s, s.begin():
+        for mode in BUILTIN_MODES:
+            store.remove_mode(s, mode.name)
+        store.save_mode(s, "riddle", "answer with a riddle", [opening], "")
+    first = None
+
+    def opens_with_it(models, batch):
+        return (batch.response_ids[:, 0] == first).float()
+
+    def opening_logprob(worker) -> float:
+        def measure(m):
+            batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=0, openings=[opening] * len(CONTEXTS))
+            scored = score_rollout(m, batch, tiny_ppo_config(), 0.0, lambda models, b: torch.zeros(len(b.texts)))
+            return scored.logprobs[:, 0].mean().item()  # the opening's first token, after each plain prompt
+
+        return worker.call(0, measure)
+
+    def run(guided_fraction: float) -> tuple[float, float, float]:
+        worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+        try:
+            cfg = tiny_ppo_config(guided_fraction=guided_fraction, learning_rate=3e-3, kl_coef=0.01)
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, opens_with_it, SAMPLING)
+            trainer.rng.seed(0)
+            before = opening_logprob(worker)
+            steps = [trainer.step(CONTEXTS * 2) for _ in range(8)]
+            plain_reward = sum(r.mean_reward for r in steps) / len(steps)
+            return before, opening_logprob(worker), plain_reward
+        finally:
+            worker.stop()
+
+    from transformers import AutoTokenizer
+
+    first = AutoTokenizer.from_pretrained(tiny_config.model.name).encode(opening, add_special_tokens=False)[0]
+    before, guided_after, _ = run(0.5)
+    _, stub_after, _ = run(0.0)
+    assert guided_after > before + 2.0, (before, guided_after)  # nats: the opening became far likelier
+    # without guided rows it never rises (it drifts by up to ~0.9 nats, mostly down,
+    # as the other updates move the adapter)
+    assert stub_after < before + 0.5 and guided_after > stub_after + 2.0, (before, stub_after)
 
 
 def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny_models):

@@ -226,3 +226,17 @@ def test_cli_simulate_with_a_teacher_stores_its_written_answers_up_to_the_limit(
     assert all(w.text.endswith("?") and w.comparison.choice is None for w in written)
     with pytest.raises(ValueError, match="unknown teacher 'nobody'; use a built-in teacher \\(follow_up\\)"):
         simulate(tiny_config, "concise", comparisons=1, ppo_steps=0, report_path=None, teacher_spec="nobody")
+
+
+def test_round_behaviours_count_plain_rows_and_compare_the_guided_rows_scores():
+    """A round's behaviour shares are the plain policy's (the guided rows' openings were
+    prefilled); the guided rows only give how the reward model scored them."""
+    from rlhf_chat.evaluation.simulate import round_behaviours
+    from rlhf_chat.serving.modes import BUILTIN_MODES
+
+    plain = [("Paris is the capital.", 0.0, 6), ("Thank you! It is Paris.", 1.0, 8), ("It is Paris.", 2.0, 5)]
+    got = round_behaviours(plain, list(BUILTIN_MODES), 15, guided_scores=[2.0, 3.0])
+    assert got["policy"]["warm"] == pytest.approx(1 / 3) and got["policy"]["answers"] == 3
+    assert got["guided_rows"] == 2 and got["guided_score_gap"] == pytest.approx(2.5 - 1.0)
+    none = round_behaviours(plain, list(BUILTIN_MODES), 15)
+    assert none["guided_rows"] == 0 and none["guided_score_gap"] is None

@@ -489,9 +489,16 @@ def simulate(
                     with sessions() as session:
                         contexts = store.user_contexts(session)
                     rollouts: list[tuple[str, float, int]] = []
+                    guided: list[float] = []  # raw scores of the guided rows
                     for _ in range(owed):
                         step = trainer.step(trainer.sample_contexts(contexts))
-                        rollouts += zip(step.texts or [], step.scores or [], step.lengths or [])
+                        rows = zip(step.texts or [], step.scores or [], step.lengths or [], step.guided or [])
+                        for text, score, length, was_guided in rows:
+                            # the plain policy as it trained: a guided row's opening was prefilled
+                            if was_guided:
+                                guided.append(score)
+                            else:
+                                rollouts.append((text, score, length))
                         report.reward_curve.append(step.mean_reward)
                         report.kl_curve.append(step.mean_kl)
                         report.length_curve.append(step.mean_length)
@@ -502,7 +509,7 @@ def simulate(
                         bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
                         bar.update(1)
                     owed = 0
-                    report.behaviour_rounds.append(round_behaviours(rollouts, modes, len(report.reward_curve)))
+                    report.behaviour_rounds.append(round_behaviours(rollouts, modes, len(report.reward_curve), guided))
                     report.reward_length_corr = report.behaviour_rounds[-1]["reward_length_corr"]
                 seconds["ppo"] += time.perf_counter() - mark
         if report.reward_curve:
@@ -555,15 +562,23 @@ def opening_share(texts: list[str], modes: list[Mode]) -> float:
     return sum(any(t.startswith(o) for o in openings) for t in texts) / max(1, len(texts))
 
 
-def round_behaviours(rollouts: list[tuple[str, float, int]], modes: list[Mode], after_ppo_steps: int) -> dict:
-    """Behaviour shares, opening repeats and the reward-length correlation of one round's PPO rollouts."""
+def round_behaviours(
+    rollouts: list[tuple[str, float, int]], modes: list[Mode], after_ppo_steps: int, guided_scores: list[float] = ()
+) -> dict:
+    """Behaviour shares, opening repeats and the reward-length correlation of one round's
+    PPO rollouts (the plain rows), and how the reward model scored the guided rows
+    against them (``guided_score_gap``: mean raw score, guided minus plain)."""
     texts = [t for t, _, _ in rollouts]
-    corr = pearson([float(s) for _, s, _ in rollouts], [float(n) for _, _, n in rollouts])
+    scores = [float(s) for _, s, _ in rollouts]
+    corr = pearson(scores, [float(n) for _, _, n in rollouts])
+    gap = sum(guided_scores) / len(guided_scores) - sum(scores) / len(scores) if guided_scores and scores else None
     return {
         "after_ppo_steps": after_ppo_steps,
         "policy": behaviour_shares(texts),
         "opening_repeats": round(opening_share(texts, modes), 4),
         "reward_length_corr": None if corr is None else round(corr, 4),
+        "guided_rows": len(guided_scores),
+        "guided_score_gap": None if gap is None else round(gap, 4),
     }
 
 

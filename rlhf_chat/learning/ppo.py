@@ -38,8 +38,9 @@ from rlhf_chat.learning.heads import Prefix, frozen_prefix, top_hidden
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.serving.candidates import Sampling, sample
+from rlhf_chat.serving.candidates import Sampling, encode_openings, left_pad, sample
 from rlhf_chat.serving.chat import render_prompt, trim_to_budget
+from rlhf_chat.serving.modes import PLAIN, active_modes, guided_openings
 from rlhf_chat.serving.worker import PPO as PPO_PRIORITY
 from rlhf_chat.serving.worker import yield_point
 from rlhf_chat.storage import store
@@ -64,6 +65,9 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
     temperature: float = 1.0  # of the distribution the tokens were drawn from
     sample_logprobs: torch.Tensor | None = None  # (B, R) the serving copy's log-probs of its draws
+    # (B, R) 1 at the tokens of a guided row's prefilled opening: the policy did not
+    # draw them, so they carry no sampling log-prob (None: no guided row)
+    forced: torch.Tensor | None = None
     # filled in by score_rollout
     prefix: Prefix | None = None  # frozen layers' output over prompt + response, shared by every pass
     logprobs: torch.Tensor | None = None  # (B, R) the training copy's, at the sampling temperature
@@ -82,7 +86,12 @@ class Rollout:
 
 
 def rollout(
-    models: Models, contexts: list[list[dict]], cfg: PPOConfig, sampling: SamplingConfig, seed: int
+    models: Models,
+    contexts: list[list[dict]],
+    cfg: PPOConfig,
+    sampling: SamplingConfig,
+    seed: int,
+    openings: list[str] | None = None,
 ) -> Rollout:
     """Sample one answer per context from the serving copy (the last completed policy),
     with the scheme the candidates people vote on are sampled with.
@@ -90,6 +99,9 @@ def rollout(
     The serving copy holds exactly the training copy's policy weights between
     steps, and samples in fast eval mode. PPO's log-probabilities are those of
     softmax(logits / temperature), so the scheme must not cut the distribution.
+    ``openings`` (guided rows, ``PPOConfig.guided_fraction``; "" for a plain row)
+    start a row's answer: the opening is part of the answer PPO scores and
+    updates, under the plain context, marked in ``forced``.
     """
     if sampling.top_p < 1.0:
         raise ValueError(
@@ -100,19 +112,48 @@ def rollout(
     contexts = [trim_to_budget(tok, c, cfg.max_prompt_tokens) for c in contexts]
     prompts = [render_prompt(tok, c) for c in contexts]
     drawn = Sampling.from_config(sampling, seed, cfg.min_new_tokens)
-    out = sample(models.serving, tok, prompts, drawn, on_step=yield_point)  # people first, per token
-    mask = pm.length_mask(out.token_counts, out.response_ids.shape[1], out.response_ids.device)
-    return Rollout(
+    guided = openings if openings and any(openings) else None
+    out = sample(models.serving, tok, prompts, drawn, on_step=yield_point, openings=guided)  # people first, per token
+    batch = Rollout(
         contexts=contexts,
         texts=out.texts,
         finished=out.finished,
         prompt_ids=out.prompt_ids,
         prompt_mask=out.prompt_mask,
         response_ids=out.response_ids,
-        response_mask=mask,
+        response_mask=pm.length_mask(out.token_counts, out.response_ids.shape[1], out.response_ids.device),
         temperature=sampling.temperature,
         sample_logprobs=out.logprobs.to(out.response_ids.device),
     )
+    if guided is not None:
+        move_openings_into_answers(batch, prompts, encode_openings(tok, guided, len(prompts)), out.token_counts, tok.pad_token_id)
+    return batch
+
+
+def move_openings_into_answers(
+    batch: Rollout, prompts: list[list[int]], openings: list[list[int]], counts: list[int], pad_id: int
+) -> None:
+    """Re-lay a batch sampled after prefilled openings so that each opening opens the
+    answer rather than ends the prompt: PPO then scores and updates the opening's
+    tokens as the plain policy's own (under the plain context), marked in ``forced``.
+
+    A forced token's sampling log-prob is 0 here; ``score_rollout`` sets it to the
+    training copy's, so its importance weight is 1 and the copy gap counts only draws.
+    """
+    device = batch.response_ids.device
+    rows = [o + r[:n] for o, r, n in zip(openings, batch.response_ids.tolist(), counts)]
+    width = max(len(r) for r in rows)
+    response = torch.full((len(rows), width), pad_id, dtype=batch.response_ids.dtype)
+    sample_logprobs = torch.zeros((len(rows), width), dtype=batch.sample_logprobs.dtype)
+    forced = torch.zeros((len(rows), width))
+    for k, (opening, row, n) in enumerate(zip(openings, rows, counts)):
+        response[k, : len(row)] = torch.tensor(row, dtype=response.dtype)
+        sample_logprobs[k, len(opening) : len(row)] = batch.sample_logprobs[k, :n].cpu()
+        forced[k, : len(opening)] = 1.0
+    batch.prompt_ids, batch.prompt_mask = left_pad(prompts, pad_id, device)
+    batch.response_ids, batch.sample_logprobs = response.to(device), sample_logprobs.to(device)
+    batch.forced = forced.to(device)
+    batch.response_mask = pm.length_mask([len(r) for r in rows], width, device)
 
 
 # --- 2) score ------------------------------------------------------------------------------
@@ -234,7 +275,11 @@ def score_rollout(
     models.trainer.set_adapter(POLICY)
     batch.logprobs, batch.values, _ = policy_forward(models, *args)
     if batch.sample_logprobs is not None:
-        batch.copy_gap = pm.masked_mean((batch.logprobs - batch.sample_logprobs).abs(), batch.response_mask).item()
+        drawn = batch.response_mask
+        if batch.forced is not None:  # an opening's tokens were not drawn: weight 1, no gap to measure
+            batch.sample_logprobs = torch.where(batch.forced.bool(), batch.logprobs, batch.sample_logprobs)
+            drawn = drawn * (1 - batch.forced)
+        batch.copy_gap = pm.masked_mean((batch.logprobs - batch.sample_logprobs).abs(), drawn).item()
     # A waiting person goes first (nested jobs only use the serving copy).
     yield_point()  # pragma: no mutate (scheduling, tested in test_worker)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
@@ -377,6 +422,7 @@ class StepResult:
     texts: list[str] | None = None
     scores: list[float] | None = None  # each rollout's raw reward-model score
     lengths: list[int] | None = None  # each rollout's length in tokens
+    guided: list[bool] | None = None  # each rollout row: opened by a mode's opening (PPOConfig.guided_fraction)
 
 
 def snapshot(models: Models, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -461,14 +507,24 @@ class PPOTrainer:
             chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes", trust=trust)
             return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight, trust)
 
+    def guided_openings(self, rows: int) -> list[str]:
+        """Each rollout row's opening ("" for a plain row): ``PPOConfig.guided_fraction``
+        of them open as the mode people have been choosing (``modes.guided_openings``)."""
+        if self.cfg.guided_fraction <= 0:
+            return [PLAIN] * rows
+        with self.sessions() as session:
+            modes, record = active_modes(session), store.mode_record(session)
+        return guided_openings(modes, rows, self.cfg.guided_fraction, self.rng, record)
+
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts (phases in the module docstring)."""
         cfg, start = self.cfg, time.perf_counter()
         if self.optimizer is None:
             self.optimizer = self._call(lambda m: make_optimizer(m, cfg))
         seed = self.rng.randrange(2**31)
+        openings = self.guided_openings(len(contexts))
         # 1) rollout on the serving copy
-        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed))
+        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed, openings))
         t_rollout = time.perf_counter()
         # 2-3) scores, KL-penalised rewards, advantages
         kl_coef = self.kl_ctl.value
@@ -486,7 +542,11 @@ class PPOTrainer:
         t_update = time.perf_counter()
         # 5) publish (a checkpoint version is saved first: none is served without its
         # checkpoint on disk and in the database), or restore the adapter as it was
-        mean_kl = batch.kl.sum(-1).mean().item()  # KL of whole answers, as TRL reports it
+        guided = [bool(o) for o in openings]
+        # What the step reports (KL of whole answers, as TRL reports it; reward; length)
+        # is of the plain policy's own samples: a guided row's opening was prefilled
+        plain = [k for k, g in enumerate(guided) if not g] or list(range(len(guided)))
+        mean_kl = batch.kl.sum(-1)[plain].mean().item()
         if finite:
             upcoming = self.worker.serving_version + 1
             if upcoming % cfg.checkpoint_every == 0:
@@ -508,7 +568,7 @@ class PPOTrainer:
 
         result = StepResult(
             version=version,
-            mean_reward=batch.raw_scores.mean().item(),
+            mean_reward=batch.raw_scores[plain].mean().item(),
             mean_kl=mean_kl,
             kl_coef=kl_coef,
             policy_loss=mean("policy_loss"),
@@ -516,7 +576,7 @@ class PPOTrainer:
             clip_fraction=mean("clip_fraction"),
             approx_kl=mean("approx_kl"),
             entropy=mean("entropy"),
-            mean_length=batch.response_mask.sum(-1).mean().item(),
+            mean_length=batch.response_mask.sum(-1)[plain].mean().item(),
             skipped=not finite,
             seconds=t_update - start,
             reward_version=reward_version,
@@ -528,6 +588,7 @@ class PPOTrainer:
             texts=batch.texts,
             scores=batch.raw_scores.tolist(),
             lengths=batch.response_mask.sum(-1).long().tolist(),
+            guided=guided,
         )
         self._record(result)
         return result

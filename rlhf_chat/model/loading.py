@@ -295,15 +295,16 @@ def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
     the hardware multiplies it, else in float32 (:func:`fast_matmul_dtype`)."""
     from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight
 
-    dtype = fast_matmul_dtype(next(model.parameters()).device)
+    head = model.get_output_embeddings().weight.data
     if training:
+        dtype = fast_matmul_dtype(next(model.parameters()).device)
         replace_decoder_linears(
             model, lambda linear: frozen_linear(dense_weight(linear.weight.data, "int4", dtype), linear.bias)
         )
+        model.lm_head = DenseOutputLayer(dense_weight(head, "int8", dtype))
     else:
         replace_decoder_linears(model, lambda linear: Int4Linear(linear.weight.data, linear.bias))
-    head = model.get_output_embeddings().weight.data
-    model.lm_head = DenseOutputLayer(dense_weight(head, "int8", dtype)) if training else Int8OutputLayer(head)
+        model.lm_head = Int8OutputLayer(head)
     model.config.tie_word_embeddings = False  # the input embeddings stay float32, as shipped
 
 

@@ -144,6 +144,11 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
+def encode_openings(tokenizer, openings: list[str] | None, rows: int) -> list[list[int]]:
+    """Each row's prefilled opening as tokens, as :func:`sample` feeds them ([] for none)."""
+    return [tokenizer.encode(o, add_special_tokens=False) if o else [] for o in (openings or [""] * rows)]
+
+
 def count_response_tokens(response_ids: torch.Tensor, eos_id: int) -> tuple[list[int], list[bool]]:
     """Tokens up to and including the first EOS in each row, and whether there was one."""
     counts, finished = [], []
@@ -181,7 +186,7 @@ def sample(
     so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
     """
     device = next(model.parameters()).device
-    prefixes = [tokenizer.encode(o, add_special_tokens=False) if o else [] for o in (openings or [""] * len(prompts))]
+    prefixes = encode_openings(tokenizer, openings, len(prompts))
     ids, mask = left_pad([p + q for p, q in zip(prompts, prefixes)], tokenizer.pad_token_id, device)
     sampler = NucleusSampler(sampling.temperature, sampling.top_p, sampling.seed, device)
     streamer = RowStreamer(tokenizer, len(prompts), on_update, prefixes) if on_update else None

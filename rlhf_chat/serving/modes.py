@@ -92,10 +92,28 @@ def pick_pair(
     if record is None:
         a, b = rng.sample(modes, 2)
         return a, b
-    draws = [rng.betavariate(1 + wins, 1 + losses) for wins, losses in (record.get(m.name, (0, 0)) for m in modes)]
-    favourite = modes[max(range(len(modes)), key=draws.__getitem__)]
+    favourite = thompson_favourite(modes, rng, record)
     other = rng.choice([m for m in modes if m is not favourite])
     return (favourite, other) if rng.random() < 0.5 else (other, favourite)
+
+
+def thompson_favourite(modes: list[Mode], rng: random.Random, record: dict[str, tuple[int, int]]) -> Mode:
+    """The mode with the highest draw from Beta(1 + wins, 1 + losses) over the votes so far."""
+    draws = [rng.betavariate(1 + wins, 1 + losses) for wins, losses in (record.get(m.name, (0, 0)) for m in modes)]
+    return modes[max(range(len(modes)), key=draws.__getitem__)]
+
+
+def guided_openings(
+    modes: list[Mode], rows: int, fraction: float, rng: random.Random, record: dict[str, tuple[int, int]]
+) -> list[str]:
+    """For PPO's guided rollouts (``PPOConfig.guided_fraction``): each of ``rows``
+    rollout rows, with probability ``fraction``, gets an opening of the mode a
+    Thompson draw over the votes favours ("" otherwise, and for a mode without
+    openings): the plain policy then tries, and the reward model scores, what
+    people have been choosing, which it would almost never sample by itself."""
+    if fraction <= 0 or not modes:
+        return [PLAIN] * rows
+    return [thompson_favourite(modes, rng, record).opening(rng) if rng.random() < fraction else PLAIN for _ in range(rows)]
 
 
 def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:
