@@ -3,7 +3,7 @@
     python bench/copy_gap.py [--batches 4] [--tokens 64]
 
 The serving copy draws each token and records its log-probability; the training
-copy (bf16, a dense output layer) computes the log-probability of the same token
+copy (dense, bf16 where the CPU multiplies it natively, else float32) computes the log-probability of the same token
 for PPO. This prints, for answers sampled on the decoder and on transformers'
 ``generate`` in the same run, their gap per sampled token, and then both paths' gap on
 the very same tokens (the decoder's rollouts teacher-forced through
