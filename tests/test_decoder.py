@@ -188,9 +188,14 @@ def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, m
         keeping = run()
     assert dropping.texts == keeping.texts and torch.equal(dropping.response_ids, keeping.response_ids)
     assert dropping.token_counts == keeping.token_counts and dropping.finished == keeping.finished
-    # the same draws; their log-probs up to the kernels' rounding, which depends on how
-    # many rows a product has (up to 8e-5 seen on an AVX2-only CPU, 0 on AVX-512)
-    torch.testing.assert_close(dropping.logprobs, keeping.logprobs, atol=1e-3, rtol=0)
+    # The same draws; their log-probs up to rounding. A smaller batch rounds differently in
+    # float32 (8e-5 at most on an AVX2-only CPU, 0 on one AVX-512 CPU), and every 4-bit layer
+    # rounds its input to bf16, which now and then turns that into a visible step: on an
+    # AVX512-BF16 EPYC, 2 of 120 positions moved, by up to 0.093 nats (the int4 and int8
+    # kernels alone gave each row the same result whatever the row count). So nearly every
+    # position agrees tightly and none far apart: an indexing bug moves most of them, by more.
+    gap = (dropping.logprobs - keeping.logprobs).abs()
+    assert (gap <= 1e-3).float().mean() >= 0.95 and gap.max() <= 0.25, gap.max()
     for row, n in enumerate(dropping.token_counts):
         assert not dropping.logprobs[row, n:].any()  # nothing scored past an answer's end
 
