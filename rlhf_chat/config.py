@@ -110,6 +110,11 @@ class RewardConfig:
     max_length: int = 512  # tokens of context + answer fed to the scorer
     weight_decay: float = 0.0
     min_pairs: int = 4  # fewer usable votes than this: no round
+    # Each tie's weight in the loss against a vote's (preferences.tie_pairs): a
+    # tie asks the two scores to be equal, which tells the reward model that
+    # what differs between two answers people rated alike (their length, most
+    # often) is not what they prefer. 0: ties are ignored, as before.
+    tie_weight: float = 0.0
 
 
 @dataclass

@@ -236,6 +236,14 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_decoder.py::test_prefill_gives_the_models_own_logits_for_policy_and_reference_rows",
         "import rlhf_chat.model.decoder as d\nd.split_lora = lambda module, adapter: (getattr(module, 'base_layer', module), None)\n",
     ),
+    "ties never reach the reward model": (
+        "tests/test_reward.py::test_ties_teach_the_reward_model_that_length_is_not_the_taste",
+        "import rlhf_chat.learning.reward as r\nr.tie_pairs = lambda comparisons, weight: []\n",
+    ),
+    "a tie is scored as a vote for A": (
+        "tests/test_reward.py::test_ties_teach_the_reward_model_that_length_is_not_the_taste",
+        "import rlhf_chat.learning.reward as r\n_pt = r.pair_targets\nr.pair_targets = lambda pairs, device: None\n",
+    ),
 }
 
 PLUGIN = '''

@@ -344,6 +344,30 @@ def test_bradley_terry_weights_each_pair_by_hand() -> None:
     close(equal, bradley_terry_loss(chosen, rejected)[0].item())  # equal weights: the plain mean
 
 
+def test_bradley_terry_a_tie_asks_for_equal_scores_by_hand() -> None:
+    chosen, rejected = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.0, 0.5, 0.0])
+    target = torch.tensor([1.0, 0.5, 0.5])  # a vote, then two ties
+    loss, stats = bradley_terry_loss(chosen, rejected, target=target)
+    # vote: log(1 + e^-2); tie at equal scores: log 2; tie 1 apart:
+    # -(log sigmoid(1) + log sigmoid(-1)) / 2 = (log(1 + e^-1) + log(1 + e^1)) / 2
+    tie_apart = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
+    close(loss, (math.log1p(math.exp(-2)) + math.log(2.0) + tie_apart) / 3)
+    # accuracy and margin over the votes only: a tie has no right side
+    assert stats["accuracy"] == 1.0 and stats["mean_margin"] == 2.0
+    # a tie's loss is least at equal scores, and its gradient pulls two scores together
+    scores = torch.tensor([1.0, 0.0], requires_grad=True)
+    tie, _ = bradley_terry_loss(scores[:1], scores[1:], target=torch.tensor([0.5]))
+    tie.backward()
+    close(scores.grad, [1 / (1 + math.exp(-1)) - 0.5, 0.5 - 1 / (1 + math.exp(-1))])  # sigmoid(1) - 1/2
+    assert tie.item() > math.log(2.0)
+    # ties alone: nothing to be right or wrong about
+    _, only_ties = bradley_terry_loss(torch.zeros(2), torch.ones(2), target=torch.full((2,), 0.5))
+    assert only_ties["accuracy"] is None
+    # target 1 everywhere is the plain loss
+    plain, _ = bradley_terry_loss(chosen, rejected)
+    close(bradley_terry_loss(chosen, rejected, target=torch.ones(3))[0], plain.item())
+
+
 # --------------------------------------------------------------------------- #
 # controllers and running moments
 # --------------------------------------------------------------------------- #

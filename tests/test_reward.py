@@ -12,7 +12,7 @@ from rlhf_chat.serving.candidates import Candidate
 from rlhf_chat.learning.checkpoints import copy_into
 from rlhf_chat.config import RewardConfig
 from rlhf_chat.learning.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
-from rlhf_chat.learning.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, to_pair
+from rlhf_chat.learning.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, tie_pairs, to_pair
 from rlhf_chat.learning.reward import (
     answer_mask,
     encode,
@@ -261,6 +261,74 @@ def store_length_votes(db_url: str, n: int):
             c = store.save_pair(s, session_id="t", context=p.context, a=cand(p.chosen), b=cand(p.rejected))
             store.record_vote(s, c.id, "a", "clearly" if p.comparison_id % 2 else None)
     return sessions
+
+
+def test_tie_pairs_ask_for_equal_scores_and_weigh_what_they_are_given():
+    def comp(i, choice):
+        return Comparison(id=i, context=[], response_a=f"A{i}", response_b=f"B{i}", choice=choice)
+
+    votes = [comp(1, "a"), comp(2, "tie"), comp(3, "both_bad"), comp(4, "tie"), comp(5, "b")]
+    ties = tie_pairs(votes, 0.5)
+    assert [(p.comparison_id, p.chosen, p.rejected) for p in ties] == [(2, "A2", "B2"), (4, "A4", "B4")]
+    assert all(p.target == 0.5 and p.weight == 0.5 and p.source == "tie" for p in ties)
+    assert tie_pairs(votes, 0.0) == []  # off: ties say nothing, as before
+    assert all(p.target == 1.0 for p in preference_pairs(votes))
+
+
+MARKED = "Sure, glad to help: "
+FILLER = "it depends "
+
+
+def store_confounded_votes(db_url: str, ties: bool):
+    """Votes where the winner has a marker and is also longer (the confound a
+    marker-counting person's votes carry), and, with ``ties``, tied pairs of a
+    long and a short answer without the marker."""
+    sessions = store.open_store(db_url)
+    cand = lambda t: Candidate(t, "policy", 0, 0, 1.0, 1.0, 8, 1, True, 0.1)  # noqa: E731
+    for i in range(24):
+        context = [{"role": "user", "content": f"question {i}"}]
+        with sessions() as s, s.begin():
+            c = store.save_pair(s, session_id="t", context=context, a=cand(MARKED + FILLER * (4 + i % 3)),
+                                b=cand(FILLER * (1 + i % 2)))
+            store.record_vote(s, c.id, "a")
+            if ties:
+                t = store.save_pair(s, session_id="t", context=context, a=cand(FILLER * (4 + i % 3)),
+                                    b=cand(FILLER * (1 + i % 2)))
+                store.record_vote(s, t.id, "tie")
+    return sessions
+
+
+def test_ties_teach_the_reward_model_that_length_is_not_the_taste(tiny_config, tmp_path):
+    """Fitted to confounded votes, a reward model learns length (4.05 apart for 6 against
+    1 filler, measured); with the ties beside them in the loss it scores length far
+    less (0.61) and a marked answer above an unmarked one of as many tokens (-2.66 ->
+    +0.17). With tie_pairs stubbed both runs are the same and this fails."""
+    from rlhf_chat.model.loading import load_models
+
+    cfg = tiny_config.reward
+    cfg.learning_rate, cfg.steps_per_round, cfg.max_epochs_per_round = 5e-3, 24, 4.0
+    contexts = [[{"role": "user", "content": f"new question {i}"}] for i in range(4)]
+    long, short = FILLER * 6, FILLER * 1
+    marked, unmarked = MARKED + FILLER * 2, FILLER * 5  # about as many tokens
+    effects = {}
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        for tie_weight in (0.0, 1.0):
+            cfg.tie_weight = tie_weight
+            sessions = store_confounded_votes(f"sqlite:///{tmp_path / f'ties-{tie_weight}.db'}", ties=True)
+            result = run_round(worker, sessions, cfg, str(tmp_path / f"ckpt-{tie_weight}"))
+            assert result.heldout_pairs == sum(is_heldout(i, 0.1) for i in range(1, 49, 2))  # votes only
+            texts = [long, short, marked, unmarked]
+            scores = worker.call(0, lambda m: torch.stack([
+                score_texts(m, contexts, [t] * len(contexts), cfg.max_length) for t in texts
+            ]).mean(-1))
+            effects[tie_weight] = {"length": (scores[0] - scores[1]).item(), "marker": (scores[2] - scores[3]).item()}
+    finally:
+        worker.stop()
+    without, with_ties = effects[0.0], effects[1.0]
+    assert without["length"] > 0.5, effects  # the confound is learned as length
+    assert abs(with_ties["length"]) < 0.3 * without["length"], effects  # ties drop most of it ...
+    assert with_ties["marker"] > without["marker"] + 1.0, effects  # ... and the marker is no longer outscored by length
 
 
 def test_a_fresh_round_carries_nothing_of_the_last_adapter(tiny_config):

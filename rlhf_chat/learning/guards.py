@@ -327,8 +327,13 @@ def prompt_of(context: list[dict]) -> str:
     return normalized(users[-1]) if users else ""
 
 
-def assess_feedback(session, cfg, demonstration_weight: float = 1.0) -> Trust:
+def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight: float = 0.0) -> Trust:
     """The guards over every vote and written answer in the store (``cfg``: a ``config.GuardConfig``).
+
+    Ties train the reward model too when ``tie_weight`` is above 0: each then
+    counts in its contributor's influence (so nobody flattens the reward model
+    with ties past the cap) and its factor is in ``vote_factor``; agreement is
+    judged on decided votes only.
 
     Exclusions by an admin always hold; flags and the influence cap only with
     ``cfg.enabled``. Written answers that fail :func:`written_answer_problems`,
@@ -337,7 +342,9 @@ def assess_feedback(session, cfg, demonstration_weight: float = 1.0) -> Trust:
     from rlhf_chat.storage import store
 
     rules = GuardRules(cfg.min_votes, cfg.flag_below, cfg.flagged_weight)
-    decided = [c for c in store.voted_comparisons(session) if c.choice in ("a", "b")]
+    voted = store.voted_comparisons(session)
+    decided = [c for c in voted if c.choice in ("a", "b")]
+    ties = [c for c in voted if c.choice == "tie"] if tie_weight > 0 else []
     written = store.demonstrations(session)
     excluded = {(e.kind, e.key) for e in store.exclusions(session)}
     duplicates = duplicate_sessions([(d.session_id, d.text) for d in written])
@@ -356,14 +363,14 @@ def assess_feedback(session, cfg, demonstration_weight: float = 1.0) -> Trust:
     per_session = Counter(d.session_id for d in trained_written)
     table = agreement_table(votes, dict(per_session), excluded, rules)
     items = [Feedback(c.id, c.session_id, c.client or "", 1.0) for c in decided]
+    items += [Feedback(c.id, c.session_id, c.client or "", tie_weight) for c in ties]
+    n_votes = len(items)
     # a written answer is two reward pairs (over each candidate) of demonstration_weight each
     items += [Feedback(d.comparison_id, d.session_id, d.client or "", 2 * demonstration_weight) for d in trained_written]
     weights = feedback_weights(items, table, cfg.max_share, cfg.enabled)
-    vote_factor = {item.comparison_id: w for item, w in zip(items[: len(decided)], weights)}
-    written_factor = {
-        item.comparison_id: (w / item.weight if item.weight else 0.0)
-        for item, w in zip(items[len(decided):], weights[len(decided):])
-    }
+    factors = [w / item.weight if item.weight else 0.0 for item, w in zip(items, weights)]
+    vote_factor = {item.comparison_id: f for item, f in zip(items[:n_votes], factors[:n_votes])}
+    written_factor = {item.comparison_id: f for item, f in zip(items[n_votes:], factors[n_votes:])}
     left_out = {
         item.comparison_id for item in items
         for kind in (SESSION, CLIENT) if (kind, getattr(item, kind)) in excluded

@@ -336,6 +336,7 @@ def bradley_terry_loss(
     margin: Tensor | None = None,
     center_coef: float = 0.0,
     weight: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Pairwise reward-model loss (Bradley-Terry; InstructGPT Ouyang et al. 2022 eq. 1).
 
@@ -344,20 +345,30 @@ def bradley_terry_loss(
     share of the weighted mean: a written answer may weigh more than a vote), plus ``center_coef * mean((r_c + r_r)^2)``
     (TRL RewardTrainer ``center_rewards_coefficient``), which pins the otherwise
     shift-invariant scores near 0. Scores are (B,).
-    Stats: ``loss``, ``accuracy`` (fraction with r_c > r_r), ``mean_margin``
-    (mean r_c - r_r, without the target margin).
+
+    ``target`` (B,), optional, is the probability that the chosen answer is
+    better: 1 for a vote (the loss above), 1/2 for a tie, whose loss
+    ``-(log sigmoid(z) + log sigmoid(-z)) / 2`` is least (log 2) when the two
+    scores are equal. A tie's margin should be 0.
+    Stats: ``loss``, ``accuracy`` (fraction with r_c > r_r, over the pairs of
+    target 1 only: a tie has no right side; None when there are none),
+    ``mean_margin`` (mean r_c - r_r over the same pairs, without the target margin).
     """
     diff = chosen_scores - rejected_scores  # (B,)
     logits = diff if margin is None else diff - margin
-    per_pair = -F.logsigmoid(logits)
+    if target is None:
+        per_pair = -F.logsigmoid(logits)
+    else:
+        per_pair = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits))
     loss = per_pair.mean() if weight is None else (weight * per_pair).sum() / weight.sum()
     if center_coef:
         loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
     with torch.no_grad():
+        decided = diff if target is None else diff[target == 1]
         stats = {
             "loss": loss.item(),
-            "accuracy": (diff > 0).float().mean().item(),
-            "mean_margin": diff.mean().item(),
+            "accuracy": (decided > 0).float().mean().item() if decided.numel() else None,
+            "mean_margin": decided.mean().item() if decided.numel() else 0.0,
         }
     return loss, stats
 

@@ -1,7 +1,11 @@
 """Preferences: turning stored votes into (context, chosen, rejected) training pairs.
 
-Ties and "both bad" say nothing about which answer is better, so they do not
-enter the pairwise loss (they are still stored, and counted in exports).
+A vote for A or B is a pair whose chosen answer won. A tie is a pair too,
+with target 1/2 (:func:`tie_pairs`): it says the two answers are worth the
+same, which is how the reward model hears that whatever differs between them
+(their length, most often) is not what the person cares about. "Both bad"
+says nothing about which is better, so it never enters the loss (it is still
+stored, and counted in exports).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ class PreferencePair:
     chosen_finished: bool = True
     rejected_finished: bool = True
     weight: float = 1.0  # its share of the loss against one vote's (``loop.demonstration_weight``)
-    source: str = "vote"  # vote | demonstration
+    source: str = "vote"  # vote | demonstration | tie
+    # The probability that ``chosen`` is the better answer: 1 for a vote, 1/2 for
+    # a tie (whose two sides are then in their shown order, a then b).
+    target: float = 1.0
 
 
 def finished_flags(comparison: Comparison) -> dict[str, bool]:
@@ -65,6 +72,26 @@ def to_pair(comparison: Comparison) -> PreferencePair | None:
 def preference_pairs(comparisons: list[Comparison]) -> list[PreferencePair]:
     """Every usable preference among the comparisons, in order."""
     return [pair for pair in map(to_pair, comparisons) if pair is not None]
+
+
+def tie_pairs(comparisons: list[Comparison], weight: float) -> list[PreferencePair]:
+    """Every tie as a pair of target 1/2 weighing ``weight`` (none when it is 0).
+
+    A tie between a long and a short answer says length is not what this
+    person prefers: without ties, a reward model fitted to a few decided votes
+    learns whatever the winners share most, and on the bundled model that is
+    length (Bradley-Terry with ties: Rao and Kupper 1967; Liu et al. 2024).
+    """
+    if weight <= 0:
+        return []
+    finished_of = [(c, finished_flags(c)) for c in comparisons if c.choice == "tie"]
+    return [
+        PreferencePair(
+            c.id, list(c.context), c.response_a, c.response_b, None,
+            chosen_finished=f["a"], rejected_finished=f["b"], weight=weight, source="tie", target=0.5,
+        )
+        for c, f in finished_of
+    ]
 
 
 def demonstration_pairs(demonstrations: list[Demonstration], weight: float) -> list[PreferencePair]:

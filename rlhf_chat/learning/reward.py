@@ -5,7 +5,8 @@ The head reads the last token's state beside the mean state over the answer
 
 The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
 Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
-and TRL's optional centering term. Training runs in rounds: each round trains
+and TRL's optional centering term; a tie asks the two scores to be equal
+(``reward.tie_weight``, preferences.tie_pairs). Training runs in rounds: each round trains
 on every usable vote (new ones included) for a few epochs, from a new adapter
 while that fits in a bounded number of steps and from the last one beyond,
 measures accuracy on held-out votes, and saves a versioned checkpoint. Every
@@ -42,6 +43,7 @@ from rlhf_chat.learning.preferences import (
     margin_for,
     preference_pairs,
     split_pairs,
+    tie_pairs,
 )
 from rlhf_chat.model.loading import REWARD, Models, adapter_state
 from rlhf_chat.serving.candidates import left_pad
@@ -149,6 +151,13 @@ def pair_weights(pairs: list[PreferencePair], device: torch.device) -> torch.Ten
     return torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)  # pragma: no mutate (default dtype)
 
 
+def pair_targets(pairs: list[PreferencePair], device: torch.device) -> torch.Tensor | None:
+    """Per-pair targets (B,): 1 for a vote, 1/2 for a tie; None when every pair is a vote."""
+    if all(p.target == 1.0 for p in pairs):
+        return None
+    return torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)  # pragma: no mutate (default dtype)
+
+
 def pair_scores(
     models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +181,8 @@ def train_step(
     models.trainer.train()  # never eval: see loading.py  # pragma: no mutate (dropout 0: train() changes nothing)
     chosen, rejected = pair_scores(models, pairs, cfg, cache)
     margins, weights = pair_margins(pairs, cfg, models.device), pair_weights(pairs, models.device)
-    loss, stats = bradley_terry_loss(chosen, rejected, margins, cfg.center_coef, weights)
+    targets = pair_targets(pairs, models.device)
+    loss, stats = bradley_terry_loss(chosen, rejected, margins, cfg.center_coef, weights, targets)
     # Each of the three zero_grad calls is a safeguard for the others (no mutant of one changes a step).
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate
     if not torch.isfinite(loss):
@@ -189,7 +199,8 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None) -> dict:
-    """Loss, accuracy and mean margin over pairs (no training), plus every score seen."""
+    """Loss, accuracy and mean margin over pairs (no training; accuracy and margin
+    over the votes, not the ties), plus every score seen."""
     if not pairs:
         return {"loss": float("nan"), "accuracy": None, "mean_margin": 0.0, "scores": []}
     chosen, rejected = [], []
@@ -198,7 +209,8 @@ def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cac
         chosen.append(c)
         rejected.append(r)
     c, r = torch.cat(chosen), torch.cat(rejected)
-    _, stats = bradley_terry_loss(c, r, pair_margins(pairs, cfg, models.device), cfg.center_coef)
+    device = models.device
+    _, stats = bradley_terry_loss(c, r, pair_margins(pairs, cfg, device), cfg.center_coef, None, pair_targets(pairs, device))
     return {**stats, "scores": torch.cat([c, r]).tolist()}
 
 
@@ -301,14 +313,17 @@ def _store_agreement(sessions, agrees: dict[int, bool]) -> None:
         store.set_rm_agreement(session, agrees)
 
 
-def guarded_pairs(session, guard_cfg: GuardConfig, demonstration_weight: float) -> tuple[list[PreferencePair], int]:
-    """Every vote's pair and every written answer's two pairs, weighted by the guards
-    (learning/guards.py); pairs that weigh nothing are left out. Also returns how many
-    comparisons the round's feedback reaches (its ``trained_through`` mark)."""
-    trust = guards.assess_feedback(session, guard_cfg, demonstration_weight)
+def guarded_pairs(
+    session, guard_cfg: GuardConfig, demonstration_weight: float, tie_weight: float = 0.0
+) -> tuple[list[PreferencePair], int]:
+    """Every vote's pair, every tie's (weighing ``tie_weight``) and every written
+    answer's two pairs, weighted by the guards (learning/guards.py); pairs that
+    weigh nothing are left out. Also returns how many comparisons the round's
+    feedback reaches (its ``trained_through`` mark)."""
+    trust = guards.assess_feedback(session, guard_cfg, demonstration_weight, tie_weight)
     comparisons = store.voted_comparisons(session)
     pairs = []
-    for pair in preference_pairs(comparisons):
+    for pair in preference_pairs(comparisons) + tie_pairs(comparisons, tie_weight):
         pair.weight *= trust.vote_weight(pair.comparison_id)
         pairs.append(pair)
     written = [d for d in store.demonstrations(session) if d.id not in trust.held_back]
@@ -347,11 +362,12 @@ def run_round(
         score_unseen_votes(worker, sessions, cfg)
     # 1) votes -> weighted pairs -> (train, held-out), stable by comparison id
     with sessions() as session:
-        pairs, trained_through = guarded_pairs(session, guard_cfg, demonstration_weight)
+        pairs, trained_through = guarded_pairs(session, guard_cfg, demonstration_weight, cfg.tie_weight)
         feedback = store.count_votes(session, ("a", "b")) + store.count_demonstrations(session)
         previous = store.latest_checkpoint(session, "reward")
     train, heldout = split_pairs(pairs, cfg.heldout_fraction)
-    if len(train) < cfg.min_pairs:
+    heldout = [p for p in heldout if p.target == 1.0]  # held-out accuracy: on votes, as without ties
+    if sum(p.target == 1.0 for p in train) < cfg.min_pairs:  # ties alone cannot rank anything
         return None
     version = (previous.version if previous else 0) + 1
 
@@ -376,7 +392,8 @@ def run_round(
     # PPO normalises scores by running statistics of its own rollouts' scores
     # (ppo.ScoreNormalizer), not of these in-sample training answers.
     held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg, m.prefix_cache))
-    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, train[:256], cfg, m.prefix_cache))
+    voted = [p for p in train if p.target == 1.0]  # the fit is read on votes: a tie has no right side
+    fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, voted[:256], cfg, m.prefix_cache))
 
     # 4) checkpoint (atomic), then name it in the database, then serve it
     tensors, base = worker.call(
