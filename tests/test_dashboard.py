@@ -148,7 +148,7 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
         assert list(behaviour_table(session, None).columns) == ["behaviour"]  # nothing to show yet
     with sessions() as session, session.begin():
         for policy_text in ("Could you tell me which one you mean?", "Paris is the capital."):
-            store.save_pair(session, session_id="s", context=[{"role": "user", "content": "q"}], arena=True,
+            store.save_pair(session, session_id="s", context=[{"role": "user", "content": "What is the capital of France?"}], arena=True,
                             a=cand(policy_text, "policy"), b=cand("The capital is Paris, a big city.", "reference", False))
         store.save_pair(session, session_id="s", context=[{"role": "user", "content": "q"}],  # not arena: left out
                         a=cand("Could you tell me more?", "policy"), b=cand("Could you say?", "policy"))
@@ -161,6 +161,8 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
     assert reference["words"] == 7.0
     assert table["policy v3 (probes)"]["gives an example"] == 1.0 and table["reference (probes)"]["warm"] == 0.0
     assert pd.isna(table["policy v3 (probes)"]["finished"])  # greedy probes: no finished flags
+    # the canned question back never names the capital; both reference answers do
+    assert policy["on topic"] == 0.5 and reference["on topic"] == 1.0
 
 
 def test_mode_table_shows_which_ways_of_answering_people_chose(sessions):

@@ -18,6 +18,7 @@ from rlhf_chat.evaluation.behaviours import (
     is_warm,
     list_lines,
     loops,
+    on_topic,
     sentences,
 )
 from rlhf_chat.evaluation.labelers import example, follow_up, load_labeler, strict_choice
@@ -67,6 +68,10 @@ def test_example_list_warmth_background_and_loops_are_read_from_words():
     assert loops("I like tea. I like tea and I like tea and I like tea and more.")
     assert loops("The cat sat on the mat. The cat sat on the mat.")
     assert not loops("The cat sat on the mat. Then it slept.")
+    question = "How many bones are in the adult human body?"
+    assert on_topic(question, "An adult has 206 bones.") and on_topic(question, "The human skeleton...")
+    assert not on_topic(question, "Thank you for asking! I'm glad you asked!")  # warm, about nothing
+    assert on_topic("What is it?", "Anything at all.")  # no topic word to look for: cannot be judged
 
 
 def test_behaviour_shares_are_counted_by_hand():
@@ -78,7 +83,9 @@ def test_behaviour_shares_are_counted_by_hand():
     assert shares["gives an example"] == pytest.approx(1 / 3)
     assert shares["warm"] == pytest.approx(1 / 3)  # "Sure"
     assert shares["loops"] == 0
-    assert "finished" not in behaviour_shares([PLAIN])
+    assert "finished" not in behaviour_shares([PLAIN]) and "on topic" not in behaviour_shares([PLAIN])
+    topical = behaviour_shares(["Tea is a drink.", "Glad to help!"], prompts=["Is tea a drink?", "Is tea a drink?"])
+    assert topical["on topic"] == 0.5
 
 
 # --- strict labelers ----------------------------------------------------------------

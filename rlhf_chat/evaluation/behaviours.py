@@ -123,6 +123,40 @@ def loops(text: str) -> bool:
     return len(parts) != len(set(parts))
 
 
+# Words too common to say what a question is about (four letters or more: shorter
+# words are never topic words).
+_COMMON = frozenset("""
+about above after again also always among another answer anyone anything around because been before being below
+best between both came come could does doing done down during each either else even ever every from give gives
+have having here into just keep know like long made make makes many more most much must need never often only
+other over same should some such tell than that their them then there these they thing things this those through
+very want what when where which while will with without would your yours
+""".split())
+
+
+def topic_words(text: str) -> set[str]:
+    """The words of four letters or more that are not common words, each cut to its
+    first four letters, so that "sleeping" meets "sleep" and "bones" meets "bone"."""
+    return {w[:4] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in _COMMON}
+
+
+def on_topic(prompt: str, text: str) -> bool:
+    """Whether the answer mentions what the question is about: it shares a topic word
+    with it (:func:`topic_words`); a question without one cannot be judged, and counts.
+
+    Crude on purpose, and independent of every labeler: an answer that is only a
+    canned phrase ("Thank you for asking!") fails it, and the starting model's
+    answers pass it 99% of the time (72 held-out prompts).
+
+    >>> on_topic("What is the capital of Australia?", "Canberra is Australia's capital.")
+    True
+    >>> on_topic("What is the capital of Australia?", "Thank you for asking! I'm glad you asked!")
+    False
+    """
+    words = topic_words(prompt)
+    return not words or bool(words & topic_words(text))
+
+
 # name -> detector; the order is the order reports and the Training tab show them in.
 DETECTORS: dict[str, Callable[[str], bool]] = {
     "asks a question": asks_question,
@@ -134,11 +168,18 @@ DETECTORS: dict[str, Callable[[str], bool]] = {
 }
 
 
-def behaviour_shares(texts: list[str], finished: list[bool] | None = None) -> dict[str, float]:
+ON_TOPIC = "on topic"  # the share that needs each answer's question (:func:`on_topic`)
+
+
+def behaviour_shares(
+    texts: list[str], finished: list[bool] | None = None, prompts: list[str] | None = None
+) -> dict[str, float]:
     """Mean words, finished share and each detector's share over some answers.
 
     ``finished`` (whether each answer ended on its own) comes from the sampler,
-    not the text; left out, the report has no finished share.
+    not the text; left out, the report has no finished share. With ``prompts``
+    (each answer's question) the shares also say how many answers are
+    :func:`on_topic`: what a labeler that only counts words cannot see.
     """
     n = max(1, len(texts))
     shares: dict[str, float] = {"answers": len(texts), "words": sum(len(t.split()) for t in texts) / n}
@@ -146,4 +187,6 @@ def behaviour_shares(texts: list[str], finished: list[bool] | None = None) -> di
         shares["finished"] = sum(bool(f) for f in finished) / n
     for name, detect in DETECTORS.items():
         shares[name] = sum(bool(detect(t)) for t in texts) / n
+    if prompts is not None:
+        shares[ON_TOPIC] = sum(on_topic(p, t) for p, t in zip(prompts, texts)) / n
     return shares

@@ -586,7 +586,8 @@ def describe_final_answers(report: Report, modes: list[Mode]) -> None:
     """Fill the report's behaviour shares and opening repeats from the evaluation answers."""
     answers = report.eval_answers
     for side, target in (("reference", report.behaviour_reference), ("policy", report.behaviour_policy)):
-        target.update(behaviour_shares([a[side] for a in answers], [a[f"{side}_finished"] for a in answers]))
+        texts, finished = [a[side] for a in answers], [a[f"{side}_finished"] for a in answers]
+        target.update(behaviour_shares(texts, finished, [a["prompt"] for a in answers]))
         report.opening_repeats[side] = round(opening_share([a[side] for a in answers], modes), 4)
 
 

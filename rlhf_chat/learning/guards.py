@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from rlhf_chat.serving.arena import win_rate
+from rlhf_chat.serving.chat import prompt_text
 
 SESSION, CLIENT = "session", "client"
 
@@ -323,8 +324,7 @@ def policy_won(comparison) -> bool | None:
 
 def prompt_of(context: list[dict]) -> str:
     """The last user turn of a context: what an overlap between two votes is keyed on."""
-    users = [m.get("content", "") for m in context if m.get("role") == "user"]
-    return normalized(users[-1]) if users else ""
+    return normalized(prompt_text(context))
 
 
 def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight: float = 0.0) -> Trust:

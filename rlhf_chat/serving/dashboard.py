@@ -24,11 +24,11 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat.evaluation.behaviours import DETECTORS, behaviour_shares
+from rlhf_chat.evaluation.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
 from rlhf_chat.model.loading import Models
 from rlhf_chat.serving.arena import ArenaResult, arena_results, bucket_results, total
 from rlhf_chat.serving.candidates import count_response_tokens, left_pad
-from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.serving.chat import prompt_text, render_prompt
 from rlhf_chat.serving.worker import PPO, ModelWorker
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import CandidateRow, Comparison, TrainingEvent
@@ -329,20 +329,22 @@ class ProbeBoard:
         self._latest = future.result()
 
 
-def arena_answers(session: Session, limit: int = 100) -> dict[str, tuple[list[str], list[bool]]]:
-    """The texts and finished flags of the newest ``limit`` arena pairs' answers, by source."""
+def arena_answers(session: Session, limit: int = 100) -> dict[str, tuple[list[str], list[bool], list[str]]]:
+    """The texts, finished flags and questions (the context's last user turn) of the
+    newest ``limit`` arena pairs' answers, by source."""
     query = (
-        select(CandidateRow.source, CandidateRow.text, CandidateRow.finished)
+        select(CandidateRow.source, CandidateRow.text, CandidateRow.finished, Comparison.context)
         .join(Comparison, CandidateRow.comparison_id == Comparison.id)
         .where(Comparison.arena.is_(True))
         .order_by(Comparison.id.desc())
         .limit(2 * limit)
     )
-    out: dict[str, tuple[list[str], list[bool]]] = {"reference": ([], []), "policy": ([], [])}
-    for source, text, finished in session.execute(query):
+    out: dict[str, tuple[list[str], list[bool], list[str]]] = {"reference": ([], [], []), "policy": ([], [], [])}
+    for source, text, finished, context in session.execute(query):
         if source in out:
             out[source][0].append(text)
             out[source][1].append(bool(finished))
+            out[source][2].append(prompt_text(context or []))
     return out
 
 
@@ -350,18 +352,20 @@ def behaviour_table(session: Session, probes: ProbeAnswers | None, limit: int = 
     """What the policy learned, behaviour by behaviour: its share of answers against the reference's.
 
     From the newest arena pairs (sampled, as people see them) and from the
-    probe answers (greedy). A column with no answers yet is left out.
+    probe answers (greedy). A column with no answers yet is left out. "on topic"
+    (``behaviours.on_topic``) says how many answers still mention what they were
+    asked, which no labeler that counts markers sees.
     """
     columns: dict[str, dict[str, float]] = {}
     arena = arena_answers(session, limit)
     for source in ("reference", "policy"):
-        texts, finished = arena[source]
+        texts, finished, questions = arena[source]
         if texts:
-            columns[f"{source} (arena, {len(texts)} answers)"] = behaviour_shares(texts, finished)
+            columns[f"{source} (arena, {len(texts)} answers)"] = behaviour_shares(texts, finished, questions)
     if probes is not None:
-        columns["reference (probes)"] = behaviour_shares(probes.reference)
-        columns[f"policy v{probes.version} (probes)"] = behaviour_shares(probes.policy)
-    names = ["words", "finished", *DETECTORS]
+        columns["reference (probes)"] = behaviour_shares(probes.reference, prompts=probes.prompts)
+        columns[f"policy v{probes.version} (probes)"] = behaviour_shares(probes.policy, prompts=probes.prompts)
+    names = ["words", "finished", *DETECTORS, ON_TOPIC]
     table = {"behaviour": names}
     for label, shares in columns.items():
         table[label] = [round(shares[n], 2) if n in shares else None for n in names]
