@@ -69,9 +69,14 @@ bench: setup
 
 # Optional: llama.cpp on the same GGUF file, the yardstick bench/generation.py prints
 # beside our pair when it is installed. Never a dependency of the app. Builds from
-# source (about 6 minutes on 2 cores); GGML_NATIVE crashed on this CPU, so the
-# instruction sets are named.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+# source (about 6 minutes on 2 cores); GGML_NATIVE crashed on an AVX512-BF16 CPU, so
+# the instruction sets are named: the AVX-512 ones only where /proc/cpuinfo lists them
+# (an AVX2-only CPU would stop on an illegal instruction).
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+LLAMA_AVX512 := $(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) \
+	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $(strip $(LLAMA_AVX512))
 llama-anchor: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet llama-cpp-python==0.3.36
 

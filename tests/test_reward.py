@@ -298,6 +298,15 @@ def store_confounded_votes(db_url: str, ties: bool):
     return sessions
 
 
+def test_ties_count_toward_the_next_round_only_when_they_train(tmp_path):
+    from rlhf_chat.learning.reward import usable_feedback
+
+    sessions = store_confounded_votes(f"sqlite:///{tmp_path / 'count.db'}", ties=True)  # 24 votes, 24 ties
+    with sessions() as s:
+        assert usable_feedback(s, tie_weight=0.0) == 24
+        assert usable_feedback(s, tie_weight=1.0) == 48
+
+
 def test_ties_teach_the_reward_model_that_length_is_not_the_taste(tiny_config, tmp_path):
     """Fitted to confounded votes, a reward model learns length (4.05 apart for 6 against
     1 filler, measured); with the ties beside them in the loss it scores length far

@@ -82,10 +82,11 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     assert verdicts.count("policy") == saved["eval_counts"]["wins"]
     assert verdicts.count("reference") == saved["eval_counts"]["losses"]
     for shares in (saved["behaviour_reference"], saved["behaviour_policy"]):
-        assert {"words", "finished", "asks a question", "gives an example", "list lines", "warm", "loops"} <= shares.keys()
+        assert {"words", "finished", "asks a question", "gives an example", "list lines", "warm", "loops",
+                "on topic"} <= shares.keys()
     assert saved["behaviour_reference"]["words"] == pytest.approx(
         sum(len(a["reference"].split()) for a in answers) / len(answers))
-    assert len(saved["behaviour_rounds"]) >= 1 and "asks a question" in saved["behaviour_rounds"][-1]["policy"]
+    assert len(saved["behaviour_rounds"]) >= 1 and {"asks a question", "on topic"} <= saved["behaviour_rounds"][-1]["policy"].keys()
     assert {"policy", "reference"} <= saved["opening_repeats"].keys()
     assert saved["mode_pairs"]["pairs"] == 12 and saved["mode_pairs"]["mode_pairs"] >= 1  # half of the policy pairs
     assert report_path.with_suffix(".behaviours.png").stat().st_size > 1000
@@ -234,9 +235,11 @@ def test_round_behaviours_count_plain_rows_and_compare_the_guided_rows_scores():
     from rlhf_chat.evaluation.simulate import round_behaviours
     from rlhf_chat.serving.modes import BUILTIN_MODES
 
-    plain = [("Paris is the capital.", 0.0, 6), ("Thank you! It is Paris.", 1.0, 8), ("It is Paris.", 2.0, 5)]
+    q = "What is the capital of France?"
+    plain = [("Paris is the capital.", 0.0, 6, q), ("Thank you! Glad to help.", 1.0, 8, q), ("It is Paris.", 2.0, 5, q)]
     got = round_behaviours(plain, list(BUILTIN_MODES), 15, guided_scores=[2.0, 3.0])
     assert got["policy"]["warm"] == pytest.approx(1 / 3) and got["policy"]["answers"] == 3
+    assert got["policy"]["on topic"] == pytest.approx(1 / 3)  # only the first names the capital
     assert got["guided_rows"] == 2 and got["guided_score_gap"] == pytest.approx(2.5 - 1.0)
     none = round_behaviours(plain, list(BUILTIN_MODES), 15)
     assert none["guided_rows"] == 0 and none["guided_score_gap"] is None

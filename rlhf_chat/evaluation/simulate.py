@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import DETECTORS, behaviour_shares
+from rlhf_chat.evaluation.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
 from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choice
 from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.serving.arena import win_rate
@@ -358,11 +358,12 @@ def plot_curve(report: Report, path: str | Path) -> Path:
 
 
 def behaviour_series(report: Report) -> tuple[list[str], dict[str, list[float]]]:
-    """The x labels and, per behaviour, its share: the reference's held-out answers,
-    each round's PPO rollouts, then the final policy's held-out answers."""
+    """The x labels and, per behaviour, its share (None where a report lacks it): the
+    reference's held-out answers, each round's PPO rollouts, then the final policy's
+    held-out answers."""
     columns = [report.behaviour_reference, *(r["policy"] for r in report.behaviour_rounds), report.behaviour_policy]
     labels = ["reference", *(f"round {i + 1}" for i in range(len(report.behaviour_rounds))), "final policy"]
-    series = {name: [c.get(name, 0.0) for c in columns] for name in DETECTORS}
+    series = {name: [c.get(name) for c in columns] for name in (*DETECTORS, ON_TOPIC)}
     return labels, series
 
 
@@ -374,14 +375,16 @@ def plot_behaviours(report: Report, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels, series = behaviour_series(report)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))
     for name, values in series.items():
-        ax.plot(range(len(labels)), values, marker="o", label=name)
+        if any(v is not None for v in values):  # a share a report lacks is a gap, not a 0
+            points = [float("nan") if v is None else v for v in values]
+            ax.plot(range(len(labels)), points, marker="o", label=name, linestyle=":" if name == ON_TOPIC else "-")
     ax.set_xticks(range(len(labels)), labels)
     ax.set(ylabel="share of answers", ylim=(-0.02, 1.02),
            title=f"Behaviours ({report.labeler} labeler): held-out answers at the ends, PPO rollouts between")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside: no point hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -488,17 +491,18 @@ def simulate(
                     bar.set_description("PPO")
                     with sessions() as session:
                         contexts = store.user_contexts(session)
-                    rollouts: list[tuple[str, float, int]] = []
+                    rollouts: list[tuple[str, float, int, str]] = []
                     guided: list[float] = []  # raw scores of the guided rows
                     for _ in range(owed):
                         step = trainer.step(trainer.sample_contexts(contexts))
-                        rows = zip(step.texts or [], step.scores or [], step.lengths or [], step.guided or [])
-                        for text, score, length, was_guided in rows:
+                        rows = zip(step.texts or [], step.scores or [], step.lengths or [], step.guided or [],
+                                   step.prompts or [])
+                        for text, score, length, was_guided, prompt in rows:
                             # the plain policy as it trained: a guided row's opening was prefilled
                             if was_guided:
                                 guided.append(score)
                             else:
-                                rollouts.append((text, score, length))
+                                rollouts.append((text, score, length, prompt))
                         report.reward_curve.append(step.mean_reward)
                         report.kl_curve.append(step.mean_kl)
                         report.length_curve.append(step.mean_length)
@@ -563,18 +567,20 @@ def opening_share(texts: list[str], modes: list[Mode]) -> float:
 
 
 def round_behaviours(
-    rollouts: list[tuple[str, float, int]], modes: list[Mode], after_ppo_steps: int, guided_scores: list[float] = ()
+    rollouts: list[tuple[str, float, int, str]], modes: list[Mode], after_ppo_steps: int,
+    guided_scores: list[float] = (),
 ) -> dict:
     """Behaviour shares, opening repeats and the reward-length correlation of one round's
-    PPO rollouts (the plain rows), and how the reward model scored the guided rows
-    against them (``guided_score_gap``: mean raw score, guided minus plain)."""
-    texts = [t for t, _, _ in rollouts]
-    scores = [float(s) for _, s, _ in rollouts]
-    corr = pearson(scores, [float(n) for _, _, n in rollouts])
+    PPO rollouts (the plain rows: text, raw score, length, question), and how the reward
+    model scored the guided rows against them (``guided_score_gap``: mean raw score,
+    guided minus plain)."""
+    texts = [t for t, _, _, _ in rollouts]
+    scores = [float(s) for _, s, _, _ in rollouts]
+    corr = pearson(scores, [float(n) for _, _, n, _ in rollouts])
     gap = sum(guided_scores) / len(guided_scores) - sum(scores) / len(scores) if guided_scores and scores else None
     return {
         "after_ppo_steps": after_ppo_steps,
-        "policy": behaviour_shares(texts),
+        "policy": behaviour_shares(texts, prompts=[q for _, _, _, q in rollouts]),
         "opening_repeats": round(opening_share(texts, modes), 4),
         "reward_length_corr": None if corr is None else round(corr, 4),
         "guided_rows": len(guided_scores),

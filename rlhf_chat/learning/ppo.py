@@ -39,7 +39,7 @@ from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
 from rlhf_chat.serving.candidates import Sampling, encode_openings, left_pad, sample
-from rlhf_chat.serving.chat import render_prompt, trim_to_budget
+from rlhf_chat.serving.chat import prompt_text, render_prompt, trim_to_budget
 from rlhf_chat.serving.modes import PLAIN, active_modes, guided_openings
 from rlhf_chat.serving.worker import PPO as PPO_PRIORITY
 from rlhf_chat.serving.worker import yield_point
@@ -423,6 +423,7 @@ class StepResult:
     scores: list[float] | None = None  # each rollout's raw reward-model score
     lengths: list[int] | None = None  # each rollout's length in tokens
     guided: list[bool] | None = None  # each rollout row: opened by a mode's opening (PPOConfig.guided_fraction)
+    prompts: list[str] | None = None  # each rollout row's question (its context's last user turn)
 
 
 def snapshot(models: Models, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -589,6 +590,7 @@ class PPOTrainer:
             scores=batch.raw_scores.tolist(),
             lengths=batch.response_mask.sum(-1).long().tolist(),
             guided=guided,
+            prompts=[prompt_text(c) for c in batch.contexts],
         )
         self._record(result)
         return result

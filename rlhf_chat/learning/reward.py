@@ -334,6 +334,14 @@ def guarded_pairs(
     return [p for p in pairs if p.weight > 0], through
 
 
+def usable_feedback(session, tie_weight: float = 0.0) -> int:
+    """How much a reward round learns from: A/B votes and written answers, and ties
+    when they weigh something in the loss (``reward.tie_weight``). The live loop
+    trains a new reward model every ``loop.reward_every_votes`` of these."""
+    choices = ("a", "b", "tie") if tie_weight > 0 else ("a", "b")
+    return store.count_votes(session, choices) + store.count_demonstrations(session)
+
+
 def run_round(
     worker,
     sessions,
@@ -363,7 +371,7 @@ def run_round(
     # 1) votes -> weighted pairs -> (train, held-out), stable by comparison id
     with sessions() as session:
         pairs, trained_through = guarded_pairs(session, guard_cfg, demonstration_weight, cfg.tie_weight)
-        feedback = store.count_votes(session, ("a", "b")) + store.count_demonstrations(session)
+        feedback = usable_feedback(session, cfg.tie_weight)
         previous = store.latest_checkpoint(session, "reward")
     train, heldout = split_pairs(pairs, cfg.heldout_fraction)
     heldout = [p for p in heldout if p.target == 1.0]  # held-out accuracy: on votes, as without ties

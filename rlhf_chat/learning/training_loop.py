@@ -30,7 +30,7 @@ from typing import Callable
 from rlhf_chat.config import AppConfig
 from rlhf_chat.learning import tripwire
 from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
-from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.reward import run_round, usable_feedback
 from rlhf_chat.serving.worker import REWARD, ModelWorker
 from rlhf_chat.storage import store
 
@@ -240,9 +240,9 @@ class TrainingLoop:
         return ""
 
     def _count_votes(self) -> int:
-        """Usable feedback: A/B votes (ties teach the loss nothing) and written answers."""
+        """Usable feedback (``reward.usable_feedback``): A/B votes, written answers, and ties where they train."""
         with self.sessions() as session:
-            return store.count_votes(session, ("a", "b")) + store.count_demonstrations(session)
+            return usable_feedback(session, self.cfg.reward.tie_weight)
 
     def _restore_counters(self) -> None:
         """After a restart: votes already used by the last reward round, and the KL coefficient."""
