@@ -10,6 +10,7 @@ from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
 from rlhf_chat.learning.ppo import rollout
 from rlhf_chat.learning.training_loop import TrainingLoop
+from rlhf_chat.serving.candidates import Candidate
 from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import CandidateRow
@@ -41,6 +42,20 @@ def usable_votes(services, n, seed):
     target, rng = count() + n, random.Random(seed)
     while count() < target:
         collect_votes(services.worker, services.sessions, PROMPTS, concise, 4, services.config, rng)
+
+
+def test_ties_alone_count_as_feedback_but_start_no_reward_model_and_say_so(idle_loop):
+    services, loop = idle_loop
+    cand = lambda t: Candidate(t, "policy", 0, 0, 0.7, 1.0, 8, 2, True, 0.1)  # noqa: E731
+    for i in range(loop.cfg.loop.min_votes + 2):
+        with services.sessions() as s, s.begin():
+            pair = store.save_pair(s, session_id="t", context=[{"role": "user", "content": f"q{i}"}],
+                                   a=cand("short"), b=cand("a longer answer"))
+            store.record_vote(s, pair.id, "tie")
+    assert loop._count_votes() >= loop.cfg.loop.min_votes  # ties train, so they count
+    assert not loop.run_once()  # ... but a round needs votes that rank
+    assert services.worker.call(0, lambda m: m.reward_version) == 0
+    assert loop.status.state == "waiting for votes" and "A/B votes" in loop.status.detail
 
 
 def test_ppo_stops_when_its_budget_for_a_reward_version_is_spent(idle_loop):

@@ -168,7 +168,11 @@ class TrainingLoop:
                 return True
         if reward_version == 0:
             self.status.state = "waiting for votes"
-            self.status.detail = f"{votes}/{self.cfg.loop.min_votes} votes before the first reward model"
+            if votes >= self.cfg.loop.min_votes:  # enough feedback, but the round found too few votes to rank by
+                self.status.detail = (f"{votes} votes, but fewer than {self.cfg.reward.min_pairs} A/B votes to "
+                                      "train on (ties alone rank nothing): more A or B votes, please")
+            else:
+                self.status.detail = f"{votes}/{self.cfg.loop.min_votes} votes before the first reward model"
             return False
         if not self.cfg.loop.ppo_enabled:
             self.status.state, self.status.detail = "waiting for votes", "PPO is off"
