@@ -109,7 +109,7 @@ class RewardConfig:
     margin_clearly: float = 1.0  # "clearly better" asks the scores to be 1 nat apart
     max_length: int = 512  # tokens of context + answer fed to the scorer
     weight_decay: float = 0.0
-    min_pairs: int = 4  # fewer usable votes than this: no round
+    min_pairs: int = 4  # fewer A/B votes than this to train on (ties rank nothing): no round
     # Each tie's weight in the loss against a vote's (preferences.tie_pairs): a
     # tie asks the two scores to be equal, which tells the reward model that
     # what differs between two answers people rated alike (their length, most

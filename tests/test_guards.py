@@ -225,6 +225,24 @@ def test_excluded_votes_leave_training_but_stay_in_the_database_and_the_export(s
     assert len(back) == 10
 
 
+def test_an_exclusion_reaches_the_ties_of_somebody_who_only_ties(sessions):
+    kept = [add_vote(sessions, "honest", "c1", prompt=f"h{i}") for i in range(5)]
+    ties = [add_vote(sessions, "tier", "c2", choice="tie", prompt=f"t{i}") for i in range(5)]
+    with sessions() as session:
+        before, _ = guarded_pairs(session, GuardConfig(), 1.0, 1.0)
+        table = guards.assess_feedback(session, GuardConfig(), tie_weight=1.0).contributors
+    assert {p.comparison_id for p in before} == set(kept + ties)
+    assert table[("session", "tier")].ties == 5 and table[("client", "c2")].ties == 5
+    for kind, key in (("client", "c2"), ("session", "tier")):  # either exclusion is enough
+        with sessions() as session, session.begin():
+            assert store.add_exclusion(session, kind, key, "ties everything")
+        with sessions() as session:
+            after, _ = guarded_pairs(session, GuardConfig(), 1.0, 1.0)
+        assert {p.comparison_id for p in after} == set(kept)
+        with sessions() as session, session.begin():
+            assert store.remove_exclusion(session, kind, key)
+
+
 def test_written_answers_with_an_address_or_a_link_are_never_trained_on(sessions):
     good = add_written(sessions, "s1", "Plants make sugar from light.", prompt="plants?")
     mail = add_written(sessions, "s2", "Mail me: troll@example.com", prompt="mail?")

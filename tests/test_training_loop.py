@@ -9,6 +9,7 @@ import pytest
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
 from rlhf_chat.learning.ppo import rollout
+from rlhf_chat.learning import training_loop
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.serving.candidates import Candidate
 from rlhf_chat.serving.runtime import start_services
@@ -44,7 +45,7 @@ def usable_votes(services, n, seed):
         collect_votes(services.worker, services.sessions, PROMPTS, concise, 4, services.config, rng)
 
 
-def test_ties_alone_count_as_feedback_but_start_no_reward_model_and_say_so(idle_loop):
+def test_ties_alone_count_as_feedback_but_start_no_reward_model_and_say_so(idle_loop, monkeypatch):
     services, loop = idle_loop
     cand = lambda t: Candidate(t, "policy", 0, 0, 0.7, 1.0, 8, 2, True, 0.1)  # noqa: E731
     for i in range(loop.cfg.loop.min_votes + 2):
@@ -56,6 +57,9 @@ def test_ties_alone_count_as_feedback_but_start_no_reward_model_and_say_so(idle_
     assert not loop.run_once()  # ... but a round needs votes that rank
     assert services.worker.call(0, lambda m: m.reward_version) == 0
     assert loop.status.state == "waiting for votes" and "A/B votes" in loop.status.detail
+    calls = []
+    monkeypatch.setattr(training_loop, "run_round", lambda *a, **k: calls.append(1))
+    assert not loop.run_once() and calls == []  # the same votes: no second try
 
 
 def test_ppo_stops_when_its_budget_for_a_reward_version_is_spent(idle_loop):

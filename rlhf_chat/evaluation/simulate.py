@@ -185,7 +185,7 @@ def contributor_rows(sessions, cfg: AppConfig) -> list[dict]:
     from rlhf_chat.learning.guards import SESSION, assess_feedback
 
     with sessions() as session:
-        trust = assess_feedback(session, cfg.guards, cfg.loop.demonstration_weight)
+        trust = assess_feedback(session, cfg.guards, cfg.loop.demonstration_weight, cfg.reward.tie_weight)
     return [
         {k: v for k, v in asdict(c).items() if k != "kind"}
         for (kind, _), c in sorted(trust.contributors.items()) if kind == SESSION
@@ -357,7 +357,7 @@ def plot_curve(report: Report, path: str | Path) -> Path:
     return Path(path)
 
 
-def behaviour_series(report: Report) -> tuple[list[str], dict[str, list[float]]]:
+def behaviour_series(report: Report) -> tuple[list[str], dict[str, list[float | None]]]:
     """The x labels and, per behaviour, its share (None where a report lacks it): the
     reference's held-out answers, each round's PPO rollouts, then the final policy's
     held-out answers."""
@@ -455,7 +455,7 @@ def simulate(
         seconds["load"] = time.perf_counter() - start
         weight = cfg.loop.demonstration_weight
         trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                             demonstration_weight=weight, guard_cfg=cfg.guards)
+                             demonstration_weight=weight, guard_cfg=cfg.guards, tie_weight=cfg.reward.tie_weight)
         trainer.rng.seed(seed)
         rng = random.Random(seed)
         owed = 0  # PPO steps planned before a reward model existed

@@ -144,6 +144,7 @@ class Contributor:
     key: str
     votes: int = 0
     written: int = 0
+    ties: int = 0  # ties that train (reward.tie_weight > 0)
     rm_scored: int = 0
     rm_agreement: float | None = None
     overlaps: int = 0
@@ -191,13 +192,16 @@ def assess(agreements: int, n: int, rules: GuardRules) -> bool:
 
 
 def agreement_table(
-    votes: list[Vote], written: dict[str, int], excluded: set[tuple[str, str]], rules: GuardRules
+    votes: list[Vote], written: dict[str, int], excluded: set[tuple[str, str]], rules: GuardRules,
+    ties: list[tuple[str, str]] = (),
 ) -> dict[tuple[str, str], Contributor]:
     """Every contributor (by session and by client), its agreement, flag and weight.
 
-    ``written`` counts written answers per session; ``excluded`` holds the
-    (kind, key) an admin excluded. A flagged contributor's weight is
-    ``rules.flagged_weight``; an excluded one's is 0.
+    ``written`` counts written answers per session; ``ties`` holds (session, client)
+    of each tie that trains, so that somebody who only ties is a contributor too
+    (an exclusion must reach their ties); ``excluded`` holds the (kind, key) an
+    admin excluded. A flagged contributor's weight is ``rules.flagged_weight``; an
+    excluded one's is 0. Agreement is judged on decided votes only.
     """
     table: dict[tuple[str, str], Contributor] = {}
 
@@ -215,6 +219,10 @@ def agreement_table(
                 c.rm_agreement = (c.rm_agreement or 0.0) + float(v.rm_agrees)
     for session, n in written.items():
         entry(SESSION, session).written += n
+    for session, client in ties:
+        for kind, key in ((SESSION, session), (CLIENT, client)):
+            if key:
+                entry(kind, key).ties += 1
     majority = majority_agreement(votes)
     for (kind, key), c in table.items():
         agreed_rm = c.rm_agreement or 0.0
@@ -361,7 +369,7 @@ def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight:
         for c in decided
     ]
     per_session = Counter(d.session_id for d in trained_written)
-    table = agreement_table(votes, dict(per_session), excluded, rules)
+    table = agreement_table(votes, dict(per_session), excluded, rules, [(c.session_id, c.client or "") for c in ties])
     items = [Feedback(c.id, c.session_id, c.client or "", 1.0) for c in decided]
     items += [Feedback(c.id, c.session_id, c.client or "", tie_weight) for c in ties]
     n_votes = len(items)

@@ -472,9 +472,11 @@ class PPOTrainer:
         sampling: SamplingConfig | None = None,
         demonstration_weight: float = 1.0,
         guard_cfg: GuardConfig | None = None,
+        tie_weight: float = 0.0,
     ):
         self.worker = worker
         self.demonstration_weight = demonstration_weight
+        self.tie_weight = tie_weight  # reward.tie_weight: ties count in a contributor's influence, as in reward rounds
         self.guard_cfg = guard_cfg or GuardConfig()
         self.sessions = sessions
         self.cfg = cfg
@@ -504,7 +506,7 @@ class PPOTrainer:
             return []
         cfg = self.cfg
         with self.sessions() as session:
-            trust = assess_feedback(session, self.guard_cfg, self.demonstration_weight)
+            trust = assess_feedback(session, self.guard_cfg, self.demonstration_weight, self.tie_weight)
             chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes", trust=trust)
             return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight, trust)
 

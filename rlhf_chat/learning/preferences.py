@@ -80,7 +80,9 @@ def tie_pairs(comparisons: list[Comparison], weight: float) -> list[PreferencePa
     A tie between a long and a short answer says length is not what this
     person prefers: without ties, a reward model fitted to a few decided votes
     learns whatever the winners share most, and on the bundled model that is
-    length (Bradley-Terry with ties: Rao and Kupper 1967; Liu et al. 2024).
+    length. The tie is a soft label of 1/2 in the same Bradley-Terry loss, the
+    plainest use of a tie (Rao and Kupper 1967 model ties with a threshold on
+    the score difference instead, which would add a parameter to fit).
     """
     if weight <= 0:
         return []

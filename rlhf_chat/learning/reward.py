@@ -416,7 +416,7 @@ def run_round(
         mean_margin=fit["mean_margin"],
         train_pairs=len(train),
         heldout_pairs=len(heldout),
-        votes=feedback,  # the feedback TrainingLoop counts (A/B votes and written answers), guarded or not
+        votes=feedback,  # the feedback TrainingLoop counts (usable_feedback), guarded or not
         seconds=time.perf_counter() - start,
         checkpoint=str(path),
         train_accuracy=fit["accuracy"],

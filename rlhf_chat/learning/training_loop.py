@@ -58,7 +58,8 @@ class TrainingLoop:
         self.cfg = cfg
         self.status = LoopStatus()
         self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                              demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards)
+                              demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards,
+                              tie_weight=cfg.reward.tie_weight)
         # Called with the version to serve again when the tripwire trips (0: the starting
         # model); returns what it did. The runtime wires it to controls.rollback / reset.
         self.on_trip = on_trip
@@ -66,6 +67,7 @@ class TrainingLoop:
         self._after_policy = 0  # tripwire evidence up to these versions was seen at a resume
         self._after_reward = 0
         self._votes_at_last_round = 0
+        self._too_few_at: int | None = None  # feedback count at which a first round found too few votes
         self._paused = threading.Event()
         self._stop = threading.Event()
         self._halted = ""
@@ -155,11 +157,13 @@ class TrainingLoop:
         votes = self._count_votes()
         reward_version = self.worker.call(REWARD, lambda m: m.reward_version)
         due = votes - self._votes_at_last_round >= self.cfg.loop.reward_every_votes
-        if (reward_version == 0 and votes >= self.cfg.loop.min_votes) or (reward_version > 0 and due):
+        first_due = votes >= self.cfg.loop.min_votes and votes != self._too_few_at  # no retry on the same votes
+        if (reward_version == 0 and first_due) or (reward_version > 0 and due):
             self.status.state, self.status.detail = "training reward model", f"{votes} votes"
             result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir,
                                demonstration_weight=self.cfg.loop.demonstration_weight, guard_cfg=self.cfg.guards)
             self._votes_at_last_round = votes
+            self._too_few_at = votes if result is None else None
             if result is not None:
                 self.status.reward_rounds += 1
                 acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
@@ -170,7 +174,8 @@ class TrainingLoop:
             self.status.state = "waiting for votes"
             if votes >= self.cfg.loop.min_votes:  # enough feedback, but the round found too few votes to rank by
                 self.status.detail = (f"{votes} votes, but fewer than {self.cfg.reward.min_pairs} A/B votes to "
-                                      "train on (ties alone rank nothing): more A or B votes, please")
+                                      "train on (ties rank nothing; some votes are held out or left out by "
+                                      "the guards): more A or B votes, please")
             else:
                 self.status.detail = f"{votes}/{self.cfg.loop.min_votes} votes before the first reward model"
             return False

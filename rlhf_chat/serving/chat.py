@@ -144,6 +144,6 @@ def trim_to_budget(tokenizer, messages: list[Message], budget: int) -> list[Mess
 def prompt_text(messages: list[Message]) -> str:
     """The last user message: what a labeler or an export calls "the prompt"."""
     for message in reversed(messages):
-        if message["role"] == "user":
-            return message["content"]
+        if message.get("role") == "user":
+            return message.get("content", "")
     return ""

@@ -360,12 +360,13 @@ def contributors_table(services) -> list[list]:
     from rlhf_chat.learning.guards import assess_feedback
 
     with services.sessions() as session:
-        trust = assess_feedback(session, services.config.guards, services.config.loop.demonstration_weight)
+        trust = assess_feedback(session, services.config.guards, services.config.loop.demonstration_weight,
+                                services.config.reward.tie_weight)
     rows = []
-    for c in sorted(trust.contributors.values(), key=lambda c: (-c.votes - c.written, c.kind, c.key)):
+    for c in sorted(trust.contributors.values(), key=lambda c: (-c.votes - c.written - c.ties, c.kind, c.key)):
         status = "excluded" if c.excluded else ("flagged" if c.flagged else "")
         rows.append([
-            f"{c.kind}:{c.key}", c.votes, c.written,
+            f"{c.kind}:{c.key}", c.votes, c.ties, c.written,
             "" if c.rm_agreement is None else f"{c.rm_agreement:.2f} of {c.rm_scored}",
             "" if c.majority_agreement is None else f"{c.majority_agreement:.2f} of {c.overlaps}",
             round(c.weight, 2), status, "; ".join(c.reasons),
@@ -373,7 +374,7 @@ def contributors_table(services) -> list[list]:
     return rows
 
 
-CONTRIBUTOR_COLUMNS = ["who", "votes", "written", "agrees with the reward model", "agrees with the majority",
+CONTRIBUTOR_COLUMNS = ["who", "votes", "ties", "written", "agrees with the reward model", "agrees with the majority",
                        "weight", "status", "why"]
 
 
@@ -411,14 +412,15 @@ def retrain_reward(services) -> str:
     (without excluded or flagged contributors), with training paused meanwhile."""
     from dataclasses import replace
 
-    from rlhf_chat.learning.reward import full_fit_steps, reset_reward_model, run_round
+    from rlhf_chat.learning.reward import full_fit_steps, reset_reward_model, run_round, usable_feedback
 
     _refuse_on_a_replica(services)
     if services.worker.load_error is not None:
         raise ControlError(f"The model failed to load ({services.worker.load_error}).")
     cfg = services.config
     with services.sessions() as session:
-        feedback = store.count_votes(session, ("a", "b")) + 2 * store.count_demonstrations(session)
+        # the round's pairs: each vote (and tie, when ties train) one, each written answer two
+        feedback = usable_feedback(session, cfg.reward.tie_weight) + store.count_demonstrations(session)
     # a fresh adapter, fitted in full: nothing of what it learned from the left-out votes remains
     fresh = replace(cfg.reward, steps_per_round=max(cfg.reward.steps_per_round, full_fit_steps(feedback, cfg.reward)))
     with _Paused(services.loop):
