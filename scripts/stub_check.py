@@ -240,9 +240,14 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_reward.py::test_ties_teach_the_reward_model_that_length_is_not_the_taste",
         "import rlhf_chat.learning.reward as r\nr.tie_pairs = lambda comparisons, weight: []\n",
     ),
+    "an exclusion misses somebody who only ties": (
+        "tests/test_guards.py::test_an_exclusion_reaches_the_ties_of_somebody_who_only_ties",
+        "import rlhf_chat.learning.guards as g\n_at = g.agreement_table\n"
+        "g.agreement_table = lambda votes, written, excluded, rules, ties=(): _at(votes, written, excluded, rules)\n",
+    ),
     "a tie is scored as a vote for A": (
         "tests/test_reward.py::test_ties_teach_the_reward_model_that_length_is_not_the_taste",
-        "import rlhf_chat.learning.reward as r\n_pt = r.pair_targets\nr.pair_targets = lambda pairs, device: None\n",
+        "import rlhf_chat.learning.reward as r\nr.pair_targets = lambda pairs, device: None\n",
     ),
 }
 
