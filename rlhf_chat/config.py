@@ -29,7 +29,15 @@ class ModelConfig:
     # "int4" on the CPU, "bf16" on a GPU); any other model is quantized to NF4
     # through bitsandbytes; or one of WEIGHT_PATHS by name.
     weights: str = "auto"
-    cache_dir: str = field(default_factory=_default_cache_dir)  # safetensors copy of the bundled GGUF
+    # The kernel of the int4 path's serving copy (model/native.py): "avx2", the
+    # native kernels of model/kernels.c (float32 activations; on the AVX2-only
+    # 2-core CPU a decoding step's layers ran 1.7x faster than on torch's);
+    # "torch", torch's own int4/int8 kernels (bf16 activations); "auto", the one
+    # whose activations match the training copy's: avx2 where that copy multiplies
+    # in float32 (no native bf16) and the kernels build (AVX2 and FMA, a C
+    # compiler), else torch.
+    int4_kernel: str = "auto"
+    cache_dir: str = field(default_factory=_default_cache_dir)  # safetensors copy of the bundled GGUF, built kernels
     lora_r: int = 16  # common practice for 100M-1B models (DESIGN.md)
     lora_alpha: int = 32
     # Dropout 0: the training copy must stay in train mode (see loading.py), and

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf_chat.model import native
 from rlhf_chat.model.quantized import Int4Linear
 
 
@@ -56,6 +57,13 @@ class Layer:
     down: nn.Module
     lora: dict[str, Lora]  # target name ("q_proj", ...) -> adapter; empty for a frozen layer
 
+    @property
+    def native_mlp(self) -> bool:
+        """Whether the MLP half runs as one native call (:func:`native.int4_mlp`):
+        its layers on the native int4 kernel, and no LoRA on them."""
+        on_native = all(type(m) is Int4Linear and m.kernel == "avx2" for m in (self.gate_up, self.down))
+        return on_native and not any(n in self.lora for n in ("gate_proj", "up_proj", "down_proj"))
+
 
 INT4_ROW_BLOCK = 64  # the CPU int4 kernel packs output rows in interleaved blocks of 64
 
@@ -63,23 +71,28 @@ INT4_ROW_BLOCK = 64  # the CPU int4 kernel packs output rows in interleaved bloc
 def fuse_int4(layers: list[Int4Linear]) -> Int4Linear:
     """One :class:`Int4Linear` whose outputs are ``layers``' outputs, concatenated.
 
-    The CPU int4 kernel packs output rows in blocks of 64 ((N, K / 2) bytes,
-    interleaved within a block; scales (K / group, N, 2)), so concatenating
-    layers of whole blocks concatenates their outputs exactly. Other widths are
-    refused: their rows would land in the wrong block.
+    The native kernel's layout is row after row, so its layers concatenate as
+    they are. Torch's CPU int4 kernel packs output rows in blocks of 64 ((N,
+    K / 2) bytes, interleaved within a block; scales (K / group, N, 2)), so
+    there concatenating layers of whole blocks concatenates their outputs
+    exactly. Other widths are refused: their rows would land in the wrong block.
     """
-    if any(layer.out_features % INT4_ROW_BLOCK for layer in layers):
+    kernel = layers[0].kernel
+    if any(layer.kernel != kernel for layer in layers):
+        raise ValueError("fuse_int4: the layers run on different kernels")
+    if kernel == "torch" and any(layer.out_features % INT4_ROW_BLOCK for layer in layers):
         raise ValueError(f"fuse_int4: output widths must be multiples of {INT4_ROW_BLOCK}")
+    if any(layer.bias is not None for layer in layers):
+        raise ValueError("fuse_int4: biased layers are not fused")
     fused = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(fused)
     fused.in_features = layers[0].in_features
     fused.out_features = sum(layer.out_features for layer in layers)
-    fused.group = layers[0].group
+    fused.group, fused.kernel, fused.cache_dir = layers[0].group, kernel, layers[0].cache_dir
     fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
     fused.bias = None
-    if any(layer.bias is not None for layer in layers):
-        raise ValueError("fuse_int4: biased layers are not fused")
-    fused.register_buffer("scales_and_zeros", torch.cat([layer.scales_and_zeros for layer in layers], dim=1))
+    row_dim = 0 if kernel == "avx2" else 1
+    fused.register_buffer("scales_and_zeros", torch.cat([layer.scales_and_zeros for layer in layers], dim=row_dim))
     return fused
 
 
@@ -97,9 +110,11 @@ class Concat(nn.Module):
 
 
 def fuse(layers: list[nn.Module]) -> nn.Module:
-    """The fused projection of ``layers`` (:func:`fuse_int4` where all are int4 of whole row blocks)."""
-    if all(type(layer) is Int4Linear and layer.out_features % INT4_ROW_BLOCK == 0 for layer in layers):
-        return fuse_int4(layers)
+    """The fused projection of ``layers`` (:func:`fuse_int4` where all are int4 on one
+    kernel, and, on torch's, of whole row blocks)."""
+    if all(type(layer) is Int4Linear for layer in layers) and len({layer.kernel for layer in layers}) == 1:
+        if layers[0].kernel == "avx2" or all(layer.out_features % INT4_ROW_BLOCK == 0 for layer in layers):
+            return fuse_int4(layers)
     return Concat(layers)
 
 
@@ -177,15 +192,34 @@ class Decoder:
         continues, and the last position's logits (B, V). The state is the
         call's own: a PPO rollout yields to a person's request between two steps,
         and both decode on this one copy.
+
+        Rows with the same prompt are computed once: the two candidates of a
+        pair share their prompt, so its prefill, most of the wait for the first
+        token, costs half. Rows that differ only in ``lora_rows`` (an arena pair)
+        are one row through the layers below the first adapted one
+        (``model.lora_top_layers``), and part there; every row's cache is filled.
         """
         width = ids.shape[1]
         batch = Batch.empty(self, mask, max_new_tokens, lora_rows)
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
         attend = causal & mask.bool()[:, None, :]
         attend |= torch.eye(width, dtype=torch.bool, device=ids.device)  # padding attends to itself: no NaN rows
-        logits = self._forward(batch, self.embed(ids), 0, width, attend.unsqueeze(1))
+        prompts = Twins.of(torch.cat([ids, mask], dim=-1))
+        adapted = Twins.of(torch.cat([ids, mask, batch.lora_rows.view(-1, 1).to(ids.dtype)], dim=-1))
+        twins = prompts
+        hidden = self.embed(ids.index_select(0, twins.first))
+        for layer, cache in zip(self.layers, batch.cache):
+            if layer.lora and twins is prompts and adapted.count > prompts.count:
+                hidden = hidden.index_select(0, prompts.inverse[adapted.first])  # the rows part here
+                twins = adapted
+            first = twins.first
+            cos, sin, scale = (t.index_select(0, first) for t in (batch.cos[:, :, :width], batch.sin[:, :, :width], batch.lora_rows))
+            hidden = hidden + self._attention(
+                layer, hidden, *cache, 0, width, cos, sin, attend.index_select(0, first).unsqueeze(1), scale, twins.inverse
+            )
+            hidden = self._mlp(layer, hidden, scale)
         batch.length = width
-        return batch, logits
+        return batch, self._logits(hidden).index_select(0, twins.inverse)
 
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row of ``batch`` (its rows, in order) and return the next logits."""
@@ -201,7 +235,10 @@ class Decoder:
         scale = batch.lora_rows
         for layer, (keys, values) in zip(self.layers, batch.cache):
             hidden = hidden + self._attention(layer, hidden, keys, values, at, count, cos, sin, attend, scale)
-            hidden = hidden + self._mlp(layer, hidden, scale)
+            hidden = self._mlp(layer, hidden, scale)
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = nn.functional.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm.weight, self.eps)
         return self.lm_head(last).float()
 
@@ -219,10 +256,17 @@ class Decoder:
 
     def _widths(self, names: tuple[str, ...]) -> list[int]:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        inner = self.config.intermediate_size
+        sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inner, "up_proj": inner}
         return [sizes[n] for n in names]
 
-    def _attention(self, layer, hidden, keys, values, at, count, cos, sin, attend, scale) -> torch.Tensor:
+    def _attention(self, layer, hidden, keys, values, at, count, cos, sin, attend, scale, spread=None) -> torch.Tensor:
+        """Self-attention of ``hidden``'s rows; their keys and values go into the cache.
+
+        ``spread`` (prefill only, ``at`` 0): the batch's rows as indices into
+        ``hidden``'s, which are the distinct ones (:class:`Twins`); each batch
+        row's cache gets its twin's keys and values.
+        """
         rows = hidden.shape[0]
         x = nn.functional.rms_norm(hidden, (hidden.shape[-1],), layer.attn_norm, self.eps)
         qkv = self._project(layer, layer.qkv, x, ("q_proj", "k_proj", "v_proj"), scale)
@@ -231,18 +275,54 @@ class Decoder:
         )
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         end = at + count
-        keys[:, :, at:end] = k
-        values[:, :, at:end] = v
+        if spread is None:
+            keys[:, :, at:end] = k
+            values[:, :, at:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
+        else:
+            if at != 0:
+                raise ValueError("spread rows only in a prefill, which starts at position 0")
+            keys[:, :, at:end] = k.index_select(0, spread)
+            values[:, :, at:end] = v.index_select(0, spread)
         out = nn.functional.scaled_dot_product_attention(
-            q, keys[:, :, :end], values[:, :, :end], attn_mask=attend, enable_gqa=self.heads != self.kv_heads
+            q, k, v, attn_mask=attend, enable_gqa=self.heads != self.kv_heads
         )
         out = out.transpose(1, 2).reshape(rows, count, self.heads * self.head_dim)
         return self._project(layer, layer.o, out, ("o_proj",), scale)
 
     def _mlp(self, layer: Layer, hidden: torch.Tensor, scale) -> torch.Tensor:
+        """``hidden`` plus the layer's MLP of it."""
+        if layer.native_mlp:
+            return native.int4_mlp(layer.gate_up.cache_dir, hidden, layer.mlp_norm, self.eps, layer.gate_up, layer.down)
         x = nn.functional.rms_norm(hidden, (hidden.shape[-1],), layer.mlp_norm, self.eps)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return self._project(layer, layer.down, nn.functional.silu(gate) * up, ("down_proj",), scale)
+        gate, up = self._project(layer, layer.gate_up, x, ("gate_proj", "up_proj"), scale).chunk(2, dim=-1)
+        return hidden + self._project(layer, layer.down, nn.functional.silu(gate) * up, ("down_proj",), scale)
+
+
+@dataclass
+class Twins:
+    """Rows that are one another's copies: ``first`` (U,) the first row of each of
+    the U distinct ones, ``inverse`` (B,) which of them each row is."""
+
+    first: torch.Tensor
+    inverse: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """How many distinct rows there are."""
+        return self.first.numel()
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> Twins:
+        """The twins among ``rows`` (B, W), in the order of their first rows."""
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        position = torch.arange(rows.shape[0], device=rows.device)
+        first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long, device=rows.device)
+        first = first.scatter_reduce(0, inverse, position, reduce="amin")
+        order = first.argsort()  # distinct rows in the batch's own order
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=rows.device)
+        return cls(first[order], rank[inverse])
 
 
 @dataclass

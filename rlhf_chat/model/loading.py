@@ -76,6 +76,7 @@ class Models:
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
     prefix_cache: PrefixCache | None = None  # frozen-layer states of voted answers, across reward rounds
+    kernel: str = ""  # the serving copy's int4 kernel ("avx2" | "torch"); "" off the int4 path
 
     @property
     def hidden_size(self) -> int:
@@ -289,10 +290,11 @@ def replace_decoder_linears(model: nn.Module, make_layer) -> int:
     return replaced
 
 
-def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
-    """The ``int4`` path: the serving copy's layers on the int4 and int8 kernels, the
-    training copy's dense with the values those kernels multiply by, in bf16 where
-    the hardware multiplies it, else in float32 (:func:`fast_matmul_dtype`)."""
+def hold_shipped_blocks(model: nn.Module, training: bool, kernel: str = "torch", cache_dir: str = "") -> None:
+    """The ``int4`` path: the serving copy's layers on the int4 and int8 ``kernel``
+    ("torch" | "avx2", :func:`rlhf_chat.model.native.resolve_kernel`), the training
+    copy's dense with the values those kernels multiply by, in bf16 where the
+    hardware multiplies it, else in float32 (:func:`fast_matmul_dtype`)."""
     from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight
 
     head = model.get_output_embeddings().weight.data
@@ -303,13 +305,18 @@ def hold_shipped_blocks(model: nn.Module, training: bool) -> None:
         )
         model.lm_head = DenseOutputLayer(dense_weight(head, "int8", dtype))
     else:
-        replace_decoder_linears(model, lambda linear: Int4Linear(linear.weight.data, linear.bias))
-        model.lm_head = Int8OutputLayer(head)
+        replace_decoder_linears(
+            model, lambda linear: Int4Linear(linear.weight.data, linear.bias, kernel=kernel, cache_dir=cache_dir)
+        )
+        model.lm_head = Int8OutputLayer(head, kernel=kernel, cache_dir=cache_dir)
     model.config.tie_word_embeddings = False  # the input embeddings stay float32, as shipped
 
 
-def load_base(path: str, weights: str, device: torch.device, training: bool = False) -> nn.Module:
-    """The frozen base model, its weights held as ``weights`` says (see :func:`resolve_weights`).
+def load_base(
+    path: str, weights: str, device: torch.device, training: bool = False, kernel: str = "torch", cache_dir: str = ""
+) -> nn.Module:
+    """The frozen base model, its weights held as ``weights`` says (see :func:`resolve_weights`);
+    ``kernel`` is the int4 path's serving kernel (:func:`hold_shipped_blocks`).
 
     * ``nf4``: 4-bit NF4 through bitsandbytes. The ``training`` copy multiplies
       in bfloat16 where the hardware has it (QLoRA's compute dtype):
@@ -347,7 +354,7 @@ def load_base(path: str, weights: str, device: torch.device, training: bool = Fa
     elif weights == "bf16":
         replace_decoder_linears(model, lambda linear: frozen_linear(linear.weight.data.to(torch.bfloat16), linear.bias))
     elif weights == "int4":
-        hold_shipped_blocks(model, training)
+        hold_shipped_blocks(model, training, kernel, cache_dir)
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -398,7 +405,13 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None, training: 
     path = resolve_model_path(cfg)
     weights = resolve_weights(cfg, device)
     tokenizer = load_tokenizer(path)
-    serving_base = load_base(path, weights, device)
+    kernel = ""
+    if weights == "int4":
+        from rlhf_chat.model.native import resolve_kernel
+
+        kernel, why = resolve_kernel(cfg.int4_kernel, cfg.cache_dir, fast_matmul_dtype(device))
+        log.info("int4 kernel: %s (%s)", kernel, why)
+    serving_base = load_base(path, weights, device, kernel=kernel or "torch", cache_dir=cfg.cache_dir)
     serving = add_adapters(serving_base, cfg, (POLICY,))
     serving.eval()
     trainer = value_head = reward_head = None
@@ -420,6 +433,7 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None, training: 
         device=device,
         base=base_identity(cfg, device),
         prefix_cache=PrefixCache(cfg.prefix_cache_tokens) if training else None,
+        kernel=kernel,
     )
 
 

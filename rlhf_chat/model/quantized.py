@@ -16,9 +16,13 @@ The output layer shares the token embeddings, which ship as Q8_0 (blocks of
 32 eight-bit integers); :class:`Int8OutputLayer` keeps them as eight-bit
 integers with one scale per row, torch's int8 kernel.
 
-Decoding reads every weight once per token, and on the 2-core CPU that
-memory traffic is the cost: four bits a weight decode as fast as NF4, where
-the same values in bf16 took twice as long. These kernels have no backward,
+Two kernels multiply by these values (the ``model.int4_kernel`` setting):
+torch's own, which round the activations to bf16, and the native ones of
+``kernels.c`` (:mod:`rlhf_chat.model.native`), float32 activations, for CPUs
+with AVX2, where torch's int4 kernel was the slowest part of a decoding step.
+
+Decoding reads every weight once per token: four bits a weight decode as
+fast as NF4, where the same values in bf16 took twice as long. These kernels have no backward,
 so the training copy holds the same values dense in bf16
 (:func:`dense_weight`), which also multiplies long batches faster.
 """
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from rlhf_chat.model import native
 
 GROUP = 32  # weights per Q4_1 block, and per int4 group
 
@@ -72,47 +78,84 @@ def int8_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.to(torch.bfloat16).float()[:, None]
 
 
-class Int4Linear(nn.Linear):
-    """A frozen linear layer on torch's int4 CPU kernel, bf16 activations, float32 in and out.
+def int4_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``q`` (N, K) in 0..15 packed two to a byte, the first in the low nibble (N, K / 2),
+    as ``kernels.c`` reads them."""
+    n, k = q.shape
+    pairs = q.reshape(n, k // 2, 2).to(torch.uint8)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
-    A subclass of ``nn.Linear`` so that peft adds LoRA to it like any other;
-    its ``weight`` is the packed uint8 buffer (not a float, so peft keeps the
-    LoRA weights in float32). Eval-only: the kernel has no backward.
+
+class Int4Linear(nn.Linear):
+    """A frozen linear layer on a 4-bit kernel, float32 in and out.
+
+    ``kernel`` (the ``model.int4_kernel`` setting, resolved by
+    :func:`rlhf_chat.model.native.resolve_kernel`) says which:
+
+    * ``torch``: torch's int4 CPU kernel, which rounds activations to bf16;
+    * ``avx2``: the native kernel (``kernels.c``), float32 activations, the
+      weights packed in its own layout (:func:`int4_nibbles`).
+
+    Both multiply by :func:`int4_values`. A subclass of ``nn.Linear`` so that
+    peft adds LoRA to it like any other; its ``weight`` is the packed uint8
+    buffer (not a float, so peft keeps the LoRA weights in float32).
+    Eval-only: the kernels have no backward.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = GROUP):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = GROUP,
+                 kernel: str = "torch", cache_dir: str = ""):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
-        self.group = group
+        self.group, self.kernel, self.cache_dir = group, kernel, cache_dir
         q, scale, minimum = int4_groups(weight, group)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         zeros = minimum + 8 * scale
-        scales_and_zeros = torch.stack([scale.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / group, N, 2), as the kernel reads them
+        if kernel == "avx2":
+            self.weight = nn.Parameter(int4_nibbles(q), requires_grad=False)
+            pairs = torch.stack([scale, zeros], dim=-1).to(torch.bfloat16).float().contiguous()
+            self.register_buffer("scales_and_zeros", pairs)  # (N, K / group, 2), float32 of bf16 values
+        elif kernel == "torch":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            pairs = torch.stack([scale.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+            self.register_buffer("scales_and_zeros", pairs)  # (K / group, N, 2), as the kernel reads them
+        else:
+            raise ValueError(f"Int4Linear: unknown kernel {kernel!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T (+ b)`` with W the layer's 4-bit values, in ``x``'s dtype."""
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales_and_zeros).float()
+        if self.kernel == "avx2":
+            out = native.int4_matmul(self.cache_dir, x, self.weight, self.scales_and_zeros)
+        else:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales_and_zeros)
+            out = out.float().reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if out.dtype is x.dtype else out.to(x.dtype)
 
 
 class Int8OutputLayer(nn.Module):
-    """The frozen output layer on torch's int8 kernel (one scale per row), bf16 activations."""
+    """The frozen output layer on an 8-bit kernel (one scale per row): torch's, with
+    bf16 activations, or the native one (``kernel="avx2"``), float32 activations."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, kernel: str = "torch", cache_dir: str = ""):
         super().__init__()
+        if kernel not in ("torch", "avx2"):
+            raise ValueError(f"Int8OutputLayer: unknown kernel {kernel!r}")
         q, scale = int8_rows(weight)
         self.out_features, self.in_features = weight.shape
+        if kernel == "avx2" and self.in_features % 8:
+            raise ValueError(f"Int8OutputLayer: the native kernel needs a width divisible by 8, not {self.in_features}")
+        self.kernel, self.cache_dir = kernel, cache_dir
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scale.to(torch.bfloat16))
+        scales = scale.to(torch.bfloat16)
+        self.register_buffer("scales", scales.float() if kernel == "avx2" else scales)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of hidden states (..., H), in ``hidden``'s dtype."""
+        if self.kernel == "avx2":
+            return native.int8_matmul(self.cache_dir, hidden, self.weight, self.scales).to(hidden.dtype)
         flat = hidden.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         return out.reshape(*hidden.shape[:-1], self.out_features).to(hidden.dtype)

@@ -1,0 +1,122 @@
+"""The native kernels (model/kernels.c, model/native.py): they multiply by the same
+values as torch's int4 and int8 kernels, in float32, and say plainly when they cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_chat.config import ModelConfig
+from rlhf_chat.model import native
+from rlhf_chat.model.decoder import fuse, fuse_int4
+from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, int4_groups, int4_values, int8_rows, int8_values
+
+CACHE = ModelConfig().cache_dir
+
+
+def native_or_skip() -> None:
+    """Skip where the kernels cannot run here (no AVX2/FMA, no compiler), saying why."""
+    try:
+        native.library(CACHE)
+    except native.NativeUnavailable as error:
+        pytest.skip(f"native kernels unavailable: {error}")
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])  # the 4-row register tile and the 32-row cache block, and their edges
+def test_int4_kernel_multiplies_by_the_int4_values_in_float32(rows):
+    native_or_skip()
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(67, 96, generator=gen), torch.randn(67, generator=gen)  # an odd number of outputs
+    x = torch.randn(rows, 96, generator=gen)
+    expected = x.double() @ int4_values(*int4_groups(weight)).double().t() + bias.double()
+    layer = Int4Linear(weight, bias, kernel="avx2", cache_dir=CACHE)
+    out = layer(x)
+    assert out.shape == (rows, 67) and out.dtype == torch.float32
+    assert relative_error(out, expected) < 1e-5  # float32 sums; torch's kernel, bf16 activations, is ~3e-3 off
+    on_torch = Int4Linear(weight[:64], bias[:64])(x)  # torch's kernel takes widths in multiples of 16
+    assert relative_error(on_torch, expected[:, :64]) > 1e-4  # the check can tell bf16 activations from float32
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 40])
+def test_int8_kernel_multiplies_by_the_int8_values_in_float32(rows):
+    native_or_skip()
+    gen = torch.Generator().manual_seed(10 + rows)
+    weight, hidden = torch.randn(101, 64, generator=gen), torch.randn(rows, 64, generator=gen)
+    expected = hidden.double() @ int8_values(*int8_rows(weight)).double().t()
+    out = Int8OutputLayer(weight, kernel="avx2", cache_dir=CACHE)(hidden)
+    assert out.shape == (rows, 101) and relative_error(out, expected) < 1e-5
+
+
+def test_native_int4_layers_of_any_width_fuse_exactly():
+    """The native layout is row after row: q, k, v of any widths concatenate."""
+    native_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    layers = [Int4Linear(torch.randn(n, 64, generator=gen), kernel="avx2", cache_dir=CACHE) for n in (64, 32, 32)]
+    x = torch.randn(3, 64, generator=gen)
+    fused = fuse(layers)
+    assert type(fused) is Int4Linear and fused.out_features == 128
+    assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], -1))
+    with pytest.raises(ValueError, match="different kernels"):
+        fuse_int4([layers[0], Int4Linear(torch.randn(64, 64, generator=gen))])
+
+
+def test_a_backward_through_the_native_kernels_fails_plainly():
+    """As through torch's int4 kernel: the forward runs, a backward says why it cannot."""
+    native_or_skip()
+    layer = Int4Linear(torch.randn(32, 64), kernel="avx2", cache_dir=CACHE)
+    x = torch.randn(2, 64, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, layer(x.detach()))
+    with pytest.raises(RuntimeError, match="no backward"):
+        out.sum().backward()
+
+
+def test_kernel_settings_resolve_and_say_why(tmp_path, monkeypatch):
+    assert native.resolve_kernel("torch", tmp_path) == ("torch", "asked for by name")
+    with pytest.raises(ValueError, match="expected one of auto, avx2, torch"):
+        native.resolve_kernel("fast", tmp_path)
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    kernel, why = native.resolve_kernel("auto", tmp_path / "fresh")
+    assert kernel == "torch" and "unavailable" in why
+    with pytest.raises(native.NativeUnavailable, match="int4_kernel avx2"):
+        native.resolve_kernel("avx2", tmp_path / "fresh")
+    assert not list((tmp_path / "fresh").rglob("*.so"))  # a failed build leaves nothing to load later
+
+
+def test_auto_matches_the_training_copys_activations():
+    """float32 training (no native bf16): the native kernels, float32 activations too;
+    bf16 training: torch's kernel, which rounds activations to bf16 as it does."""
+    native_or_skip()
+    assert native.resolve_kernel("auto", CACHE, torch.float32)[0] == "avx2"
+    kernel, why = native.resolve_kernel("auto", CACHE, torch.bfloat16)
+    assert kernel == "torch" and "bfloat16" in why
+    assert native.resolve_kernel("avx2", CACHE, torch.bfloat16)[0] == "avx2"  # by name, it is what runs
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_the_native_mlp_is_the_llama_mlp_plus_its_input(rows):
+    native_or_skip()
+    gen = torch.Generator().manual_seed(20 + rows)
+    width, inner = 64, 96
+    gate_up = Int4Linear(torch.randn(2 * inner, width, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
+    down = Int4Linear(torch.randn(width, inner, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
+    hidden, norm = torch.randn(rows, 1, width, generator=gen) * 3, torch.rand(width, generator=gen) + 0.5
+    eps = 1e-5
+    h = hidden.double()
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
+    gate, up = (x @ native_values(gate_up, width).t()).chunk(2, dim=-1)
+    expected = h + (torch.nn.functional.silu(gate) * up) @ native_values(down, inner).t()
+    out = native.int4_mlp(CACHE, hidden, norm, eps, gate_up, down)
+    assert out.shape == hidden.shape and relative_error(out, expected) < 1e-5
+
+
+def native_values(layer: Int4Linear, width: int) -> torch.Tensor:
+    """The float64 weights a native int4 layer multiplies by, read back from its own buffers."""
+    low, high = layer.weight & 0x0F, layer.weight >> 4
+    q = torch.stack([low, high], dim=-1).reshape(layer.out_features, width).double()
+    scale, zero = layer.scales_and_zeros.double().unbind(-1)
+    return ((q.reshape(layer.out_features, -1, 32) - 8) * scale[..., None] + zero[..., None]).reshape(layer.out_features, width)
