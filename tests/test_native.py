@@ -120,3 +120,41 @@ def native_values(layer: Int4Linear, width: int) -> torch.Tensor:
     q = torch.stack([low, high], dim=-1).reshape(layer.out_features, width).double()
     scale, zero = layer.scales_and_zeros.double().unbind(-1)
     return ((q.reshape(layer.out_features, -1, 32) - 8) * scale[..., None] + zero[..., None]).reshape(layer.out_features, width)
+
+
+def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
+    """One new position per row against a cache with left padding, grouped heads and
+    rotary positions, computed again here with torch's own operations in float64."""
+    native_or_skip()
+    from rlhf_chat.model.decoder import rotate
+
+    gen = torch.Generator().manual_seed(30)
+    rows, width, heads, kv_heads, d, total, at = 3, 64, 4, 2, 32, 9, 5
+    qkv = Int4Linear(torch.randn((heads + 2 * kv_heads) * d, width, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
+    o = Int4Linear(torch.randn(width, heads * d, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
+    hidden, norm = torch.randn(rows, 1, width, generator=gen) * 2, torch.rand(width, generator=gen) + 0.5
+    keys, values = torch.randn(rows, kv_heads, total, d, generator=gen), torch.randn(rows, kv_heads, total, d, generator=gen)
+    valid = torch.ones(rows, total, dtype=torch.bool)
+    valid[1, :2] = False  # row 1 is left-padded by two positions
+    angles = torch.rand(rows, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    cached_keys, cached_values = keys.double().clone(), values.double().clone()
+
+    out = native.int4_attention_step(CACHE, hidden, norm, 1e-5, qkv, o, heads, kv_heads, keys, values, at, valid, cos, sin)
+
+    h = hidden.double()
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
+    q, k, v = (x @ native_values(qkv, width).t()).view(rows, 1, heads + 2 * kv_heads, d).transpose(1, 2).split(
+        [heads, kv_heads, kv_heads], dim=1
+    )
+    c, s = cos.double()[:, None, None], sin.double()[:, None, None]
+    q, k = rotate(q, c, s), rotate(k, c, s)
+    cached_keys[:, :, at:at + 1], cached_values[:, :, at:at + 1] = k, v
+    mask = valid[:, None, None, : at + 1]
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        q, cached_keys[:, :, : at + 1], cached_values[:, :, : at + 1], attn_mask=mask, enable_gqa=True
+    )
+    expected = h + attended.transpose(1, 2).reshape(rows, 1, heads * d) @ native_values(o, heads * d).t()
+    assert relative_error(out, expected) < 1e-5
+    assert relative_error(keys[:, :, at], cached_keys[:, :, at]) < 1e-5  # the new keys and values are in the cache
+    assert relative_error(values[:, :, at], cached_values[:, :, at]) < 1e-5

@@ -58,6 +58,14 @@ class Layer:
     lora: dict[str, Lora]  # target name ("q_proj", ...) -> adapter; empty for a frozen layer
 
     @property
+    def native_attention(self) -> bool:
+        """Whether a decoding step's attention half runs as one native call
+        (:func:`native.int4_attention_step`): q, k, v and o on the native int4
+        kernel, and no LoRA on them (the layers below ``model.lora_top_layers``)."""
+        on_native = all(type(m) is Int4Linear and m.kernel == "avx2" for m in (self.qkv, self.o))
+        return on_native and not any(n in self.lora for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+    @property
     def native_mlp(self) -> bool:
         """Whether the MLP half runs as one native call (:func:`native.int4_mlp`):
         its layers on the native int4 kernel, and no LoRA on them."""
@@ -233,8 +241,17 @@ class Decoder:
     def _forward(self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor) -> torch.Tensor:
         cos, sin = batch.cos[:, :, at: at + count], batch.sin[:, :, at: at + count]
         scale = batch.lora_rows
+        row_cos = row_sin = None  # (B, D): this position's rotary tables, for the native attention step
         for layer, (keys, values) in zip(self.layers, batch.cache):
-            hidden = hidden + self._attention(layer, hidden, keys, values, at, count, cos, sin, attend, scale)
+            if count == 1 and layer.native_attention:
+                if row_cos is None:
+                    row_cos, row_sin = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
+                hidden = native.int4_attention_step(
+                    layer.qkv.cache_dir, hidden, layer.attn_norm, self.eps, layer.qkv, layer.o, self.heads,
+                    self.kv_heads, keys, values, at, batch.keys_valid, row_cos, row_sin,
+                )
+            else:
+                hidden = hidden + self._attention(layer, hidden, keys, values, at, count, cos, sin, attend, scale)
             hidden = self._mlp(layer, hidden, scale)
         return self._logits(hidden)
 

@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define GROUP 32
 #define ROW_TILE 4     /* activation rows per register tile */
@@ -154,6 +155,16 @@ void int8_matmul(const float *x, int64_t m_rows, int64_t k, const int8_t *weight
     }
 }
 
+static void rms_norm_rows(const float *hidden, int64_t m_rows, int64_t h, const float *weight, float eps, float *out) {
+    for (int64_t m = 0; m < m_rows; m++) {
+        const float *row = hidden + m * h;
+        float squares = 0.0f;
+        for (int64_t j = 0; j < h; j++) squares += row[j] * row[j];
+        float inverse = 1.0f / sqrtf(squares / (float)h + eps);
+        for (int64_t j = 0; j < h; j++) out[m * h + j] = row[j] * inverse * weight[j];
+    }
+}
+
 /* exp(x), 8 lanes: Cephes' expf (range reduction by ln 2, a degree-6 polynomial),
  * within 2 ulp of the C library's over the range that does not overflow. */
 static inline __m256 exp8(__m256 x) {
@@ -182,13 +193,7 @@ void int4_mlp(const float *hidden, int64_t m_rows, int64_t h, const float *norm_
     float *normed = malloc(m_rows * h * sizeof(float));
     float *gate_up = malloc(m_rows * 2 * inter * sizeof(float));
     float *act = malloc(m_rows * inter * sizeof(float));
-    for (int64_t m = 0; m < m_rows; m++) {
-        const float *row = hidden + m * h;
-        float squares = 0.0f;
-        for (int64_t j = 0; j < h; j++) squares += row[j] * row[j];
-        float inverse = 1.0f / sqrtf(squares / (float)h + eps);
-        for (int64_t j = 0; j < h; j++) normed[m * h + j] = row[j] * inverse * norm_weight[j];
-    }
+    rms_norm_rows(hidden, m_rows, h, norm_weight, eps, normed);
     int4_matmul(normed, m_rows, h, gate_up_nibbles, gate_up_scales, 2 * inter, gate_up, threads);
     for (int64_t m = 0; m < m_rows; m++) {
         const float *gate = gate_up + m * 2 * inter, *up = gate + inter;
@@ -206,4 +211,78 @@ void int4_mlp(const float *hidden, int64_t m_rows, int64_t h, const float *norm_
     free(normed);
     free(gate_up);
     free(act);
+}
+
+/* Llama's rotary embedding of one head (half-split layout), in place. */
+static void rotate_head(float *x, const float *cos, const float *sin, int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float total = horizontal_sum(acc);
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* One decoder layer's attention half for one new position per row, in one call:
+ * out (R, H) = hidden + o(attention(rope(q), cache + rope(k), cache + v)), with
+ * [q, k, v] = qkv(rms_norm(hidden) * norm_weight). The row's key and value go into
+ * the cache (R, KV, T, D) at position `at`; the row attends to the positions up to
+ * `at` where valid (R, T) is nonzero; cos, sin (R, D) are the rotary tables of the
+ * row's position. Grouped heads: query head i reads key/value head i / (heads / KV).
+ * What decoder.py computes with torch's operations, for a layer without LoRA. */
+void int4_attention_step(const float *hidden, int64_t rows, int64_t h, const float *norm_weight, float eps,
+                         const uint8_t *qkv_nibbles, const float *qkv_scales, const uint8_t *o_nibbles,
+                         const float *o_scales, int64_t heads, int64_t kv_heads, int64_t d, float *keys,
+                         float *values, int64_t total, int64_t at, const uint8_t *valid, const float *cos,
+                         const float *sin, float *out, int threads) {
+    int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
+    float *normed = malloc(rows * h * sizeof(float)), *qkv = malloc(rows * width * sizeof(float));
+    float *attended = malloc(rows * heads * d * sizeof(float)), *scores = malloc((at + 1) * sizeof(float));
+    rms_norm_rows(hidden, rows, h, norm_weight, eps, normed);
+    int4_matmul(normed, rows, h, qkv_nibbles, qkv_scales, width, qkv, threads);
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int64_t r = 0; r < rows; r++) {
+        float *q = qkv + r * width, *k = q + heads * d, *v = k + kv_heads * d;
+        for (int64_t i = 0; i < heads + kv_heads; i++) rotate_head(q + i * d, cos + r * d, sin + r * d, d);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            memcpy(keys + ((r * kv_heads + g) * total + at) * d, k + g * d, d * sizeof(float));
+            memcpy(values + ((r * kv_heads + g) * total + at) * d, v + g * d, d * sizeof(float));
+        }
+        for (int64_t i = 0; i < heads; i++) {
+            const float *key = keys + (r * kv_heads + i / group) * total * d;
+            const float *value = values + (r * kv_heads + i / group) * total * d;
+            float largest = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t <= at; t++) {
+                scores[t] = valid[r * total + t] ? dot(q + i * d, key + t * d, d) * scale : -INFINITY;
+                if (scores[t] > largest) largest = scores[t];
+            }
+            for (int64_t t = 0; t <= at; t++) {
+                scores[t] = valid[r * total + t] ? expf(scores[t] - largest) : 0.0f;
+                sum += scores[t];
+            }
+            float *o = attended + (r * heads + i) * d;
+            for (int64_t j = 0; j < d; j++) o[j] = 0.0f;
+            for (int64_t t = 0; t <= at; t++) {
+                if (scores[t] == 0.0f) continue;
+                __m256 p = _mm256_set1_ps(scores[t] / sum);
+                for (int64_t j = 0; j + 8 <= d; j += 8)
+                    _mm256_storeu_ps(o + j, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + t * d + j), _mm256_loadu_ps(o + j)));
+            }
+        }
+    }
+    int4_matmul(attended, rows, heads * d, o_nibbles, o_scales, h, out, threads);
+    for (int64_t i = 0; i < rows * h; i++) out[i] += hidden[i];
+    free(normed);
+    free(qkv);
+    free(attended);
+    free(scores);
 }

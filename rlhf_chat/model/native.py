@@ -114,6 +114,11 @@ def library(cache_dir: str) -> ctypes.CDLL:
     lib.int4_mlp.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer, pointer, size, pointer, pointer,
                              pointer, ctypes.c_int]
     lib.int4_mlp.restype = None
+    lib.int4_attention_step.argtypes = [
+        pointer, size, size, pointer, ctypes.c_float, pointer, pointer, pointer, pointer, size, size, size,
+        pointer, pointer, size, size, pointer, pointer, pointer, pointer, ctypes.c_int,
+    ]
+    lib.int4_attention_step.restype = None
     return lib
 
 
@@ -204,5 +209,32 @@ def int4_mlp(cache_dir: str, hidden: torch.Tensor, norm_weight: torch.Tensor, ep
         flat.data_ptr(), flat.shape[0], width, weight.data_ptr(), eps,
         gate_up.weight.data_ptr(), gate_up.scales_and_zeros.data_ptr(), gate_up.out_features // 2,
         down.weight.data_ptr(), down.scales_and_zeros.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )
+    return _in_graph(hidden, out)
+
+
+def int4_attention_step(
+    cache_dir: str, hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv, o, heads: int, kv_heads: int,
+    keys: torch.Tensor, values: torch.Tensor, at: int, valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+) -> torch.Tensor:
+    """``hidden`` (R, 1, H) plus a Llama layer's attention of it at position ``at``, in one call.
+
+    ``qkv`` (fused q, k, v) and ``o`` are native int4 layers without LoRA; the new
+    keys and values go into ``keys``/``values`` (R, KV, T, D), contiguous float32,
+    at ``at``; each row attends to the positions up to ``at`` where ``valid`` (R, T)
+    is true; ``cos``/``sin`` (R, D) are the rotary tables of each row's position.
+    """
+    rows, _, width = hidden.shape
+    flat = _float_rows(hidden, width)
+    weight = norm_weight.to(torch.float32).contiguous()
+    if not (keys.is_contiguous() and values.is_contiguous() and valid.is_contiguous()):
+        raise ValueError("int4_attention_step: the cache and mask must be contiguous")
+    cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    out = torch.empty(hidden.shape)
+    library(cache_dir).int4_attention_step(
+        flat.data_ptr(), rows, width, weight.data_ptr(), eps, qkv.weight.data_ptr(), qkv.scales_and_zeros.data_ptr(),
+        o.weight.data_ptr(), o.scales_and_zeros.data_ptr(), heads, kv_heads, keys.shape[-1], keys.data_ptr(),
+        values.data_ptr(), keys.shape[2], at, valid.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
     )
     return _in_graph(hidden, out)
