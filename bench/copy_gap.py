@@ -1,6 +1,6 @@
 """Benchmark: how far apart are the copy that samples and the copy that scores?
 
-    python bench/copy_gap.py [--batches 4] [--tokens 64]
+    python bench/copy_gap.py [--batches 4] [--tokens 64] [--int4-kernel auto|avx2|torch]
 
 The serving copy draws each token and records its log-probability; the training
 copy (dense, bf16 where the CPU multiplies it natively, else float32) computes the log-probability of the same token
@@ -24,6 +24,7 @@ from common import PROMPTS, machine
 from rlhf_chat.config import AppConfig
 from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.ppo import rollout, score_rollout
+from rlhf_chat.model.native import KERNELS
 from rlhf_chat.serving.runtime import load_for_serving
 
 
@@ -31,11 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--int4-kernel", choices=KERNELS, default="auto", help="model.int4_kernel")
     args = parser.parse_args()
     cfg = AppConfig()
     cfg.sampling.max_new_tokens = args.tokens
+    cfg.model.int4_kernel = args.int4_kernel
     models = load_for_serving(cfg)
     print(machine())
+    print(f"int4 kernel of the serving copy: {models.kernel or 'none'}")
     contexts = [[{"role": "user", "content": p}] for p in PROMPTS]
     print(f"{args.batches} batches of {len(contexts)} x {args.tokens} tokens, "
           f"T={cfg.sampling.temperature}, top_p={cfg.sampling.top_p}")
@@ -43,8 +47,8 @@ def main() -> None:
         cfg.sampling.fast_decoder = fast
         gap, w = copy_gap(models, cfg, contexts, args.batches)
         print(f"sampled on the {path}: {gap.numel()} tokens")
-        print(f"  log p_train - log p_serving: mean |gap| {gap.abs().mean():.4f} nats, signed mean {gap.mean():+.4f}, "
-              f"p99 |gap| {gap.abs().quantile(0.99):.3f}, max {gap.abs().max():.3f}")
+        print(f"  log p_train - log p_serving: mean |gap| {gap.abs().mean():.2e} nats, signed mean {gap.mean():+.1e}, "
+              f"p99 |gap| {gap.abs().quantile(0.99):.1e}, max {gap.abs().max():.1e}")
         print(f"  importance weights (cap {cfg.ppo.importance_cap}): mean {w.mean():.4f}, "
               f"mean |w - 1| {(w - 1).abs().mean():.4f}, min {w.min():.3f}, "
               f"share at the cap {(w >= cfg.ppo.importance_cap).float().mean():.4%}")
@@ -52,7 +56,7 @@ def main() -> None:
     cfg.sampling.fast_decoder = True
     decoder, generic = same_token_gaps(models, cfg, contexts, args.batches)
     print(f"on the same {decoder.numel()} tokens (the decoder's rollouts): mean |train - decoder| "
-          f"{decoder.abs().mean():.4f} nats, mean |train - generate's cached steps| {generic.abs().mean():.4f}")
+          f"{decoder.abs().mean():.2e} nats, mean |train - generate's cached steps| {generic.abs().mean():.2e}")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Benchmark: one PPO step on the bundled 4-bit model, split into rollout, scoring and update.
 
     python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64] [--weights auto|int4|nf4|bf16|fp32]
+                             [--int4-kernel auto|avx2|torch] [--no-baseline]
 
 Answers are forced to the full ``--tokens`` length (the worst case). The same
 steps then run with rollouts on transformers' ``generate`` (the generic path,
@@ -20,6 +21,7 @@ from common import machine
 from rlhf_chat.config import WEIGHT_PATHS, AppConfig
 from rlhf_chat.evaluation.simulate import as_context, load_prompts
 from rlhf_chat.learning.ppo import PPOTrainer
+from rlhf_chat.model.native import KERNELS
 from rlhf_chat.serving.runtime import load_for_serving
 from rlhf_chat.serving.worker import ModelWorker
 from rlhf_chat.storage.store import open_store
@@ -35,11 +37,13 @@ def main() -> None:
     parser.add_argument("--weights", choices=("auto", *WEIGHT_PATHS), default="auto",
                         help="how the base holds its weights (scripts/gpu_check.sh: nf4 on the GPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the steps on transformers' generate")
+    parser.add_argument("--int4-kernel", choices=KERNELS, default="auto", help="model.int4_kernel")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     cfg = AppConfig()
     cfg.model.weights = args.weights
+    cfg.model.int4_kernel = args.int4_kernel
     cfg.ppo.batch_size, cfg.sampling.max_new_tokens, cfg.ppo.min_new_tokens = args.prompts, args.tokens, args.tokens
     cfg.sampling.stop_loops = False  # a yardstick: every row exactly --tokens tokens
     cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
@@ -48,7 +52,7 @@ def main() -> None:
     worker = ModelWorker(lambda: load_for_serving(cfg)).start()
     worker.ready.wait()
     print(f"machine: {machine()}")
-    print(f"weights: {cfg.model.weights}")
+    print(f"weights: {cfg.model.weights}, int4 kernel: {worker.call(0, lambda models: models.kernel) or 'none'}")
     print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
     trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"), sampling=cfg.sampling)
     contexts = [as_context(p) for p in load_prompts()]

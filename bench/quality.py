@@ -1,8 +1,11 @@
 """Benchmark: answer quality of each way of loading the bundled model, and the answer budget.
 
-    python bench/quality.py [--weights fp32,int4,bf16,nf4] [--prompts 96] [--runs 6] [--unbounded 512]
+    python bench/quality.py [--weights fp32,int4,bf16,nf4] [--int4-kernels auto] [--nll-only]
+                            [--prompts 96] [--runs 6] [--unbounded 512]
 
-For each weight path (fp32 is the shipped GGUF values de-quantized, the yardstick):
+For each weight path (fp32 is the shipped GGUF values de-quantized, the yardstick),
+the int4 path once per kernel named in ``--int4-kernels`` (``model.int4_kernel``:
+``auto,torch,avx2`` compares torch's with the native ones):
 
 * **NLL**: mean negative log-likelihood per token of the project's own answer
   set (``bench/data/answers.jsonl``, 36 well-formed answers, EOS included),
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=96, help="shipped prompts to answer")
     parser.add_argument("--runs", type=int, default=6, help="timed pairs per measurement")
     parser.add_argument("--unbounded", type=int, default=512, help="the budget that counts as no limit")
+    parser.add_argument("--int4-kernels", default="auto", help="model.int4_kernel values to run the int4 path on")
+    parser.add_argument("--nll-only", action="store_true", help="only the NLL of the answer set (no timings, no answers)")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -132,11 +137,18 @@ def main() -> None:
           f"T {cfg.sampling.temperature}")
     report: dict = {"machine": machine(), "paths": {}}
     default_models = None
-    for weights in args.weights.split(","):
-        cfg.model.weights = weights
+    paths = [(w, k) for w in args.weights.split(",") for k in (args.int4_kernels.split(",") if w == "int4" else ["auto"])]
+    for weights, kernel in paths:
+        cfg.model.weights, cfg.model.int4_kernel = weights, kernel
         models = load_models(cfg.model)
-        warm_up(models)
+        if models.kernel:
+            weights = "int4" if kernel == "auto" else f"int4 [{models.kernel}]"
         serving, training = serving_nll(models, rows), training_nll(models, rows)
+        if args.nll_only:
+            report["paths"][weights] = {"nll_serving": serving, "nll_training": training}
+            print(f"[{weights}] NLL per token: serving {serving:.3f}, training {training:.3f} (int4 kernel: {models.kernel or 'none'})")
+            continue
+        warm_up(models)
         firsts, totals = pair_timings(models, cfg, 64, args.runs)
         budget = cfg.sampling.max_new_tokens
         on = answers_on(models, prompts, budget, cfg.sampling.temperature, True)
@@ -163,7 +175,7 @@ def main() -> None:
             print(f"{weights}: NLL above the shipped values: serving {path['nll_serving'] - ref['nll_serving']:+.3f}, "
                   f"training {path['nll_training'] - ref['nll_training']:+.3f}")
 
-    if default_models is not None:
+    if default_models is not None and not args.nll_only:
         weights, models = default_models
         texts, counts, finished, _ = answers_on(models, prompts, args.unbounded, cfg.sampling.temperature, True)
         lengths = [n for n, f in zip(counts, finished) if f]

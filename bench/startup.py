@@ -5,8 +5,10 @@
 Starts the app (the bundled model, a fresh database in a temporary folder) and
 polls ``GET /health`` until it answers 200 (the model loaded, restored and
 warmed up, the UI listening); prints the seconds, then stops the app. The
-decoding path compiles nothing, so there is no compile cache to warm: every
-start costs the same. Target on a 2-core CPU: at most 60 s.
+decoding path compiles nothing but the native kernels (``model/native.py``),
+about a second with ``cc`` on the first start, loaded from the model cache
+after: the first run here pays it where the cache has none. Target on a
+2-core CPU: at most 60 s.
 """
 
 from __future__ import annotations

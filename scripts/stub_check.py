@@ -249,6 +249,22 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_reward.py::test_ties_teach_the_reward_model_that_length_is_not_the_taste",
         "import rlhf_chat.learning.reward as r\nr.pair_targets = lambda pairs, device: None\n",
     ),
+    "a shared prompt is prefilled once per row": (
+        "tests/test_decoder.py::test_rows_with_one_prompt_are_prefilled_once_and_get_the_models_own_logits",
+        "import torch, rlhf_chat.model.decoder as d\n"
+        "d.Twins.of = classmethod(lambda cls, rows: cls(torch.arange(rows.shape[0]), torch.arange(rows.shape[0])))\n",
+    ),
+    "the native MLP leaves out the residual": (
+        "tests/test_native.py::test_the_native_mlp_is_the_llama_mlp_plus_its_input",
+        "import rlhf_chat.model.native as n\n_mlp = n.int4_mlp\n"
+        "n.int4_mlp = lambda cache, hidden, *a: _mlp(cache, hidden, *a) - hidden\n",
+    ),
+    "the native attention step writes its keys into a copy of the cache": (
+        "tests/test_native.py::test_the_native_attention_step_is_the_llama_attention_plus_its_input",
+        "import rlhf_chat.model.native as n\n_step = n.int4_attention_step\n"
+        "n.int4_attention_step = lambda c, h, w, e, qkv, o, hd, kv, keys, values, *a: "
+        "_step(c, h, w, e, qkv, o, hd, kv, keys.clone(), values.clone(), *a)\n",
+    ),
 }
 
 PLUGIN = '''

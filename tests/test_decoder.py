@@ -16,7 +16,9 @@ from rlhf_chat.serving.candidates import BASE_ADAPTER, Sampling, left_pad, sampl
 from rlhf_chat.serving.chat import render_prompt
 
 
-@pytest.fixture(scope="module", params=[("int4", "avx2"), ("int4", "torch"), ("nf4", "auto")], ids=["int4-native", "int4-torch", "nf4"])
+@pytest.fixture(
+    scope="module", params=[("int4", "avx2"), ("int4", "torch"), ("nf4", "auto")], ids=["int4-native", "int4-torch", "nf4"]
+)
 def models(request, tiny_path):
     """The tiny model on the bundled model's CPU path (int4: the native kernels where
     they run, and torch's) and on bitsandbytes (NF4), its policy adapter moved
@@ -99,7 +101,8 @@ def test_rows_with_one_prompt_are_prefilled_once_and_get_the_models_own_logits(m
     """A pair's two rows share their prompt: one row goes through the layers; an arena
     pair (policy and reference) is one row below the first adapted layer and two above."""
     tok = models.tokenizer
-    ids, mask = left_pad([render_prompt(tok, [{"role": "user", "content": "Name a colour."}])] * 2, tok.pad_token_id, torch.device("cpu"))
+    prompt = render_prompt(tok, [{"role": "user", "content": "Name a colour."}])
+    ids, mask = left_pad([prompt, prompt], tok.pad_token_id, torch.device("cpu"))
     decoder = Decoder(models.serving)
     bottom, top = decoder.layers[0], decoder.layers[-1]
     assert not bottom.lora and top.lora  # LoRA on the top layers only (model.lora_top_layers)

@@ -26,7 +26,8 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])  # the 4-row register tile and the 32-row cache block, and their edges
+# the 4-row register tile and the 32-row cache block, and their edges
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])
 def test_int4_kernel_multiplies_by_the_int4_values_in_float32(rows):
     native_or_skip()
     gen = torch.Generator().manual_seed(rows)
@@ -119,7 +120,8 @@ def native_values(layer: Int4Linear, width: int) -> torch.Tensor:
     low, high = layer.weight & 0x0F, layer.weight >> 4
     q = torch.stack([low, high], dim=-1).reshape(layer.out_features, width).double()
     scale, zero = layer.scales_and_zeros.double().unbind(-1)
-    return ((q.reshape(layer.out_features, -1, 32) - 8) * scale[..., None] + zero[..., None]).reshape(layer.out_features, width)
+    values = (q.reshape(layer.out_features, -1, 32) - 8) * scale[..., None] + zero[..., None]
+    return values.reshape(layer.out_features, width)
 
 
 def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
@@ -130,17 +132,21 @@ def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
 
     gen = torch.Generator().manual_seed(30)
     rows, width, heads, kv_heads, d, total, at = 3, 64, 4, 2, 32, 9, 5
-    qkv = Int4Linear(torch.randn((heads + 2 * kv_heads) * d, width, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
+    qkv_weight = torch.randn((heads + 2 * kv_heads) * d, width, generator=gen) * 0.2
+    qkv = Int4Linear(qkv_weight, kernel="avx2", cache_dir=CACHE)
     o = Int4Linear(torch.randn(width, heads * d, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
     hidden, norm = torch.randn(rows, 1, width, generator=gen) * 2, torch.rand(width, generator=gen) + 0.5
-    keys, values = torch.randn(rows, kv_heads, total, d, generator=gen), torch.randn(rows, kv_heads, total, d, generator=gen)
+    keys = torch.randn(rows, kv_heads, total, d, generator=gen)
+    values = torch.randn(rows, kv_heads, total, d, generator=gen)
     valid = torch.ones(rows, total, dtype=torch.bool)
     valid[1, :2] = False  # row 1 is left-padded by two positions
     angles = torch.rand(rows, d // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     cached_keys, cached_values = keys.double().clone(), values.double().clone()
 
-    out = native.int4_attention_step(CACHE, hidden, norm, 1e-5, qkv, o, heads, kv_heads, keys, values, at, valid, cos, sin)
+    out = native.int4_attention_step(
+        CACHE, hidden, norm, 1e-5, qkv, o, heads, kv_heads, keys, values, at, valid, cos, sin
+    )
 
     h = hidden.double()
     x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()

@@ -28,6 +28,7 @@ kernel), so what is sampled and what PPO scores stay one distribution:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class Layer:
     down: nn.Module
     lora: dict[str, Lora]  # target name ("q_proj", ...) -> adapter; empty for a frozen layer
 
-    @property
+    @cached_property
     def native_attention(self) -> bool:
         """Whether a decoding step's attention half runs as one native call
         (:func:`native.int4_attention_step`): q, k, v and o on the native int4
@@ -65,7 +66,7 @@ class Layer:
         on_native = all(type(m) is Int4Linear and m.kernel == "avx2" for m in (self.qkv, self.o))
         return on_native and not any(n in self.lora for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
-    @property
+    @cached_property
     def native_mlp(self) -> bool:
         """Whether the MLP half runs as one native call (:func:`native.int4_mlp`):
         its layers on the native int4 kernel, and no LoRA on them."""
@@ -221,9 +222,10 @@ class Decoder:
                 hidden = hidden.index_select(0, prompts.inverse[adapted.first])  # the rows part here
                 twins = adapted
             first = twins.first
-            cos, sin, scale = (t.index_select(0, first) for t in (batch.cos[:, :, :width], batch.sin[:, :, :width], batch.lora_rows))
+            cos, sin = batch.cos[:, :, :width].index_select(0, first), batch.sin[:, :, :width].index_select(0, first)
+            scale, rows_attend = batch.lora_rows.index_select(0, first), attend.index_select(0, first).unsqueeze(1)
             hidden = hidden + self._attention(
-                layer, hidden, *cache, 0, width, cos, sin, attend.index_select(0, first).unsqueeze(1), scale, twins.inverse
+                layer, hidden, *cache, 0, width, cos, sin, rows_attend, scale, twins.inverse
             )
             hidden = self._mlp(layer, hidden, scale)
         batch.length = width

@@ -180,7 +180,8 @@ def int4_matmul(cache_dir: str, x: torch.Tensor, nibbles: torch.Tensor, scales: 
     rows = flat.shape[0]
     out = torch.empty((*x.shape[:-1], n))
     library(cache_dir).int4_matmul(
-        flat.data_ptr(), rows, 2 * half, nibbles.data_ptr(), scales.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+        flat.data_ptr(), rows, 2 * half, nibbles.data_ptr(), scales.data_ptr(), n, out.data_ptr(),
+        torch.get_num_threads(),
     )
     return _in_graph(x, out)
 
@@ -192,12 +193,15 @@ def int8_matmul(cache_dir: str, x: torch.Tensor, weight: torch.Tensor, scales: t
     flat = _float_rows(x, k)
     out = torch.empty((*x.shape[:-1], n))
     library(cache_dir).int8_matmul(
-        flat.data_ptr(), flat.shape[0], k, weight.data_ptr(), scales.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+        flat.data_ptr(), flat.shape[0], k, weight.data_ptr(), scales.data_ptr(), n, out.data_ptr(),
+        torch.get_num_threads(),
     )
     return _in_graph(x, out)
 
 
-def int4_mlp(cache_dir: str, hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up, down) -> torch.Tensor:
+def int4_mlp(
+    cache_dir: str, hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up, down
+) -> torch.Tensor:
     """``hidden`` plus a Llama MLP of it, in one call (float32, (..., H)):
     ``down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(hidden) * norm_weight)``,
     ``gate_up`` and ``down`` native int4 layers (:class:`~rlhf_chat.model.quantized.Int4Linear`)."""
