@@ -164,3 +164,28 @@ def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
     assert relative_error(out, expected) < 1e-5
     assert relative_error(keys[:, :, at], cached_keys[:, :, at]) < 1e-5  # the new keys and values are in the cache
     assert relative_error(values[:, :, at], cached_values[:, :, at]) < 1e-5
+
+
+def test_the_kernels_are_built_once_and_no_request_shape_builds_them_again(tmp_path, monkeypatch):
+    """Built into the cache on the first start; later starts, and requests of any number
+    of rows or width, load that build: the compiler never runs again."""
+    native_or_skip()
+    import subprocess
+
+    builds: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counting_run(command, *args, **kwargs):
+        if "-shared" in command:
+            builds.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", counting_run)
+    cache = str(tmp_path)
+    native.library(cache)
+    assert len(builds) == 1 and len(list(tmp_path.rglob("*.so"))) == 1
+    native.library.cache_clear()  # a later start: a new process, the same cache
+    for rows, width in ((1, 64), (7, 96), (40, 32)):
+        layer = Int4Linear(torch.randn(48, width), kernel="avx2", cache_dir=cache)
+        layer(torch.randn(rows, width))
+    assert len(builds) == 1

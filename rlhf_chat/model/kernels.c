@@ -20,6 +20,9 @@
  *        kernel rounds them, so that both kernels multiply by one set of weights);
  *   int8 weights (N, K) int8, scales (N) float32.
  *
+ * The two one-call layer halves return 0, or -1 where their scratch memory could
+ * not be had (nothing written then).
+ *
  * Work is split over output rows between OpenMP threads (the runtime torch
  * already loaded, so the two share one pool); each thread walks its rows two
  * at a time against up to four activation rows, the activations in blocks
@@ -187,12 +190,18 @@ static inline __m256 exp8(__m256 x) {
  * [gate, up] = gate_up(rms_norm(hidden) * norm_weight), gate_up and down int4 layers
  * (gate_up's outputs: the I gate outputs, then the I up outputs). The Llama MLP, as
  * decoder.py computes it from torch's operations, without their dispatch between steps. */
-void int4_mlp(const float *hidden, int64_t m_rows, int64_t h, const float *norm_weight, float eps,
-              const uint8_t *gate_up_nibbles, const float *gate_up_scales, int64_t inter,
-              const uint8_t *down_nibbles, const float *down_scales, float *out, int threads) {
+int int4_mlp(const float *hidden, int64_t m_rows, int64_t h, const float *norm_weight, float eps,
+             const uint8_t *gate_up_nibbles, const float *gate_up_scales, int64_t inter,
+             const uint8_t *down_nibbles, const float *down_scales, float *out, int threads) {
     float *normed = malloc(m_rows * h * sizeof(float));
     float *gate_up = malloc(m_rows * 2 * inter * sizeof(float));
     float *act = malloc(m_rows * inter * sizeof(float));
+    if (!normed || !gate_up || !act) {
+        free(normed);
+        free(gate_up);
+        free(act);
+        return -1;
+    }
     rms_norm_rows(hidden, m_rows, h, norm_weight, eps, normed);
     int4_matmul(normed, m_rows, h, gate_up_nibbles, gate_up_scales, 2 * inter, gate_up, threads);
     for (int64_t m = 0; m < m_rows; m++) {
@@ -211,6 +220,7 @@ void int4_mlp(const float *hidden, int64_t m_rows, int64_t h, const float *norm_
     free(normed);
     free(gate_up);
     free(act);
+    return 0;
 }
 
 /* Llama's rotary embedding of one head (half-split layout), in place. */
@@ -239,7 +249,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
  * `at` where valid (R, T) is nonzero; cos, sin (R, D) are the rotary tables of the
  * row's position. Grouped heads: query head i reads key/value head i / (heads / KV).
  * What decoder.py computes with torch's operations, for a layer without LoRA. */
-void int4_attention_step(const float *hidden, int64_t rows, int64_t h, const float *norm_weight, float eps,
+int int4_attention_step(const float *hidden, int64_t rows, int64_t h, const float *norm_weight, float eps,
                          const uint8_t *qkv_nibbles, const float *qkv_scales, const uint8_t *o_nibbles,
                          const float *o_scales, int64_t heads, int64_t kv_heads, int64_t d, float *keys,
                          float *values, int64_t total, int64_t at, const uint8_t *valid, const float *cos,
@@ -247,6 +257,13 @@ void int4_attention_step(const float *hidden, int64_t rows, int64_t h, const flo
     int64_t width = (heads + 2 * kv_heads) * d, group = heads / kv_heads;
     float *normed = malloc(rows * h * sizeof(float)), *qkv = malloc(rows * width * sizeof(float));
     float *attended = malloc(rows * heads * d * sizeof(float)), *scores = malloc((at + 1) * sizeof(float));
+    if (!normed || !qkv || !attended || !scores) {
+        free(normed);
+        free(qkv);
+        free(attended);
+        free(scores);
+        return -1;
+    }
     rms_norm_rows(hidden, rows, h, norm_weight, eps, normed);
     int4_matmul(normed, rows, h, qkv_nibbles, qkv_scales, width, qkv, threads);
     const float scale = 1.0f / sqrtf((float)d);
@@ -285,4 +302,5 @@ void int4_attention_step(const float *hidden, int64_t rows, int64_t h, const flo
     free(qkv);
     free(attended);
     free(scores);
+    return 0;
 }

@@ -113,12 +113,12 @@ def library(cache_dir: str) -> ctypes.CDLL:
         function.restype = None
     lib.int4_mlp.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer, pointer, size, pointer, pointer,
                              pointer, ctypes.c_int]
-    lib.int4_mlp.restype = None
+    lib.int4_mlp.restype = ctypes.c_int
     lib.int4_attention_step.argtypes = [
         pointer, size, size, pointer, ctypes.c_float, pointer, pointer, pointer, pointer, size, size, size,
         pointer, pointer, size, size, pointer, pointer, pointer, pointer, ctypes.c_int,
     ]
-    lib.int4_attention_step.restype = None
+    lib.int4_attention_step.restype = ctypes.c_int
     return lib
 
 
@@ -209,11 +209,13 @@ def int4_mlp(
     flat = _float_rows(hidden, width)
     weight = norm_weight.to(torch.float32).contiguous()
     out = torch.empty(hidden.shape)
-    library(cache_dir).int4_mlp(
+    status = library(cache_dir).int4_mlp(
         flat.data_ptr(), flat.shape[0], width, weight.data_ptr(), eps,
         gate_up.weight.data_ptr(), gate_up.scales_and_zeros.data_ptr(), gate_up.out_features // 2,
         down.weight.data_ptr(), down.scales_and_zeros.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )
+    if status:
+        raise MemoryError("int4_mlp: no memory for its scratch buffers")
     return _in_graph(hidden, out)
 
 
@@ -233,12 +235,16 @@ def int4_attention_step(
     weight = norm_weight.to(torch.float32).contiguous()
     if not (keys.is_contiguous() and values.is_contiguous() and valid.is_contiguous()):
         raise ValueError("int4_attention_step: the cache and mask must be contiguous")
+    if valid.dtype != torch.bool or tuple(valid.shape) != (rows, keys.shape[2]):
+        raise ValueError(f"int4_attention_step: valid must be bool ({rows}, {keys.shape[2]}), not {tuple(valid.shape)}")
     cos, sin = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     out = torch.empty(hidden.shape)
-    library(cache_dir).int4_attention_step(
+    status = library(cache_dir).int4_attention_step(
         flat.data_ptr(), rows, width, weight.data_ptr(), eps, qkv.weight.data_ptr(), qkv.scales_and_zeros.data_ptr(),
         o.weight.data_ptr(), o.scales_and_zeros.data_ptr(), heads, kv_heads, keys.shape[-1], keys.data_ptr(),
         values.data_ptr(), keys.shape[2], at, valid.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
         torch.get_num_threads(),
     )
+    if status:
+        raise MemoryError("int4_attention_step: no memory for its scratch buffers")
     return _in_graph(hidden, out)
