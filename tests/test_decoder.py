@@ -29,9 +29,15 @@ def models(request, tiny_path):
             native.library(ModelConfig().cache_dir)
         except native.NativeUnavailable as error:
             pytest.skip(f"native kernels unavailable: {error}")
-    loaded = load_models(ModelConfig(name=str(tiny_path), weights=weights, int4_kernel=kernel))
+    return with_a_moved_policy(ModelConfig(name=str(tiny_path), weights=weights, int4_kernel=kernel), seed=0)
+
+
+def with_a_moved_policy(cfg: ModelConfig, seed: int):
+    """Models loaded from ``cfg``, the policy adapter's B matrices drawn away from zero
+    (so that LoRA changes every answer) and synced into the serving copy."""
+    loaded = load_models(cfg)
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
         for name, param in loaded.trainer.named_parameters():
             if "lora_B" in name and ".policy." in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
@@ -295,13 +301,7 @@ def test_lora_on_the_mlp_projections_is_applied_and_keeps_the_mlp_off_the_native
     """Adapters may target gate, up and down too (model.lora_targets): the decoder adds
     them, as the model does, and those layers' MLP half stays on separate projections."""
     cfg = ModelConfig(name=str(tiny_path), lora_targets=("q_proj", "gate_proj", "up_proj", "down_proj"))
-    loaded = load_models(cfg)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for name, param in loaded.trainer.named_parameters():
-            if "lora_B" in name and ".policy." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    sync_policy_weights(loaded.trainer, loaded.serving)
+    loaded = with_a_moved_policy(cfg, seed=5)
     decoder = Decoder(loaded.serving)
     top = decoder.layers[-1]
     assert {"gate_proj", "up_proj", "down_proj"} <= set(top.lora) and not top.native_mlp
