@@ -60,12 +60,22 @@ def model_logits(model, ids, mask, adapters) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapters).logits[:, -1]
 
 
-def assert_same_function(logits: torch.Tensor, expected: torch.Tensor) -> None:
-    """The decoder's logits are the model's own, up to float32 rounding: where the
-    native kernels run, its MLP half is one call that adds in its own order and takes
-    exp from a polynomial (up to 3.5e-4 seen on this random model's large logits;
-    a wrong adapter or cache entry is off by more than 0.1)."""
-    torch.testing.assert_close(logits, expected.float(), atol=1e-3, rtol=1e-4)
+def assert_same_function(logits: torch.Tensor, expected: torch.Tensor, kernel: str) -> None:
+    """The decoder's logits are the model's own, up to float32 rounding: exactly so on
+    torch's kernels; on the native ones its MLP half is one call that adds in its own
+    order and takes exp from a polynomial (up to 3.5e-4 seen on this random model's
+    large logits; a wrong adapter or cache entry is off by more than 0.1)."""
+    atol = 1e-3 if kernel == "avx2" else 1e-4
+    torch.testing.assert_close(logits, expected.float(), atol=atol, rtol=1e-4)
+
+
+def step_tolerance(kernel: str) -> float:
+    """How far a step's log-probabilities may sit from the full forward's: torch's int4
+    kernel rounds activations to bf16, and a 1-row and a 40-row product round a key
+    differently (0.12 seen on an AVX2-only CPU, on this random model's huge logits);
+    the native kernels are float32 throughout. A stale or misplaced cache entry is
+    off by nats."""
+    return 1e-2 if kernel == "avx2" else 0.25
 
 
 def test_fusing_int4_layers_concatenates_their_outputs_exactly():
@@ -96,7 +106,7 @@ def test_prefill_gives_the_models_own_logits_for_policy_and_reference_rows(model
     decoder = Decoder(models.serving)
     _, logits = decoder.start(ids, mask, 4, torch.tensor([1, 0]))
     expected = model_logits(models.serving, ids, mask, ["policy", BASE_ADAPTER])
-    assert_same_function(logits, expected)
+    assert_same_function(logits, expected, models.kernel)
     # the adapter matters: the reference row is not the policy's
     policy_only = model_logits(models.serving, ids, mask, ["policy", "policy"])
     assert (policy_only[1] - expected[1]).abs().max() > 0.1
@@ -123,16 +133,27 @@ def test_rows_with_one_prompt_are_prefilled_once_and_get_the_models_own_logits(m
             batch, logits = decoder.start(ids, mask, 3, torch.tensor(lora_rows))
             assert seen == {"bottom": [1], "top": [top_rows]}
             expected = model_logits(models.serving, ids, mask, adapters).float()
-            assert_same_function(logits, expected)
+            assert_same_function(logits, expected, models.kernel)
             token = logits.argmax(-1)
             following = decoder.step(batch, token)  # every row's cache was filled
             longer_ids, longer_mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask[:, :1]], 1)
             expected = model_logits(models.serving, longer_ids, longer_mask, adapters).float()
             gap = (torch.log_softmax(following, -1) - torch.log_softmax(expected, -1)).abs().max()
-            assert gap < 0.25, gap
+            assert gap < step_tolerance(models.kernel), gap
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@torch.no_grad()
+def test_interleaved_twins_with_mixed_adapters_each_get_their_own_logits(models):
+    """Prompts A, B, A, B with the adapter on, on, off, off: four distinct rows above the
+    first adapted layer, two below; each row gets its own prompt's and adapter's logits."""
+    ids, mask = padded_prompts(models.tokenizer)
+    ids, mask = ids[[0, 1, 0, 1]], mask[[0, 1, 0, 1]]
+    _, logits = Decoder(models.serving).start(ids, mask, 2, torch.tensor([1, 1, 0, 0]))
+    adapters = ["policy", "policy", BASE_ADAPTER, BASE_ADAPTER]
+    assert_same_function(logits, model_logits(models.serving, ids, mask, adapters), models.kernel)
 
 
 def test_twins_find_the_distinct_rows_in_the_batchs_order():
@@ -158,7 +179,7 @@ def test_each_step_continues_the_sequence_as_the_model_would(models):
         # A stale or misplaced cache entry is off by nats; rounding is not. The worst
         # seen is 0.12 (an AVX2-only CPU, int4: a 1-row and a 40-row product round
         # a key differently in bf16, and this random model's logits are huge).
-        assert gap.max() < 0.25, gap.max()
+        assert gap.max() < step_tolerance(models.kernel), gap.max()
 
 
 @torch.no_grad()
@@ -174,7 +195,7 @@ def test_an_adapter_update_is_what_the_next_call_uses(models):
                 param.mul_(3.0)
         sync_policy_weights(models.trainer, models.serving)
         _, after = decoder.start(ids, mask, 2, torch.tensor([1, 1]))
-        assert_same_function(after, model_logits(models.serving, ids, mask, None))
+        assert_same_function(after, model_logits(models.serving, ids, mask, None), models.kernel)
         assert (after - before).abs().max() > 0.1
     finally:
         for name, param in models.trainer.named_parameters():
@@ -307,4 +328,4 @@ def test_lora_on_the_mlp_projections_is_applied_and_keeps_the_mlp_off_the_native
     assert {"gate_proj", "up_proj", "down_proj"} <= set(top.lora) and not top.native_mlp
     ids, mask = padded_prompts(loaded.tokenizer)
     _, logits = decoder.start(ids, mask, 2, torch.tensor([1, 0]))
-    assert_same_function(logits, model_logits(loaded.serving, ids, mask, ["policy", BASE_ADAPTER]))
+    assert_same_function(logits, model_logits(loaded.serving, ids, mask, ["policy", BASE_ADAPTER]), loaded.kernel)

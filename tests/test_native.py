@@ -76,6 +76,13 @@ def test_a_backward_through_the_native_kernels_fails_plainly():
         out.sum().backward()
 
 
+def test_a_cache_folder_it_cannot_write_means_torchs_kernel_with_the_reason(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    kernel, why = native.resolve_kernel("auto", blocked)
+    assert kernel == "torch" and "could not build or load" in why
+
+
 def test_kernel_settings_resolve_and_say_why(tmp_path, monkeypatch):
     assert native.resolve_kernel("torch", tmp_path) == ("torch", "asked for by name")
     with pytest.raises(ValueError, match="expected one of auto, avx2, torch"):
@@ -124,14 +131,18 @@ def native_values(layer: Int4Linear, width: int) -> torch.Tensor:
     return values.reshape(layer.out_features, width)
 
 
-def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
+@pytest.mark.parametrize(
+    "heads, kv_heads, d, at",
+    [(4, 2, 32, 5), (8, 2, 20, 0), (3, 3, 64, 8)],  # grouped or not; a head width off the 8 lanes; the first and last slot
+)
+def test_the_native_attention_step_is_the_llama_attention_plus_its_input(heads, kv_heads, d, at):
     """One new position per row against a cache with left padding, grouped heads and
     rotary positions, computed again here with torch's own operations in float64."""
     native_or_skip()
     from rlhf_chat.model.decoder import rotate
 
-    gen = torch.Generator().manual_seed(30)
-    rows, width, heads, kv_heads, d, total, at = 3, 64, 4, 2, 32, 9, 5
+    gen = torch.Generator().manual_seed(30 + d)
+    rows, width, total = 3, 64, 9
     qkv_weight = torch.randn((heads + 2 * kv_heads) * d, width, generator=gen) * 0.2
     qkv = Int4Linear(qkv_weight, kernel="avx2", cache_dir=CACHE)
     o = Int4Linear(torch.randn(width, heads * d, generator=gen) * 0.2, kernel="avx2", cache_dir=CACHE)
@@ -139,10 +150,11 @@ def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
     keys = torch.randn(rows, kv_heads, total, d, generator=gen)
     values = torch.randn(rows, kv_heads, total, d, generator=gen)
     valid = torch.ones(rows, total, dtype=torch.bool)
-    valid[1, :2] = False  # row 1 is left-padded by two positions
+    valid[1, : min(2, at)] = False  # row 1 is left-padded by two positions (where there are two before it)
     angles = torch.rand(rows, d // 2, generator=gen) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     cached_keys, cached_values = keys.double().clone(), values.double().clone()
+    before = keys.clone()
 
     out = native.int4_attention_step(
         CACHE, hidden, norm, 1e-5, qkv, o, heads, kv_heads, keys, values, at, valid, cos, sin
@@ -164,6 +176,24 @@ def test_the_native_attention_step_is_the_llama_attention_plus_its_input():
     assert relative_error(out, expected) < 1e-5
     assert relative_error(keys[:, :, at], cached_keys[:, :, at]) < 1e-5  # the new keys and values are in the cache
     assert relative_error(values[:, :, at], cached_values[:, :, at]) < 1e-5
+    others = torch.arange(total) != at
+    assert torch.equal(keys[:, :, others], before[:, :, others])  # nothing else in the cache moved
+
+
+def test_the_native_attention_step_refuses_what_does_not_fit():
+    native_or_skip()
+    qkv = Int4Linear(torch.randn(4 * 16, 64), kernel="avx2", cache_dir=CACHE)
+    o = Int4Linear(torch.randn(64, 2 * 16), kernel="avx2", cache_dir=CACHE)
+    hidden, keys = torch.randn(2, 1, 64), torch.zeros(2, 1, 5, 16)
+    valid, cos = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 16)
+    with pytest.raises(ValueError, match="a position within the cache"):
+        native.int4_attention_step(CACHE, hidden, torch.ones(64), 1e-5, qkv, o, 2, 1, keys, keys.clone(), 5, valid, cos, cos)
+    with pytest.raises(ValueError, match="one new position per row"):
+        native.int4_attention_step(
+            CACHE, torch.randn(2, 3, 64), torch.ones(64), 1e-5, qkv, o, 2, 1, keys, keys.clone(), 1, valid, cos, cos
+        )
+    with pytest.raises(ValueError, match="width 32 for a layer of width 64"):
+        qkv(torch.randn(2, 32))
 
 
 def test_the_kernels_are_built_once_and_no_request_shape_builds_them_again(tmp_path, monkeypatch):

@@ -63,15 +63,19 @@ class Layer:
         """Whether a decoding step's attention half runs as one native call
         (:func:`native.int4_attention_step`): q, k, v and o on the native int4
         kernel, and no LoRA on them (the layers below ``model.lora_top_layers``)."""
-        on_native = all(type(m) is Int4Linear and m.kernel == "avx2" for m in (self.qkv, self.o))
-        return on_native and not any(n in self.lora for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        return on_native_int4(self.qkv, self.o) and not self.lora.keys() & {"q_proj", "k_proj", "v_proj", "o_proj"}
 
     @cached_property
     def native_mlp(self) -> bool:
         """Whether the MLP half runs as one native call (:func:`native.int4_mlp`):
         its layers on the native int4 kernel, and no LoRA on them."""
-        on_native = all(type(m) is Int4Linear and m.kernel == "avx2" for m in (self.gate_up, self.down))
-        return on_native and not any(n in self.lora for n in ("gate_proj", "up_proj", "down_proj"))
+        return on_native_int4(self.gate_up, self.down) and not self.lora.keys() & {"gate_proj", "up_proj", "down_proj"}
+
+
+def on_native_int4(*layers: nn.Module) -> bool:
+    """Whether these layers are unbiased int4 layers on the native kernel (what its
+    one-call layer halves read: their packed weights and scales, no bias)."""
+    return all(type(m) is Int4Linear and m.kernel == "avx2" and m.bias is None for m in layers)
 
 
 INT4_ROW_BLOCK = 64  # the CPU int4 kernel packs output rows in interleaved blocks of 64
@@ -214,7 +218,8 @@ class Decoder:
         attend = causal & mask.bool()[:, None, :]
         attend |= torch.eye(width, dtype=torch.bool, device=ids.device)  # padding attends to itself: no NaN rows
         prompts = Twins.of(torch.cat([ids, mask], dim=-1))
-        adapted = Twins.of(torch.cat([ids, mask, batch.lora_rows.view(-1, 1).to(ids.dtype)], dim=-1))
+        scales = batch.lora_rows.view(-1, 1).double()  # exact: token ids and any scale, in float64
+        adapted = Twins.of(torch.cat([ids.double(), mask.double(), scales], dim=-1))
         twins = prompts
         hidden = self.embed(ids.index_select(0, twins.first))
         for layer, cache in zip(self.layers, batch.cache):

@@ -1,14 +1,17 @@
-/* Kernels: the serving copy's 4-bit and 8-bit matrix products, for AVX2 + FMA CPUs.
+/* Kernels: the serving copy's 4-bit and 8-bit matrix products, and a decoder layer's
+ * MLP and attention halves built on them, for AVX2 + FMA CPUs.
  *
  * Built and loaded by rlhf_chat/model/native.py (a plain C library through
  * ctypes: no PyTorch headers, so it compiles in about a second). Why it
  * exists: on a CPU without AVX-512, torch's int4 kernel took 55% of a
  * decoding step, about three times what reading the weights costs.
  *
- * Numerics. Both kernels multiply float32 activations by the weights exactly
+ * Numerics. The products multiply float32 activations by the weights exactly
  * as quantized.py's int4_values / int8_values give them in float32:
- *   int4: w = (q - 8) * scale + zero, scale and zero bf16 values, one rounding
- *         (the product of a bf16 and a 4-bit integer is exact in float32);
+ *   int4: w = (q - 8) * scale + zero, scale and zero bf16 values, one rounding,
+ *         computed as q * scale + (zero - 8 * scale): the product of a bf16 and
+ *         a 4-bit integer is exact in float32, and so is the difference of two
+ *         bf16 values less than 2^16 apart in magnitude, so it is the same number;
  *   int8: w = q * scale (exact), applied as scale * sum(q * x).
  * Only the order of the float32 additions differs from a dense matmul.
  *
@@ -52,9 +55,10 @@ static inline void int4_block(const uint8_t *nibbles, const float *scale_zero, _
     const __m256 eight = _mm256_set1_ps(8.0f);
     __m256 scale = _mm256_broadcast_ss(scale_zero);
     __m256 zero = _mm256_fnmadd_ps(eight, scale, _mm256_broadcast_ss(scale_zero + 1));
-    const int32_t *words = (const int32_t *)nibbles;
     for (int i = 0; i < 4; i++) {
-        __m256i lanes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(words[i]), shifts), mask);
+        int32_t word;
+        memcpy(&word, nibbles + 4 * i, sizeof word);  /* an unaligned, alias-safe load; one mov */
+        __m256i lanes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask);
         w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), scale, zero);
     }
 }
@@ -290,9 +294,12 @@ int int4_attention_step(const float *hidden, int64_t rows, int64_t h, const floa
             for (int64_t j = 0; j < d; j++) o[j] = 0.0f;
             for (int64_t t = 0; t <= at; t++) {
                 if (scores[t] == 0.0f) continue;
-                __m256 p = _mm256_set1_ps(scores[t] / sum);
-                for (int64_t j = 0; j + 8 <= d; j += 8)
+                float weight = scores[t] / sum;
+                __m256 p = _mm256_set1_ps(weight);
+                int64_t j = 0;
+                for (; j + 8 <= d; j += 8)
                     _mm256_storeu_ps(o + j, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + t * d + j), _mm256_loadu_ps(o + j)));
+                for (; j < d; j++) o[j] += weight * value[t * d + j];
             }
         }
     }

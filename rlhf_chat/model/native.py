@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "avx2", "torch")  # the model.int4_kernel setting
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBRARIES = ("-lm",)  # after the source, or the linker drops them
 
 
 class NativeUnavailable(RuntimeError):
@@ -62,7 +63,8 @@ def library_path(cache_dir: str | Path) -> Path:
         version = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"no C compiler ({compiler()}: {error})") from error
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine()]).encode())
+    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES), version, platform.machine()]
+    key = hashlib.sha256("\n".join(parts).encode())
     return Path(cache_dir) / "kernels" / key.hexdigest()[:16] / "libkernels.so"
 
 
@@ -78,7 +80,7 @@ def build(cache_dir: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
-    command = [compiler(), *FLAGS, "-o", partial, str(SOURCE)]
+    command = [compiler(), *FLAGS, "-o", partial, str(SOURCE), *LIBRARIES]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as error:
@@ -105,7 +107,10 @@ def library(cache_dir: str) -> ctypes.CDLL:
         raise NativeUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
     if shutil.which(compiler()) is None and not Path(compiler()).exists():
         raise NativeUnavailable(f"no C compiler ({compiler()}) on this machine")
-    lib = ctypes.CDLL(str(build(cache_dir)))
+    try:  # a read-only cache, a failed rename, a library the loader refuses: not here, with the reason
+        lib = ctypes.CDLL(str(build(cache_dir)))
+    except OSError as error:
+        raise NativeUnavailable(f"could not build or load the kernels: {error}") from error
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("int4_matmul", "int8_matmul"):
         function = getattr(lib, name)
@@ -166,6 +171,8 @@ def _in_graph(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _float_rows(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as contiguous float32 rows of ``width``: as it comes, in a decoding step."""
+    if x.shape[-1] != width:
+        raise ValueError(f"native kernels: inputs of width {x.shape[-1]} for a layer of width {width}")
     flat = x.detach().reshape(-1, width)
     if flat.dtype is not torch.float32 or not flat.is_contiguous():
         flat = flat.to(torch.float32).contiguous()
@@ -206,6 +213,8 @@ def int4_mlp(
     ``down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(hidden) * norm_weight)``,
     ``gate_up`` and ``down`` native int4 layers (:class:`~rlhf_chat.model.quantized.Int4Linear`)."""
     width = hidden.shape[-1]
+    if gate_up.in_features != width or down.out_features != width or down.in_features * 2 != gate_up.out_features:
+        raise ValueError("int4_mlp: gate_up (2 I, H) and down (H, I) do not fit the hidden width")
     flat = _float_rows(hidden, width)
     weight = norm_weight.to(torch.float32).contiguous()
     out = torch.empty(hidden.shape)
@@ -230,7 +239,22 @@ def int4_attention_step(
     at ``at``; each row attends to the positions up to ``at`` where ``valid`` (R, T)
     is true; ``cos``/``sin`` (R, D) are the rotary tables of each row's position.
     """
-    rows, _, width = hidden.shape
+    rows, count, width = hidden.shape
+    total, head_dim = keys.shape[2], keys.shape[-1]
+    problems = [
+        count != 1 and "one new position per row",
+        not 0 <= at < total and f"a position within the cache (0..{total - 1}), not {at}",
+        heads % kv_heads and "query heads in whole groups of key/value heads",
+        head_dim % 2 and "an even head width (rotary halves)",
+        qkv.out_features != (heads + 2 * kv_heads) * head_dim and "q, k, v widths that fit the heads",
+        (o.in_features != heads * head_dim or o.out_features != width) and "an o projection that fits the heads",
+        any(t.shape != (rows, kv_heads, total, head_dim) or t.dtype != torch.float32 for t in (keys, values))
+        and f"a float32 cache of ({rows}, {kv_heads}, T, D)",
+        any(t.shape != (rows, head_dim) for t in (cos, sin)) and f"rotary tables of ({rows}, {head_dim})",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"int4_attention_step needs {'; '.join(problems)}")
     flat = _float_rows(hidden, width)
     weight = norm_weight.to(torch.float32).contiguous()
     if not (keys.is_contiguous() and values.is_contiguous() and valid.is_contiguous()):
