@@ -43,9 +43,15 @@ def main() -> None:
     contexts = [[{"role": "user", "content": p}] for p in PROMPTS]
     print(f"{args.batches} batches of {len(contexts)} x {args.tokens} tokens, "
           f"T={cfg.sampling.temperature}, top_p={cfg.sampling.top_p}")
-    for path, fast in (("decoder (model/decoder.py)", True), ("baseline, transformers' generate", False)):
+    paths = (
+        ("decoder (model/decoder.py), scored as PPO scores it (the frozen layers' output kept while sampling, "
+         "where the serving copy computes it exactly)", True, True),
+        ("decoder, scored by the whole training copy", True, False),
+        ("baseline, transformers' generate", False, False),
+    )
+    for path, fast, keep in paths:
         cfg.sampling.fast_decoder = fast
-        gap, w = copy_gap(models, cfg, contexts, args.batches)
+        gap, w = copy_gap(models, cfg, contexts, args.batches, keep)
         print(f"sampled on the {path}: {gap.numel()} tokens")
         print(f"  log p_train - log p_serving: mean |gap| {gap.abs().mean():.2e} nats, signed mean {gap.mean():+.1e}, "
               f"p99 |gap| {gap.abs().quantile(0.99):.1e}, max {gap.abs().max():.1e}")
@@ -82,7 +88,7 @@ def same_token_gaps(models, cfg: AppConfig, contexts: list, batches: int) -> tup
     recorded while sampling), and training copy minus generate's cached steps on the same tokens."""
     decoder, generic = [], []
     for seed in range(batches):
-        batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed)
+        batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed, keep_prefix=False)  # the whole training copy
         batch = score_rollout(models, batch, cfg.ppo, cfg.ppo.kl_coef, lambda m, b: torch.zeros(len(b.texts)))
         real = batch.response_mask.bool()
         decoder.append((batch.logprobs - batch.sample_logprobs)[real])
@@ -90,12 +96,15 @@ def same_token_gaps(models, cfg: AppConfig, contexts: list, batches: int) -> tup
     return torch.cat(decoder), torch.cat(generic)
 
 
-def copy_gap(models, cfg: AppConfig, contexts: list, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+def copy_gap(
+    models, cfg: AppConfig, contexts: list, batches: int, keep_prefix: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sampled token: the training copy's log-prob minus the serving copy's, and
-    the truncated importance weight PPO gives it, over ``batches`` rollouts."""
+    the truncated importance weight PPO gives it, over ``batches`` rollouts
+    (``keep_prefix``: as ``ppo.rollout``)."""
     gaps, weights = [], []
     for seed in range(batches):
-        batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed)
+        batch = rollout(models, contexts, cfg.ppo, cfg.sampling, seed, keep_prefix=keep_prefix)
         batch = score_rollout(models, batch, cfg.ppo, cfg.ppo.kl_coef, lambda m, b: torch.zeros(len(b.texts)))
         real = batch.response_mask.bool()
         gaps.append((batch.logprobs - batch.sample_logprobs)[real])

@@ -1,7 +1,7 @@
 """Benchmark: one PPO step on the bundled 4-bit model, split into rollout, scoring and update.
 
     python bench/ppo_step.py [--steps 3] [--prompts 8] [--tokens 64] [--weights auto|int4|nf4|bf16|fp32]
-                             [--int4-kernel auto|avx2|torch] [--no-baseline]
+                             [--int4-kernel auto|avx2|torch] [--no-baseline] [--reuse-baseline]
 
 Answers are forced to the full ``--tokens`` length (the worst case). The same
 steps then run with rollouts on transformers' ``generate`` (the generic path,
@@ -38,6 +38,9 @@ def main() -> None:
                         help="how the base holds its weights (scripts/gpu_check.sh: nf4 on the GPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the steps on transformers' generate")
     parser.add_argument("--int4-kernel", choices=KERNELS, default="auto", help="model.int4_kernel")
+    parser.add_argument("--reuse-baseline", action="store_true",
+                        help="alternate steps that compute the frozen layers' output and the policy's scoring pass "
+                             "anew (the same-run baseline of reusing them)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
@@ -60,13 +63,16 @@ def main() -> None:
     paths = {"decoder": True} if args.no_baseline else {"decoder": True, "baseline (transformers' generate)": False}
     for path, fast in paths.items():
         cfg.sampling.fast_decoder = fast  # the trainer reads this config at every rollout
-        rows = runs[path] = []
+        # Interleaved step by step, so that the machine's drift reaches both alike
+        variants = [(path, True)] + ([(f"{path}, computed anew", False)] if args.reuse_baseline else [])
         print(f"-- rollouts on the {path}")
         for i in range(args.steps):
-            r = trainer.step(trainer.sample_contexts(contexts))
-            rows.append(r)
-            print(f"step {i + 1}: rollout {r.rollout_s:.2f} s, scoring {r.score_s:.2f} s, "
-                  f"update {r.update_s:.2f} s, total {r.seconds:.2f} s")
+            for name, reuse in variants:
+                trainer.keep_prefix = trainer.reuse_first_forward = reuse
+                r = trainer.step(trainer.sample_contexts(contexts))
+                runs.setdefault(name, []).append(r)
+                print(f"step {i + 1}{'' if reuse else ' (computed anew)'}: rollout {r.rollout_s:.2f} s, "
+                      f"scoring {r.score_s:.2f} s, update {r.update_s:.2f} s, total {r.seconds:.2f} s")
     worker.stop()
 
     def med(rows, key: str) -> float:
@@ -77,8 +83,15 @@ def main() -> None:
             f"median, {path}: rollout {med(rows, 'rollout_s'):.2f} s, scoring {med(rows, 'score_s'):.2f} s, "
             f"update {med(rows, 'update_s'):.2f} s, total {med(rows, 'seconds'):.2f} s a step"
         )
-    if len(runs) == 2:
-        fast_rows, generic_rows = runs.values()
+    if args.reuse_baseline:
+        for path in paths:
+            reused, apart = runs[path], runs[f"{path}, computed anew"]
+            print(f"reusing the kept prefix and the first update's forward ({path}): scoring + update "
+                  f"{med(apart, 'score_s') + med(apart, 'update_s'):.2f} s -> "
+                  f"{med(reused, 'score_s') + med(reused, 'update_s'):.2f} s, step "
+                  f"{med(apart, 'seconds') / med(reused, 'seconds'):.2f}x")
+    if not args.no_baseline:
+        fast_rows, generic_rows = runs["decoder"], runs["baseline (transformers' generate)"]
         print(f"speed-up of the step: {med(generic_rows, 'seconds') / med(fast_rows, 'seconds'):.2f}x, "
               f"of the rollout: {med(generic_rows, 'rollout_s') / med(fast_rows, 'rollout_s'):.2f}x")
 

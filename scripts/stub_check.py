@@ -265,6 +265,20 @@ STUBS: dict[str, tuple[str, str]] = {
         "n.int4_attention_step = lambda c, h, w, e, qkv, o, hd, kv, keys, values, *a: "
         "_step(c, h, w, e, qkv, o, hd, kv, keys.clone(), values.clone(), *a)\n",
     ),
+    "the decoder never runs an answer's last token through the frozen layers": (
+        "tests/test_decoder.py::test_the_kept_frozen_output_is_the_models_own_at_every_answer_token",
+        "import rlhf_chat.model.decoder as d\nd.Decoder.tap_last = lambda self, batch, tokens: None\n",
+    ),
+    "the first update's forward fills the policy terms in minibatch order": (
+        "tests/test_ppo.py::test_the_first_update_forward_is_the_scoring_pass_it_replaces",
+        "import rlhf_chat.learning.ppo as p\n"
+        "p.in_row_order = lambda idx, rows, *tensors: [t.detach() for t in tensors]\n",
+    ),
+    "every rollout row that does not round-trip re-scores the whole batch": (
+        "tests/test_reward.py::test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout",
+        "import rlhf_chat.learning.ppo as p\n_rms = p.reward_model_scores\n"
+        "p.reward_model_scores = lambda m, b: p.score_sequences(m, p.stored_layout(m, b))\n",
+    ),
 }
 
 PLUGIN = '''

@@ -14,7 +14,7 @@ from rlhf_chat.learning import ppo as ppo_module
 from rlhf_chat.storage import store
 from rlhf_chat.config import ModelConfig, PPOConfig, SamplingConfig
 from rlhf_chat.learning.heads import first_adapted_layer
-from rlhf_chat.model.loading import POLICY, adapter_state, load_models
+from rlhf_chat.model.loading import POLICY, adapter_state, load_models, sync_policy_weights
 from rlhf_chat.learning.ppo import (
     PPOTrainer,
     ScoreNormalizer,
@@ -217,6 +217,105 @@ def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fre
     assert loss_with(batch.logprobs - 0.5, 0.0) == pytest.approx(plain, rel=1e-6)  # cap 0: no weights
     assert loss_with(batch.logprobs - 5.0, 2.0) == pytest.approx(2.0 * plain, rel=1e-4)  # truncated at the cap
     assert loss_with(batch.logprobs - 0.5, 0.5) == pytest.approx(0.5 * plain, rel=1e-4)  # a cap below 1 too
+
+
+def test_the_first_update_forward_is_the_scoring_pass_it_replaces(fresh_models):
+    """Scored without its policy pass, a batch gets the policy's log-probs, values,
+    rewards and advantages from the first minibatch's forward (rows in any order):
+    the same numbers as the separate pass, and the same update."""
+    import copy
+
+    from rlhf_chat.learning.ppo import make_optimizer, minibatch_update
+
+    m = fresh_models
+    perturb_policy(m, seed=5)
+    drawn = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=5)
+    start = {k: v.detach().clone() for k, v in policy_tensors(m).items()}
+    cfg = tiny_ppo_config(minibatch_size=4, epochs=1)
+    rule = lambda models, b: torch.tensor([1.0, -1.0, 2.0, -2.0])  # noqa: E731
+
+    def updated(policy_pass: bool):
+        with torch.no_grad():
+            for k, v in policy_tensors(m).items():
+                v.copy_(start[k])
+        batch = score_rollout(m, copy.deepcopy(drawn), cfg, 0.05, rule, policy_pass=policy_pass)
+        assert (batch.logprobs is None) != policy_pass
+        stats = minibatch_update(m, make_optimizer(m, cfg), batch, [2, 0, 3, 1], cfg)
+        return batch, stats, {k: v.detach().clone() for k, v in policy_tensors(m).items()}
+
+    separate, separate_stats, separate_after = updated(True)
+    fused, fused_stats, fused_after = updated(False)
+    for name in ("logprobs", "values", "kl", "rewards", "advantages", "returns", "sample_logprobs"):
+        assert torch.allclose(getattr(fused, name), getattr(separate, name), atol=1e-6), name
+    assert fused.copy_gap == pytest.approx(separate.copy_gap, abs=1e-7) and fused.copy_gap > 0
+    assert fused_stats["policy_loss"] == pytest.approx(separate_stats["policy_loss"], abs=1e-6)
+    assert all(torch.allclose(fused_after[k], separate_after[k], atol=1e-6) for k in start)
+    assert any(not torch.equal(fused_after[k], start[k]) for k in start)  # it did update
+    # a first minibatch short of some rows cannot supply them
+    batch = score_rollout(m, copy.deepcopy(drawn), cfg, 0.05, rule, policy_pass=False)
+    with pytest.raises(ValueError, match="every row"):
+        minibatch_update(m, make_optimizer(m, cfg), batch, [0, 1], cfg)
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "torch"])
+def test_a_rollout_keeps_the_frozen_layers_output_only_where_the_serving_copy_computes_it_exactly(
+    tiny_path, kernel, monkeypatch
+):
+    """On the native kernels (float32, the training copy's weights) the rollout keeps
+    the frozen layers' output as its prefix, and scoring does not compute it again:
+    it is the training copy's own at every real position. On torch's int4 kernel
+    (bf16 activations) the training copy computes its own."""
+    from rlhf_chat.model import native
+
+    if kernel == "avx2":
+        try:
+            native.library(ModelConfig().cache_dir)
+        except native.NativeUnavailable as error:
+            pytest.skip(f"native kernels unavailable: {error}")
+    m = load_models(ModelConfig(name=str(tiny_path), weights="int4", int4_kernel=kernel))
+    perturb_policy(m, seed=2)
+    sync_policy_weights(m.trainer, m.serving)
+    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=2)
+    assert rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=2, keep_prefix=False).prefix is None
+    if kernel == "torch":
+        assert batch.prefix is None
+        return
+    with torch.no_grad():
+        expected = full_prefix(m, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    real = expected.mask.bool()
+    assert torch.equal(batch.prefix.mask, expected.mask) and batch.prefix.split == expected.split
+    gap = (batch.prefix.hidden - expected.hidden)[real].abs() / (1.0 + expected.hidden[real].abs())
+    assert gap.max() <= 1e-3, gap.max()
+    computed = []
+    monkeypatch.setattr(ppo_module, "full_prefix", lambda *a: computed.append(1))
+    scored = score_rollout(m, batch, tiny_ppo_config(), 0.05, lambda models, b: torch.zeros(len(b.texts)))
+    assert not computed and scored.prefix is batch.prefix and 0 < scored.copy_gap < 1e-3
+
+
+def test_a_step_of_one_minibatch_runs_one_policy_pass_fewer(tiny_config, monkeypatch):
+    """With one minibatch of every row, a step's policy forwards are the reference's
+    and one per epoch; with two minibatches, the scoring pass comes back."""
+    sessions = store.open_store(tiny_config.store.db_url)
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    calls, real_forward = [], ppo_module.policy_forward
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "policy_forward", count)
+    try:
+        counts = []
+        for minibatch in (8, 4):
+            cfg = tiny_ppo_config(minibatch_size=minibatch, epochs=2)
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+            calls.clear()
+            result = trainer.step(CONTEXTS * 2)
+            assert not result.skipped and math.isfinite(result.mean_kl) and result.copy_gap > 0
+            counts.append(len(calls))
+    finally:
+        worker.stop()
+    assert counts == [1 + 2, 1 + 1 + 2 * 2]
 
 
 def test_an_empty_answer_scores_the_fixed_empty_answer_score(fresh_models):

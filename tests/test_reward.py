@@ -107,24 +107,36 @@ def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(
     assert not torch.allclose(cut_with_eos, from_votes[1:], atol=1e-3)  # the cut answer was scored without EOS
 
 
-def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_models):
+def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_models, monkeypatch):
     """Sampled tokens that decode and re-encode to other tokens (here a leading space,
-    which the stored text loses) are scored as the stored answer would be."""
-    from rlhf_chat.learning.ppo import reward_model_scores
+    which the stored text loses) are scored as the stored answer would be, through a
+    prefix of their own; a row beside it that round-trips keeps the rollout's prefix."""
+    from rlhf_chat.learning import ppo
 
     tok = tiny_models.tokenizer
-    context = [{"role": "user", "content": "hi"}]
+    contexts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "what is tea?"}]]
     sampled = tok.encode(" Hello there", add_special_tokens=False) + [tok.eos_token_id]
     text = tok.decode(sampled, skip_special_tokens=True).strip()
     assert tok.encode(text, add_special_tokens=False) + [tok.eos_token_id] != sampled
+    plain = "Tea is a drink."
+    plain_ids = tok.encode(plain, add_special_tokens=False) + [tok.eos_token_id]
+    own_prefix, real_score_sequences = [], ppo.score_sequences
+
+    def counted(models, sequences, *args):
+        own_prefix.append(len(sequences))
+        return real_score_sequences(models, sequences, *args)
+
+    monkeypatch.setattr(ppo, "score_sequences", counted)
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
         try:
-            from_rollout = reward_model_scores(tiny_models, rollout_of(tiny_models, [context], [sampled], [text], [True]))
-            stored = score_texts(tiny_models, [context], [text], 512)
+            batch = rollout_of(tiny_models, contexts, [sampled, plain_ids], [text, plain], [True, True])
+            from_rollout = ppo.reward_model_scores(tiny_models, batch)
+            stored = score_texts(tiny_models, contexts, [text, plain], 512)
         finally:
             torch.nn.init.zeros_(tiny_models.reward_head.weight)
     assert torch.allclose(from_rollout, stored, atol=1e-4)
+    assert own_prefix == [1]  # only the row that does not round-trip
 
 
 def test_score_is_the_same_under_any_padding(tiny_models):

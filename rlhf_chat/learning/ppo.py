@@ -5,9 +5,11 @@ one slice:
 
 1. rollout   - the serving copy samples answers to prompts people typed, with
                the sampling scheme people vote on (``AppConfig.sampling``)
-2. score     - the training copy computes log-probs, values, reference
-               log-probs (adapters off) and reward-model scores; the gap
-               between its log-probs and the serving copy's is recorded
+2. score     - the training copy computes reference log-probs (adapters
+               off), reward-model scores, and the policy's log-probs and
+               values; the gap between its log-probs and the serving copy's
+               is recorded. When one minibatch holds every row, the first
+               update's forward is that policy pass (nothing has moved yet)
 3. advantage - reward = normalised score at the last token - β·KL per token;
                GAE; whitened advantages
 4. update    - epochs x minibatches of clipped surrogate (importance-weighted
@@ -34,9 +36,10 @@ from rlhf_chat.config import GuardConfig, PPOConfig, SamplingConfig
 from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.checkpoints import check_base, copy_into, files_digest, load_verified, save_checkpoint
 from rlhf_chat.learning.guards import assess_feedback
-from rlhf_chat.learning.heads import Prefix, frozen_prefix, top_hidden
+from rlhf_chat.learning.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
+from rlhf_chat.model.decoder import decoder_for
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
 from rlhf_chat.serving.candidates import Sampling, encode_openings, left_pad, sample
 from rlhf_chat.serving.chat import prompt_text, render_prompt, trim_to_budget
@@ -69,7 +72,9 @@ class Rollout:
     # draw them, so they carry no sampling log-prob (None: no guided row)
     forced: torch.Tensor | None = None
     # filled in by score_rollout
-    prefix: Prefix | None = None  # frozen layers' output over prompt + response, shared by every pass
+    # frozen layers' output over prompt + response, shared by every pass: kept
+    # by the rollout where the serving copy computes it exactly, else by score_rollout
+    prefix: Prefix | None = None
     logprobs: torch.Tensor | None = None  # (B, R) the training copy's, at the sampling temperature
     copy_gap: float = 0.0  # mean |logprobs - sample_logprobs| per sampled token (nats)
     ref_logprobs: torch.Tensor | None = None  # (B, R)
@@ -78,6 +83,7 @@ class Rollout:
     scores: torch.Tensor | None = None  # (B,) normalised, with the missing-EOS penalty
     rewards: torch.Tensor | None = None  # (B, R)
     kl: torch.Tensor | None = None  # (B, R)
+    kl_coef: float = 0.0  # the KL penalty's beta the rewards are computed with
     advantages: torch.Tensor | None = None  # (B, R) whitened
     returns: torch.Tensor | None = None  # (B, R)
 
@@ -92,6 +98,7 @@ def rollout(
     sampling: SamplingConfig,
     seed: int,
     openings: list[str] | None = None,
+    keep_prefix: bool = True,
 ) -> Rollout:
     """Sample one answer per context from the serving copy (the last completed policy),
     with the scheme the candidates people vote on are sampled with.
@@ -101,7 +108,9 @@ def rollout(
     softmax(logits / temperature), so the scheme must not cut the distribution.
     ``openings`` (guided rows, ``PPOConfig.guided_fraction``; "" for a plain row)
     start a row's answer: the opening is part of the answer PPO scores and
-    updates, under the plain context, marked in ``forced``.
+    updates, under the plain context, marked in ``forced``. With ``keep_prefix``
+    the frozen layers' output is kept as the batch's prefix where the serving
+    copy computes it exactly (:func:`serving_prefix_is_exact`).
     """
     if sampling.top_p < 1.0:
         raise ValueError(
@@ -113,7 +122,9 @@ def rollout(
     prompts = [render_prompt(tok, c) for c in contexts]
     drawn = Sampling.from_config(sampling, seed, cfg.min_new_tokens)
     guided = openings if openings and any(openings) else None
-    out = sample(models.serving, tok, prompts, drawn, on_step=yield_point, openings=guided)  # people first, per token
+    keep_frozen = keep_prefix and guided is None and serving_prefix_is_exact(models)
+    # people first, per token
+    out = sample(models.serving, tok, prompts, drawn, on_step=yield_point, openings=guided, keep_frozen=keep_frozen)
     batch = Rollout(
         contexts=contexts,
         texts=out.texts,
@@ -125,9 +136,23 @@ def rollout(
         temperature=sampling.temperature,
         sample_logprobs=out.logprobs.to(out.response_ids.device),
     )
+    if out.frozen is not None:
+        mask = torch.cat([batch.prompt_mask, batch.response_mask.to(batch.prompt_mask.dtype)], dim=1)
+        batch.prefix = Prefix(out.frozen, mask, first_adapted_layer(models.trainer))
     if guided is not None:
         move_openings_into_answers(batch, prompts, encode_openings(tok, guided, len(prompts)), out.token_counts, tok.pad_token_id)
     return batch
+
+
+def serving_prefix_is_exact(models: Models) -> bool:
+    """Whether the serving copy's frozen layers compute the training copy's
+    function: the native kernels multiply float32 activations by exactly the
+    training copy's weights (``bench/copy_gap.py``: 3.8e-6 nats end to end), so
+    the frozen layers' output kept while sampling is the scoring prefix, and
+    scoring skips two thirds of the model (``bench/ppo_step.py``). torch's int4
+    kernel rounds activations to bf16: there the training copy computes its own."""
+    decoder = decoder_for(models.serving) if models.kernel == "avx2" else None
+    return decoder is not None and decoder.split == first_adapted_layer(models.trainer)
 
 
 def move_openings_into_answers(
@@ -214,17 +239,23 @@ def reward_model_scores(models: Models, batch: Rollout) -> torch.Tensor:
 
     The reward model learned from stored votes: an answer's text re-encoded,
     with an EOS only if it finished. Each answer is scored in exactly that
-    layout. Where that is the sampled tokens themselves for every row, the
-    rollout's prefix is shared; where decoding and re-encoding changed a token
-    of some row (a stripped space, an unusual split), the batch is scored in
-    its stored layout through a prefix of its own.
+    layout. A row whose layout is the sampled tokens themselves is scored on
+    the rollout's prefix; a row where decoding and re-encoding changed a token
+    (``"1."`` after a line break is one token sampled, two re-encoded: 7 of 48
+    rows of the bundled model) is scored through a prefix of its own.
     """
     stored = stored_layout(models, batch)
-    if all(s.ids == r for s, r in zip(stored, rollout_layout(batch))):
-        mask = batch.response_mask.to(batch.prompt_mask.dtype)
-        answers = torch.cat([torch.zeros_like(batch.prompt_mask), mask], dim=1)
-        return score_prefix(models, batch.prefix, answers)
-    return score_sequences(models, stored)
+    same = torch.tensor([s.ids == r for s, r in zip(stored, rollout_layout(batch))])
+    scores = torch.zeros(len(stored), device=batch.response_ids.device)
+    if same.any():
+        rows = same.nonzero().squeeze(-1).to(scores.device)
+        mask = batch.response_mask[rows].to(batch.prompt_mask.dtype)
+        answers = torch.cat([torch.zeros_like(batch.prompt_mask[rows]), mask], dim=1)
+        scores[rows] = score_prefix(models, batch.prefix.rows(rows), answers)
+    if not same.all():
+        rows = (~same).nonzero().squeeze(-1).to(scores.device)
+        scores[rows] = score_sequences(models, [stored[k] for k in rows.tolist()])
+    return scores
 
 
 @dataclass
@@ -265,39 +296,55 @@ def score_rollout(
     kl_coef: float,
     score_fn: ScoreFn,
     normalizer: ScoreNormalizer | None = None,
+    policy_pass: bool = True,
 ) -> Rollout:
-    """Fill in log-probs, reference log-probs, values, scores, rewards and advantages.
+    """Fill in the prefix, reference log-probs and scores; with ``policy_pass``
+    also the policy's log-probs and values, rewards and advantages.
 
-    Without a ``normalizer`` the raw scores are used as they are (tests).
+    Without ``policy_pass`` the first update's forward supplies the policy's
+    terms (:func:`fill_policy_terms`): when one minibatch holds every row, the
+    first epoch runs before any parameter moves, so that forward is exactly
+    the scoring pass, and doing both costs a 10-layer pass and an output layer
+    over the batch for nothing (bench/ppo_step.py). Without a ``normalizer``
+    the raw scores are used as they are (tests).
     """
-    batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    if batch.prefix is None:  # else the rollout kept it (serving_prefix_is_exact)
+        batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, batch.temperature)
+    with models.trainer.disable_adapter():  # the reference: the same base, no adapter
+        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)  # pragma: no mutate (saves work only)
+    # A waiting person goes first (nested jobs only use the serving copy).
+    yield_point()  # pragma: no mutate (scheduling, tested in test_worker)
+    batch.raw_scores = score_fn(models, batch).float()
     models.trainer.set_adapter(POLICY)
-    batch.logprobs, batch.values, _ = policy_forward(models, *args)
+    scores = normalizer.normalize(batch.raw_scores, models.reward_version) if normalizer else batch.raw_scores
+    batch.scores = with_missing_eos_penalty(scores, batch.finished, cfg.missing_eos_penalty)
+    batch.scores = with_empty_answer_score(batch.scores, batch.texts, cfg.empty_answer_score)
+    batch.kl_coef = kl_coef
+    if policy_pass:
+        yield_point()  # pragma: no mutate (scheduling, as above)
+        logprobs, values, _ = policy_forward(models, *args)
+        fill_policy_terms(batch, logprobs, values, cfg)
+    return batch
+
+
+@torch.no_grad()
+def fill_policy_terms(batch: Rollout, logprobs: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> None:
+    """From the policy's log-probs and values (B, R) before any update: the copy
+    gap, the KL-penalised rewards and the whitened GAE advantages (phase 3)."""
+    batch.logprobs, batch.values = logprobs.detach(), values.detach()
     if batch.sample_logprobs is not None:
         drawn = batch.response_mask
         if batch.forced is not None:  # an opening's tokens were not drawn: weight 1, no gap to measure
             batch.sample_logprobs = torch.where(batch.forced.bool(), batch.logprobs, batch.sample_logprobs)
             drawn = drawn * (1 - batch.forced)
         batch.copy_gap = pm.masked_mean((batch.logprobs - batch.sample_logprobs).abs(), drawn).item()
-    # A waiting person goes first (nested jobs only use the serving copy).
-    yield_point()  # pragma: no mutate (scheduling, tested in test_worker)
-    with models.trainer.disable_adapter():  # the reference: the same base, no adapter
-        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)  # pragma: no mutate (saves work only)
-    yield_point()  # pragma: no mutate (scheduling, as above)
-    batch.raw_scores = score_fn(models, batch).float()
-    models.trainer.set_adapter(POLICY)
-    scores = normalizer.normalize(batch.raw_scores, models.reward_version) if normalizer else batch.raw_scores
-    batch.scores = with_missing_eos_penalty(scores, batch.finished, cfg.missing_eos_penalty)
-    batch.scores = with_empty_answer_score(batch.scores, batch.texts, cfg.empty_answer_score)
-    # 3) advantages
     mask = batch.response_mask
     batch.rewards, batch.kl = pm.penalized_rewards(
-        batch.scores, batch.logprobs, batch.ref_logprobs, mask, kl_coef, cfg.kl_estimator
+        batch.scores, batch.logprobs, batch.ref_logprobs, mask, batch.kl_coef, cfg.kl_estimator
     )
     advantages, batch.returns = pm.gae_advantages(batch.rewards, batch.values, mask, cfg.gamma, cfg.lam)
     batch.advantages = pm.masked_whiten(advantages, mask)
-    return batch
 
 
 def with_empty_answer_score(scores: torch.Tensor, texts: list[str], value: float) -> torch.Tensor:
@@ -355,7 +402,11 @@ def minibatch_update(
     ptx_examples: list[SupervisedExample] | None = None,
 ) -> dict:
     """One gradient step on a minibatch of the rollout. Returns stats, with
-    ``finite=False`` (and no step taken) when the loss or a gradient is not finite."""
+    ``finite=False`` (and no step taken) when the loss or a gradient is not finite.
+
+    A batch scored without its policy pass (``score_rollout(policy_pass=False)``)
+    gets its policy terms from this forward, which must then cover every row.
+    """
     models.trainer.train()  # pragma: no mutate (the training copy never leaves train mode; its dropout is 0)
     models.trainer.set_adapter(POLICY)
     idx = torch.tensor(rows, device=batch.response_ids.device)
@@ -363,6 +414,8 @@ def minibatch_update(
     logprobs, values, logp = policy_forward(
         models, batch.prefix.rows(idx), batch.prompt_ids.shape[1], batch.response_ids[idx], mask, batch.temperature
     )
+    if batch.logprobs is None:
+        fill_policy_terms(batch, *in_row_order(idx, batch.response_ids.shape[0], logprobs, values), cfg)
     weights = None
     if cfg.importance_cap > 0 and batch.sample_logprobs is not None:
         weights = pm.truncated_importance_weights(batch.logprobs[idx], batch.sample_logprobs[idx], cfg.importance_cap)
@@ -392,6 +445,19 @@ def minibatch_update(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (the next update starts with one, too)
     return {**stats, "finite": True, "grad_norm": grad_norm.item()}
+
+
+def in_row_order(idx: torch.Tensor, rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors of a minibatch (rows ``idx``, a permutation of all ``rows`` rows of
+    the batch) put back in the batch's row order.
+
+    >>> in_row_order(torch.tensor([2, 0, 1]), 3, torch.tensor([20.0, 0.0, 10.0]))[0].tolist()
+    [0.0, 10.0, 20.0]
+    """
+    if sorted(idx.tolist()) != list(range(rows)):
+        raise ValueError("a batch scored without its policy pass needs one first minibatch of every row")
+    order = torch.argsort(idx)
+    return [t.detach()[order] for t in tensors]
 
 
 # --- the trainer ---------------------------------------------------------------------------
@@ -493,6 +559,12 @@ class PPOTrainer:
         if cfg.ptx_from not in ("modes", "all"):
             raise ValueError(f"ppo.ptx_from {cfg.ptx_from!r}: expected 'modes' or 'all'")
         self.rng = random.Random(0)
+        # Work a step need not do twice (bench/ppo_step.py --reuse-baseline turns
+        # both off, as its same-run baseline): the frozen layers' output kept
+        # while sampling (rollout's keep_prefix), and with one minibatch of every
+        # row the first update's forward as the policy's scoring pass.
+        self.keep_prefix = True
+        self.reuse_first_forward = True
 
     def _call(self, fn):
         return self.worker.call(PPO_PRIORITY, fn)
@@ -527,11 +599,13 @@ class PPOTrainer:
         seed = self.rng.randrange(2**31)
         openings = self.guided_openings(len(contexts))
         # 1) rollout on the serving copy
-        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed, openings))
+        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed, openings, self.keep_prefix))
         t_rollout = time.perf_counter()
         # 2-3) scores, KL-penalised rewards, advantages
         kl_coef = self.kl_ctl.value
-        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer))
+        # One minibatch of every row: the first update's forward is the policy's scoring pass
+        pass_now = cfg.minibatch_size < len(contexts) or not self.reuse_first_forward
+        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer, pass_now))
         reward_version = self.normalizer.reward_version
         t_score = time.perf_counter()
         # 4) epochs x minibatches, one worker job each

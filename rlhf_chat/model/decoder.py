@@ -175,6 +175,8 @@ class Decoder:
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.heads
         self.adapter = adapter
         self.layers = [self._layer(layer, adapter) for layer in base.model.layers]
+        # The first layer with an adapter: below it every row computes the base model
+        self.split = next((i for i, layer in enumerate(self.layers) if layer.lora), len(self.layers))
 
     def _layer(self, layer: nn.Module, adapter: str) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -197,7 +199,9 @@ class Decoder:
 
     # -- one batch -------------------------------------------------------------------------
 
-    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+    def start(
+        self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor, tap: bool = False
+    ) -> tuple[Batch, torch.Tensor]:
         """Prefill a left-padded batch ``ids`` (B, P) with its ``mask``.
 
         ``lora_rows`` (B,) is 1 where a row uses the adapter and 0 where it is the
@@ -211,9 +215,15 @@ class Decoder:
         token, costs half. Rows that differ only in ``lora_rows`` (an arena pair)
         are one row through the layers below the first adapted one
         (``model.lora_top_layers``), and part there; every row's cache is filled.
+
+        With ``tap``, the hidden states entering the first adapted layer are kept
+        for every row and position (:class:`Tap`): the frozen layers' output,
+        which PPO's scoring would otherwise compute again.
         """
         width = ids.shape[1]
         batch = Batch.empty(self, mask, max_new_tokens, lora_rows)
+        if tap:
+            batch.tap = Tap.empty(self.split, batch.keys_valid.shape, self.config.hidden_size, ids.device)
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
         attend = causal & mask.bool()[:, None, :]
         attend |= torch.eye(width, dtype=torch.bool, device=ids.device)  # padding attends to itself: no NaN rows
@@ -222,7 +232,9 @@ class Decoder:
         adapted = Twins.of(torch.cat([ids.double(), mask.double(), scales], dim=-1))
         twins = prompts
         hidden = self.embed(ids.index_select(0, twins.first))
-        for layer, cache in zip(self.layers, batch.cache):
+        for i, (layer, cache) in enumerate(zip(self.layers, batch.cache)):
+            if batch.tap is not None and i == batch.tap.layer:
+                batch.tap.hidden[:, :width] = hidden.index_select(0, twins.inverse)
             if layer.lora and twins is prompts and adapted.count > prompts.count:
                 hidden = hidden.index_select(0, prompts.inverse[adapted.first])  # the rows part here
                 twins = adapted
@@ -243,13 +255,29 @@ class Decoder:
         attend = batch.keys_valid[:, None, None, : batch.length]
         return self._forward(batch, self.embed(tokens[:, None]), at, 1, attend)
 
+    def tap_last(self, batch: Batch, tokens: torch.Tensor) -> None:
+        """Run the batch's last tokens (one per row) through the layers below the tap
+        only, to keep their states: nothing is sampled after them."""
+        if batch.tap is None:
+            raise ValueError("tap_last needs a batch started with tap=True")
+        at = batch.length
+        batch.length += 1
+        attend = batch.keys_valid[:, None, None, : batch.length]
+        self._forward(batch, self.embed(tokens[:, None]), at, 1, attend, until=batch.tap.layer)
+
     # -- the computation -------------------------------------------------------------------
 
-    def _forward(self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor, until: int | None = None
+    ) -> torch.Tensor | None:
         cos, sin = batch.cos[:, :, at: at + count], batch.sin[:, :, at: at + count]
         scale = batch.lora_rows
         row_cos = row_sin = None  # (B, D): this position's rotary tables, for the native attention step
-        for layer, (keys, values) in zip(self.layers, batch.cache):
+        for i, (layer, (keys, values)) in enumerate(zip(self.layers, batch.cache)):
+            if batch.tap is not None and i == batch.tap.layer:
+                batch.tap.hidden[batch.tap.rows, at: at + count] = hidden
+            if i == until:
+                return None
             if count == 1 and layer.native_attention:
                 if row_cos is None:
                     row_cos, row_sin = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
@@ -350,6 +378,23 @@ class Twins:
 
 
 @dataclass
+class Tap:
+    """The hidden states entering one layer at every position a batch has run,
+    kept for each of its first rows even after the decoder drops them."""
+
+    layer: int
+    hidden: torch.Tensor  # (B, P + new, H) in the batch's first row order; 0 where nothing ran
+    rows: torch.Tensor  # (live,) which first row each of the batch's current rows is
+
+    @classmethod
+    def empty(cls, layer: int, shape: torch.Size, width: int, device: torch.device) -> Tap:
+        """A tap before ``layer`` for a batch of ``shape`` (B, P + new) and hidden ``width``."""
+        rows, positions = shape
+        hidden = torch.zeros(rows, positions, width, device=device)
+        return cls(layer, hidden, torch.arange(rows, device=device))
+
+
+@dataclass
 class Batch:
     """One sampling call's state: its key/value cache, rotary tables and masks."""
 
@@ -359,6 +404,7 @@ class Batch:
     sin: torch.Tensor
     lora_rows: torch.Tensor  # (B, 1, 1): 1 where the row uses the adapter, 0 for the reference
     length: int = 0  # positions filled so far
+    tap: Tap | None = None  # the frozen layers' output, kept when asked (Decoder.start)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Go on with only these rows (indices into the current rows, in order).
@@ -371,6 +417,8 @@ class Batch:
         self.keys_valid = self.keys_valid.index_select(0, rows)
         self.cos, self.sin = self.cos.index_select(0, rows), self.sin.index_select(0, rows)
         self.lora_rows = self.lora_rows.index_select(0, rows)
+        if self.tap is not None:
+            self.tap.rows = self.tap.rows.index_select(0, rows)
 
     @classmethod
     def empty(cls, decoder: Decoder, mask: torch.Tensor, max_new_tokens: int, lora_rows: torch.Tensor) -> Batch:

@@ -58,6 +58,9 @@ class Samples:
     # (B, R) each drawn token's log-prob under the sampling distribution; 0 past the answer's end
     logprobs: torch.Tensor | None = None
     looped: list[bool] | None = None  # stopped by repetition.LoopStop, cut after the first copy
+    # (B, P + R, H) the hidden states entering the first adapted layer at every
+    # prompt and answer position (``keep_frozen``; None when not kept)
+    frozen: torch.Tensor | None = None
 
 
 @dataclass
@@ -172,6 +175,7 @@ def sample(
     on_update: Callable[[list[str]], None] | None = None,
     on_step: Callable[[], None] | None = None,
     openings: list[str] | None = None,
+    keep_frozen: bool = False,
 ) -> Samples:
     """Sample one answer per prompt in a single batched ``generate`` call.
 
@@ -184,6 +188,8 @@ def sample(
     Tokens are drawn by :class:`~rlhf_chat.serving.nucleus.NucleusSampler`: exactly
     softmax(logits / ``temperature``) within the ``top_p`` nucleus, no top-k,
     so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
+    ``keep_frozen`` keeps the frozen layers' output (``Samples.frozen``) where the
+    model's own decoder runs (:meth:`Decoder.start`'s tap); else it stays None.
     """
     device = next(model.parameters()).device
     prefixes = encode_openings(tokenizer, openings, len(prompts))
@@ -197,9 +203,12 @@ def sample(
         extra["stopping_criteria"] = StoppingCriteriaList(criteria)
     decoder = decoder_for(model) if sampling.fast_decoder else None
     start = time.perf_counter()
+    frozen = None
     if decoder is not None:
         lora_rows = torch.tensor([name != BASE_ADAPTER for name in adapter_names or ["policy"] * len(prompts)])
-        out, logprobs = decode(decoder, ids, mask, lora_rows, sampling, sampler, tokenizer, streamer, criteria)
+        out, logprobs, frozen = decode(
+            decoder, ids, mask, lora_rows, sampling, sampler, tokenizer, streamer, criteria, keep_frozen
+        )
         sampler.logprobs = logprobs
     else:
         out = model.generate(
@@ -230,7 +239,7 @@ def sample(
         for pre, row, n in zip(prefixes, response.tolist(), counts)
     ]
     looped = [row in cuts for row in range(len(prompts))]
-    return Samples(ids, mask, response, texts, counts, finished, latency, logprobs, looped)
+    return Samples(ids, mask, response, texts, counts, finished, latency, logprobs, looped, frozen)
 
 
 def decode(
@@ -243,7 +252,8 @@ def decode(
     tokenizer,
     streamer: RowStreamer | None,
     criteria: list[StoppingCriteria],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    keep_frozen: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
     """What ``generate`` does in :func:`sample`, on the serving copy's own decoding loop.
 
     The same rules, step for step: EOS is suppressed before ``min_new_tokens``;
@@ -252,7 +262,11 @@ def decode(
     Rows that have ended leave the decoder's batch once a quarter of it has
     (:func:`decoding_rows`), while the sampler still draws for every row, so the
     random stream, and with it every answer, is the one ``generate`` writes.
-    Returns the prompt and answer ids (B, P + steps) and each step's log-probabilities.
+    With ``keep_frozen`` every drawn token runs through the frozen layers, the
+    last ones included, and a row leaves the batch one step after it ended.
+    Returns the prompt and answer ids (B, P + steps), each step's
+    log-probabilities, and with ``keep_frozen`` the frozen layers' output
+    (B, P + steps, H), else None.
     """
     rows, width = ids.shape
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -262,7 +276,7 @@ def decode(
     logprobs: list[torch.Tensor] = []
     if streamer is not None:
         streamer.put(ids)
-    batch, logits = decoder.start(ids, mask, sampling.max_new_tokens, lora_rows)
+    batch, logits = decoder.start(ids, mask, sampling.max_new_tokens, lora_rows, tap=keep_frozen)
     live = torch.arange(rows, device=ids.device)  # the rows still in the decoder's batch
     steps = 0
     while steps < sampling.max_new_tokens:
@@ -278,10 +292,13 @@ def decode(
         done = tokens == eos
         for criterion in criteria:
             done |= criterion(sequences[:, : width + steps], logits)
+        fed = running.clone()  # rows whose token this step is part of their answer
         running &= ~done
         if not bool(running.any()) or steps == sampling.max_new_tokens:
+            if keep_frozen:
+                decoder.tap_last(batch, tokens[live])
             break
-        keep = decoding_rows(running[live], sampling.max_new_tokens - steps)
+        keep = decoding_rows((fed if keep_frozen else running)[live], sampling.max_new_tokens - steps)
         if keep is not None:
             batch.keep(keep)
             live = live[keep]
@@ -289,7 +306,8 @@ def decode(
             logits = decoder.step(batch, tokens)
         else:  # the rows that ended keep their last logits: drawn from for the random stream, then padded
             logits[live] = decoder.step(batch, tokens[live])
-    return sequences[:, : width + steps], logprobs
+    frozen = batch.tap.hidden[:, : width + steps] if keep_frozen else None
+    return sequences[:, : width + steps], logprobs, frozen
 
 
 def decoding_rows(running: torch.Tensor, steps_left: int) -> torch.Tensor | None:
