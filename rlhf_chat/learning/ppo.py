@@ -152,7 +152,7 @@ def serving_prefix_is_exact(models: Models) -> bool:
     scoring skips two thirds of the model (``bench/ppo_step.py``). torch's int4
     kernel rounds activations to bf16: there the training copy computes its own."""
     decoder = decoder_for(models.serving) if models.kernel == "avx2" else None
-    return decoder is not None and decoder.split == first_adapted_layer(models.trainer)
+    return decoder is not None and decoder.split == first_adapted_layer(models.trainer) < len(decoder.layers)
 
 
 def move_openings_into_answers(

@@ -16,7 +16,10 @@ own tensors, with
 * the rotary tables computed once per call for every position;
 * the LoRA adapter as two small matmuls beside its base layer, scaled per
   row, so that the policy and the reference (scale 0) share a step;
-* RMSNorm as one fused op, and the output layer on the last position only.
+* RMSNorm as one fused op, and the output layer on the last position only;
+* on request (a PPO rollout), the hidden states entering the first adapted
+  layer kept for every position (:class:`Tap`): PPO's scoring needs the
+  frozen layers' output over prompt and answer, and this is it.
 
 It reads the peft LoRA parameters themselves, not copies, so an update the
 worker syncs into the serving copy is what the next step uses. Numerics follow
