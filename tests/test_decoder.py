@@ -286,20 +286,28 @@ def test_the_kept_frozen_output_is_the_models_own_at_every_answer_token(models, 
     computing it again: rows that end apart and leave the batch, each row's last token
     included, policy and reference rows alike, it is the model's own at every real
     prompt and answer position; and keeping it changes no answer."""
+    import rlhf_chat.model.decoder as decoder_module
     from rlhf_chat.learning.heads import first_adapted_layer, frozen_prefix
 
     tok = models.tokenizer
-    questions = ["Name a colour.", "Count to three.", "Hi", "What is rain?", "Tell me a joke.", "Why?", "A bird?", "Tides?"]
+    # an arena pair on one prompt (parts at the tap), two twins (one row below it), and others
+    questions = ["Name a colour.", "Name a colour.", "Hi", "Hi", "What is rain?", "Tell me a joke.", "Why?", "Tides?"]
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-    adapters = ["policy", BASE_ADAPTER] * 4
+    adapters = ["policy", BASE_ADAPTER, "policy", "policy", BASE_ADAPTER, "policy", "policy", BASE_ADAPTER]
     decoder = decoder_for(models.serving)  # it samples every row here: its output layer is the one to bias
     monkeypatch.setattr(decoder, "lm_head", EosBias(decoder.lm_head, tok.eos_token_id, 16.0))
+    kept_rows: list[int] = []
+    keep = decoder_module.Batch.keep
+    monkeypatch.setattr(
+        decoder_module.Batch, "keep", lambda self, rows: (kept_rows.append(rows.numel()), keep(self, rows))
+    )
     run = lambda keep: sample(  # noqa: E731
         models.serving, tok, prompts, Sampling(8, 0.7, seed=3), adapter_names=adapters, keep_frozen=keep
     )
     kept, plain = run(True), run(False)
     assert plain.frozen is None and kept.texts == plain.texts and torch.equal(kept.response_ids, plain.response_ids)
     assert len(set(kept.token_counts)) >= 4 and 8 in kept.token_counts  # ended apart, one at the limit
+    assert kept_rows and min(kept_rows) < len(prompts)  # rows left the batch
     counts = torch.tensor(kept.token_counts)
     answer_mask = (torch.arange(kept.response_ids.shape[1]) < counts[:, None]).long()
     ids = torch.cat([kept.prompt_ids, kept.response_ids], dim=1)

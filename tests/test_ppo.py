@@ -14,7 +14,7 @@ from rlhf_chat.learning import ppo as ppo_module
 from rlhf_chat.storage import store
 from rlhf_chat.config import ModelConfig, PPOConfig, SamplingConfig
 from rlhf_chat.learning.heads import first_adapted_layer
-from rlhf_chat.model.loading import POLICY, adapter_state, load_models, sync_policy_weights
+from rlhf_chat.model.loading import POLICY, adapter_state, fast_matmul_dtype, load_models, sync_policy_weights
 from rlhf_chat.learning.ppo import (
     PPOTrainer,
     ScoreNormalizer,
@@ -275,9 +275,10 @@ def test_a_rollout_keeps_the_frozen_layers_output_only_where_the_serving_copy_co
     m = load_models(ModelConfig(name=str(tiny_path), weights="int4", int4_kernel=kernel))
     perturb_policy(m, seed=2)
     sync_policy_weights(m.trainer, m.serving)
-    batch = rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=2)
-    assert rollout(m, CONTEXTS, tiny_ppo_config(), SAMPLING, seed=2, keep_prefix=False).prefix is None
-    if kernel == "torch":
+    contexts = [CONTEXTS[0], *CONTEXTS, CONTEXTS[2]]  # rows with one prompt are prefilled once: twins
+    batch = rollout(m, contexts, tiny_ppo_config(), SAMPLING, seed=2)
+    assert rollout(m, contexts, tiny_ppo_config(), SAMPLING, seed=2, keep_prefix=False).prefix is None
+    if kernel == "torch" or fast_matmul_dtype(m.device) != torch.float32:  # (a bf16 training copy: not its function)
         assert batch.prefix is None
         return
     with torch.no_grad():
@@ -290,6 +291,19 @@ def test_a_rollout_keeps_the_frozen_layers_output_only_where_the_serving_copy_co
     monkeypatch.setattr(ppo_module, "full_prefix", lambda *a: computed.append(1))
     scored = score_rollout(m, batch, tiny_ppo_config(), 0.05, lambda models, b: torch.zeros(len(b.texts)))
     assert not computed and scored.prefix is batch.prefix and 0 < scored.copy_gap < 1e-3
+
+
+def test_a_minibatchs_rows_go_back_in_the_batchs_order_and_only_a_whole_batch_fills_it():
+    """The first update's forward fills the policy's terms only from a minibatch of every row."""
+    from rlhf_chat.learning.ppo import in_row_order
+
+    lp, values = torch.tensor([[20.0], [0.0], [10.0]]), torch.tensor([[2.0], [0.0], [1.0]])
+    ordered = in_row_order(torch.tensor([2, 0, 1]), 3, lp, values)
+    assert [t.flatten().tolist() for t in ordered] == [[0.0, 10.0, 20.0], [0.0, 1.0, 2.0]]
+    with pytest.raises(ValueError, match="every row"):
+        in_row_order(torch.tensor([2, 0]), 3, lp[:2])
+    with pytest.raises(ValueError, match="every row"):
+        in_row_order(torch.tensor([0, 0, 1]), 3, lp)
 
 
 def test_a_step_of_one_minibatch_runs_one_policy_pass_fewer(tiny_config, monkeypatch):
@@ -316,6 +330,45 @@ def test_a_step_of_one_minibatch_runs_one_policy_pass_fewer(tiny_config, monkeyp
     finally:
         worker.stop()
     assert counts == [1 + 2, 1 + 1 + 2 * 2]
+
+
+def test_a_step_whose_update_never_ran_still_scores_its_policy(tiny_config):
+    """With no epoch (nothing to fill the policy's terms on the way), the step still
+    reports a KL and a copy gap, and publishes."""
+    sessions = store.open_store(tiny_config.store.db_url)
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        cfg = tiny_ppo_config(minibatch_size=8, epochs=0)
+        trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+        result = trainer.step(CONTEXTS * 2)
+    finally:
+        worker.stop()
+    assert not result.skipped and math.isfinite(result.mean_kl) and result.copy_gap > 0
+
+
+def test_a_non_finite_first_minibatch_of_every_row_still_fills_the_steps_report(tiny_config, monkeypatch):
+    """The first minibatch both fills the policy's terms and updates: when its loss is
+    NaN the step is skipped, the adapter stays, and the report still has its KL and gap."""
+    sessions = store.open_store(tiny_config.store.db_url)
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    real_loss = ppo_module.pm.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(ppo_module.pm, "clipped_policy_loss", nan_loss)
+    try:
+        cfg = tiny_ppo_config(minibatch_size=8, epochs=2)
+        trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+        before = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
+        result = trainer.step(CONTEXTS * 2)
+        after = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
+    finally:
+        worker.stop()
+    assert result.skipped and result.version == 0
+    assert math.isfinite(result.mean_kl) and result.copy_gap > 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_an_empty_answer_scores_the_fixed_empty_answer_score(fresh_models):

@@ -40,7 +40,7 @@ from rlhf_chat.learning.heads import Prefix, first_adapted_layer, frozen_prefix,
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.decoder import decoder_for
-from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.model.loading import POLICY, Models, adapter_state, fast_matmul_dtype, sync_policy_weights
 from rlhf_chat.serving.candidates import Sampling, encode_openings, left_pad, sample
 from rlhf_chat.serving.chat import prompt_text, render_prompt, trim_to_budget
 from rlhf_chat.serving.modes import PLAIN, active_modes, guided_openings
@@ -71,12 +71,15 @@ class Rollout:
     # (B, R) 1 at the tokens of a guided row's prefilled opening: the policy did not
     # draw them, so they carry no sampling log-prob (None: no guided row)
     forced: torch.Tensor | None = None
-    # filled in by score_rollout
+    # filled in by score_rollout; the policy's log-probs, values, rewards, KL and
+    # advantages, with policy_pass=False, by the first minibatch_update instead
     # frozen layers' output over prompt + response, shared by every pass: kept
     # by the rollout where the serving copy computes it exactly, else by score_rollout
     prefix: Prefix | None = None
     logprobs: torch.Tensor | None = None  # (B, R) the training copy's, at the sampling temperature
-    copy_gap: float = 0.0  # mean |logprobs - sample_logprobs| per sampled token (nats)
+    # mean |logprobs - sample_logprobs| per sampled token (nats): with the prefix
+    # kept while sampling, the gap of the adapted top layers and the output layer
+    copy_gap: float = 0.0
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     values: torch.Tensor | None = None  # (B, R)
     raw_scores: torch.Tensor | None = None  # (B,) reward-model output
@@ -150,9 +153,14 @@ def serving_prefix_is_exact(models: Models) -> bool:
     training copy's weights (``bench/copy_gap.py``: 3.8e-6 nats end to end), so
     the frozen layers' output kept while sampling is the scoring prefix, and
     scoring skips two thirds of the model (``bench/ppo_step.py``). torch's int4
-    kernel rounds activations to bf16: there the training copy computes its own."""
-    decoder = decoder_for(models.serving) if models.kernel == "avx2" else None
-    return decoder is not None and decoder.split == first_adapted_layer(models.trainer) < len(decoder.layers)
+    kernel rounds activations to bf16, and a training copy on native bf16
+    multiplies in bf16: there the training copy computes its own."""
+    if models.kernel != "avx2" or fast_matmul_dtype(models.device) != torch.float32:
+        return False  # (an avx2 kernel named by hand beside a bf16 training copy: not its function)
+    decoder = decoder_for(models.serving)
+    if decoder is None or decoder.split == len(decoder.layers):  # no adapted layer to split at
+        return False
+    return decoder.split == first_adapted_layer(models.trainer)
 
 
 def move_openings_into_answers(
@@ -312,7 +320,8 @@ def score_rollout(
         batch.prefix = full_prefix(models, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
     args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, batch.temperature)
     with models.trainer.disable_adapter():  # the reference: the same base, no adapter
-        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)  # pragma: no mutate (saves work only)
+        # pragma: no mutate (with_values: saves work only)
+        batch.ref_logprobs, _, _ = policy_forward(models, *args, with_values=False)  # pragma: no mutate
     # A waiting person goes first (nested jobs only use the serving copy).
     yield_point()  # pragma: no mutate (scheduling, tested in test_worker)
     batch.raw_scores = score_fn(models, batch).float()
@@ -321,11 +330,22 @@ def score_rollout(
     batch.scores = with_missing_eos_penalty(scores, batch.finished, cfg.missing_eos_penalty)
     batch.scores = with_empty_answer_score(batch.scores, batch.texts, cfg.empty_answer_score)
     batch.kl_coef = kl_coef
+    # The first update fills these when they are None: never leave an older scoring's
+    batch.logprobs = batch.values = batch.rewards = batch.kl = batch.advantages = batch.returns = None
     if policy_pass:
         yield_point()  # pragma: no mutate (scheduling, as above)
-        logprobs, values, _ = policy_forward(models, *args)
-        fill_policy_terms(batch, logprobs, values, cfg)
+        score_policy(models, batch, cfg)
     return batch
+
+
+@torch.no_grad()
+def score_policy(models: Models, batch: Rollout, cfg: PPOConfig) -> None:
+    """The policy's scoring pass on its own: log-probs and values under the
+    policy adapter, then :func:`fill_policy_terms`."""
+    models.trainer.set_adapter(POLICY)
+    args = (batch.prefix, batch.prompt_ids.shape[1], batch.response_ids, batch.response_mask, batch.temperature)
+    logprobs, values, _ = policy_forward(models, *args)
+    fill_policy_terms(batch, logprobs, values, cfg)
 
 
 @torch.no_grad()
@@ -604,7 +624,7 @@ class PPOTrainer:
         # 2-3) scores, KL-penalised rewards, advantages
         kl_coef = self.kl_ctl.value
         # One minibatch of every row: the first update's forward is the policy's scoring pass
-        pass_now = cfg.minibatch_size < len(contexts) or not self.reuse_first_forward
+        pass_now = cfg.minibatch_size < len(contexts) or cfg.epochs < 1 or not self.reuse_first_forward
         batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer, pass_now))
         reward_version = self.normalizer.reward_version
         t_score = time.perf_counter()
@@ -616,6 +636,8 @@ class PPOTrainer:
         except BaseException:  # out of memory, a crash mid-update: the step never happened
             self._call(lambda m: restore(m, self.optimizer, saved))
             raise
+        if batch.logprobs is None:  # no update ran to fill the policy's terms (a non-finite minibatch fills them)
+            self._call(lambda m: score_policy(m, batch, cfg))
         t_update = time.perf_counter()
         # 5) publish (a checkpoint version is saved first: none is served without its
         # checkpoint on disk and in the database), or restore the adapter as it was

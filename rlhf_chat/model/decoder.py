@@ -225,6 +225,8 @@ class Decoder:
         """
         width = ids.shape[1]
         batch = Batch.empty(self, mask, max_new_tokens, lora_rows)
+        if tap and self.split == len(self.layers):
+            raise ValueError("tap: this model has no adapted layer, so no frozen layers' output to keep")
         if tap:
             batch.tap = Tap.empty(self.split, batch.keys_valid.shape, self.config.hidden_size, ids.device)
         causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
@@ -266,13 +268,17 @@ class Decoder:
         at = batch.length
         batch.length += 1
         attend = batch.keys_valid[:, None, None, : batch.length]
-        self._forward(batch, self.embed(tokens[:, None]), at, 1, attend, until=batch.tap.layer)
+        self._run_layers(batch, self.embed(tokens[:, None]), at, 1, attend, batch.tap.layer)
 
     # -- the computation -------------------------------------------------------------------
 
-    def _forward(
-        self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor, until: int | None = None
-    ) -> torch.Tensor | None:
+    def _forward(self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor) -> torch.Tensor:
+        return self._logits(self._run_layers(batch, hidden, at, count, attend, len(self.layers)))
+
+    def _run_layers(
+        self, batch: Batch, hidden: torch.Tensor, at: int, count: int, attend: torch.Tensor, until: int
+    ) -> torch.Tensor:
+        """The layers below ``until`` on ``count`` new positions from ``at``; their output."""
         cos, sin = batch.cos[:, :, at: at + count], batch.sin[:, :, at: at + count]
         scale = batch.lora_rows
         row_cos = row_sin = None  # (B, D): this position's rotary tables, for the native attention step
@@ -280,7 +286,7 @@ class Decoder:
             if batch.tap is not None and i == batch.tap.layer:
                 batch.tap.hidden[batch.tap.rows, at: at + count] = hidden
             if i == until:
-                return None
+                return hidden
             if count == 1 and layer.native_attention:
                 if row_cos is None:
                     row_cos, row_sin = cos[:, 0, 0].contiguous(), sin[:, 0, 0].contiguous()
@@ -291,7 +297,7 @@ class Decoder:
             else:
                 hidden = hidden + self._attention(layer, hidden, keys, values, at, count, cos, sin, attend, scale)
             hidden = self._mlp(layer, hidden, scale)
-        return self._logits(hidden)
+        return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         last = nn.functional.rms_norm(hidden[:, -1], (hidden.shape[-1],), self.norm.weight, self.eps)
