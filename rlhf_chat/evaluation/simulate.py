@@ -448,6 +448,7 @@ def simulate(
         modes = active_modes(session)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
+    phase_seconds: dict[str, float] = {}  # a PPO step's rollout, scoring and update, summed over steps
     try:
         worker.ready.wait()
         if worker.load_error is not None:
@@ -508,8 +509,7 @@ def simulate(
                         report.length_curve.append(step.mean_length)
                         report.copy_gap_curve.append(round(step.copy_gap, 5))
                         for phase in ("rollout", "score", "update"):
-                            spent = report.ppo_seconds.get(phase, 0.0) + getattr(step, f"{phase}_s")
-                            report.ppo_seconds[phase] = round(spent, 1)
+                            phase_seconds[phase] = phase_seconds.get(phase, 0.0) + getattr(step, f"{phase}_s")
                         bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
                         bar.update(1)
                     owed = 0
@@ -536,6 +536,8 @@ def simulate(
         worker.stop()
     report.wall_seconds = time.perf_counter() - start
     report.seconds = {k: round(v, 1) for k, v in seconds.items()}
+    # summed unrounded: rounding each step's running total drifts past the phase's own total
+    report.ppo_seconds = {k: round(v, 2) for k, v in phase_seconds.items()}
     if report_path:
         report.write(report_path)
         if report.reward_curve:
