@@ -26,13 +26,14 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-# the 4-row register tile and the 32-row cache block, and their edges
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 37])
-def test_int4_kernel_multiplies_by_the_int4_values_in_float32(rows):
+# the 4-row and 8-row register tiles, the 32-row cache block, and their edges; a width too
+# wide for the 8-row tile (its activations would leave the L1 cache) takes the 4-row one only
+@pytest.mark.parametrize("rows, width", [(1, 96), (2, 96), (3, 96), (5, 96), (8, 96), (13, 96), (37, 96), (13, 800)])
+def test_int4_kernel_multiplies_by_the_int4_values_in_float32(rows, width):
     native_or_skip()
     gen = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(67, 96, generator=gen), torch.randn(67, generator=gen)  # an odd number of outputs
-    x = torch.randn(rows, 96, generator=gen)
+    weight, bias = torch.randn(67, width, generator=gen), torch.randn(67, generator=gen)  # an odd number of outputs
+    x = torch.randn(rows, width, generator=gen)
     expected = x.double() @ int4_values(*int4_groups(weight)).double().t() + bias.double()
     layer = Int4Linear(weight, bias, kernel="avx2", cache_dir=CACHE)
     out = layer(x)
@@ -40,6 +41,19 @@ def test_int4_kernel_multiplies_by_the_int4_values_in_float32(rows):
     assert relative_error(out, expected) < 1e-5  # float32 sums; torch's kernel, bf16 activations, is ~3e-3 off
     on_torch = Int4Linear(weight[:64], bias[:64])(x)  # torch's kernel takes widths in multiples of 16
     assert relative_error(on_torch, expected[:, :64]) > 1e-4  # the check can tell bf16 activations from float32
+
+
+@pytest.mark.parametrize("width", [96, 800])
+def test_a_rows_int4_product_is_the_same_whatever_rows_share_its_tile(width):
+    """Batching never changes an answer: rows in 8-row, 4-row and 1-row tiles add in one order."""
+    native_or_skip()
+    gen = torch.Generator().manual_seed(width)
+    layer = Int4Linear(torch.randn(35, width, generator=gen), kernel="avx2", cache_dir=CACHE)
+    x = torch.randn(45, width, generator=gen)  # a full 32-row block (four 8-row tiles), then 13 rows
+    together = layer(x)
+    alone = torch.cat([layer(row[None]) for row in x])
+    assert torch.equal(together, alone)
+    assert torch.equal(layer(x[3:12]), together[3:12])  # one 8-row tile, then one row
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 40])
