@@ -46,7 +46,9 @@
 #define ROW_TILE 4     /* activation rows per register tile */
 #define ROW_BLOCK 32   /* activation rows per cache block */
 #define WIDE_TILE 8    /* activation rows per register tile of one weight row */
+#ifndef WIDE_BYTES  /* built with -DWIDE_BYTES=0, no wide tile: bench/int4_tiles.py's same-run baseline */
 #define WIDE_BYTES (24 * 1024)  /* the most activations a wide tile streams: they stay in a 32 KiB L1 */
+#endif
 
 static inline float horizontal_sum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);

@@ -57,30 +57,32 @@ def compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def library_path(cache_dir: str | Path) -> Path:
-    """Where the library built from this source, by this compiler, lives in the cache."""
+def library_path(cache_dir: str | Path, defines: tuple[str, ...] = ()) -> Path:
+    """Where the library built from this source, by this compiler (with these ``-D``
+    ``defines``: a benchmark's variant), lives in the cache."""
     try:
         version = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"no C compiler ({compiler()}: {error})") from error
-    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES), version, platform.machine()]
+    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES + defines), version, platform.machine()]
     key = hashlib.sha256("\n".join(parts).encode())
     return Path(cache_dir) / "kernels" / key.hexdigest()[:16] / "libkernels.so"
 
 
-def build(cache_dir: str | Path) -> Path:
-    """Compile ``kernels.c`` into the cache unless it is there already; its path.
+def build(cache_dir: str | Path, defines: tuple[str, ...] = ()) -> Path:
+    """Compile ``kernels.c`` (with ``-D`` each of ``defines``) into the cache unless
+    it is there already; its path.
 
     The library is written beside its final name and renamed into place, so two
     processes starting at once never load half a file.
     """
-    target = library_path(cache_dir)
+    target = library_path(cache_dir, defines)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
-    command = [compiler(), *FLAGS, "-o", partial, str(SOURCE), *LIBRARIES]
+    command = [compiler(), *FLAGS, *(f"-D{d}" for d in defines), "-o", partial, str(SOURCE), *LIBRARIES]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as error:
@@ -108,9 +110,14 @@ def library(cache_dir: str) -> ctypes.CDLL:
     if shutil.which(compiler()) is None and not Path(compiler()).exists():
         raise NativeUnavailable(f"no C compiler ({compiler()}) on this machine")
     try:  # a read-only cache, a failed rename, a library the loader refuses: not here, with the reason
-        lib = ctypes.CDLL(str(build(cache_dir)))
+        return load(build(cache_dir))
     except OSError as error:
         raise NativeUnavailable(f"could not build or load the kernels: {error}") from error
+
+
+def load(path: str | Path) -> ctypes.CDLL:
+    """A built kernels library, its functions' argument types declared."""
+    lib = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name in ("int4_matmul", "int8_matmul"):
         function = getattr(lib, name)
