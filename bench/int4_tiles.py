@@ -75,6 +75,10 @@ def time_rollouts(builds: dict, count: int) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {name: [] for name in builds}
     chosen = native.library
     try:
+        warm = draw.sample(contexts, cfg.ppo.batch_size)
+        for lib in builds.values():  # untimed: first calls' costs fall on neither build
+            native.library = lambda cache_dir, lib=lib: lib
+            worker.call(0, lambda m: rollout(m, warm, cfg.ppo, cfg.sampling, 0))
         for i in range(count):
             batch = draw.sample(contexts, cfg.ppo.batch_size)
             order = list(builds) if i % 2 == 0 else list(reversed(builds))

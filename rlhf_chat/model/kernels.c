@@ -33,7 +33,7 @@
  * rollout, a prompt), a weight row meets eight at once where they fit the L1
  * cache: unpacking the 4-bit weights, not the multiply-adds, bounds the narrow
  * tile, and the wide one unpacks each weight once per eight rows, not per four
- * (a layer's products 1.16-1.20x faster at eight rows, README). Both tiles add
+ * (a layer's products 1.2x faster at eight rows: bench/int4_tiles.py). Both tiles add
  * in the same order, so a row's output never depends on the rows beside it.
  */
 #include <immintrin.h>

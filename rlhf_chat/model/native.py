@@ -64,7 +64,7 @@ def library_path(cache_dir: str | Path, defines: tuple[str, ...] = ()) -> Path:
         version = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"no C compiler ({compiler()}: {error})") from error
-    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES + defines), version, platform.machine()]
+    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES + tuple(defines)), version, platform.machine()]
     key = hashlib.sha256("\n".join(parts).encode())
     return Path(cache_dir) / "kernels" / key.hexdigest()[:16] / "libkernels.so"
 
