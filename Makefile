@@ -27,7 +27,7 @@ define pytest_with_postgres
 	RLHF_CHAT_TEST_PG_URL="$$url" RLHF_CHAT_TEST_PG_SKIP="$$skip" $(PY) -m pytest $(1) $(PYTEST_ARGS)
 endef
 
-.PHONY: setup browser demo test test-fast test-slow test-db pg-start pg-stop bench llama-anchor mutants mutants-models gpu-check clean
+.PHONY: setup browser demo test test-fast test-slow test-db test-isa pg-start pg-stop bench llama-anchor mutants mutants-models gpu-check clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,20 @@ test-slow: setup
 # Only the storage tests, on SQLite and PostgreSQL (seconds, no model).
 test-db: setup
 	$(call pytest_with_postgres,tests/test_store.py tests/test_postgres.py tests/test_faults.py)
+
+# The numerics-sensitive tests as other CPUs run them, on this one: each line caps the
+# instruction sets torch (ATEN_CPU_CAPABILITY) and oneDNN (ONEDNN_MAX_CPU_ISA) may use,
+# which also moves the training copy to float32 and `auto` to the native kernels where
+# bf16 is not native (model/loading.py, fast_matmul_dtype); the last line also switches
+# the native kernels off, as on a machine without a C compiler. README, "Which CPU takes
+# which path".
+ISA_TESTS ?= tests/test_decoder.py tests/test_ppo.py tests/test_loading.py tests/test_native.py \
+	tests/test_quantized.py tests/test_candidates.py tests/test_nucleus.py tests/test_reward.py tests/test_repetition.py
+ISA_PYTEST = $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(ISA_TESTS) $(PYTEST_ARGS)
+test-isa: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(ISA_PYTEST)
+	ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE $(ISA_PYTEST)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 RLHF_CHAT_NATIVE=0 $(ISA_PYTEST)
 
 bench: setup
 	$(PY) bench/generation.py

@@ -17,19 +17,54 @@ from rlhf_chat.serving.chat import render_prompt
 
 
 @pytest.fixture(
-    scope="module", params=[("int4", "avx2"), ("int4", "torch"), ("nf4", "auto")], ids=["int4-native", "int4-torch", "nf4"]
+    scope="module",
+    params=[("int4", "avx2"), ("int4", "torch"), ("nf4", "auto"), ("fp32", "auto")],
+    ids=["int4-native", "int4-torch", "nf4", "fp32"],
 )
 def models(request, tiny_path):
     """The tiny model on the bundled model's CPU path (int4: the native kernels where
-    they run, and torch's) and on bitsandbytes (NF4), its policy adapter moved
-    away from zero so that LoRA changes every answer."""
+    they run, and torch's), on bitsandbytes (NF4) and dense float32, its policy
+    adapter moved away from zero so that LoRA changes every answer. ``rounds`` says
+    whether its serving path rounds activations to bf16 (:func:`rounds_to_bf16`)."""
     weights, kernel = request.param
     if kernel == "avx2":
         try:
             native.library(ModelConfig().cache_dir)
         except native.NativeUnavailable as error:
             pytest.skip(f"native kernels unavailable: {error}")
-    return with_a_moved_policy(ModelConfig(name=str(tiny_path), weights=weights, int4_kernel=kernel), seed=0)
+    loaded = with_a_moved_policy(ModelConfig(name=str(tiny_path), weights=weights, int4_kernel=kernel), seed=0)
+    loaded.rounds = rounds_to_bf16(weights, loaded.kernel)
+    return loaded
+
+
+def rounds_to_bf16(weights: str, kernel: str) -> bool:
+    """Whether the serving copy rounds activations to bf16: torch's int4 and int8 kernels
+    do on every CPU, bitsandbytes' NF4 does where the CPU has AVX512-BF16. On such a path
+    a product's last bit may depend on how many rows it multiplies (Intel's AMX tile
+    path accumulates in another order than the one-row path), and this random model,
+    drawn wide, turns one bf16 ulp in its first layers into relative gaps up to 4 two
+    layers up (measured with a row-count-dependent stand-in for the int4 kernel). So
+    what two layouts compute is compared there by its pattern (every position nearest
+    its own), and exactly on the float32 paths (dense, and the native kernels), which
+    every CPU runs."""
+    return kernel == "torch" or weights == "nf4"
+
+
+def nearest_is_own(found: torch.Tensor, expected: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Per row (B,), the share of real positions (B, T) whose ``found`` vector (B, T, H)
+    is at least as near ``expected`` at the same position as at either neighbour: one
+    for values that are right up to rounding, far lower for an offset by one position.
+
+    >>> e = torch.arange(4.0).view(1, 4, 1); m = torch.ones(1, 4, dtype=torch.bool)
+    >>> nearest_is_own(e, e, m).tolist(), nearest_is_own(e.roll(1, 1), e, m).tolist()
+    ([1.0], [0.0])
+    """
+    same = (found - expected).norm(dim=-1)
+    inf = torch.full_like(same[:, :1], float("inf"))
+    before = torch.cat([inf, (found[:, 1:] - expected[:, :-1]).norm(dim=-1)], 1)
+    after = torch.cat([(found[:, :-1] - expected[:, 1:]).norm(dim=-1), inf], 1)
+    own = (same <= torch.minimum(before, after)) & real
+    return own.sum(1) / real.sum(1)
 
 
 def with_a_moved_policy(cfg: ModelConfig, seed: int):
@@ -69,13 +104,21 @@ def assert_same_function(logits: torch.Tensor, expected: torch.Tensor, kernel: s
     torch.testing.assert_close(logits, expected.float(), atol=atol, rtol=1e-4)
 
 
-def step_tolerance(kernel: str) -> float:
-    """How far a step's log-probabilities may sit from the full forward's: torch's int4
-    kernel rounds activations to bf16, and a 1-row and a 40-row product round a key
-    differently (0.12 seen on an AVX2-only CPU, on this random model's huge logits);
-    the native kernels are float32 throughout. A stale or misplaced cache entry is
-    off by nats."""
-    return 1e-2 if kernel == "avx2" else 0.25
+def assert_continues(models, step: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, adapters) -> None:
+    """A step's logits (B, V) continue the sequence ``ids`` as the model's full forward
+    does. On the float32 paths to 1e-3 nats (the native kernels add in their own order:
+    1e-2); on a bf16 path (:func:`rounds_to_bf16`) a 1-row and a 40-row product may round
+    a key differently, so there each row must sit nearer the full forward's last
+    position than the one before it, which a stale or misplaced cache entry gives."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = models.serving(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_names=adapters).logits
+    own, before = (torch.log_softmax(full[:, i].float(), -1) for i in (-1, -2))
+    found = torch.log_softmax(step.float(), -1)
+    gap = (found - own).abs()
+    if not models.rounds:
+        assert gap.max() < (1e-2 if models.kernel == "avx2" else 1e-3), gap.max()
+    else:
+        assert torch.all(gap.mean(-1) < (found - before).abs().mean(-1)), (gap.mean(-1), (found - before).abs().mean(-1))
 
 
 def test_fusing_int4_layers_concatenates_their_outputs_exactly():
@@ -137,9 +180,7 @@ def test_rows_with_one_prompt_are_prefilled_once_and_get_the_models_own_logits(m
             token = logits.argmax(-1)
             following = decoder.step(batch, token)  # every row's cache was filled
             longer_ids, longer_mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask[:, :1]], 1)
-            expected = model_logits(models.serving, longer_ids, longer_mask, adapters).float()
-            gap = (torch.log_softmax(following, -1) - torch.log_softmax(expected, -1)).abs().max()
-            assert gap < step_tolerance(models.kernel), gap
+            assert_continues(models, following, longer_ids, longer_mask, adapters)
     finally:
         for hook in hooks:
             hook.remove()
@@ -164,8 +205,7 @@ def test_twins_find_the_distinct_rows_in_the_batchs_order():
 @torch.no_grad()
 def test_each_step_continues_the_sequence_as_the_model_would(models):
     """Step by step against the full forward over the grown sequence: the same
-    function (bf16 kernels round a 1-row and a 40-row product differently, so
-    log-probabilities agree to a small tolerance, not bit for bit)."""
+    function (:func:`assert_continues` says how near, by path)."""
     ids, mask = padded_prompts(models.tokenizer)
     decoder = Decoder(models.serving)
     batch, logits = decoder.start(ids, mask, 6, torch.tensor([1, 0]))
@@ -174,12 +214,7 @@ def test_each_step_continues_the_sequence_as_the_model_would(models):
         ids = torch.cat([ids, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = decoder.step(batch, token)
-        expected = model_logits(models.serving, ids, mask, ["policy", BASE_ADAPTER]).float()
-        gap = (torch.log_softmax(logits, -1) - torch.log_softmax(expected, -1)).abs()
-        # A stale or misplaced cache entry is off by nats; rounding is not. The worst
-        # seen is 0.12 (an AVX2-only CPU, int4: a 1-row and a 40-row product round
-        # a key differently in bf16, and this random model's logits are huge).
-        assert gap.max() < step_tolerance(models.kernel), gap.max()
+        assert_continues(models, logits, ids, mask, ["policy", BASE_ADAPTER])
 
 
 @torch.no_grad()
@@ -206,17 +241,23 @@ def test_an_adapter_update_is_what_the_next_call_uses(models):
 
 def test_sampling_on_the_decoder_draws_what_generate_draws(models):
     """Same seed, same settings: the decoder's loop and transformers' generate write the
-    same answers, EOS suppressed before min_new_tokens, with the same log-probabilities."""
+    same answers, EOS suppressed before min_new_tokens, with the same log-probabilities.
+    Draws are compared on the float32 paths; on a bf16 path the two loops' other matrix
+    shapes may round a near-tie apart on some CPUs (:func:`rounds_to_bf16`), so there
+    only what rounding cannot move is checked."""
     tok = models.tokenizer
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("Name a colour.", "Count to three.")]
     settings = dict(max_new_tokens=10, temperature=0.7, seed=4, min_new_tokens=3, stop_loops=True)
     fast = sample(models.serving, tok, prompts, Sampling(**settings, fast_decoder=True), adapter_names=["policy", BASE_ADAPTER])
     slow = sample(models.serving, tok, prompts, Sampling(**settings, fast_decoder=False), adapter_names=["policy", BASE_ADAPTER])
-    assert fast.texts == slow.texts
-    assert torch.equal(fast.response_ids, slow.response_ids)
-    assert fast.token_counts == slow.token_counts and fast.finished == slow.finished
-    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=0.02, rtol=0)
-    assert min(fast.token_counts) >= 3
+    for out in (fast, slow):
+        assert min(out.token_counts) >= 3 and max(out.token_counts) <= 10
+        assert bool((out.logprobs <= 0).all()) and bool(out.logprobs.isfinite().all())
+    if not models.rounds:
+        assert fast.texts == slow.texts
+        assert torch.equal(fast.response_ids, slow.response_ids)
+        assert fast.token_counts == slow.token_counts and fast.finished == slow.finished
+        torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=0.02, rtol=0)
 
 
 class EosBias(torch.nn.Module):
@@ -235,10 +276,9 @@ class EosBias(torch.nn.Module):
 
 def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, monkeypatch):
     """Eight rows ending at different steps: the loop drops ended rows from the decoder's
-    batch (the cache shrinks), and writes what it writes keeping every row, token for
-    token, with the same log-probabilities. (Against generate, see the 2-row test above:
-    with eight rows, generate's other matrix shapes round a draw or two differently on
-    this random model's near-uniform distributions, with or without dropping.)"""
+    batch (the cache shrinks), and, on the float32 paths, writes what it writes keeping
+    every row, token for token, with the same log-probabilities. (On a bf16 path a
+    smaller batch may round apart on some CPUs: :func:`rounds_to_bf16`.)"""
     import rlhf_chat.model.decoder as decoder_module
     import rlhf_chat.serving.candidates as candidates
 
@@ -264,21 +304,20 @@ def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, m
     dropping = run()
     assert len(set(dropping.token_counts)) >= 4 and max(dropping.token_counts) >= 8  # they end apart
     assert kept and kept == sorted(kept, reverse=True) and kept[-1] < len(prompts)  # the batch shrank
+    for row, n in enumerate(dropping.token_counts):
+        assert not dropping.logprobs[row, n:].any()  # nothing scored past an answer's end
+        assert dropping.logprobs[row, :n].ne(0).all()  # and every drawn token scored
+    if models.rounds:
+        return  # a smaller batch may round a bf16 product apart on some CPUs: the float32 paths compare draws
     with monkeypatch.context() as m:
         m.setattr(candidates, "decoding_rows", lambda running, steps_left: None)
         keeping = run()
     assert dropping.texts == keeping.texts and torch.equal(dropping.response_ids, keeping.response_ids)
     assert dropping.token_counts == keeping.token_counts and dropping.finished == keeping.finished
-    # The same draws; their log-probs up to rounding. A smaller batch rounds differently in
-    # float32 (8e-5 at most on an AVX2-only CPU, 0 on one AVX-512 CPU), and every 4-bit layer
-    # rounds its input to bf16, which now and then turns that into a visible step: on an
-    # AVX512-BF16 EPYC, 2 of 120 positions moved, by up to 0.093 nats (the int4 and int8
-    # kernels alone gave each row the same result whatever the row count). So nearly every
-    # position agrees tightly and none far apart: an indexing bug moves most of them, by more.
+    # The same draws, their log-probs up to float32 rounding (a smaller batch adds in
+    # another order: 8e-5 at most seen); an indexing bug moves them by far more.
     gap = (dropping.logprobs - keeping.logprobs).abs()
-    assert (gap <= 1e-3).float().mean() >= 0.95 and gap.max() <= 0.25, gap.max()
-    for row, n in enumerate(dropping.token_counts):
-        assert not dropping.logprobs[row, n:].any()  # nothing scored past an answer's end
+    assert gap.max() <= 1e-3, gap.max()
 
 
 def test_the_kept_frozen_output_is_the_models_own_at_every_answer_token(models, monkeypatch):
@@ -305,7 +344,9 @@ def test_the_kept_frozen_output_is_the_models_own_at_every_answer_token(models, 
         models.serving, tok, prompts, Sampling(8, 0.7, seed=3), adapter_names=adapters, keep_frozen=keep
     )
     kept, plain = run(True), run(False)
-    assert plain.frozen is None and kept.texts == plain.texts and torch.equal(kept.response_ids, plain.response_ids)
+    assert plain.frozen is None
+    if not models.rounds:  # keeping it changes no answer (a bf16 path may round the other layout apart)
+        assert kept.texts == plain.texts and torch.equal(kept.response_ids, plain.response_ids)
     assert len(set(kept.token_counts)) >= 4 and 8 in kept.token_counts  # ended apart, one at the limit
     assert kept_rows and min(kept_rows) < len(prompts)  # rows left the batch
     counts = torch.tensor(kept.token_counts)
@@ -317,10 +358,11 @@ def test_the_kept_frozen_output_is_the_models_own_at_every_answer_token(models, 
         expected = frozen_prefix(models.serving, ids, mask).hidden
     real = mask.bool()
     assert kept.frozen.shape == expected.shape
-    gap = (kept.frozen - expected)[real].abs() / (1.0 + expected[real].abs())
-    # The native MLP half adds in its own order (2e-4 seen); torch's int4 kernel rounds a
-    # 1-row and a 40-row product's input to bf16 apart. A misplaced position is off by 1.
-    assert gap.max() <= (1e-3 if models.kernel == "avx2" else 5e-2), gap.max()
+    if not models.rounds:  # float32: the same values up to the order of additions (2.4e-4 seen)
+        gap = (kept.frozen - expected)[real].abs() / (1.0 + expected[real].abs())
+        assert gap.max() <= 1e-3, gap.max()
+    # On every path each position is its own, not a neighbour's (an offset by one scores ~0).
+    assert nearest_is_own(kept.frozen, expected, real).min() >= 0.9
     assert kept.frozen[real].abs().sum(-1).min() > 0  # every real position was run, the last ones too
 
 

@@ -285,3 +285,23 @@ def test_config_from_flags_and_environment():
     assert config_from_args(parser.parse_args([]), {"RLHF_CHAT_WEIGHTS": "bf16"}).model.weights == "bf16"
     with pytest.raises(ValueError, match="weights 'int3'"):
         config_from_args(parser.parse_args([]), {"RLHF_CHAT_WEIGHTS": "int3"})
+
+
+def test_bf16_is_chosen_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    """An AVX-512 CPU without AVX512-BF16 or AMX gets float32 (oneDNN would emulate
+    bf16, slower and rounding), and so does a newer CPU capped below bf16 by
+    ``ONEDNN_MAX_CPU_ISA`` (``make test-isa``)."""
+    from rlhf_chat.model import loading
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not loading.cpu_has_native_bf16() and loading.fast_matmul_dtype(cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert loading.cpu_has_native_bf16()
+    for cap in ("AVX512_CORE", "avx2"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert not loading.cpu_has_native_bf16() and loading.fast_matmul_dtype(cpu) == torch.float32
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert loading.cpu_has_native_bf16()

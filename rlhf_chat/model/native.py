@@ -103,7 +103,11 @@ def library(cache_dir: str) -> ctypes.CDLL:
     Raises :class:`NativeUnavailable` where they cannot run. Loaded after torch,
     whose OpenMP runtime (``libgomp.so.1``) the library then shares: one
     thread pool, not two spinning against each other on two cores.
+    ``RLHF_CHAT_NATIVE=0`` switches them off (``make test-isa`` runs the paths of a
+    machine without a C compiler that way).
     """
+    if os.environ.get("RLHF_CHAT_NATIVE", "1") == "0":
+        raise NativeUnavailable("switched off by RLHF_CHAT_NATIVE=0")
     missing = {"avx2", "fma"} - cpu_flags()
     if missing:
         raise NativeUnavailable(f"the CPU lacks {', '.join(sorted(missing))}")
