@@ -75,3 +75,14 @@ def tiny_models(tiny_path):
 @pytest.fixture(scope="session")
 def tokenizer(tiny_models):
     return tiny_models.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_models(tiny_path):
+    """The tiny model with both copies in float32 (``weights="fp32"``): no layer rounds
+    to bf16, so two batch layouts of the same tokens compute the same numbers up to
+    float32 rounding on every CPU. On the default path (NF4, bf16 on AVX-512 CPUs) a
+    product's last bit may depend on how many rows it multiplies (AMX), and this wide
+    random model turns one bf16 ulp into nats a few layers up: tests that compare two
+    layouts (padding, batch of 1 against batch of B) compare them here."""
+    return load_models(ModelConfig(name=str(tiny_path), weights="fp32"))

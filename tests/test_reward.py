@@ -76,13 +76,16 @@ def rollout_of(models, contexts, answers: list[list[int]], texts: list[str], fin
     return batch
 
 
-def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(tiny_config, tiny_models):
+def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(tiny_config, tiny_fp32_models):
     """The reward model learns from stored votes and PPO is scored on its rollouts: the
     same answer must get the same score through both paths, a finished answer (its
-    EOS) and one cut off at the length limit (no EOS) alike, with the real tokenizer."""
+    EOS) and one cut off at the length limit (no EOS) alike, with the real tokenizer.
+    On float32 weights: two batch layouts may round apart on a bf16 path on some CPUs
+    (conftest.tiny_fp32_models)."""
     from rlhf_chat.learning.ppo import reward_model_scores
     from rlhf_chat.learning.reward import pair_scores
 
+    tiny_models = tiny_fp32_models
     tok = tiny_models.tokenizer
     context = [{"role": "user", "content": "what is the capital of France?"}]
     done, cut = "Paris is the capital of France.", "The capital of France is Paris, a city on the"
@@ -107,12 +110,15 @@ def test_a_voted_answer_and_the_same_rollout_answer_score_alike_finished_or_cut(
     assert not torch.allclose(cut_with_eos, from_votes[1:], atol=1e-3)  # the cut answer was scored without EOS
 
 
-def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_models, monkeypatch):
+def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layout(tiny_fp32_models, monkeypatch):
     """Sampled tokens that decode and re-encode to other tokens (here a leading space,
     which the stored text loses) are scored as the stored answer would be, through a
-    prefix of their own; a row beside it that round-trips keeps the rollout's prefix."""
+    prefix of their own; a row beside it that round-trips keeps the rollout's prefix.
+    On float32 weights: two batch layouts may round apart on a bf16 path on some CPUs
+    (conftest.tiny_fp32_models)."""
     from rlhf_chat.learning import ppo
 
+    tiny_models = tiny_fp32_models
     tok = tiny_models.tokenizer
     contexts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "what is tea?"}]]
     sampled = tok.encode(" Hello there", add_special_tokens=False) + [tok.eos_token_id]
@@ -139,8 +145,11 @@ def test_a_rollout_answer_that_does_not_round_trip_is_scored_in_the_stored_layou
     assert own_prefix == [1]  # only the row that does not round-trip
 
 
-def test_score_is_the_same_under_any_padding(tiny_models):
-    """Extra padding must change neither the last token nor the answer mean."""
+def test_score_is_the_same_under_any_padding(tiny_fp32_models):
+    """Extra padding must change neither the last token nor the answer mean.
+    On float32 weights: two batch layouts may round apart on a bf16 path on some CPUs
+    (conftest.tiny_fp32_models)."""
+    tiny_models = tiny_fp32_models
     tok = tiny_models.tokenizer
     with torch.no_grad():
         torch.nn.init.normal_(tiny_models.reward_head.weight, std=0.1)
@@ -152,9 +161,12 @@ def test_score_is_the_same_under_any_padding(tiny_models):
     assert torch.allclose(alone[0], batched[0], atol=1e-4)
 
 
-def test_prefix_cache_scores_as_without_it_and_keeps_to_its_budget(tiny_models):
+def test_prefix_cache_scores_as_without_it_and_keeps_to_its_budget(tiny_fp32_models):
     """Cached frozen-layer states give the same scores as a fresh forward, are
-    computed once per sequence, and the least recently used go beyond the budget."""
+    computed once per sequence, and the least recently used go beyond the budget.
+    On float32 weights: two batch layouts may round apart on a bf16 path on some CPUs
+    (conftest.tiny_fp32_models)."""
+    tiny_models = tiny_fp32_models
     tok = tiny_models.tokenizer
     seqs = [encode(tok, [{"role": "user", "content": q}], a, 64) for q, a in
             [("hi", "hello"), ("tell me about the weather today", "It is sunny."), ("2+2?", "4")]]
@@ -447,12 +459,14 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_path):
 
 def test_score_texts_gives_one_score_per_answer_in_order_across_chunks(tiny_path):
     """Scored in chunks of ``batch_size``, every answer keeps its own score: the first
-    chunk included, the order kept, each as when scored alone."""
+    chunk included, the order kept, each as when scored alone.
+    On float32 weights: two batch layouts may round apart on a bf16 path on some CPUs
+    (conftest.tiny_fp32_models)."""
     from rlhf_chat.config import ModelConfig
     from rlhf_chat.learning.reward import score_texts
     from rlhf_chat.model.loading import load_models
 
-    tiny_models = load_models(ModelConfig(name=str(tiny_path)))
+    tiny_models = load_models(ModelConfig(name=str(tiny_path), weights="fp32"))
     with torch.no_grad():  # a head that says something (a fresh one scores every answer 0)
         tiny_models.reward_head.weight.copy_(torch.randn(tiny_models.reward_head.weight.shape,
                                                          generator=torch.Generator().manual_seed(0)))
