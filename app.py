@@ -17,8 +17,8 @@ import sys
 import threading
 
 from rlhf_chat.config import ROLES, add_common_args, config_from_args
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.health import serve_health
-from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.serving.ui import build_demo, launch_options
 from rlhf_chat.storage.lease import LeaseHeld
 

@@ -58,7 +58,7 @@ PROMPTS = [
 
 def accuracy_interval(accuracy: float | None, n: int) -> str:
     """An accuracy on n pairs with its Wilson 95% interval, e.g. "0.917 on 12 pairs (95% interval 0.65-0.99)"."""
-    from rlhf_chat.serving.arena import win_rate
+    from rlhf_chat.storage.arena import win_rate
 
     correct = round((accuracy or 0.0) * n)
     interval = win_rate(correct, 0, n - correct)

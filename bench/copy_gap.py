@@ -25,7 +25,7 @@ from rlhf_chat.config import AppConfig
 from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.ppo import rollout, score_rollout
 from rlhf_chat.model.native import KERNELS
-from rlhf_chat.serving.runtime import load_for_serving
+from rlhf_chat.runtime import load_for_serving
 
 
 def main() -> None:

@@ -33,10 +33,10 @@ from common import PROMPTS as BENCH_PROMPTS
 from common import machine, summary
 
 from rlhf_chat.config import WEIGHT_PATHS, AppConfig
+from rlhf_chat.generation.candidates import Sampling, generate_pair
 from rlhf_chat.model.native import KERNELS
-from rlhf_chat.serving.candidates import Sampling, generate_pair
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.runtime import load_for_serving
+from rlhf_chat.runtime import load_for_serving
+from rlhf_chat.text.chat import render_prompt
 
 PROMPTS = BENCH_PROMPTS[:5]
 

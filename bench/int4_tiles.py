@@ -23,16 +23,15 @@ import statistics
 import tempfile
 import time
 
-from common import machine
-
 import torch
+from common import machine
 
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.simulate import as_context, load_prompts
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import rollout
 from rlhf_chat.model import native
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.runtime import load_for_serving
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query and 3 key/value heads of 64
 LAYER = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}

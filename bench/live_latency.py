@@ -25,7 +25,7 @@ from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes, load_prompts
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.learning.training_loop import TrainingLoop
-from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.ui import ChatState, respond
 
 

@@ -49,13 +49,12 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from common import PROMPTS, machine, summary  # noqa: E402
-
 from gradio_client import Client  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from rlhf_chat.config import AppConfig, ModelConfig, apply_overrides  # noqa: E402
 from rlhf_chat.model.loading import prepare_bundled_model, write_tiny_model  # noqa: E402
-from rlhf_chat.serving.runtime import start_services  # noqa: E402
+from rlhf_chat.runtime import start_services  # noqa: E402
 from rlhf_chat.serving.ui import build_demo, launch_options  # noqa: E402
 from rlhf_chat.storage import store  # noqa: E402
 from rlhf_chat.storage.tables import Comparison, Message  # noqa: E402

@@ -28,12 +28,12 @@ from common import machine
 from rlhf_chat.config import AppConfig, apply_overrides
 from rlhf_chat.evaluation.labelers import load_labeler
 from rlhf_chat.evaluation.simulate import collect_votes, evaluate_against_reference, load_prompts, split_prompts
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.learning.training_loop import TrainingLoop
-from rlhf_chat.serving.arena import win_rate
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
+from rlhf_chat.storage.arena import win_rate
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ import torch
 from common import machine
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import DETECTORS
 from rlhf_chat.evaluation.simulate import as_context, load_prompts, split_prompts
+from rlhf_chat.generation.candidates import Sampling, sample
+from rlhf_chat.generation.modes import BUILTIN_MODES
 from rlhf_chat.model.loading import load_models
-from rlhf_chat.serving.candidates import Sampling, sample
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.modes import BUILTIN_MODES
-from rlhf_chat.serving.runtime import warm_up
+from rlhf_chat.runtime import warm_up
+from rlhf_chat.text.behaviours import DETECTORS
+from rlhf_chat.text.chat import render_prompt
 
 
 def answers(models, prompts: list[str], opening: str, cfg: AppConfig, seed: int) -> tuple[list[str], list[bool]]:

@@ -20,10 +20,10 @@ from common import machine
 
 from rlhf_chat.config import WEIGHT_PATHS, AppConfig
 from rlhf_chat.evaluation.simulate import as_context, load_prompts
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.model.native import KERNELS
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage.store import open_store
 
 

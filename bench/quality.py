@@ -20,7 +20,7 @@ the int4 path once per kernel named in ``--int4-kernels`` (``model.int4_kernel``
 Then, on the default path, the answer budget: for each budget, the share of
 unbounded answers that finish within it, beside the time for two candidates
 of that many tokens. Loops are counted by :func:`loops`, a detector on words
-that is independent of the token rule that stops rows (``rlhf_chat/serving/repetition.py``).
+that is independent of the token rule that stops rows (``rlhf_chat/generation/repetition.py``).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from common import PROMPTS as BENCH_PROMPTS
 from common import machine, percentile, summary
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import loops
+from rlhf_chat.generation.candidates import Sampling, generate_pair, sample
 from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
 from rlhf_chat.model.loading import load_models
-from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
-from rlhf_chat.serving.chat import render_prompt, render_response
-from rlhf_chat.serving.runtime import warm_up
+from rlhf_chat.runtime import warm_up
+from rlhf_chat.text.behaviours import loops
+from rlhf_chat.text.chat import render_prompt, render_response
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "answers.jsonl"
 BUDGETS = (64, 96, 128, 160, 192, 256)

@@ -32,10 +32,10 @@ from common import accuracy_interval, machine
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.labelers import load_labeler, normalize_choice
 from rlhf_chat.evaluation.simulate import as_context, collect_votes, load_prompts, sample_pairs, split_prompts
+from rlhf_chat.generation.candidates import Sampling
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.learning.reward import run_round, score_texts
-from rlhf_chat.serving.candidates import Sampling
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
 
 

@@ -35,16 +35,16 @@ from pathlib import Path
 from common import accuracy_interval, machine
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import asks_question, gives_example, is_warm
 from rlhf_chat.evaluation.labelers import load_labeler, normalize_choice
 from rlhf_chat.evaluation.simulate import as_context, collect_votes, load_prompts, pearson, sample_pairs, split_prompts
+from rlhf_chat.generation.candidates import Sampling, sample
+from rlhf_chat.generation.modes import active_modes
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.learning.reward import run_round, score_texts
-from rlhf_chat.serving.candidates import Sampling, sample
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.modes import active_modes
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
+from rlhf_chat.text.behaviours import asks_question, gives_example, is_warm
+from rlhf_chat.text.chat import render_prompt
 
 BEHAVIOUR = {"friendly": ("warm", is_warm), "follow_up": ("asks a question", asks_question),
              "example": ("gives an example", gives_example), "concise": ("warm", is_warm)}

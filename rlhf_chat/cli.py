@@ -18,9 +18,9 @@ from rlhf_chat.config import AppConfig, add_common_args, config_from_args
 
 
 def _start_worker(cfg: AppConfig):
-    from rlhf_chat.serving.runtime import load_for_serving
+    from rlhf_chat.generation.worker import ModelWorker
+    from rlhf_chat.runtime import load_for_serving
     from rlhf_chat.storage.store import open_store
-    from rlhf_chat.serving.worker import ModelWorker
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
@@ -48,8 +48,8 @@ def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
 
 def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Run K PPO steps against the latest reward model, printing each step's metrics."""
-    from rlhf_chat.storage import store
     from rlhf_chat.learning.ppo import PPOTrainer
+    from rlhf_chat.storage import store
 
     worker, sessions = _start_worker(cfg)
     try:
@@ -126,7 +126,7 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
 def cmd_export(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Write the preferences, and the written answers beside them, as JSON Lines or
     Parquet; count what was left out on stderr."""
-    from rlhf_chat.storage.export import demonstration_rows, preference_rows, write_rows
+    from rlhf_chat.learning.export import demonstration_rows, preference_rows, write_rows
     from rlhf_chat.storage.store import open_store
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)

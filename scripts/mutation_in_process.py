@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import importlib
 import inspect
 import json
@@ -53,7 +52,7 @@ TARGETS = {
         "ScoreNormalizer.normalize", "score_rollout", "minibatch_update",
     ],
     "rlhf_chat.learning.reward": ["encode", "score_prefix", "score_sequences", "score_texts", "pair_scores", "train_step", "evaluate"],
-    "rlhf_chat.learning.heads": ["answer_summary", "frozen_prefix", "top_hidden"],
+    "rlhf_chat.model.heads": ["answer_summary", "frozen_prefix", "top_hidden"],
     "rlhf_chat.learning.supervised": ["example_sequences", "lm_loss"],
 }
 TESTS = ["tests/test_ppo.py", "tests/test_reward.py", "tests/test_learning.py"]

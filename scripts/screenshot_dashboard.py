@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 from rlhf_chat.config import AppConfig  # noqa: E402
-from rlhf_chat.serving.runtime import start_services  # noqa: E402
+from rlhf_chat.runtime import start_services  # noqa: E402
 from rlhf_chat.serving.ui import build_demo, launch_options  # noqa: E402
 
 

@@ -95,7 +95,7 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "a mode pair is sampled without its openings": (
         "tests/test_modes.py::test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them",
-        "import rlhf_chat.serving.candidates as c\n_sample = c.sample\n"
+        "import rlhf_chat.generation.candidates as c\n_sample = c.sample\n"
         "c.sample = lambda *a, openings=None, **k: _sample(*a, **k)\n",
     ),
     "a strict labeler breaks ties by length": (
@@ -138,16 +138,16 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "the streamer shows nothing until the end": (
         "tests/test_candidates.py::test_row_streamer_pushes_each_rows_text_so_far_and_stops_a_row_at_its_eos",
-        "import rlhf_chat.serving.candidates as c\nc.RowStreamer.put = lambda self, value: None\n",
+        "import rlhf_chat.generation.candidates as c\nc.RowStreamer.put = lambda self, value: None\n",
     ),
     "the worker runs jobs first come, first served": (
         "tests/test_worker.py::test_queued_jobs_run_most_urgent_first",
-        "import rlhf_chat.serving.worker as w\n_submit = w.ModelWorker.submit\n"
+        "import rlhf_chat.generation.worker as w\n_submit = w.ModelWorker.submit\n"
         "w.ModelWorker.submit = lambda self, priority, fn: _submit(self, 5, fn)\n",
     ),
     "no yield point inside a training slice": (
         "tests/test_worker.py::test_a_person_waits_at_most_one_step_of_a_training_slice",
-        "import rlhf_chat.serving.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
+        "import rlhf_chat.generation.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
     ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
@@ -160,7 +160,7 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "the mode pick ignores the votes": (
         "tests/test_modes.py::test_a_thompson_pick_shows_the_mode_people_choose_in_most_pairs_and_still_compares_the_others",
-        "import rlhf_chat.serving.modes as m\n_pick = m.pick_pair\n"
+        "import rlhf_chat.generation.modes as m\n_pick = m.pick_pair\n"
         "m.pick_pair = lambda modes, rng, record=None: _pick(modes, rng)\n",
     ),
     "one sampling call per person": (

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import func, select
 
+from rlhf_chat.generation.worker import CHAT
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.batcher import PairBatcher
-from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.serving.ui import BUSY, STILL_WRITING, ChatState, delete_my_data, regenerate, respond, vote
-from rlhf_chat.serving.worker import CHAT
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison, Conversation, Message
 
@@ -168,7 +168,7 @@ def test_delete_my_data_removes_the_session_and_nothing_else(services):
 
 
 def test_long_conversations_are_capped_and_huge_messages_cut_before_the_work(services):
-    from rlhf_chat.serving.chat import clean_message
+    from rlhf_chat.text.chat import clean_message
 
     services.config.ui.max_turns = 2
     state = pair_for(services, "one")

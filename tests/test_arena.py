@@ -7,10 +7,9 @@ import math
 
 import pytest
 
-from rlhf_chat.serving.arena import ArenaResult, arena_results, bucket_results, outcome, total, win_rate
-from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.storage import store
-
+from rlhf_chat.storage.arena import ArenaResult, arena_results, bucket_results, outcome, total, win_rate
 
 # --- win_rate: hand-worked ---------------------------------------------------------------
 #

@@ -15,7 +15,7 @@ import unicodedata
 
 import pytest
 
-from rlhf_chat.serving.chat import EmptyMessage, clean_message
+from rlhf_chat.text.chat import EmptyMessage, clean_message
 
 LIMIT = 2000  # the app's default max_message_chars
 

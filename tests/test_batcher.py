@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from rlhf_chat.config import SamplingConfig
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.serving.batcher import PairBatcher, PairRequest
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.text.chat import render_prompt
 
 
 @pytest.fixture

@@ -20,10 +20,9 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from sqlalchemy import select
 
-from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.ui import build_demo, launch_options
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Message

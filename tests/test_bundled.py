@@ -14,14 +14,14 @@ import torch
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.generation.candidates import Sampling, generate_pair, sample
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.learning.reward import run_round, score_texts
 from rlhf_chat.model.loading import POLICY, adapter_state
-from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
+from rlhf_chat.text.chat import render_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_the_decoder_fuses_the_bundled_projections_and_computes_the_models_funct
     near-tie apart on some CPUs (AMX), so there the draws are not compared."""
     from rlhf_chat.model.decoder import decoder_for
     from rlhf_chat.model.quantized import Int4Linear
-    from rlhf_chat.serving.candidates import left_pad
+    from rlhf_chat.model.tensors import left_pad
 
     cfg, _, worker = bundled
 
@@ -172,10 +172,10 @@ def test_both_copies_keep_the_quality_of_the_shipped_weights():
     import json
     from pathlib import Path
 
-    from rlhf_chat.serving.chat import render_response
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.model.loading import load_models
     from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
+    from rlhf_chat.model.loading import load_models
+    from rlhf_chat.text.chat import render_response
 
     lines = (Path(__file__).resolve().parents[1] / "bench" / "data" / "answers.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()][:12]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_chat.serving.candidates import RowStreamer, count_response_tokens
+from rlhf_chat.generation.candidates import RowStreamer, count_response_tokens
 
 
 def test_row_streamer_pushes_each_rows_text_so_far_and_stops_a_row_at_its_eos(tokenizer):

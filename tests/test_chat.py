@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_chat.serving.chat import EmptyMessage, clean_message, prompt_text, render_prompt, trim_to_budget
+from rlhf_chat.text.chat import EmptyMessage, clean_message, prompt_text, render_prompt, trim_to_budget
 
 
 @pytest.mark.parametrize("raw", ["", "   ", "\n\t", None, "\x00\x07"])

@@ -14,11 +14,11 @@ from rlhf_chat.config import AppConfig
 from rlhf_chat.learning.ppo import make_optimizer, policy_tensors
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.model.loading import POLICY, adapter_state, sync_policy_weights
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving import controls, ui
 from rlhf_chat.serving.admission import AdminGuard
 from rlhf_chat.serving.controls import ControlError, check_admin
 from rlhf_chat.serving.dashboard import ProbeBoard
-from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.storage.tables import Checkpoint, TrainingEvent
 
 
@@ -199,10 +199,10 @@ def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(ti
     import threading
     import time
 
-    from rlhf_chat.learning import ppo
     from rlhf_chat.evaluation.labelers import concise
-    from rlhf_chat.learning.reward import run_round
     from rlhf_chat.evaluation.simulate import collect_votes
+    from rlhf_chat.learning import ppo
+    from rlhf_chat.learning.reward import run_round
 
     cfg = tiny_config
     cfg.loop.reward_every_votes, cfg.loop.ppo_steps_per_reward = 1000, 0
@@ -254,7 +254,7 @@ def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(ti
 
 
 def test_an_admin_adds_and_removes_modes_and_bad_requests_are_refused(services):
-    from rlhf_chat.serving.modes import active_modes
+    from rlhf_chat.generation.modes import active_modes
 
     message = controls.add_mode(services, "Riddle", "answer with a riddle", "Here is a riddle:\n\n  \nGuess:", "")
     assert "riddle" in message and "2 opening" in message
@@ -280,7 +280,7 @@ def test_an_admin_adds_and_removes_modes_and_bad_requests_are_refused(services):
 
 
 def test_an_admin_lists_excludes_and_retrains_without_a_contributor(services):
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
     from rlhf_chat.storage import store
 
     def cand(text):

@@ -138,7 +138,7 @@ def test_thin_keeps_ends_and_bounds_points():
 
 def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
     """Shares per behaviour from arena answers (by source) and from the probes, as a person reads them."""
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
     from rlhf_chat.serving.dashboard import ProbeAnswers, behaviour_table
 
     def cand(text, source, finished=True):
@@ -167,7 +167,7 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
 
 def test_mode_table_shows_which_ways_of_answering_people_chose(sessions):
     """Wins and losses per mode from votes between two modes, the most chosen first."""
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
     from rlhf_chat.serving.dashboard import mode_table
 
     def cand(mode):

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from rlhf_chat.config import ModelConfig
+from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
 from rlhf_chat.model import native
 from rlhf_chat.model.decoder import Concat, Decoder, Twins, decoder_for, fuse, fuse_int4, is_supported
 from rlhf_chat.model.loading import load_models, sync_policy_weights
 from rlhf_chat.model.quantized import Int4Linear
-from rlhf_chat.serving.candidates import BASE_ADAPTER, Sampling, left_pad, sample
-from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.model.tensors import left_pad
+from rlhf_chat.text.chat import render_prompt
 
 
 @pytest.fixture(
@@ -279,8 +280,8 @@ def test_rows_that_end_leave_the_batch_and_every_answer_stays_the_same(models, m
     batch (the cache shrinks), and, on the float32 paths, writes what it writes keeping
     every row, token for token, with the same log-probabilities. (On a bf16 path a
     smaller batch may round apart on some CPUs: :func:`rounds_to_bf16`.)"""
+    import rlhf_chat.generation.candidates as candidates
     import rlhf_chat.model.decoder as decoder_module
-    import rlhf_chat.serving.candidates as candidates
 
     tok = models.tokenizer
     questions = ["Name a colour.", "Count to three.", "Hi", "What is rain?",
@@ -326,7 +327,7 @@ def test_the_kept_frozen_output_is_the_models_own_at_every_answer_token(models, 
     included, policy and reference rows alike, it is the model's own at every real
     prompt and answer position; and keeping it changes no answer."""
     import rlhf_chat.model.decoder as decoder_module
-    from rlhf_chat.learning.heads import first_adapted_layer, frozen_prefix
+    from rlhf_chat.model.heads import first_adapted_layer, frozen_prefix
 
     tok = models.tokenizer
     # an arena pair on one prompt (parts at the tap), two twins (one row below it), and others

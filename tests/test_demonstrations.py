@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from rlhf_chat.learning.preferences import demonstration_pairs
 from rlhf_chat.learning.reward import pair_weights
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.controls import export_feedback
-from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.serving.ui import ChatState, respond, start_from, submit_demonstration, vote
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Demonstration, Message
@@ -137,7 +137,7 @@ ASKED = "Could you? Would you? Can you? Do you?"  # short questions to the reade
 
 def store_written_answers(sessions, contexts) -> None:
     """Plain pairs nobody voted on, each with a written answer that asks back."""
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
 
     with sessions() as s, s.begin():
         for ctx in contexts:
@@ -150,11 +150,11 @@ def test_a_few_written_answers_teach_the_plain_policy_their_behaviour(tiny_confi
     """Four written answers that ask back raise the plain policy's share of answers
     that ask, on prompts it never saw; with the demonstration path stubbed out (no
     written answer reaches the LM term) the same steps leave it at zero."""
-    from rlhf_chat.evaluation.behaviours import asks_question
+    from rlhf_chat.generation.worker import ModelWorker
     from rlhf_chat.learning import ppo as ppo_module
     from rlhf_chat.learning.ppo import PPOTrainer, rollout
     from rlhf_chat.model.loading import load_models
-    from rlhf_chat.serving.worker import ModelWorker
+    from rlhf_chat.text.behaviours import asks_question
     from tests.test_ppo import CONTEXTS, SAMPLING, tiny_ppo_config
 
     sessions = store.open_store(tiny_config.store.db_url)
@@ -191,14 +191,13 @@ def test_a_few_written_answers_teach_the_plain_policy_their_behaviour(tiny_confi
 def test_the_demonstration_weight_changes_both_updates(tiny_config, tmp_path):
     """``loop.demonstration_weight`` is not a label: a reward round and a PPO step on the
     same votes and written answers end with other weights when it changes."""
+    from rlhf_chat.config import GuardConfig
+    from rlhf_chat.generation.candidates import Candidate
+    from rlhf_chat.generation.worker import ModelWorker
     from rlhf_chat.learning.ppo import PPOTrainer, policy_tensors
     from rlhf_chat.learning.reward import reward_tensors, run_round
     from rlhf_chat.model.loading import load_models
-    from rlhf_chat.serving.candidates import Candidate
-    from rlhf_chat.serving.worker import ModelWorker
     from tests.test_ppo import CONTEXTS, SAMPLING, tiny_ppo_config
-
-    from rlhf_chat.config import GuardConfig
 
     cfg = tiny_config.reward
     cfg.steps_per_round, cfg.min_pairs, cfg.heldout_fraction = 6, 2, 0.0

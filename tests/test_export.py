@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from rlhf_chat import cli
-from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.serving.controls import export_feedback
 from rlhf_chat.storage import store
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from sqlalchemy.exc import OperationalError
 
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.learning import checkpoints
 from rlhf_chat.learning.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
-from rlhf_chat.serving.candidates import Candidate
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison
 
@@ -232,7 +232,7 @@ def test_restore_falls_back_past_wiped_and_corrupt_checkpoints(tmp_path):
     """A Space's own disk is wiped on restart while the database (elsewhere) still
     names the folders; a half-copied volume leaves a truncated file. The newest
     readable checkpoint is restored instead of failing the start."""
-    from rlhf_chat.serving.runtime import restore_latest  # here, not above: it imports gradio (seconds)
+    from rlhf_chat.learning.checkpoints import restore_latest
 
     root = tmp_path / "checkpoints"
     sessions = store.open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
@@ -247,7 +247,7 @@ def test_restore_falls_back_past_wiped_and_corrupt_checkpoints(tmp_path):
 
 
 def test_restore_with_nothing_readable_starts_fresh(tmp_path):
-    from rlhf_chat.serving.runtime import restore_latest
+    from rlhf_chat.learning.checkpoints import restore_latest
 
     sessions = store.open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
     with sessions() as s, s.begin():
@@ -276,9 +276,9 @@ def test_a_reward_checkpoint_with_an_older_head_is_skipped_on_restore(tmp_path, 
     not 2H) is refused, the newest loadable one is restored instead, and the
     live model is left untouched by the refused one."""
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.model.loading import load_models
     from rlhf_chat.learning.reward import load_reward, reward_tensors
-    from rlhf_chat.serving.runtime import restore_latest
+    from rlhf_chat.model.loading import load_models
+    from rlhf_chat.learning.checkpoints import restore_latest
 
     models = load_models(ModelConfig(name=str(tiny_path)))
     current = {k: v.detach().clone() for k, v in reward_tensors(models).items()}

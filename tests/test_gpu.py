@@ -14,11 +14,11 @@ import torch
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.model.loading import POLICY, adapter_state
-from rlhf_chat.serving.runtime import load_for_serving
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
 
 pytestmark = [

@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import select
 
 from rlhf_chat.config import AppConfig, GuardConfig
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.learning import guards, tripwire
+from rlhf_chat.learning.export import demonstration_rows, preference_rows
 from rlhf_chat.learning.guards import (
     Feedback,
     GuardRules,
@@ -26,9 +28,7 @@ from rlhf_chat.learning.guards import (
 )
 from rlhf_chat.learning.reward import guarded_pairs
 from rlhf_chat.learning.supervised import chosen_answers, demonstrated_answers
-from rlhf_chat.serving.candidates import Candidate
 from rlhf_chat.storage import store
-from rlhf_chat.storage.export import demonstration_rows, preference_rows
 from rlhf_chat.storage.tables import TrainingEvent
 
 # --- the arithmetic, by hand ---------------------------------------------------------------
@@ -298,10 +298,10 @@ def test_an_even_arena_does_not_trip(sessions):
 def test_the_tripwire_pauses_the_live_loop_rolls_back_and_keeps_serving(tiny_config):
     """A scripted drop in the arena: the loop pauses itself, the policy goes back to the
     last checkpoint before the evidence, and people still get answers."""
-    from rlhf_chat.serving.candidates import Sampling, generate_pair
-    from rlhf_chat.serving.chat import render_prompt
-    from rlhf_chat.serving.runtime import start_services
-    from rlhf_chat.serving.worker import CHAT
+    from rlhf_chat.generation.candidates import Sampling, generate_pair
+    from rlhf_chat.generation.worker import CHAT
+    from rlhf_chat.runtime import start_services
+    from rlhf_chat.text.chat import render_prompt
 
     cfg: AppConfig = tiny_config
     cfg.loop.min_votes = 10_000  # no training of its own: only the tripwire acts
@@ -354,9 +354,9 @@ def test_stored_agreement_flags_a_session_and_leaves_its_votes_out(sessions):
 
 def test_a_reward_round_scores_only_the_votes_no_round_trained_on(tiny_config):
     """Round 1 has no model to score with; round 2 scores exactly the votes that came after round 1."""
+    from rlhf_chat.generation.worker import ModelWorker
     from rlhf_chat.learning.reward import run_round
     from rlhf_chat.model.loading import load_models
-    from rlhf_chat.serving.worker import ModelWorker
 
     sessions = store.open_store(tiny_config.store.db_url)
     first = [add_vote(sessions, "s", "", prompt=f"first {i}") for i in range(12)]

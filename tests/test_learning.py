@@ -10,10 +10,10 @@ import torch
 
 from rlhf_chat.config import SamplingConfig
 from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import PPOTrainer, rollout
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.model.loading import load_models
-from rlhf_chat.serving.worker import ModelWorker
 from rlhf_chat.storage import store
 
 PROMPT = "tell me something"

@@ -16,11 +16,11 @@ import pytest
 
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
+from rlhf_chat.generation.worker import CHAT
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.learning.training_loop import TrainingLoop
-from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.ui import ChatState, respond
-from rlhf_chat.serving.worker import CHAT
 from rlhf_chat.storage.tables import CandidateRow
 
 CHILD = Path(__file__).with_name("live_child.py")

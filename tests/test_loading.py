@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rlhf_chat.config import ModelConfig
+from rlhf_chat.generation.candidates import Sampling, generate_pair, sample
 from rlhf_chat.model.loading import POLICY, REWARD, adapter_state, load_models, sync_policy_weights
-from rlhf_chat.serving.candidates import Sampling, generate_pair, sample
-from rlhf_chat.serving.chat import render_prompt
+from rlhf_chat.text.chat import render_prompt
 
 
 def lora_grads(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
@@ -123,8 +123,8 @@ def test_bundled_model_keeps_gradients_after_generate():
 
 def test_frozen_prefix_then_top_layers_equals_a_full_forward(tiny_path):
     """The shared-prefix shortcut must compute exactly what the whole model computes."""
-    from rlhf_chat.serving.candidates import left_pad
-    from rlhf_chat.learning.heads import frozen_prefix, hidden_states, top_hidden
+    from rlhf_chat.model.heads import frozen_prefix, hidden_states, top_hidden
+    from rlhf_chat.model.tensors import left_pad
 
     cfg = ModelConfig(name=str(tiny_path))  # the default: LoRA on the top 8 of the 10 layers
     models = load_models(cfg)
@@ -250,8 +250,8 @@ def test_int4_serves_the_shipped_blocks_and_trains_on_the_same_values(tiny_path,
 
 
 def test_weights_auto_keeps_the_bundled_models_values_and_quantizes_others(monkeypatch):
-    from rlhf_chat.model import loading
     from rlhf_chat.config import BUNDLED_MODEL
+    from rlhf_chat.model import loading
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert loading.resolve_weights(ModelConfig(name=BUNDLED_MODEL), cpu) == "int4"

@@ -8,8 +8,22 @@ import sqlite3
 
 import pytest
 
+from rlhf_chat.evaluation.labelers import example, follow_up, load_labeler, strict_choice
+from rlhf_chat.generation.candidates import Candidate, Sampling, generate_pair, sample
+from rlhf_chat.generation.modes import (
+    BUILTIN_MODES,
+    Mode,
+    active_modes,
+    by_name,
+    guided_openings,
+    mode_record_for,
+    modes_for_pair,
+    pick_pair,
+)
+from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.storage import store
-from rlhf_chat.evaluation.behaviours import (
+from rlhf_chat.storage.tables import SCHEMA_VERSION, SchemaInfo
+from rlhf_chat.text.behaviours import (
     asks_question,
     behaviour_shares,
     gives_background,
@@ -21,21 +35,7 @@ from rlhf_chat.evaluation.behaviours import (
     on_topic,
     sentences,
 )
-from rlhf_chat.evaluation.labelers import example, follow_up, load_labeler, strict_choice
-from rlhf_chat.learning.preferences import modes_differ
-from rlhf_chat.serving.candidates import Candidate, Sampling, generate_pair, sample
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.modes import (
-    BUILTIN_MODES,
-    Mode,
-    active_modes,
-    by_name,
-    guided_openings,
-    mode_record_for,
-    modes_for_pair,
-    pick_pair,
-)
-from rlhf_chat.storage.tables import SCHEMA_VERSION, SchemaInfo
+from rlhf_chat.text.chat import render_prompt
 
 ASKS = "Sure. Could you tell me which country you mean?"
 PLAIN = "The capital of France is Paris, a city on the Seine with many museums and old bridges."
@@ -120,7 +120,7 @@ def test_modes_pick_two_different_ones_at_the_configured_share():
     assert all(modes_for_pair(modes, 1.0, rng) is not None for _ in range(50))
     assert pick_pair(modes[:1], rng) is None and modes_for_pair(modes[:1], 1.0, rng) is None
     # every built-in mode but the plain one has openings and a behaviour that shows it was followed
-    from rlhf_chat.evaluation.behaviours import DETECTORS
+    from rlhf_chat.text.behaviours import DETECTORS
 
     assert all(m.openings and m.behaviour in DETECTORS for m in BUILTIN_MODES if m.name != "direct")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from rlhf_chat.serving.candidates import Sampling, sample
-from rlhf_chat.serving.chat import render_prompt
-from rlhf_chat.serving.nucleus import NucleusSampler, draw, nucleus, sample_next_tokens
+from rlhf_chat.generation.candidates import Sampling, sample
+from rlhf_chat.generation.nucleus import NucleusSampler, draw, nucleus, sample_next_tokens
+from rlhf_chat.text.chat import render_prompt
 
 
 def transformers_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_same_seed_same_answers(tiny_models):
 def test_sampling_in_blocks_of_rows_draws_what_one_block_draws(monkeypatch, top_p):
     """Blocks of SAMPLE_ROWS keep the rows in the CPU's cache; a row's draw must not
     depend on the block it fell in (21 rows: two whole blocks and a part)."""
-    from rlhf_chat.serving import nucleus
+    from rlhf_chat.generation import nucleus
 
     logits = torch.randn(21, 49152, generator=torch.Generator().manual_seed(3)) * 4
     results = []

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison
 

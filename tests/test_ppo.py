@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf_chat.learning import ppo as ppo_module
-from rlhf_chat.storage import store
 from rlhf_chat.config import ModelConfig, PPOConfig, SamplingConfig
-from rlhf_chat.learning.heads import first_adapted_layer
-from rlhf_chat.model.loading import POLICY, adapter_state, fast_matmul_dtype, load_models, sync_policy_weights
+from rlhf_chat.generation.worker import ModelWorker
+from rlhf_chat.learning import ppo as ppo_module
 from rlhf_chat.learning.ppo import (
     PPOTrainer,
     ScoreNormalizer,
@@ -25,7 +22,9 @@ from rlhf_chat.learning.ppo import (
     rollout,
     score_rollout,
 )
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.model.heads import first_adapted_layer
+from rlhf_chat.model.loading import POLICY, adapter_state, fast_matmul_dtype, load_models, sync_policy_weights
+from rlhf_chat.storage import store
 
 CONTEXTS = [[{"role": "user", "content": q}] for q in ("hi", "what is tea?", "name a colour", "tell me a story")]
 SAMPLING = SamplingConfig(max_new_tokens=10, temperature=0.9)
@@ -525,7 +524,7 @@ def test_policy_checkpoint_reloads_into_both_copies(tiny_config, tiny_path):
 def test_ptx_term_learns_the_chosen_answers_and_changes_the_update(tiny_config):
     """PPO-ptx: with ptx_coef > 0 the update also lowers the policy's loss on the answers
     people chose (drawn from the stored votes); with 0 the same steps leave it alone."""
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
     from rlhf_chat.learning.supervised import chosen_answers, lm_loss
 
     sessions = store.open_store(tiny_config.store.db_url)
@@ -566,8 +565,8 @@ def test_votes_between_modes_teach_the_plain_policy_the_chosen_behaviour(tiny_co
     direct one teach the *plain* policy, with no mode in its context, to ask a question
     on prompts it never saw. The same steps without the supervised term (a stub that
     learns nothing from the winners) leave it at zero."""
-    from rlhf_chat.evaluation.behaviours import asks_question
-    from rlhf_chat.serving.candidates import Candidate
+    from rlhf_chat.generation.candidates import Candidate
+    from rlhf_chat.text.behaviours import asks_question
 
     # Short questions to the reader: a random tiny model learns which words to write
     # long before it learns their order, and this behaviour survives any order.
@@ -684,7 +683,7 @@ def test_guided_rollouts_teach_the_plain_policy_an_opening_it_never_samples(tiny
     with one admin-added mode's opening, which the random tiny model never writes by
     itself. With guided rows PPO raises the plain policy's log-probability of that
     opening; the same steps without them (the stub) leave it where it was."""
-    from rlhf_chat.serving.modes import BUILTIN_MODES
+    from rlhf_chat.generation.modes import BUILTIN_MODES
 
     sessions = store.open_store(tiny_config.store.db_url)
     opening = " riddle"
@@ -737,8 +736,8 @@ def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny
     whole model's logits over prompt + answer, the answer tokens' mean negative log-likelihood.
     On float32 weights: the two are other batch layouts, which on a bf16 path may round
     apart on some CPUs (conftest.tiny_fp32_models)."""
-    from rlhf_chat.serving.chat import render_prompt, render_response
     from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
+    from rlhf_chat.text.chat import render_prompt, render_response
 
     tiny_models = tiny_fp32_models
     tok = tiny_models.tokenizer

@@ -21,8 +21,8 @@ from rlhf_chat.learning.ppo_math import (
     entropy_from_logprobs,
     gae_advantages,
     kl_per_token,
-    log_softmax_at,
     length_mask,
+    log_softmax_at,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -111,7 +111,7 @@ def test_length_mask_keeps_each_rows_real_tokens() -> None:
 
 def test_token_counts_and_length_mask_agree_with_the_eos_when_pad_is_eos() -> None:
     """The rollout's mask: up to and including the first EOS, pads (= EOS, id 2) after it."""
-    from rlhf_chat.serving.candidates import count_response_tokens
+    from rlhf_chat.generation.candidates import count_response_tokens
 
     ids = torch.tensor([[5, 7, 2, 2, 2], [5, 2, 2, 2, 2], [2, 2, 2, 2, 2], [5, 6, 7, 8, 9]])
     counts, finished = count_response_tokens(ids, eos_id=2)

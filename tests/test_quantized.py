@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_chat.model.quantized import Int4Linear, Int8OutputLayer, dense_weight, int4_groups, int4_values, int8_rows, int8_values
+from rlhf_chat.model.quantized import (
+    Int4Linear,
+    Int8OutputLayer,
+    dense_weight,
+    int4_groups,
+    int4_values,
+    int8_rows,
+    int8_values,
+)
 
 
 def test_int4_groups_recover_q4_1_blocks_exactly():

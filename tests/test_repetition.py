@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_chat.serving.repetition import LoopStop, copies_at_end, is_loop, loop_cut
+from rlhf_chat.generation.repetition import LoopStop, copies_at_end, is_loop, loop_cut
 
 
 def test_copies_at_end_counts_adjacent_copies_only():
@@ -51,11 +51,11 @@ def test_sample_cuts_a_looping_row_and_marks_it_cut_off(monkeypatch):
     torch's int4 kernel (bf16 activations) another row count may round a near-tie
     apart on some CPUs (AMX). That rows leaving changes no draw is tested on the
     float32 paths (test_decoder.py)."""
-    from rlhf_chat.serving import candidates
-    from rlhf_chat.serving.candidates import Sampling, sample
-    from rlhf_chat.serving.chat import render_prompt
     from rlhf_chat.config import ModelConfig
+    from rlhf_chat.generation import candidates
+    from rlhf_chat.generation.candidates import Sampling, sample
     from rlhf_chat.model.loading import load_models
+    from rlhf_chat.text.chat import render_prompt
 
     monkeypatch.setattr(candidates, "decoding_rows", lambda running, steps_left: None)
     models = load_models(ModelConfig())

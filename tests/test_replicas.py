@@ -19,9 +19,9 @@ from rlhf_chat.config import AppConfig
 from rlhf_chat.learning.checkpoints import WEIGHTS, files_digest
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.model.loading import POLICY, adapter_state, sync_policy_weights
+from rlhf_chat.runtime import start_services
 from rlhf_chat.serving import controls, dashboard
 from rlhf_chat.serving.health import health, serve_health
-from rlhf_chat.serving.runtime import start_services
 from rlhf_chat.storage import lease, store
 from rlhf_chat.storage.lease import LeaseHeld
 
@@ -228,7 +228,6 @@ def test_a_lost_lease_halts_training_and_says_why(tiny_path, tmp_path):
 
 def test_the_role_comes_from_the_flag_or_the_environment_and_a_bad_one_is_refused():
     import app
-
     from rlhf_chat.config import config_from_args
 
     assert config_from_args(app.parse_args([]), {}).deploy.role == "all"

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from rlhf_chat.storage import store
-from rlhf_chat.serving.candidates import Candidate
-from rlhf_chat.learning.checkpoints import copy_into
 from rlhf_chat.config import RewardConfig
-from rlhf_chat.learning.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
+from rlhf_chat.generation.candidates import Candidate
+from rlhf_chat.generation.worker import ModelWorker
+from rlhf_chat.learning.checkpoints import copy_into
 from rlhf_chat.learning.preferences import PreferencePair, is_heldout, preference_pairs, split_pairs, tie_pairs, to_pair
 from rlhf_chat.learning.reward import (
     answer_mask,
@@ -20,15 +19,16 @@ from rlhf_chat.learning.reward import (
     load_reward,
     minibatches,
     reset_reward_model,
+    reward_parameters,
     round_steps,
     run_round,
-    starts_fresh,
     score_sequences,
     score_texts,
+    starts_fresh,
     train_step,
-    reward_parameters,
 )
-from rlhf_chat.serving.worker import ModelWorker
+from rlhf_chat.model.heads import PrefixCache, answer_summary, last_token_index, position_ids_from_mask
+from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison
 
 
@@ -62,9 +62,9 @@ def test_encode_counts_the_answer_and_keeps_it_when_cut_from_the_left(tokenizer)
 
 def rollout_of(models, contexts, answers: list[list[int]], texts: list[str], finished: list[bool]):
     """A PPO rollout holding exactly these answer tokens, laid out as rollout() lays them out."""
-    from rlhf_chat.serving.candidates import left_pad
-    from rlhf_chat.serving.chat import render_prompt
     from rlhf_chat.learning.ppo import Rollout, full_prefix
+    from rlhf_chat.model.tensors import left_pad
+    from rlhf_chat.text.chat import render_prompt
 
     tok = models.tokenizer
     prompt_ids, prompt_mask = left_pad([render_prompt(tok, c) for c in contexts], tok.pad_token_id, models.device)
@@ -512,9 +512,9 @@ def test_evaluate_on_no_pairs_says_nothing_was_measured(tiny_models):
 @pytest.mark.parametrize("top_layers", [9, 8])  # one frozen layer below the adapted ones, and two
 def test_the_frozen_prefix_then_the_top_layers_equal_one_whole_forward(tiny_path, top_layers):
     from rlhf_chat.config import ModelConfig
-    from rlhf_chat.learning.heads import first_adapted_layer, frozen_prefix, hidden_states, top_hidden
+    from rlhf_chat.model.heads import first_adapted_layer, frozen_prefix, hidden_states, top_hidden
     from rlhf_chat.model.loading import load_models
-    from rlhf_chat.serving.candidates import left_pad
+    from rlhf_chat.model.tensors import left_pad
 
     models = load_models(ModelConfig(name=str(tiny_path), lora_top_layers=top_layers))
     assert first_adapted_layer(models.trainer) == 10 - top_layers

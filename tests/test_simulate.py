@@ -7,8 +7,15 @@ import json
 import pytest
 
 from rlhf_chat.cli import main as cli_main
-from rlhf_chat.evaluation.simulate import is_eval_prompt, load_prompts, sample_pairs, simulate, split_evenly, split_prompts
-from rlhf_chat.serving.candidates import Sampling
+from rlhf_chat.evaluation.simulate import (
+    is_eval_prompt,
+    load_prompts,
+    sample_pairs,
+    simulate,
+    split_evenly,
+    split_prompts,
+)
+from rlhf_chat.generation.candidates import Sampling
 from rlhf_chat.storage import store
 
 REPORT_FIELDS = {
@@ -126,8 +133,8 @@ def test_sample_pairs_writes_mode_pairs_in_their_modes_and_refuses_modes_in_the_
 
 
 def test_pearson_and_opening_share_by_hand():
-    from rlhf_chat.serving.modes import Mode
     from rlhf_chat.evaluation.simulate import opening_share, pearson
+    from rlhf_chat.generation.modes import Mode
 
     assert pearson([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
@@ -234,7 +241,7 @@ def test_round_behaviours_count_plain_rows_and_compare_the_guided_rows_scores():
     """A round's behaviour shares are the plain policy's (the guided rows' openings were
     prefilled); the guided rows only give how the reward model scored them."""
     from rlhf_chat.evaluation.simulate import round_behaviours
-    from rlhf_chat.serving.modes import BUILTIN_MODES
+    from rlhf_chat.generation.modes import BUILTIN_MODES
 
     q = "What is the capital of France?"
     plain = [("Paris is the capital.", 0.0, 6, q), ("Thank you! Glad to help.", 1.0, 8, q), ("It is Paris.", 2.0, 5, q)]

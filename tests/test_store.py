@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from rlhf_chat.serving.candidates import Candidate
-from rlhf_chat.storage import store
-from rlhf_chat.storage.tables import SCHEMA_VERSION, Comparison, SchemaInfo
-
 # The PostgreSQL plumbing lives with the PostgreSQL-only tests; pytest puts tests/ on sys.path.
 from test_postgres import postgres_database
+
+from rlhf_chat.generation.candidates import Candidate
+from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import SCHEMA_VERSION, Comparison, SchemaInfo
 
 
 def cand(text: str, version: int = 0) -> Candidate:

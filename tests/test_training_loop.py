@@ -8,11 +8,11 @@ import pytest
 
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes
-from rlhf_chat.learning.ppo import rollout
+from rlhf_chat.generation.candidates import Candidate
 from rlhf_chat.learning import training_loop
+from rlhf_chat.learning.ppo import rollout
 from rlhf_chat.learning.training_loop import TrainingLoop
-from rlhf_chat.serving.candidates import Candidate
-from rlhf_chat.serving.runtime import start_services
+from rlhf_chat.runtime import start_services
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import CandidateRow
 

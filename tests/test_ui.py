@@ -7,8 +7,17 @@ import time
 import pytest
 from sqlalchemy import select
 
-from rlhf_chat.serving.runtime import start_services
-from rlhf_chat.serving.ui import CUT_LABEL, CUT_MARK, ChatState, continue_answer, new_conversation, regenerate, respond, vote
+from rlhf_chat.runtime import start_services
+from rlhf_chat.serving.ui import (
+    CUT_LABEL,
+    CUT_MARK,
+    ChatState,
+    continue_answer,
+    new_conversation,
+    regenerate,
+    respond,
+    vote,
+)
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison, Message
 
@@ -35,7 +44,7 @@ def send(services, text, state=None):
 
 
 def test_message_gives_two_streamed_candidates_and_vote_is_stored(services, monkeypatch):
-    from rlhf_chat.serving.candidates import RowStreamer
+    from rlhf_chat.generation.candidates import RowStreamer
 
     real_put = RowStreamer.put
 
@@ -184,7 +193,7 @@ def test_a_cut_off_answer_is_marked_and_continues_into_the_conversation(services
     """At 12 tokens the tiny model's answers are cut off: both panes say so; the chosen
     one is marked in the conversation, and Continue streams on and stores the longer
     answer, which the next message's context then holds."""
-    import rlhf_chat.serving.candidates as candidates
+    import rlhf_chat.generation.candidates as candidates
 
     _, final = send(services, "Tell me about the sea.")
     state = final[OUT_STATE]
@@ -238,7 +247,7 @@ def test_continue_is_refused_without_a_cut_off_answer(services):
 def test_mode_pairs_store_their_modes_never_show_them_and_arena_pairs_have_none(services):
     """A mode pair: the answers start with their modes' openings, the modes are stored
     with the candidates, and nothing the person sees names a mode. Arena pairs stay plain."""
-    from rlhf_chat.serving.modes import BUILTIN_MODES, by_name
+    from rlhf_chat.generation.modes import BUILTIN_MODES, by_name
 
     services.config.loop.mode_fraction = 1.0
     names = by_name(BUILTIN_MODES)

@@ -8,8 +8,8 @@ import time
 from types import SimpleNamespace
 
 from rlhf_chat.config import PPOConfig, SamplingConfig
+from rlhf_chat.generation.worker import CHAT, PPO, REWARD, ModelWorker, yield_point
 from rlhf_chat.learning.ppo import rollout
-from rlhf_chat.serving.worker import CHAT, PPO, REWARD, ModelWorker, yield_point
 
 
 def test_queued_jobs_run_most_urgent_first():

@@ -1,1 +1,1 @@
-"""Evaluation: judging answers and the loop: the behaviour detectors (which the Training tab also reads), the scripted labelers and the headless simulation; tools, apart from the detectors."""
+"""Evaluation: judging the loop from outside: the scripted labelers and teachers and the headless simulation (the top of the package, beside the command line)."""

@@ -29,8 +29,8 @@ import importlib
 from collections.abc import Callable
 from typing import Literal
 
-from rlhf_chat.evaluation.behaviours import FRIENDLY_MARKERS, asks_question, friendliness_score, gives_example
 from rlhf_chat.storage import tables
+from rlhf_chat.text.behaviours import FRIENDLY_MARKERS, asks_question, friendliness_score, gives_example
 
 __all__ = [
     "BUILTIN_LABELERS",

@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
 from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choice
-from rlhf_chat.learning.preferences import modes_differ
-from rlhf_chat.serving.arena import win_rate
-from rlhf_chat.serving.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
 from rlhf_chat.evaluation.teachers import Teacher, load_teacher
-from rlhf_chat.serving.chat import clean_message, render_prompt
-from rlhf_chat.serving.modes import Mode, active_modes, mode_record_for, modes_for_pair
-from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.generation.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
+from rlhf_chat.generation.modes import Mode, active_modes, mode_record_for, modes_for_pair
+from rlhf_chat.generation.worker import CHAT, ModelWorker
+from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.storage import store
+from rlhf_chat.storage.arena import win_rate
+from rlhf_chat.text.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
+from rlhf_chat.text.chat import clean_message, render_prompt
 
 log = logging.getLogger(__name__)
 EVAL_FRACTION = 0.2  # prompts kept out of pair collection and PPO, for the final evaluation
@@ -422,7 +422,7 @@ def simulate(
 
     from rlhf_chat.learning.ppo import PPOTrainer
     from rlhf_chat.learning.reward import run_round
-    from rlhf_chat.serving.runtime import load_for_serving
+    from rlhf_chat.runtime import load_for_serving
 
     start = time.perf_counter()
     labeler = load_labeler(labeler_spec)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from rlhf_chat.evaluation.behaviours import asks_question, sentences
 from rlhf_chat.evaluation.labelers import load_callable
+from rlhf_chat.text.behaviours import asks_question, sentences
 
 Teacher = Callable[[str, str, str], "str | None"]
 

@@ -1,1 +1,1 @@
-"""Learning: votes to preference pairs, the reward model, PPO (its math apart), the one supervised term, checkpoints and the background loop."""
+"""Learning: votes to preference pairs, the guards, the reward model, PPO (its math apart), the one supervised term, checkpoints, admin interventions on the policy, the export of the votes, and the background loop."""

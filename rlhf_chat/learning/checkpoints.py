@@ -10,16 +10,22 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
+
+from rlhf_chat.storage import store
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
@@ -219,3 +225,48 @@ def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+def publish_checkpoint(
+    sessions, root: str | Path, kind: str, version: int, tensors: dict[str, torch.Tensor], meta: dict,
+    also: Callable[[object], None] | None = None,
+) -> Path:
+    """Save a checkpoint (atomically, :func:`save_checkpoint`), then name it in the
+    database with its digest, and run ``also(session)`` in the same transaction (a
+    reward round's row, an admin's event); retried while the database is busy.
+
+    In that order, so a row never names a folder that is not whole: a reader (a
+    restart, a replica) that finds the row finds the files it names.
+    """
+    path = save_checkpoint(root, kind, version, tensors, meta)
+    digest = files_digest(path)
+
+    def record() -> None:
+        with sessions() as session, session.begin():
+            store.add_checkpoint(session, kind, version, str(path), {**meta, "sha256": digest})
+            if also is not None:
+                also(session)
+
+    store.with_retry(record)
+    return path
+
+
+def restore_latest(models, sessions, kind: str, load: Callable[[object, str], int]) -> int:
+    """Load the newest checkpoint of a kind that is still on disk and whole; 0 when
+    there is none.
+
+    An older one is tried when the newest is unreadable, or does not match the
+    checksum it was published with (a wiped disk, a half-copied volume), so a
+    restart never serves less than it can.
+    """
+    with sessions() as session:
+        saved = list(reversed(store.checkpoints(session, kind)))
+    for checkpoint in saved:
+        try:
+            verify_digest(checkpoint.path, checkpoint.extra.get("sha256"))  # read twice at start-up: cheap
+            version = load(models, checkpoint.path)
+            log.info("restored %s checkpoint v%d from %s", kind, version, checkpoint.path)
+            return version
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("cannot load %s checkpoint %s: %s", kind, checkpoint.path, exc)
+    return 0

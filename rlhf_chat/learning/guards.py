@@ -32,8 +32,8 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from rlhf_chat.serving.arena import win_rate
-from rlhf_chat.serving.chat import prompt_text
+from rlhf_chat.storage.arena import win_rate
+from rlhf_chat.text.chat import prompt_text
 
 SESSION, CLIENT = "session", "client"
 

@@ -33,20 +33,21 @@ from typing import Callable
 import torch
 
 from rlhf_chat.config import GuardConfig, PPOConfig, SamplingConfig
+from rlhf_chat.generation.candidates import Sampling, encode_openings, sample
+from rlhf_chat.generation.modes import PLAIN, active_modes, guided_openings
+from rlhf_chat.generation.worker import PPO as PPO_PRIORITY
+from rlhf_chat.generation.worker import yield_point
 from rlhf_chat.learning import ppo_math as pm
-from rlhf_chat.learning.checkpoints import check_base, copy_into, files_digest, load_verified, save_checkpoint
+from rlhf_chat.learning.checkpoints import check_base, copy_into, load_verified, publish_checkpoint
 from rlhf_chat.learning.guards import assess_feedback
-from rlhf_chat.learning.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.decoder import decoder_for
+from rlhf_chat.model.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, fast_matmul_dtype, sync_policy_weights
-from rlhf_chat.serving.candidates import Sampling, encode_openings, left_pad, sample
-from rlhf_chat.serving.chat import prompt_text, render_prompt, trim_to_budget
-from rlhf_chat.serving.modes import PLAIN, active_modes, guided_openings
-from rlhf_chat.serving.worker import PPO as PPO_PRIORITY
-from rlhf_chat.serving.worker import yield_point
+from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.text.chat import prompt_text, render_prompt, trim_to_budget
 
 log = logging.getLogger(__name__)
 
@@ -732,14 +733,7 @@ class PPOTrainer:
             "score_normalizer": self.normalizer.to_dict(),
             "base": base,
         }
-        path = save_checkpoint(self.checkpoint_dir, "policy", version, tensors, meta)
-
-        def write() -> None:
-            with self.sessions() as session, session.begin():
-                store.add_checkpoint(session, "policy", version, str(path), {**meta, "sha256": files_digest(path)})
-
-        store.with_retry(write)
-        return str(path)
+        return str(publish_checkpoint(self.sessions, self.checkpoint_dir, "policy", version, tensors, meta))
 
     def sample_contexts(self, contexts: list[list[dict]]) -> list[list[dict]]:
         """A batch of prompts drawn from what people typed (with replacement when few)."""

@@ -37,24 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlhf_chat.model.tensors import masked_mean
+
 # --------------------------------------------------------------------------- #
 # masked statistics
 # --------------------------------------------------------------------------- #
-
-
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``values`` over entries where ``mask`` is non-zero.
-
-    Returns 0 (not NaN) when the mask is empty, so a batch of empty responses
-    cannot poison a loss. Masked-out entries are selected away with
-    ``torch.where`` rather than only multiplied by 0, so a NaN/inf sitting in a
-    padded position contributes neither to the value nor to the gradient.
-    """
-    mask = mask.to(values.dtype)
-    summed = torch.where(mask != 0, values * mask, torch.zeros_like(values))
-    if dim is None:
-        return summed.sum() / mask.sum().clamp(min=1e-8)
-    return summed.sum(dim) / mask.sum(dim).clamp(min=1e-8)
 
 
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:

@@ -1,7 +1,7 @@
 """Reward model: a ``reward`` LoRA adapter plus a scalar head, trained on the votes.
 
 The head reads the last token's state beside the mean state over the answer
-(:func:`rlhf_chat.learning.heads.answer_summary`).
+(:func:`rlhf_chat.model.heads.answer_summary`).
 
 The loss is Bradley-Terry, -log σ(r_chosen - r_rejected - margin) (InstructGPT,
 Ouyang et al. 2022, eq. 1), with a margin that grows with the stated strength
@@ -26,16 +26,15 @@ from typing import NamedTuple
 import torch
 
 from rlhf_chat.config import GuardConfig, RewardConfig
+from rlhf_chat.generation.worker import REWARD as REWARD_PRIORITY
 from rlhf_chat.learning import guards
 from rlhf_chat.learning.checkpoints import (
     check_base,
     copy_into,
-    files_digest,
     load_verified,
     module_state,
-    save_checkpoint,
+    publish_checkpoint,
 )
-from rlhf_chat.learning.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.learning.ppo_math import bradley_terry_loss
 from rlhf_chat.learning.preferences import (
     PreferencePair,
@@ -45,11 +44,11 @@ from rlhf_chat.learning.preferences import (
     split_pairs,
     tie_pairs,
 )
+from rlhf_chat.model.heads import Prefix, PrefixCache, answer_summary, frozen_prefix, top_hidden
 from rlhf_chat.model.loading import REWARD, Models, adapter_state
-from rlhf_chat.serving.candidates import left_pad
-from rlhf_chat.serving.chat import render_prompt, render_response
-from rlhf_chat.serving.worker import REWARD as REWARD_PRIORITY
+from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.text.chat import render_prompt, render_response
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +407,6 @@ def run_round(
         REWARD_PRIORITY, lambda m: ({k: v.detach().clone() for k, v in reward_tensors(m).items()}, m.base)
     )
     meta = {"version": version, "train_pairs": len(train), "base": base, "trained_through": trained_through}
-    path = save_checkpoint(checkpoint_dir, "reward", version, tensors, meta)
     result = RoundResult(
         version=version,
         loss=loss,
@@ -418,26 +416,24 @@ def run_round(
         heldout_pairs=len(heldout),
         votes=feedback,  # the feedback TrainingLoop counts (usable_feedback), guarded or not
         seconds=time.perf_counter() - start,
-        checkpoint=str(path),
+        checkpoint="",
         train_accuracy=fit["accuracy"],
     )
 
-    def record() -> None:
-        with sessions() as session, session.begin():
-            store.add_checkpoint(session, "reward", version, str(path), {**meta, "sha256": files_digest(path)})
-            store.add_reward_round(
-                session,
-                version=version,
-                loss=result.loss,
-                heldout_accuracy=result.heldout_accuracy,
-                mean_margin=result.mean_margin,
-                train_pairs=result.train_pairs,
-                heldout_pairs=result.heldout_pairs,
-                votes=result.votes,
-                seconds=result.seconds,
-            )
+    def record_round(session) -> None:
+        store.add_reward_round(
+            session,
+            version=version,
+            loss=result.loss,
+            heldout_accuracy=result.heldout_accuracy,
+            mean_margin=result.mean_margin,
+            train_pairs=result.train_pairs,
+            heldout_pairs=result.heldout_pairs,
+            votes=result.votes,
+            seconds=result.seconds,
+        )
 
-    store.with_retry(record)
+    result.checkpoint = str(publish_checkpoint(sessions, checkpoint_dir, "reward", version, tensors, meta, record_round))
     worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, version))
     return result
 

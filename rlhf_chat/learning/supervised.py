@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_chat.learning.heads import frozen_prefix, top_hidden
+from rlhf_chat.learning.guards import Trust
 from rlhf_chat.learning.ppo_math import gather_logprobs, log_softmax_at
 from rlhf_chat.learning.preferences import modes_differ, preference_pairs
-from rlhf_chat.serving.candidates import left_pad
-from rlhf_chat.learning.guards import Trust
-from rlhf_chat.serving.chat import render_prompt, render_response, trim_to_budget
+from rlhf_chat.model.heads import frozen_prefix, top_hidden
+from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.text.chat import render_prompt, render_response, trim_to_budget
 
 
 @dataclass

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rlhf_chat.config import AppConfig
+from rlhf_chat.generation.worker import REWARD, ModelWorker
 from rlhf_chat.learning import tripwire
 from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
 from rlhf_chat.learning.reward import run_round, usable_feedback
-from rlhf_chat.serving.worker import REWARD, ModelWorker
 from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)

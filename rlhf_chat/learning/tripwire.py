@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_chat.serving.arena import ArenaResult, arena_results, win_rate
 from rlhf_chat.storage import store
+from rlhf_chat.storage.arena import ArenaResult, arena_results, win_rate
 
 MIN_HELDOUT = 20  # held-out pairs below which an accuracy is too noisy to trip on
 

@@ -420,7 +420,7 @@ class Batch:
 
         A step's cost grows with its rows (on the 2-core CPU, bundled model: 18 ms
         at 1 row, 36 ms at 8, 177 ms at 64), and rows that have ended only pad, so
-        the sampling loop drops them (:func:`serving.candidates.decode`).
+        the sampling loop drops them (:func:`rlhf_chat.generation.candidates.decode`).
         """
         self.cache = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in self.cache]
         self.keys_valid = self.keys_valid.index_select(0, rows)

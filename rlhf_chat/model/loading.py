@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from rlhf_chat.config import BUNDLED_MODEL, WEIGHT_PATHS, ModelConfig
-from rlhf_chat.learning.heads import PrefixCache, make_scalar_head
+from rlhf_chat.model.heads import PrefixCache, make_scalar_head
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Serving: what a person meets: chat, candidates (sampling, modes, loop stop), the model worker, the UI, the Training tab, the arena and the admin controls."""
+"""Serving: what a person meets: admission limits, the batcher of several people's pairs, the chat and admin handlers, the UI layout, the Training tab, health and the replica's policy follower."""

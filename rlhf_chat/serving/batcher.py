@@ -21,8 +21,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from rlhf_chat.serving.candidates import Candidate, PairModes, Sampling, generate_pairs
-from rlhf_chat.serving.worker import CHAT, ModelWorker
+from rlhf_chat.generation.candidates import Candidate, PairModes, Sampling, generate_pairs
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import DETECTORS
+from rlhf_chat.generation.modes import active_modes
+from rlhf_chat.generation.worker import CHAT
 from rlhf_chat.learning.checkpoints import copy_into, files_digest, load_checkpoint, save_checkpoint
+from rlhf_chat.learning.export import demonstration_rows, preference_rows, write_rows
 from rlhf_chat.learning.ppo import policy_tensors
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
-from rlhf_chat.serving.modes import active_modes
-from rlhf_chat.serving.worker import CHAT
 from rlhf_chat.storage import store
-from rlhf_chat.storage.export import demonstration_rows, preference_rows, write_rows
 from rlhf_chat.storage.tables import Checkpoint, PPOStep
+from rlhf_chat.text.behaviours import DETECTORS
 
 PAUSE_TIMEOUT_S = 600.0  # a PPO step on a 2-core CPU takes tens of seconds; an error back-off up to 300 s
 _REPLACING = threading.Lock()  # two admins resetting at once would resume training under each other
@@ -434,7 +434,7 @@ def retrain_reward(services) -> str:
         finally:
             if result is None:  # failed, or too few votes: serve the last reward model again
                 from rlhf_chat.learning.reward import load_reward
-                from rlhf_chat.serving.runtime import restore_latest
+                from rlhf_chat.learning.checkpoints import restore_latest
 
                 services.worker.call(CHAT, lambda m: restore_latest(m, services.sessions, "reward", load_reward))
     if result is None:

@@ -24,14 +24,15 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat.evaluation.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
+from rlhf_chat.generation.candidates import count_response_tokens
+from rlhf_chat.generation.worker import PPO, ModelWorker
 from rlhf_chat.model.loading import Models
-from rlhf_chat.serving.arena import ArenaResult, arena_results, bucket_results, total
-from rlhf_chat.serving.candidates import count_response_tokens, left_pad
-from rlhf_chat.serving.chat import prompt_text, render_prompt
-from rlhf_chat.serving.worker import PPO, ModelWorker
+from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.storage.arena import ArenaResult, arena_results, bucket_results, total
 from rlhf_chat.storage.tables import CandidateRow, Comparison, TrainingEvent
+from rlhf_chat.text.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
+from rlhf_chat.text.chat import prompt_text, render_prompt
 
 log = logging.getLogger(__name__)
 

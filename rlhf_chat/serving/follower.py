@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from sqlalchemy.exc import OperationalError
 
 from rlhf_chat.config import DeployConfig
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.learning.checkpoints import load_verified
 from rlhf_chat.learning.ppo import install_policy
-from rlhf_chat.serving.worker import CHAT, ModelWorker
 from rlhf_chat.storage import lease, store
 
 log = logging.getLogger(__name__)

@@ -29,17 +29,17 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.behaviours import DETECTORS
+from rlhf_chat.generation.candidates import Sampling, sample
+from rlhf_chat.generation.modes import active_modes, mode_record_for, modes_for_pair
+from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.learning.guards import client_key
 from rlhf_chat.serving import controls, dashboard
-from rlhf_chat.serving.admission import Admission, AdminGuard, client_address
+from rlhf_chat.serving.admission import AdminGuard, Admission, client_address
 from rlhf_chat.serving.batcher import BatcherFull, PairBatcher, PairRequest
-from rlhf_chat.serving.candidates import Sampling, sample
-from rlhf_chat.serving.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 from rlhf_chat.serving.health import health_route
-from rlhf_chat.serving.modes import active_modes, mode_record_for, modes_for_pair
-from rlhf_chat.serving.worker import CHAT, ModelWorker
 from rlhf_chat.storage import store
+from rlhf_chat.text.behaviours import DETECTORS
+from rlhf_chat.text.chat import EmptyMessage, clean_message, render_prompt, trim_to_budget, with_system_prompt
 
 log = logging.getLogger(__name__)
 

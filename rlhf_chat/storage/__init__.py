@@ -1,1 +1,1 @@
-"""Storage: the database schema, data access and the export of the votes."""
+"""Storage: the database schema, data access, the trainer lease and arena results over stored votes."""

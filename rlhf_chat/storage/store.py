@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from rlhf_chat.serving.candidates import Candidate
+from rlhf_chat.storage.records import Candidate
 from rlhf_chat.storage.tables import (
     CHOICES,
     SCHEMA_VERSION,

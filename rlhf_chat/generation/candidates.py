@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -17,9 +17,11 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from rlhf_chat.generation.nucleus import NucleusSampler, sample_next_tokens
+from rlhf_chat.generation.repetition import LoopStop
 from rlhf_chat.model.decoder import Decoder, decoder_for
-from rlhf_chat.serving.nucleus import NucleusSampler, sample_next_tokens
-from rlhf_chat.serving.repetition import LoopStop
+from rlhf_chat.model.tensors import left_pad
+from rlhf_chat.storage.records import Candidate
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
 
@@ -61,27 +63,6 @@ class Samples:
     # (B, P + R, H) the hidden states entering the first adapted layer at every
     # prompt and answer position (``keep_frozen``; None when not kept)
     frozen: torch.Tensor | None = None
-
-
-@dataclass
-class Candidate:
-    """One answer shown to a person, with what is needed to reproduce and learn from it."""
-
-    text: str
-    source: str  # "policy" or "reference"
-    policy_version: int
-    seed: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    token_count: int
-    finished: bool
-    latency_s: float
-    mode: str = ""  # the response mode it was written in (modes.py); "" for a plain answer. Never shown.
-
-    def to_record(self) -> dict:
-        """Plain fields for the store."""
-        return asdict(self)
 
 
 class RowStreamer(BaseStreamer):
@@ -135,18 +116,6 @@ class EachStep(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into a left-padded (B, L) batch and its attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def encode_openings(tokenizer, openings: list[str] | None, rows: int) -> list[list[int]]:
     """Each row's prefilled opening as tokens, as :func:`sample` feeds them ([] for none)."""
     return [tokenizer.encode(o, add_special_tokens=False) if o else [] for o in (openings or [""] * rows)]
@@ -185,7 +154,7 @@ def sample(
     ``modes.py``; "" for none): the model continues it, and the row's text
     includes it, while ``response_ids`` and the log-probabilities hold only what
     the model wrote.
-    Tokens are drawn by :class:`~rlhf_chat.serving.nucleus.NucleusSampler`: exactly
+    Tokens are drawn by :class:`~rlhf_chat.generation.nucleus.NucleusSampler`: exactly
     softmax(logits / ``temperature``) within the ``top_p`` nucleus, no top-k,
     so with ``top_p`` 1.0 it is the distribution PPO's log-probabilities assume.
     ``keep_frozen`` keeps the frozen layers' output (``Samples.frozen``) where the

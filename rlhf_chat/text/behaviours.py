@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-
 # Words and punctuation that make an answer read as warm and polite.  Matching
 # is case-insensitive and each marker must start at a word boundary, so "sure"
 # is not counted inside "ensure" or "measure", while stems such as "thank"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_chat.learning.ppo_math import masked_mean
+from rlhf_chat.model.tensors import left_pad, masked_mean
 
 
 def make_scalar_head(hidden_size: int, device: torch.device) -> nn.Linear:
@@ -162,8 +162,6 @@ class PrefixCache:
 
     def prefix(self, models, sequences: list[list[int]]) -> Prefix:
         """A left-padded batch prefix for the sequences, computing only the missing ones."""
-        from rlhf_chat.serving.candidates import left_pad
-
         missing = list({tuple(s): s for s in sequences if tuple(s) not in self.hidden}.values())
         if missing:
             ids, mask = left_pad(missing, models.tokenizer.pad_token_id, models.device)

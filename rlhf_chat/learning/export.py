@@ -24,8 +24,8 @@ from pathlib import Path
 from rlhf_chat.config import GuardConfig
 from rlhf_chat.learning.guards import assess_feedback
 from rlhf_chat.learning.preferences import PreferencePair, demonstration_pairs, to_pair
-from rlhf_chat.serving.chat import prompt_text
 from rlhf_chat.storage import store
+from rlhf_chat.text.chat import prompt_text
 
 
 def preference_rows(session) -> tuple[list[dict], dict[str, int]]:

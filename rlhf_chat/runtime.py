@@ -11,18 +11,18 @@ import logging
 import torch
 
 from rlhf_chat.config import AppConfig, validate
-from rlhf_chat.learning.checkpoints import verify_digest
+from rlhf_chat.generation.candidates import Sampling, sample
+from rlhf_chat.generation.worker import ModelWorker
+from rlhf_chat.learning.checkpoints import restore_latest
 from rlhf_chat.learning.ppo import load_policy
 from rlhf_chat.learning.reward import load_reward
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.model.loading import Models, load_models
-from rlhf_chat.serving.candidates import Sampling, sample
 from rlhf_chat.serving.follower import PolicyFollower
-from rlhf_chat.serving.chat import render_prompt
 from rlhf_chat.serving.ui import Services
-from rlhf_chat.serving.worker import ModelWorker
-from rlhf_chat.storage import lease, store
+from rlhf_chat.storage import lease
 from rlhf_chat.storage.store import open_store
+from rlhf_chat.text.chat import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,6 @@ def warm_up(models: Models) -> None:
     prompt = render_prompt(models.tokenizer, [{"role": "user", "content": "Hello!"}])
     for _ in range(2):
         sample(models.serving, models.tokenizer, [prompt, prompt], Sampling(max_new_tokens=4, temperature=1.0))
-
-
-def restore_latest(models: Models, sessions, kind: str, load) -> int:
-    """Load the newest checkpoint of a kind that is still on disk and whole; 0 when
-    there is none.
-
-    An older one is tried when the newest is unreadable, or does not match the
-    checksum it was published with (a wiped disk, a half-copied volume), so a
-    restart never serves less than it can.
-    """
-    with sessions() as session:
-        saved = list(reversed(store.checkpoints(session, kind)))
-    for checkpoint in saved:
-        try:
-            verify_digest(checkpoint.path, checkpoint.extra.get("sha256"))  # read twice at start-up: cheap
-            version = load(models, checkpoint.path)
-            log.info("restored %s checkpoint v%d from %s", kind, version, checkpoint.path)
-            return version
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("cannot load %s checkpoint %s: %s", kind, checkpoint.path, exc)
-    return 0
 
 
 def load_for_serving(cfg: AppConfig, sessions=None, training: bool = True) -> Models:

@@ -137,8 +137,8 @@ def active_modes(session) -> list[Mode]:
 def mode_record_for(session, choice: str) -> dict[str, tuple[int, int]] | None:
     """What ``pick_pair`` needs for a ``loop.mode_choice``: the votes' record for
     "thompson", None for "uniform"."""
-    from rlhf_chat.storage import store
     from rlhf_chat.config import MODE_CHOICES
+    from rlhf_chat.storage import store
 
     if choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {choice!r}: expected one of {', '.join(MODE_CHOICES)}")

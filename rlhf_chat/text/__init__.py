@@ -1,0 +1,1 @@
+"""Text: what words say, with no model: the chat template and message cleaning, and the behaviour detectors."""
