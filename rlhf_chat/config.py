@@ -275,6 +275,11 @@ class SimulationConfig:
     # With --teacher: at most this many written answers in a run (issue 21's
     # measurement: 20 written answers beside the usual votes).
     demonstrations: int = 20
+    # The alignment tax (learning/tax.py), reference and final policy: factual
+    # questions from the answer key, one phrasing per fact, and sampled answers to
+    # each. 40 x 2 answers a side put the facts share's standard error near 0.05.
+    tax_fact_questions: int = 40
+    tax_answers_per_question: int = 2
 
 
 @dataclass

@@ -15,7 +15,10 @@ can show the policy drifting towards it:
   length, so the two built-ins pull the model in different directions);
 * ``follow_up`` and ``example`` are strict: the answer that asks the person a
   question (or gives an example) wins, and anything else is a tie, so length
-  can never win them.
+  can never win them;
+* ``context`` is strict per question: the fact for a factual question, a
+  question back for a request that depends on the person, an example for an
+  idea (the seed's "which one is right depends on the question").
 
 Your own labeler can be plugged in with ``load_labeler("package.module:func")``.
 Whatever a labeler returns should be passed through ``normalize_choice`` before
@@ -30,7 +33,8 @@ from collections.abc import Callable
 from typing import Literal
 
 from rlhf_chat.storage import tables
-from rlhf_chat.text.behaviours import FRIENDLY_MARKERS, asks_question, friendliness_score, gives_example
+from rlhf_chat.text.behaviours import FRIENDLY_MARKERS, asks_question, friendliness_score, gives_example, on_topic
+from rlhf_chat.text.questions import CONCEPT, FACT, HOW_TO, question_kind, shipped_fact_key, states_fact
 
 __all__ = [
     "BUILTIN_LABELERS",
@@ -40,6 +44,7 @@ __all__ = [
     "FRIENDLY_MARKERS",
     "Labeler",
     "concise",
+    "context",
     "example",
     "follow_up",
     "friendly",
@@ -134,8 +139,36 @@ def example(prompt: str, response_a: str, response_b: str) -> Choice:
     return strict_choice(gives_example(response_a), gives_example(response_b))
 
 
+def context(prompt: str, response_a: str, response_b: str) -> Choice:
+    """Prefer the kind of answer the question calls for (the seed's list: answer
+    directly, follow up with a question, give an example), strictly:
+
+    * a factual question (in the answer key, ``text/questions.py``): the answer that
+      states the accepted fact wins;
+    * a request that depends on the person's situation (how-to, advice, plans): the
+      answer that asks the person a question back, on topic, wins;
+    * a question about an idea: the answer that gives an example, on topic, wins;
+    * any other question, or both or neither answer doing what its kind calls for:
+      a tie. So neither length nor a canned opening can win it: an answer must do
+      the right thing for this question (an example opening before a fact does not
+      state the fact; a question back to a factual question states nothing).
+    """
+    kind = question_kind(prompt)
+    if kind == FACT:
+        accepted = shipped_fact_key()[prompt.strip()]
+        return strict_choice(states_fact(response_a, accepted), states_fact(response_b, accepted))
+    if kind == HOW_TO:
+        asks = [asks_question(r) and on_topic(prompt, r) for r in (response_a, response_b)]
+        return strict_choice(*asks)
+    if kind == CONCEPT:
+        shows = [gives_example(r) and on_topic(prompt, r) for r in (response_a, response_b)]
+        return strict_choice(*shows)
+    return "tie"
+
+
 BUILTIN_LABELERS: dict[str, Labeler] = {
     "concise": concise,
+    "context": context,
     "friendly": friendly,
     "follow_up": follow_up,
     "example": example,

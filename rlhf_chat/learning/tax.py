@@ -1,0 +1,136 @@
+"""Tax: what a learned taste costs, measured on the policy against the reference.
+
+A win-rate against a labeler that counts markers cannot see a bot that stops
+answering. InstructGPT (Ouyang et al. 2022, section 3.5) calls the regressions
+on what the model could already do the "alignment tax", and measures it on
+held-out tasks. Here, in small, reference -> policy, three figures:
+
+* **facts kept**: the share of sampled answers to factual questions (the shipped
+  answer key, ``text/questions.py``) that state the accepted answer;
+* **language kept**: the mean negative log-likelihood per token of a shipped set
+  of well-formed answers (lower is better; a policy that drifted into a canned
+  phrase finds ordinary answers less likely);
+* **answers, not echoes**: the share of answers that say something the question
+  did not (:func:`rlhf_chat.text.questions.gives_content`).
+
+Both sides are measured in the same call, on the same prompts, with the same
+sampling settings, so the difference is the policy's doing.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
+from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
+from rlhf_chat.model.loading import POLICY
+from rlhf_chat.text.chat import render_prompt
+from rlhf_chat.text.questions import gives_content, states_fact
+
+
+@dataclass
+class SideTax:
+    """The three figures for one side (the reference or the policy)."""
+
+    facts: float  # share of answers to factual questions that state the fact
+    nll: float  # mean NLL per token of the well-formed answers
+    content: float  # share of answers that say something (gives_content)
+    asks_instead: float  # share of factual answers that are a question and state no fact
+
+
+@dataclass
+class Tax:
+    """Reference and policy side by side, with how many questions and answers each figure read."""
+
+    reference: SideTax
+    policy: SideTax
+    fact_questions: int
+    fact_answers: int
+    nll_answers: int
+
+    def as_dict(self) -> dict:
+        """Plain fields for a report."""
+        return asdict(self)
+
+
+def pick_fact_questions(key: dict[str, list[str]], count: int, seed: int) -> list[str]:
+    """``count`` questions of the key, one phrasing per distinct accepted list (so that
+    one fact is not counted three times), drawn with ``seed``."""
+    by_fact: dict[tuple[str, ...], list[str]] = {}
+    for question, accepted in key.items():
+        by_fact.setdefault(tuple(accepted), []).append(question)
+    rng = random.Random(seed)
+    picked = [rng.choice(sorted(questions)) for _, questions in sorted(by_fact.items())]
+    rng.shuffle(picked)
+    return picked[:count] if count > 0 else picked
+
+
+@torch.no_grad()
+def answer_both(models, questions: list[str], sampling: Sampling, per_question: int) -> tuple[list[str], list[str]]:
+    """``per_question`` sampled answers of the policy and of the reference to each
+    question: two calls with the same seed and layout, so that a policy equal to the
+    reference writes the reference's answers, word for word, and shows no tax."""
+    tok = models.tokenizer
+    rows = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions for _ in range(per_question)]
+    policy = sample(models.serving, tok, rows, sampling, adapter_names=["policy"] * len(rows)).texts
+    reference = sample(models.serving, tok, rows, sampling, adapter_names=[BASE_ADAPTER] * len(rows)).texts
+    return policy, reference
+
+
+@torch.no_grad()
+def answers_nll(models, pairs: list[tuple[str, str]], reference: bool, max_prompt_tokens: int = 256) -> float:
+    """Mean NLL per answer token of the (question, answer) pairs under the training
+    copy's policy adapter, or with adapters off (the reference)."""
+    examples = [SupervisedExample([{"role": "user", "content": q}], a) for q, a in pairs]
+    models.trainer.set_adapter(POLICY)
+    with models.trainer.disable_adapter() if reference else nullcontext():
+        return float(lm_loss(models, examples, max_prompt_tokens))
+
+
+def fact_shares(questions: list[str], answers: list[str], key: dict[str, list[str]], per_question: int) -> tuple[float, float]:
+    """(share stating the fact, share that asks a question instead and states none)."""
+    stated = asked = 0
+    for k, answer in enumerate(answers):
+        accepted = key[questions[k // per_question]]
+        hit = states_fact(answer, accepted)
+        stated += hit
+        asked += (not hit) and answer.rstrip().endswith("?")
+    n = max(1, len(answers))
+    return stated / n, asked / n
+
+
+def measure_tax(
+    models,
+    key: dict[str, list[str]],
+    reference_answers: list[tuple[str, str]],
+    sampling: Sampling,
+    fact_questions: int = 40,
+    per_question: int = 2,
+    seed: int = 0,
+    content_prompts: list[str] | None = None,
+) -> Tax:
+    """The alignment tax of the policy the models hold now (run it as a model-worker job).
+
+    Facts: ``fact_questions`` questions of ``key``, ``per_question`` sampled answers
+    each, from both sides. Content: the same answers, plus ``content_prompts`` (e.g.
+    the held-out prompts) answered once each. NLL: the well-formed answers.
+    """
+    questions = pick_fact_questions(key, fact_questions, seed)
+    policy, reference = answer_both(models, questions, sampling, per_question)
+    extra = content_prompts or []
+    more_policy, more_reference = answer_both(models, extra, sampling, 1) if extra else ([], [])
+    prompts = [q for q in questions for _ in range(per_question)] + list(extra)
+    sides = {}
+    for name, answers, more in (("policy", policy, more_policy), ("reference", reference, more_reference)):
+        facts, asks = fact_shares(questions, answers, key, per_question)
+        everything = answers + more
+        content = sum(gives_content(p, a) for p, a in zip(prompts, everything)) / max(1, len(everything))
+        nll = answers_nll(models, reference_answers, reference=name == "reference")
+        sides[name] = SideTax(facts=round(facts, 4), nll=round(nll, 4), content=round(content, 4),
+                              asks_instead=round(asks, 4))
+    return Tax(reference=sides["reference"], policy=sides["policy"], fact_questions=len(questions),
+               fact_answers=len(policy), nll_answers=len(reference_answers))
