@@ -221,7 +221,11 @@ class LoopConfig:
     # How the two modes of a pair are picked: "uniform" (any two), or
     # "thompson": one side is the mode a Thompson draw over the votes so far
     # favours, the other any other mode, so the pairs people see concentrate on
-    # what they have been choosing while every mode keeps being compared.
+    # what they have been choosing while every mode keeps being compared; or
+    # "per_kind": the same draw over the votes on questions of the message's kind
+    # (a fact, a how-to request, an idea, other; text/questions.py), the other
+    # kinds' votes at a quarter, so asking back can win on how-to requests and
+    # lose on facts (modes.mode_record_for).
     mode_choice: str = "thompson"
     # How much an answer a person wrote weighs against one vote: each written
     # answer is a reward-model pair over each of the two answers beside it, and
@@ -375,7 +379,7 @@ def _parse_value(text: str, current: object) -> object:
     return type(current)(text)
 
 
-MODE_CHOICES = ("uniform", "thompson")  # loop.mode_choice
+MODE_CHOICES = ("uniform", "thompson", "per_kind")  # loop.mode_choice
 
 
 def validate(cfg: AppConfig) -> AppConfig:

@@ -264,3 +264,34 @@ def test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them(tiny_model
     assert plain_a.mode == plain_b.mode == ""
     with pytest.raises(ValueError, match="arena"):
         generate_pair(tiny_models.serving, tok, prompt, sampling, 1, arena=True, modes=modes)
+
+
+def test_a_per_kind_record_counts_the_kinds_own_votes_and_a_quarter_of_the_rest(tmp_path):
+    """Asking back won on how-to requests and lost on facts: the per-kind record of a
+    factual question favours the direct answer, a how-to request's the follow-up;
+    the global record cannot tell them apart."""
+    from rlhf_chat.generation.modes import mode_record_for
+    from rlhf_chat.storage.records import Candidate
+
+    sessions = store.open_store(f"sqlite:///{tmp_path / 'kinds.db'}")
+
+    def vote(prompt: str, winner: str, loser: str) -> None:
+        def side(mode):
+            return Candidate(f"{mode} answer", "policy", 0, 0, 0.7, 1.0, 8, 3, True, 0.1, mode)
+
+        with sessions() as s, s.begin():
+            c = store.save_pair(s, session_id="t", context=[{"role": "user", "content": prompt}],
+                                a=side(winner), b=side(loser))
+            store.record_vote(s, c.id, "a")
+
+    for _ in range(4):
+        vote("What is the capital of Canada?", "direct", "follow_up")
+        vote("How should I prepare for a job interview?", "follow_up", "direct")
+    with sessions() as s:
+        fact = mode_record_for(s, "per_kind", "What is the capital of Kenya?")
+        how_to = mode_record_for(s, "per_kind", "How do I start running?")
+        overall = mode_record_for(s, "thompson", "What is the capital of Kenya?")
+        assert mode_record_for(s, "uniform", "Hi") is None
+    assert fact == {"direct": (4.0, 1.0), "follow_up": (1.0, 4.0)}
+    assert how_to == {"direct": (1.0, 4.0), "follow_up": (4.0, 1.0)}
+    assert overall == {"direct": (4, 4), "follow_up": (4, 4)}

@@ -22,6 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from rlhf_chat.text.chat import prompt_text
+from rlhf_chat.text.questions import question_kind
+
 PLAIN = ""  # the stored mode of a candidate written with no opening
 
 
@@ -75,7 +78,7 @@ BUILTIN_MODES: tuple[Mode, ...] = (
 
 
 def pick_pair(
-    modes: list[Mode], rng: random.Random, record: dict[str, tuple[int, int]] | None = None
+    modes: list[Mode], rng: random.Random, record: dict[str, tuple[float, float]] | None = None
 ) -> tuple[Mode, Mode] | None:
     """Two different modes for the two sides of a pair, in random order; None with fewer than two.
 
@@ -134,15 +137,52 @@ def active_modes(session) -> list[Mode]:
     return list(modes.values())
 
 
-def mode_record_for(session, choice: str) -> dict[str, tuple[int, int]] | None:
-    """What ``pick_pair`` needs for a ``loop.mode_choice``: the votes' record for
-    "thompson", None for "uniform"."""
+# How much the votes on other kinds of question count in a per-kind record: a
+# quarter, so a mode people chose everywhere (a taste of tone) is tried early for
+# every kind, while a kind's own votes soon outweigh the rest (asking back wins on
+# how-to requests and loses on facts).
+OTHER_KINDS_WEIGHT = 0.25
+
+
+def mode_record_for(session, choice: str, prompt: str | None = None) -> dict[str, tuple[float, float]] | None:
+    """What ``pick_pair`` needs for a ``loop.mode_choice``: None for "uniform"; the
+    votes' record for "thompson"; for "per_kind", the record of the votes on questions
+    of ``prompt``'s kind (``text.questions.question_kind``: a fact, a how-to request,
+    an idea, or none of these), with the other kinds' votes at
+    :data:`OTHER_KINDS_WEIGHT`, so that each kind of question gets its own favourite."""
     from rlhf_chat.config import MODE_CHOICES
     from rlhf_chat.storage import store
 
     if choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {choice!r}: expected one of {', '.join(MODE_CHOICES)}")
-    return store.mode_record(session) if choice == "thompson" else None
+    if choice == "uniform":
+        return None
+    if choice == "thompson" or prompt is None:
+        return store.mode_record(session)
+    return record_for_kind(store.mode_record_by(session, context_kind), question_kind(prompt))
+
+
+def context_kind(context: list[dict]) -> str | None:
+    """The kind of question a stored conversation's last user message asks."""
+    return question_kind(prompt_text(context))
+
+
+def record_for_kind(
+    by_kind: dict[object, dict[str, tuple[int, int]]], kind: str | None
+) -> dict[str, tuple[float, float]]:
+    """One kind's (wins, losses) per mode, plus every other kind's at :data:`OTHER_KINDS_WEIGHT`.
+
+    >>> record_for_kind({"fact": {"direct": (4, 0)}, "how_to": {"direct": (0, 8)}}, "fact")
+    {'direct': (4.0, 2.0)}
+    """
+    record: dict[str, list[float]] = {}
+    for group, modes in by_kind.items():
+        weight = 1.0 if group == kind else OTHER_KINDS_WEIGHT
+        for mode, (wins, losses) in modes.items():
+            entry = record.setdefault(mode, [0.0, 0.0])
+            entry[0] += weight * wins
+            entry[1] += weight * losses
+    return {mode: (wins, losses) for mode, (wins, losses) in record.items()}
 
 
 def modes_for_pair(

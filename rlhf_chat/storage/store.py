@@ -152,6 +152,23 @@ def with_retry(fn: Callable[[], T], attempts: int = 5, first_wait_s: float = 0.2
     raise AssertionError("unreachable")
 
 
+def write(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+    """Run ``work(session)`` in one transaction and return what it returns, retried
+    as a whole (:func:`with_retry`) while the database is busy.
+
+    The whole transaction is the unit that is retried: a write that failed part
+    way was rolled back, so running ``work`` again never stores anything twice.
+    Past the retries the ``OperationalError`` reaches the caller, which tells the
+    person that nothing was stored.
+    """
+
+    def attempt() -> T:
+        with sessions() as session, session.begin():
+            return work(session)
+
+    return with_retry(attempt)
+
+
 def storable_text(text: str) -> str:
     """Text as every supported database stores it: without NUL characters.
 
@@ -445,6 +462,21 @@ def mode_record(session: Session) -> dict[str, tuple[int, int]]:
     for mode, is_win, count in session.execute(query):
         record.setdefault(mode, [0, 0])[0 if is_win else 1] += count
     return {mode: (wins, losses) for mode, (wins, losses) in record.items()}
+
+
+def mode_record_by(session: Session, group: Callable[[list], object]) -> dict[object, dict[str, tuple[int, int]]]:
+    """:func:`mode_record` split by ``group(context)`` of each vote's conversation
+    (for instance the kind of question its last message asks)."""
+    won = CandidateRow.side == Comparison.choice
+    query = (
+        select(Comparison.context, CandidateRow.mode, won)
+        .join(Comparison, CandidateRow.comparison_id == Comparison.id)
+        .where(Comparison.choice.in_(("a", "b")), CandidateRow.mode.is_not(None), CandidateRow.mode != "")
+    )
+    records: dict[object, dict[str, list[int]]] = {}
+    for context, mode, is_win in session.execute(query):
+        records.setdefault(group(context), {}).setdefault(mode, [0, 0])[0 if is_win else 1] += 1
+    return {key: {m: (w, lo) for m, (w, lo) in record.items()} for key, record in records.items()}
 
 
 # --- checkpoints, metrics and events --------------------------------------------------
