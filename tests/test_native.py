@@ -90,11 +90,20 @@ def test_a_backward_through_the_native_kernels_fails_plainly():
         out.sum().backward()
 
 
-def test_a_cache_folder_it_cannot_write_means_torchs_kernel_with_the_reason(tmp_path):
+def test_a_cache_folder_it_cannot_write_means_torchs_kernel_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHF_CHAT_NATIVE", raising=False)  # make test-isa switches them off on one of its runs
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     kernel, why = native.resolve_kernel("auto", blocked)
     assert kernel == "torch" and "could not build or load" in why
+
+
+def test_the_native_kernels_can_be_switched_off_with_the_reason(tmp_path, monkeypatch):
+    """RLHF_CHAT_NATIVE=0 runs a machine without a C compiler's paths (make test-isa)."""
+    monkeypatch.setenv("RLHF_CHAT_NATIVE", "0")
+    with pytest.raises(native.NativeUnavailable, match="RLHF_CHAT_NATIVE=0"):
+        native.library(str(tmp_path))
+    assert native.resolve_kernel("auto", tmp_path) == ("torch", "native kernels unavailable: switched off by RLHF_CHAT_NATIVE=0")
 
 
 def test_kernel_settings_resolve_and_say_why(tmp_path, monkeypatch):
