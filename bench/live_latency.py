@@ -23,10 +23,10 @@ from common import machine, percentile, summary
 from rlhf_chat.config import AppConfig
 from rlhf_chat.evaluation.labelers import concise
 from rlhf_chat.evaluation.simulate import collect_votes, load_prompts
-from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.reward import reward_round_from_config
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.runtime import start_services
-from rlhf_chat.serving.ui import ChatState, respond
+from rlhf_chat.serving.handlers import ChatState, respond
 
 
 def timed_requests(services, prompts: list[str], n: int, rng: random.Random) -> list[float]:
@@ -62,7 +62,7 @@ def main() -> None:
     print(f"idle:     {summary(idle)}")
 
     collect_votes(services.worker, services.sessions, prompts, concise, args.votes, cfg, random.Random(1))
-    run_round(services.worker, services.sessions, cfg.reward, cfg.store.checkpoint_dir)
+    reward_round_from_config(services.worker, services.sessions, cfg)
     loop = TrainingLoop(services.worker, services.sessions, cfg).start()
     while loop.status.ppo_steps < 1:  # measure only once PPO is under way
         time.sleep(0.5)

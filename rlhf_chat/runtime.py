@@ -19,7 +19,7 @@ from rlhf_chat.learning.reward import load_reward
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.model.loading import Models, load_models
 from rlhf_chat.serving.follower import PolicyFollower
-from rlhf_chat.serving.ui import Services
+from rlhf_chat.serving.services import Services
 from rlhf_chat.storage import lease
 from rlhf_chat.storage.store import open_store
 from rlhf_chat.text.chat import render_prompt

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlhf_chat.config import AppConfig  # noqa: E402
 from rlhf_chat.learning.training_loop import TrainingLoop  # noqa: E402
 from rlhf_chat.runtime import start_services  # noqa: E402
-from rlhf_chat.serving.ui import ChatState, respond, vote  # noqa: E402
+from rlhf_chat.serving.handlers import ChatState, respond, vote  # noqa: E402
 from rlhf_chat.storage import store  # noqa: E402
 from rlhf_chat.storage.tables import Message  # noqa: E402
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from rlhf_chat.generation.worker import CHAT
 from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.batcher import PairBatcher
-from rlhf_chat.serving.ui import BUSY, STILL_WRITING, ChatState, delete_my_data, regenerate, respond, vote
+from rlhf_chat.serving.handlers import BUSY, STILL_WRITING, ChatState, delete_my_data, regenerate, respond, vote
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison, Conversation, Message
 
@@ -186,8 +186,9 @@ def free_port() -> int:
 
 
 def test_over_http_uploads_are_capped_and_the_address_limit_spans_clients(services):
-    """The served app: Gradio's upload route refuses more than ui.max_upload_bytes, and
-    two clients (two sessions) from 127.0.0.1 share that address's vote limit."""
+    """The served app: its config says analytics are off; Gradio's upload route refuses
+    more than ui.max_upload_bytes, and two clients (two sessions) from 127.0.0.1 share
+    that address's vote limit."""
     import httpx
     from gradio_client import Client
 
@@ -200,6 +201,7 @@ def test_over_http_uploads_are_capped_and_the_address_limit_spans_clients(servic
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(services.config))
     try:
         url = f"http://127.0.0.1:{port}/"
+        assert httpx.get(url + "config", timeout=60).json()["analytics_enabled"] is False  # privacy by default
         big = httpx.post(url + "gradio_api/upload", files={"files": ("big.bin", b"\0" * 2_000_000)}, timeout=60)
         small = httpx.post(url + "gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=60)
         assert big.status_code == 413 and small.status_code == 200
@@ -214,8 +216,9 @@ def test_over_http_uploads_are_capped_and_the_address_limit_spans_clients(servic
 
 
 def test_public_views_say_that_something_failed_and_only_the_admin_sees_what(services):
+    from rlhf_chat.serving.admin import admin_details
     from rlhf_chat.serving.dashboard import recent_events
-    from rlhf_chat.serving.ui import admin_details, status_line
+    from rlhf_chat.serving.handlers import status_line
 
     with services.sessions() as s, s.begin():
         store.add_event(s, "error", "OSError: [Errno 28] No space left on device: '/data/checkpoints/policy-7'")

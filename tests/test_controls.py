@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from rlhf_chat.config import AppConfig
+from rlhf_chat.learning import interventions
 from rlhf_chat.learning.ppo import make_optimizer, policy_tensors
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.model.loading import POLICY, adapter_state, sync_policy_weights
 from rlhf_chat.runtime import start_services
-from rlhf_chat.serving import controls, ui
+from rlhf_chat.serving import admin, controls
 from rlhf_chat.serving.admission import AdminGuard
 from rlhf_chat.serving.controls import ControlError, check_admin
 from rlhf_chat.serving.dashboard import ProbeBoard
@@ -49,20 +50,20 @@ def test_bad_values_are_refused_with_a_reason():
 
 
 def test_every_admin_handler_checks_the_password(monkeypatch, tmp_path):
-    monkeypatch.setattr(ui, "WRONG_PASSWORD_DELAY_S", 0.0)
+    monkeypatch.setattr(admin, "WRONG_PASSWORD_DELAY_S", 0.0)
     cfg = config_with_password("a long enough password")
     services = SimpleNamespace(config=cfg, sessions=None, admin_guard=AdminGuard(cfg.ui), address=lambda r: "local")
     called = []
-    message, _ = asyncio.run(ui.admin_control(services, lambda s: called.append(s) or "done", "wrong"))
+    message, _ = asyncio.run(admin.admin_control(services, lambda s: called.append(s) or "done", "wrong"))
     assert message.startswith("Not authorised") and called == []  # the action never ran
-    panel, message, _, _ = asyncio.run(ui.unlock(services, "wrong"))
+    panel, message, _, _ = asyncio.run(admin.unlock(services, "wrong"))
     assert panel["visible"] is False and message == "Wrong password."
-    file, message = asyncio.run(ui.admin_export(services, ""))
+    file, message = asyncio.run(admin.admin_export(services, ""))
     assert file["visible"] is False and message.startswith("Not authorised")
-    message, _ = asyncio.run(ui.admin_modes(services, lambda s, *a: called.append(a) or "done", "wrong", "riddle"))
+    message, _ = asyncio.run(admin.admin_modes(services, lambda s, *a: called.append(a) or "done", "wrong", "riddle"))
     assert message.startswith("Not authorised") and called == []
     services.sessions = lambda: pytest.fail("a refused request must not read the database")
-    asyncio.run(ui.admin_control(services, lambda s: "done", None))
+    asyncio.run(admin.admin_control(services, lambda s: "done", None))
 
 
 def test_wrong_passwords_lock_an_address_out_are_logged_and_never_hold_a_thread(monkeypatch, caplog):
@@ -74,23 +75,23 @@ def test_wrong_passwords_lock_an_address_out_are_logged_and_never_hold_a_thread(
     services = SimpleNamespace(config=cfg, sessions=None, admin_guard=guard, address=lambda r: addresses[r])
     with caplog.at_level("WARNING"):
         for _ in range(3):
-            assert asyncio.run(ui.unlock(services, "guess", request="attacker"))[1] == "Wrong password."
+            assert asyncio.run(admin.unlock(services, "guess", request="attacker"))[1] == "Wrong password."
     assert "203.0.113.9" in caplog.text  # each failure is logged with its address
     # locked: even the right password is refused from that address, without being checked
-    assert asyncio.run(ui.unlock(services, "a long enough password", request="attacker"))[1] == ui.LOCKED_OUT
-    message, _ = asyncio.run(ui.admin_control(services, lambda s: "done", "a long enough password", request="attacker"))
-    assert message == ui.LOCKED_OUT
+    assert asyncio.run(admin.unlock(services, "a long enough password", request="attacker"))[1] == admin.LOCKED_OUT
+    message, _ = asyncio.run(admin.admin_control(services, lambda s: "done", "a long enough password", request="attacker"))
+    assert message == admin.LOCKED_OUT
     # another address is not affected, and the lock ends after admin_lockout_s
-    assert asyncio.run(ui._admin_refusal(services, "a long enough password", "admin", "refused")) is None
+    assert asyncio.run(admin._admin_refusal(services, "a long enough password", "admin", "refused")) is None
     now[0] += cfg.ui.admin_lockout_s + 1
     assert not guard.locked("203.0.113.9")
 
     # ten wrong guesses at once take about one delay, not ten: the waits share the event loop
-    monkeypatch.setattr(ui, "WRONG_PASSWORD_DELAY_S", 0.5)
+    monkeypatch.setattr(admin, "WRONG_PASSWORD_DELAY_S", 0.5)
     cfg.ui.admin_max_failures = 100
 
     async def ten_guesses():
-        return await asyncio.gather(*(ui.unlock(services, "guess", request="admin") for _ in range(10)))
+        return await asyncio.gather(*(admin.unlock(services, "guess", request="admin") for _ in range(10)))
 
     start = time.perf_counter()
     asyncio.run(ten_guesses())
@@ -211,7 +212,7 @@ def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(ti
     services = start_services(cfg, train=False)
     services.worker.ready.wait()
     in_flight, overlaps = threading.Event(), []  # in_flight: a PPO step, from its rollout to its publish
-    real_update, real_step, real_zero = ppo.minibatch_update, ppo.PPOTrainer.step, controls.zero_policy
+    real_update, real_step, real_zero = ppo.minibatch_update, ppo.PPOTrainer.step, interventions.zero_policy
 
     def slow_update(models, *args, **kwargs):
         time.sleep(0.15)  # a slow minibatch: the reset will land inside a step
@@ -230,7 +231,7 @@ def test_reset_waits_for_the_ppo_step_under_way_and_nothing_publishes_over_it(ti
 
     monkeypatch.setattr(ppo, "minibatch_update", slow_update)
     monkeypatch.setattr(ppo.PPOTrainer, "step", watched_step)
-    monkeypatch.setattr(controls, "zero_policy", watched_zero)
+    monkeypatch.setattr(interventions, "zero_policy", watched_zero)
     try:
         collect_votes(services.worker, services.sessions, ["hi", "what is rain?", "name a bird"], concise, 12,
                       cfg, random.Random(0))

@@ -14,7 +14,7 @@ from rlhf_chat.learning.preferences import demonstration_pairs
 from rlhf_chat.learning.reward import pair_weights
 from rlhf_chat.runtime import start_services
 from rlhf_chat.serving.controls import export_feedback
-from rlhf_chat.serving.ui import ChatState, respond, start_from, submit_demonstration, vote
+from rlhf_chat.serving.handlers import ChatState, respond, start_from, submit_demonstration, vote
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Demonstration, Message
 

@@ -20,7 +20,7 @@ from rlhf_chat.generation.worker import CHAT
 from rlhf_chat.learning.reward import run_round
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.runtime import start_services
-from rlhf_chat.serving.ui import ChatState, respond
+from rlhf_chat.serving.handlers import ChatState, respond
 from rlhf_chat.storage.tables import CandidateRow
 
 CHILD = Path(__file__).with_name("live_child.py")

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from rlhf_chat.runtime import start_services
-from rlhf_chat.serving.ui import (
+from rlhf_chat.serving.handlers import (
     CUT_LABEL,
     CUT_MARK,
     ChatState,
@@ -157,7 +157,7 @@ def test_new_conversation_resets(services):
 def test_database_down_is_told_and_nothing_is_lost(services, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from rlhf_chat.serving import ui
+    from rlhf_chat.serving import handlers
 
     _, final = send(services, "Hello there")
     state = final[OUT_STATE]
@@ -165,7 +165,7 @@ def test_database_down_is_told_and_nothing_is_lost(services, monkeypatch):
     def down(fn, *args, **kwargs):
         raise OperationalError("UPDATE comparisons", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(ui.store, "with_retry", down)
+    monkeypatch.setattr(handlers.store, "with_retry", down)
     refused = vote(services, "a", None, state)
     assert "not saved" in refused[OUT_NOTICE] and refused[OUT_STATE].phase == "vote"
     blocked = list(respond(services, "x", ChatState()))[-1]
@@ -213,7 +213,7 @@ def test_a_cut_off_answer_is_marked_and_continues_into_the_conversation(services
         seen.extend(prompts)
         return real_sample(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr("rlhf_chat.serving.ui.sample", watched)
+    monkeypatch.setattr("rlhf_chat.serving.handlers.sample", watched)
     updates, done = last(continue_answer(services, state))
     state = done[OUT_STATE]
     longer = state.history[-1]["content"]

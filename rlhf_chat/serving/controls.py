@@ -13,7 +13,8 @@ would otherwise publish a mix), run as one model-worker job, give the result
 a new, never-used version number (so candidates written afterwards are told
 apart from earlier ones), save it as a checkpoint (so a restart serves it,
 not the newest checkpoint from before), drop the optimizer's Adam state (it
-describes weights that are gone), and resume if training was running.
+describes weights that are gone), and resume if training was running. What
+they do to the weights themselves is in ``learning/interventions.py``.
 """
 
 from __future__ import annotations
@@ -23,21 +24,19 @@ import math
 import re
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
-import torch
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhf_chat.config import AppConfig
 from rlhf_chat.generation.modes import active_modes
 from rlhf_chat.generation.worker import CHAT
-from rlhf_chat.learning.checkpoints import copy_into, files_digest, load_checkpoint, save_checkpoint
+from rlhf_chat.learning import interventions
+from rlhf_chat.learning.checkpoints import load_checkpoint, publish_checkpoint
 from rlhf_chat.learning.export import demonstration_rows, preference_rows, write_rows
-from rlhf_chat.learning.ppo import policy_tensors
-from rlhf_chat.model.loading import POLICY, Models, adapter_state, sync_policy_weights
+from rlhf_chat.model.loading import Models
 from rlhf_chat.storage import store
-from rlhf_chat.storage.tables import Checkpoint, PPOStep
 from rlhf_chat.text.behaviours import DETECTORS
 
 PAUSE_TIMEOUT_S = 600.0  # a PPO step on a 2-core CPU takes tens of seconds; an error back-off up to 300 s
@@ -178,28 +177,7 @@ def set_learning_rate(services, value) -> str:
     return f"Learning rate set to {lr:g} (value head {lr * trainer.cfg.value_head_lr_mult:g})."
 
 
-# --- reset and rollback -------------------------------------------------------------------
-
-
-def next_version(session: Session, serving_version: int) -> int:
-    """A policy version number never used before: one above every version seen anywhere."""
-    used = [
-        serving_version,
-        session.scalar(select(func.max(Checkpoint.version)).where(Checkpoint.kind == "policy")) or 0,
-        session.scalar(select(func.max(PPOStep.version))) or 0,
-    ]
-    return max(used) + 1
-
-
-def zero_policy(models: Models) -> None:
-    """Make the policy equal the reference: LoRA B = 0 makes each adapter's update B·A = 0,
-    and the value head starts at 0 as a fresh one does (``heads.make_scalar_head``)."""
-    with torch.no_grad():
-        for name, param in adapter_state(models.trainer, POLICY).items():
-            if "lora_B" in name:
-                param.zero_()
-        for param in models.value_head.parameters():
-            param.zero_()
+# --- reset and rollback (the model side is learning/interventions.py) -----------------------
 
 
 def _replace_policy(services, change, extra: dict) -> int:
@@ -210,34 +188,21 @@ def _replace_policy(services, change, extra: dict) -> int:
     loop = services.loop
     with _REPLACING, _Paused(loop):
         with services.sessions() as session:
-            version = next_version(session, services.worker.serving_version)
-
-        def job(models: Models) -> dict[str, torch.Tensor]:
-            # One job: no chat request sees the serving copy half-changed.
-            change(models)
-            sync_policy_weights(models.trainer, models.serving)
-            models.serving_version = version
-            return {k: v.detach().clone() for k, v in policy_tensors(models).items()}
-
-        tensors = services.worker.call(CHAT, job)
+            version = interventions.next_version(session, services.worker.serving_version)
+        tensors = services.worker.call(CHAT, partial(interventions.replace_policy, change=change, version=version))
         if loop is not None:
             loop.ppo.optimizer = None  # Adam's moments describe weights that are gone
         kl_coef = loop.ppo.kl_ctl.value if loop is not None else services.config.ppo.kl_coef
         meta = {"version": version, "kl_coef": kl_coef, **extra}
+        event = _describe(version, extra)
         try:
-            path = save_checkpoint(services.config.store.checkpoint_dir, "policy", version, tensors, meta)
+            publish_checkpoint(services.sessions, services.config.store.checkpoint_dir, "policy", version, tensors,
+                               meta, also=lambda session: store.add_event(session, "info", event))
         except OSError as exc:  # the change is live; only its survival across a restart failed
             raise ControlError(
                 f"The policy now serves as v{version}, but saving it failed ({exc}): "
                 "a restart would serve the previous checkpoint."
             ) from exc
-
-        def record() -> None:
-            with services.sessions() as session, session.begin():
-                store.add_checkpoint(session, "policy", version, str(path), {**meta, "sha256": files_digest(path)})
-                store.add_event(session, "info", _describe(version, extra))
-
-        store.with_retry(record)
     return version
 
 
@@ -249,7 +214,7 @@ def _describe(version: int, extra: dict) -> str:
 
 def reset_policy(services) -> str:
     """Reset the policy to the base model (the reference), as a new version."""
-    version = _replace_policy(services, zero_policy, {"reset": True})
+    version = _replace_policy(services, interventions.zero_policy, {"reset": True})
     return f"Policy reset to the base model; now serving v{version}."
 
 
@@ -270,11 +235,8 @@ def rollback(services, version) -> str:
     except (OSError, ValueError) as exc:  # missing, truncated or corrupt
         raise ControlError(f"Checkpoint v{wanted} cannot be read from {saved[wanted]}: {exc}") from None
 
-    def load(models: Models) -> None:
-        copy_into(policy_tensors(models), tensors)  # checks every name before copying any
-
     try:
-        new = _replace_policy(services, load, {"rolled_back_to": wanted})
+        new = _replace_policy(services, partial(interventions.copy_policy, tensors=tensors), {"rolled_back_to": wanted})
     except KeyError as exc:  # nothing was changed
         raise ControlError(f"Checkpoint v{wanted} does not fit this model: {exc}") from None
     return f"Rolled back to v{wanted}; now serving it as v{new}."
@@ -334,8 +296,8 @@ def add_mode(services, name, description, openings, behaviour) -> str:
     behaviour = (behaviour or "").strip()
     if behaviour and behaviour not in DETECTORS:
         raise ControlError(f"Unknown behaviour {behaviour!r}; one of: {', '.join(DETECTORS)}, or none.")
-    with services.sessions() as session, session.begin():
-        store.save_mode(session, name, (description or "").strip()[:500], lines, behaviour)
+    store.write(services.sessions,
+                lambda session: store.save_mode(session, name, (description or "").strip()[:500], lines, behaviour))
     return f"Mode {name!r} saved with {len(lines)} opening(s); mode pairs may use it from the next message."
 
 
@@ -344,8 +306,7 @@ def remove_mode(services, name) -> str:
     name = (name or "").strip()
     if name not in mode_names(services.sessions):
         raise ControlError(f"No mode {name!r} is in use.")
-    with services.sessions() as session, session.begin():
-        store.remove_mode(session, name)
+    store.write(services.sessions, lambda session: store.remove_mode(session, name))
     left = mode_names(services.sessions)
     note = "" if len(left) >= 2 else " Fewer than two modes are left: every pair is plain until one is added."
     return f"Mode {name!r} removed; in use: {', '.join(left) or 'none'}.{note}"
@@ -389,11 +350,14 @@ def exclude_contributor(services, who, reason="") -> str:
     """Leave a session or client out of training; its feedback stays, marked (export: ``excluded``)."""
     _refuse_on_a_replica(services)
     kind, key = _who(who)
-    with services.sessions() as session, session.begin():
+
+    def exclude(session: Session) -> bool:
         added = store.add_exclusion(session, kind, key, str(reason or ""))
-        if added:
+        if added:  # in the same transaction: an exclusion is never without its event
             store.add_event(session, "info", f"an admin excluded {kind} {key} from training: {reason or 'no reason given'}")
-    if not added:
+        return added
+
+    if not store.write(services.sessions, exclude):
         return f"{kind} {key} was already excluded."
     return f"{kind} {key} is excluded from training from the next round on; retrain the reward model to drop it now."
 
@@ -402,8 +366,7 @@ def include_contributor(services, who) -> str:
     """Let an excluded session or client train again."""
     _refuse_on_a_replica(services)
     kind, key = _who(who)
-    with services.sessions() as session, session.begin():
-        removed = store.remove_exclusion(session, kind, key)
+    removed = store.write(services.sessions, lambda session: store.remove_exclusion(session, kind, key))
     return f"{kind} {key} trains again." if removed else f"{kind} {key} was not excluded."
 
 
@@ -412,7 +375,7 @@ def retrain_reward(services) -> str:
     (without excluded or flagged contributors), with training paused meanwhile."""
     from dataclasses import replace
 
-    from rlhf_chat.learning.reward import full_fit_steps, reset_reward_model, run_round, usable_feedback
+    from rlhf_chat.learning.reward import full_fit_steps, reset_reward_model, reward_round_from_config, usable_feedback
 
     _refuse_on_a_replica(services)
     if services.worker.load_error is not None:
@@ -427,9 +390,8 @@ def retrain_reward(services) -> str:
         services.worker.call(CHAT, lambda m: reset_reward_model(m, cfg.model.seed))
         result = None
         try:
-            result = run_round(
-                services.worker, services.sessions, fresh, cfg.store.checkpoint_dir,
-                demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, score_unseen=False,
+            result = reward_round_from_config(
+                services.worker, services.sessions, replace(cfg, reward=fresh), score_unseen=False
             )
         finally:
             if result is None:  # failed, or too few votes: serve the last reward model again
@@ -440,6 +402,6 @@ def retrain_reward(services) -> str:
     if result is None:
         return "Too few votes to train a reward model; the last one is served again."
     acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
-    with services.sessions() as session, session.begin():
-        store.add_event(session, "info", f"an admin retrained the reward model: v{result.version}, held-out accuracy {acc}")
+    event = f"an admin retrained the reward model: v{result.version}, held-out accuracy {acc}"
+    store.write(services.sessions, lambda session: store.add_event(session, "info", event))
     return f"Reward model v{result.version} trained on {result.train_pairs} pairs; held-out accuracy {acc}."

@@ -2,7 +2,8 @@
 
 Every plot is a pandas DataFrame in the long layout ``gr.LinePlot`` reads, made
 by a pure function of a database session, so tests check the numbers a person
-would see. :func:`refresh` gathers them for the UI's timer.
+would see. :func:`refresh` gathers them, and :func:`training_tick` adds the
+tables, for the UI's timer.
 
 The before/after probes are the one part that needs the model: a fixed set of
 prompts answered by the reference and by the serving policy, recomputed in the
@@ -28,6 +29,7 @@ from rlhf_chat.generation.candidates import count_response_tokens
 from rlhf_chat.generation.worker import PPO, ModelWorker
 from rlhf_chat.model.loading import Models
 from rlhf_chat.model.tensors import left_pad
+from rlhf_chat.serving.services import Services
 from rlhf_chat.storage import store
 from rlhf_chat.storage.arena import ArenaResult, arena_results, bucket_results, total
 from rlhf_chat.storage.tables import CandidateRow, Comparison, TrainingEvent
@@ -394,3 +396,21 @@ def probe_table(answers: ProbeAnswers | None) -> pd.DataFrame:
         waiting = ["(writing...)"] * len(PROBE_PROMPTS)
         return pd.DataFrame({"prompt": list(PROBE_PROMPTS), "reference (start)": waiting, "policy": waiting})
     return answers.table()
+
+
+# --- the tab's timer ------------------------------------------------------------------------
+
+
+def training_tick(services: Services, board: ProbeBoard) -> tuple:
+    """Everything the Training tab shows: :func:`refresh`'s outputs, then the probe,
+    behaviour and mode tables.
+
+    The probes are read from the board without waiting; a changed policy
+    version only queues their recomputation (see :class:`ProbeBoard`).
+    """
+    probes = board.answers(services.worker)
+    with services.sessions() as session:
+        behaviours = behaviour_table(session, probes)
+        modes = mode_table(session)
+    refreshed = refresh(services.sessions, services.loop, services.follower)
+    return (*refreshed, probe_table(probes), behaviours, modes)
