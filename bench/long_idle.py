@@ -29,7 +29,7 @@ from rlhf_chat.config import AppConfig, apply_overrides
 from rlhf_chat.evaluation.labelers import load_labeler
 from rlhf_chat.evaluation.simulate import collect_votes, evaluate_against_reference, load_prompts, split_prompts
 from rlhf_chat.generation.worker import ModelWorker
-from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.reward import reward_round_from_config
 from rlhf_chat.learning.training_loop import TrainingLoop
 from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
@@ -61,7 +61,7 @@ def main() -> None:
     rows = []
     try:
         collect_votes(worker, sessions, train_prompts, labeler, args.votes, cfg, random.Random(args.seed))
-        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=args.seed)
+        result = reward_round_from_config(worker, sessions, cfg, seed=args.seed)
         print(f"reward v{result.version} on {result.votes} usable votes, held-out accuracy {result.heldout_accuracy}")
         loop = TrainingLoop(worker, sessions, cfg)
         loop._votes_at_last_round = result.votes

@@ -51,13 +51,14 @@ def main() -> None:
     cfg.sampling.stop_loops = False  # a yardstick: every row exactly --tokens tokens
     cfg.ppo.epochs = args.epochs or cfg.ppo.epochs
     cfg.ppo.minibatch_size = args.minibatch or cfg.ppo.minibatch_size
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
     sessions = open_store(f"sqlite:///{tmp / 'bench.db'}")
     worker = ModelWorker(lambda: load_for_serving(cfg)).start()
     worker.ready.wait()
     print(f"machine: {machine()}")
     print(f"weights: {cfg.model.weights}, int4 kernel: {worker.call(0, lambda models: models.kernel) or 'none'}")
     print(f"PPO step: {args.prompts} prompts x {args.tokens} new tokens, {cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.minibatch_size}")
-    trainer = PPOTrainer(worker, sessions, cfg.ppo, str(tmp / "checkpoints"), sampling=cfg.sampling)
+    trainer = PPOTrainer.from_config(worker, sessions, cfg)
     contexts = [as_context(p) for p in load_prompts()]
     runs = {}
     paths = {"decoder": True} if args.no_baseline else {"decoder": True, "baseline (transformers' generate)": False}

@@ -34,7 +34,7 @@ from rlhf_chat.evaluation.labelers import load_labeler, normalize_choice
 from rlhf_chat.evaluation.simulate import as_context, collect_votes, load_prompts, sample_pairs, split_prompts
 from rlhf_chat.generation.candidates import Sampling
 from rlhf_chat.generation.worker import CHAT, ModelWorker
-from rlhf_chat.learning.reward import run_round, score_texts
+from rlhf_chat.learning.reward import reward_round_from_config, score_texts
 from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
 
@@ -94,6 +94,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     cfg = AppConfig()
     cfg.store.db_url = f"sqlite:///{tmp / 'bench.db'}"
+    cfg.store.checkpoint_dir = str(tmp / "checkpoints")
     sessions = store.open_store(cfg.store.db_url)
     start = time.perf_counter()
     worker = ModelWorker(lambda: load_for_serving(cfg)).start()
@@ -105,7 +106,7 @@ def main() -> None:
     counts = collect_votes(worker, sessions, train_prompts, labeler, args.comparisons, cfg, random.Random(args.seed))
     t_votes = time.perf_counter() - t0
     print(f"{args.comparisons} comparisons ({args.labeler}): {counts} in {t_votes:.0f} s")
-    result = run_round(worker, sessions, cfg.reward, str(tmp / "checkpoints"), seed=args.seed)
+    result = reward_round_from_config(worker, sessions, cfg, seed=args.seed)
     print(
         f"reward round: held-out accuracy {accuracy_interval(result.heldout_accuracy, result.heldout_pairs)}, "
         f"train accuracy {result.train_accuracy:.3f} on {result.train_pairs}, {result.seconds:.0f} s"

@@ -40,7 +40,7 @@ from rlhf_chat.evaluation.simulate import as_context, collect_votes, load_prompt
 from rlhf_chat.generation.candidates import Sampling, sample
 from rlhf_chat.generation.modes import active_modes
 from rlhf_chat.generation.worker import CHAT, ModelWorker
-from rlhf_chat.learning.reward import run_round, score_texts
+from rlhf_chat.learning.reward import reward_round_from_config, score_texts
 from rlhf_chat.runtime import load_for_serving
 from rlhf_chat.storage import store
 from rlhf_chat.text.behaviours import asks_question, gives_example, is_warm
@@ -139,10 +139,9 @@ def main() -> None:
         folder.mkdir()
         copy_database(tmp / "votes.db", folder / "votes.db")
         copy_sessions = store.open_store(f"sqlite:///{folder / 'votes.db'}")
-        cfg.reward.tie_weight = tie_weight
-        result = run_round(  # each setting from scratch: no earlier model scores the votes
-            worker, copy_sessions, cfg.reward, str(folder / "checkpoints"), seed=args.seed, score_unseen=False
-        )
+        cfg.reward.tie_weight, cfg.store.checkpoint_dir = tie_weight, str(folder / "checkpoints")
+        # each setting from scratch: no earlier model scores the votes
+        result = reward_round_from_config(worker, copy_sessions, cfg, seed=args.seed, score_unseen=False)
         scores = worker.call(CHAT, lambda m: score_texts(m, contexts, texts, cfg.reward.max_length, finished=finished))
         scores = scores.tolist()
         pos = [s for s, d in zip(scores, shows) if d]

@@ -32,11 +32,11 @@ def _start_worker(cfg: AppConfig):
 
 def cmd_train_reward(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Train one reward round on the votes in the database and print its metrics."""
-    from rlhf_chat.learning.reward import run_round
+    from rlhf_chat.learning.reward import reward_round_from_config
 
     worker, sessions = _start_worker(cfg)
     try:
-        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
+        result = reward_round_from_config(worker, sessions, cfg)
     finally:
         worker.stop()
     if result is None:
@@ -61,7 +61,7 @@ def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
         if not contexts:
             print("No prompts in the database yet.", file=sys.stderr)
             return 1
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
+        trainer = PPOTrainer.from_config(worker, sessions, cfg)
         for _ in range(args.steps):
             r = trainer.step(trainer.sample_contexts(contexts))
             print(
@@ -111,13 +111,15 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
             teacher_spec=args.teacher,
             adversary_spec=args.adversary,
             adversary_share=args.adversary_share,
+            fact_key_path=args.fact_key,
+            reference_answers_path=args.reference_answers,
         )
-    except UsedDatabase as exc:
+    except (UsedDatabase, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
     summary = {k: report.__dict__[k] for k in (
-        "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
-        "demonstrations", "adversary", "guards", "db_url",
+        "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "ppo_steps_run",
+        "wall_seconds", "demonstrations", "adversary", "guards", "tripwire", "alignment_tax", "db_url",
     )}
     print(json.dumps(summary, indent=2))
     return 0
@@ -187,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversary-share", type=float, default=0.3, help="its share of the votes (default 0.3)")
     p.add_argument("--no-guards", action="store_true",
                    help="turn the guards off (guards.enabled=false): the influence cap, the flags and the tripwire")
+    p.add_argument("--fact-key", default=None,
+                   help='JSON {"question": ["accepted answer", ...]} for the facts-kept measure (default: the shipped key)')
+    p.add_argument("--reference-answers", default=None,
+                   help='JSON [["question", "answer"], ...] of well-formed answers for the NLL measure (default: shipped)')
     p.add_argument("--report", default="simulation.json")
     p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
     p.set_defaults(run=cmd_simulate)

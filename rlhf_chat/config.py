@@ -306,6 +306,9 @@ class UIConfig:
     max_turns: int = 40  # messages kept in one conversation; then "start a new one"
     max_upload_bytes: int = 1_000_000  # the app has no upload field; Gradio's upload route refuses more
     cache_cleanup_s: int = 3600  # Gradio's cache and exported files are deleted after this long
+    # Gradio's usage analytics report each visit to Gradio's servers: a third party a
+    # visitor never agreed to. Off unless turned on (--set ui.analytics=true).
+    analytics: bool = False
     admin_max_failures: int = 5  # wrong passwords from one address ...
     admin_lockout_s: float = 900.0  # ... within this long lock it out for as long
     admin_min_password: int = 12  # the app refuses to start with a shorter admin password

@@ -170,6 +170,30 @@ STUBS: dict[str, tuple[str, str]] = {
         "    _init(self, worker, cfg, 1, *a, **k)\n"
         "b.PairBatcher.__init__ = init\n",
     ),
+    "the simulation runs PPO past the live loop's KL bound": (
+        "tests/test_simulate.py::test_the_simulation_stops_ppo_where_the_kl_bound_stops_the_live_loop",
+        "import rlhf_chat.learning.training_loop as tl\ntl.ppo_budget_spent = lambda *a, **k: ''\n",
+    ),
+    "the simulation runs PPO past the live loop's budget per reward version": (
+        "tests/test_simulate.py::test_the_simulation_runs_at_most_the_loops_budget_of_ppo_steps_per_reward_version",
+        "import rlhf_chat.learning.training_loop as tl\ntl.ppo_budget_spent = lambda *a, **k: ''\n",
+    ),
+    "the simulation never asks the tripwire": (
+        "tests/test_simulate.py::test_a_tripwire_trip_pauses_the_simulations_training_for_the_rest_of_the_run",
+        "import rlhf_chat.learning.training_loop as tl\ntl.tripwire_trip = lambda *a, **k: None\n",
+    ),
+    "train-reward runs its round on the guards' and the loop's defaults (--set ignored)": (
+        "tests/test_cli.py::test_train_reward_and_train_policy_use_every_set_setting",
+        "import rlhf_chat.learning.reward as r\n"
+        "r.reward_round_from_config = lambda w, s, cfg, seed=0, score_unseen=True: "
+        "r.run_round(w, s, cfg.reward, cfg.store.checkpoint_dir, seed=seed)\n",
+    ),
+    "train-policy builds its PPO trainer without the guards, weights and tie weight": (
+        "tests/test_cli.py::test_train_reward_and_train_policy_use_every_set_setting",
+        "import rlhf_chat.learning.ppo as p\n"
+        "p.PPOTrainer.from_config = classmethod(lambda cls, w, s, cfg, score_fn=None: "
+        "cls(w, s, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling))\n",
+    ),
     "a crash mid-update is not undone": (
         "tests/test_training_loop.py::test_a_crash_mid_update_restores_the_policy_and_retries_with_back_off",
         "import rlhf_chat.learning.ppo as ppo\nppo.restore = lambda models, optimizer, saved: None\n",

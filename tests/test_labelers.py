@@ -13,6 +13,7 @@ from rlhf_chat.evaluation.labelers import (
     CHOICES,
     FRIENDLY_MARKERS,
     concise,
+    context,
     example,
     follow_up,
     friendliness_score,
@@ -123,7 +124,9 @@ def test_builtin_outputs_are_valid_choices() -> None:
 
 
 def test_builtin_labelers_mapping() -> None:
-    assert BUILTIN_LABELERS == {"concise": concise, "friendly": friendly, "follow_up": follow_up, "example": example}
+    assert BUILTIN_LABELERS == {
+        "concise": concise, "friendly": friendly, "follow_up": follow_up, "example": example, "context": context
+    }
 
 
 @pytest.mark.parametrize("name", ["concise", "friendly"])

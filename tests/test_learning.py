@@ -12,7 +12,7 @@ from rlhf_chat.config import SamplingConfig
 from rlhf_chat.evaluation.simulate import collect_votes
 from rlhf_chat.generation.worker import ModelWorker
 from rlhf_chat.learning.ppo import PPOTrainer, rollout
-from rlhf_chat.learning.reward import run_round
+from rlhf_chat.learning.reward import reward_round_from_config
 from rlhf_chat.model.loading import load_models
 from rlhf_chat.storage import store
 
@@ -55,9 +55,9 @@ def test_votes_train_a_reward_model_that_teaches_ppo_the_labelers_taste(tiny_con
         word = an_opening_it_writes_now_and_then(worker, cfg)
         before = sum(t.startswith(word) for t in answers(worker, cfg)) / 96
         collect_votes(worker, sessions, [PROMPT], likes_an_opening(word), 96, cfg, random.Random(0))
-        result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir)
+        result = reward_round_from_config(worker, sessions, cfg)
         assert result is not None and result.train_pairs >= 8
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling)
+        trainer = PPOTrainer.from_config(worker, sessions, cfg)
         context = [{"role": "user", "content": PROMPT}]
         steps = [trainer.step([context] * cfg.ppo.batch_size) for _ in range(20)]
         after = sum(t.startswith(word) for t in answers(worker, cfg)) / 96

@@ -759,3 +759,20 @@ def test_lm_loss_is_the_mean_nll_of_the_answer_tokens_under_the_whole_model(tiny
             assert lm_loss(tiny_models, examples, 256).item() == pytest.approx(nll / count, rel=2e-3)
         finally:
             tiny_models.prefix_cache = cache
+
+
+def test_a_steps_stored_row_is_every_ppo_steps_column_it_has_with_nan_as_zero():
+    """_record stores StepResult.row(): each field the ppo_steps table has a column for
+    (none copied by hand), a NaN (no minibatch gave the metric) as 0, the per-row lists left out."""
+    from dataclasses import fields
+
+    from rlhf_chat.learning.ppo import StepResult
+    from rlhf_chat.storage.tables import PPOStep
+
+    metrics = {f.name: float(k) for k, f in enumerate(fields(StepResult)) if f.type == "float"}
+    result = StepResult(**{**metrics, "version": 4, "skipped": False, "reward_version": 2, "ptx_loss": None,
+                           "policy_loss": float("nan"), "texts": ["hi"], "scores": [1.0]})
+    row = result.row()
+    assert row.keys() == set(PPOStep.__table__.columns.keys()) - {"id", "created_at"}
+    assert row["policy_loss"] == 0.0 and row["ptx_loss"] is None and row["version"] == 4 and row["reward_version"] == 2
+    assert all(row[k] == getattr(result, k) for k in row if k != "policy_loss")

@@ -20,6 +20,7 @@ from rlhf_chat.learning.reward import (
     minibatches,
     reset_reward_model,
     reward_parameters,
+    reward_round_from_config,
     round_steps,
     run_round,
     score_sequences,
@@ -349,7 +350,8 @@ def test_ties_teach_the_reward_model_that_length_is_not_the_taste(tiny_config, t
         for tie_weight in (0.0, 1.0):
             cfg.tie_weight = tie_weight
             sessions = store_confounded_votes(f"sqlite:///{tmp_path / f'ties-{tie_weight}.db'}", ties=True)
-            result = run_round(worker, sessions, cfg, str(tmp_path / f"ckpt-{tie_weight}"))
+            tiny_config.store.checkpoint_dir = str(tmp_path / f"ckpt-{tie_weight}")
+            result = reward_round_from_config(worker, sessions, tiny_config)
             assert result.heldout_pairs == sum(is_heldout(i, 0.1) for i in range(1, 49, 2))  # votes only
             texts = [long, short, marked, unmarked]
             scores = worker.call(0, lambda m: torch.stack([
@@ -380,11 +382,11 @@ def test_a_fresh_round_carries_nothing_of_the_last_adapter(tiny_config):
 
     try:
         worker.call(0, poison)
-        assert math.isfinite(run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir).loss)
+        assert math.isfinite(reward_round_from_config(worker, sessions, tiny_config).loss)
         worker.call(0, poison)
         cfg.fresh_each_round = False
         with pytest.raises(FloatingPointError, match="not finite"):
-            run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+            reward_round_from_config(worker, sessions, tiny_config)
     finally:
         worker.stop()
     with sessions() as s:  # the poisoned round left no trace
@@ -400,13 +402,13 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
     cfg.learning_rate, cfg.steps_per_round = 5e-3, 12
     worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
     try:
-        result = run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+        result = reward_round_from_config(worker, sessions, tiny_config)
         assert result.version == 1 and result.train_pairs + result.heldout_pairs == 40
         assert result.heldout_pairs > 0 and result.heldout_accuracy is not None
         contexts = [p.context for p in length_pairs(6)]
         answers = ["Yes.", "No, not at all, never", "Hmm", "it depends it depends", "OK", "Sure thing, yes"]
         scores = worker.call(0, lambda m: score_texts(m, contexts, answers, cfg.max_length))
-        second = run_round(worker, sessions, cfg, tiny_config.store.checkpoint_dir)
+        second = reward_round_from_config(worker, sessions, tiny_config)
         assert second.version == 2
     finally:
         worker.stop()
@@ -430,7 +432,7 @@ def test_round_on_votes_saves_a_checkpoint_that_reloads_to_the_same_scores(tiny_
 
 def test_too_few_votes_gives_no_round(tiny_config):
     sessions = store.open_store(tiny_config.store.db_url)
-    assert run_round(None, sessions, tiny_config.reward, tiny_config.store.checkpoint_dir) is None
+    assert reward_round_from_config(None, sessions, tiny_config) is None
 
 
 def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(tiny_path):
@@ -524,3 +526,44 @@ def test_the_frozen_prefix_then_the_top_layers_equal_one_whole_forward(tiny_path
         whole = hidden_states(models.trainer, ids, mask)
     real = mask.bool()
     assert torch.allclose(split[real], whole[real], atol=1e-4)
+
+
+def record_assessments(monkeypatch) -> list[tuple]:
+    """Every call of the guards' assessment a round makes, as (guards.enabled,
+    guards.max_share, demonstration weight, tie weight)."""
+    from rlhf_chat.learning import guards
+
+    calls, real = [], guards.assess_feedback
+
+    def recording(session, cfg, demonstration_weight=1.0, tie_weight=0.0):
+        calls.append((cfg.enabled, cfg.max_share, demonstration_weight, tie_weight))
+        return real(session, cfg, demonstration_weight, tie_weight)
+
+    monkeypatch.setattr(guards, "assess_feedback", recording)
+    return calls
+
+
+def test_a_round_from_the_config_weighs_its_pairs_with_the_configs_settings(tmp_path, monkeypatch):
+    """reward_round_from_config passes the guards, loop.demonstration_weight and
+    reward.tie_weight through; run_round left without them takes the config's defaults
+    (no default of its own). Model-free: too few votes, so no round trains."""
+    from rlhf_chat.config import AppConfig, apply_overrides
+
+    sessions = store.open_store(f"sqlite:///{tmp_path / 'empty.db'}")
+    calls = record_assessments(monkeypatch)
+    cfg = apply_overrides(AppConfig(), ["guards.enabled=false", "guards.max_share=0.5", "loop.demonstration_weight=2",
+                                        "reward.tie_weight=0.25", f"store.checkpoint_dir={tmp_path / 'ckpt'}"])
+    assert reward_round_from_config(None, sessions, cfg) is None
+    assert run_round(None, sessions, RewardConfig(), str(tmp_path / "ckpt")) is None
+    defaults = AppConfig()
+    assert calls == [(False, 0.5, 2.0, 0.25), (defaults.guards.enabled, defaults.guards.max_share,
+                                               defaults.loop.demonstration_weight, defaults.reward.tie_weight)]
+
+
+def test_a_rounds_stored_row_is_its_results_columns_with_nan_as_zero():
+    from rlhf_chat.learning.reward import RoundResult
+
+    result = RoundResult(version=3, loss=0.5, heldout_accuracy=None, mean_margin=float("nan"), train_pairs=9,
+                         heldout_pairs=1, votes=10, seconds=2.0, checkpoint="c/3", train_accuracy=0.9)
+    assert result.row() == {"version": 3, "loss": 0.5, "heldout_accuracy": None, "mean_margin": 0.0,
+                            "train_pairs": 9, "heldout_pairs": 1, "votes": 10, "seconds": 2.0}

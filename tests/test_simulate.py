@@ -22,7 +22,7 @@ REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
     "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval", "rounds", "reward_rounds",
     "eval_answers", "behaviour_reference", "behaviour_policy", "behaviour_rounds", "opening_repeats",
-    "reward_length_corr", "mode_pairs", "ppo_seconds",
+    "reward_length_corr", "mode_pairs", "ppo_seconds", "ppo_steps_run", "ppo_stops", "tripwire", "alignment_tax", "kinds",
 }
 
 
@@ -59,11 +59,24 @@ def test_simulation_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"question {i} about topic {i % 3}?" for i in range(40)))
     report_path = tmp_path / "report.json"
-    report = simulate(cfg, "concise", comparisons=12, ppo_steps=3, prompts_file=str(prompts), report_path=report_path)
+    key, well_formed = tmp_path / "key.json", tmp_path / "answers.json"  # --fact-key, --reference-answers
+    key.write_text(json.dumps({"What is the capital of Peru?": ["lima"], "Capital of Peru?": ["lima"],
+                               "Who wrote Hamlet?": ["shakespeare"]}))
+    well_formed.write_text(json.dumps([["What is rain?", "Rain is water that falls from the clouds."]]))
+    cfg.simulation.tax_answers_per_question = 3
+    report = simulate(cfg, "concise", comparisons=12, ppo_steps=3, prompts_file=str(prompts), report_path=report_path,
+                      fact_key_path=str(key), reference_answers_path=str(well_formed))
 
     saved = json.loads(report_path.read_text())
+    # the alignment tax beside the win-rate: two facts in that key, three answers to each, one answer's NLL
+    tax = saved["alignment_tax"]
+    assert (tax["fact_questions"], tax["fact_answers"], tax["nll_answers"]) == (2, 6, 1)
+    for side in ("reference", "policy"):
+        assert tax[side].keys() == {"facts", "nll", "content", "asks_instead"} and tax[side]["nll"] > 0
+    assert saved["kinds"].keys() == {"fact", "how_to", "concept"}
     assert REPORT_FIELDS <= saved.keys()
     assert saved["comparisons"] == 12 and saved["ppo_steps"] == 3 and len(saved["reward_curve"]) == 3
+    assert saved["ppo_steps_run"] == 3 and saved["ppo_stops"] == [] and saved["tripwire"] is None  # within the bounds
     assert 0.0 <= saved["win_rate_vs_reference"] <= 1.0 and saved["wall_seconds"] > 0
     assert saved["ppo_seconds"].keys() == {"rollout", "score", "update"}
     # the phases are timed inside the PPO stage; the stage's total is rounded to 0.1 s, each phase to 0.01 s
@@ -251,3 +264,70 @@ def test_round_behaviours_count_plain_rows_and_compare_the_guided_rows_scores():
     assert got["guided_rows"] == 2 and got["guided_score_gap"] == pytest.approx(2.5 - 1.0)
     none = round_behaviours(plain, list(BUILTIN_MODES), 15)
     assert none["guided_rows"] == 0 and none["guided_score_gap"] is None
+
+
+def small_run(cfg, tmp_path, monkeypatch, rounds: int):
+    """A tiny-model config whose every reward round trains (an always-"a" labeler, one
+    pair enough), with PPO steps of two rows; returns the labeler spec and prompts file."""
+    cfg.reward.steps_per_round, cfg.reward.min_pairs = 2, 1
+    cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs = 2, 2, 1
+    cfg.simulation.rounds, cfg.simulation.batch_prompts = rounds, 4
+    cfg.loop.arena_fraction = 0.0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"question {i}?" for i in range(30)))
+    (tmp_path / "always_a_labeler.py").write_text("def always_a(prompt, a, b):\n    return 'a'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "always_a_labeler:always_a", str(prompts)
+
+
+def test_the_simulation_stops_ppo_where_the_kl_bound_stops_the_live_loop(tiny_config, tmp_path, monkeypatch):
+    """With loop.max_kl tiny, the first step (at the reference, KL 0) runs and the first
+    that moved away stops PPO, as training_loop.ppo_budget_spent stops the live loop: the
+    steps still owed are not run, and the report says when and why."""
+    cfg = tiny_config
+    labeler, prompts = small_run(cfg, tmp_path, monkeypatch, rounds=1)
+    cfg.loop.ppo_steps_per_reward, cfg.loop.max_kl = 0, 1e-9  # no step budget; any KL is too much
+    cfg.ppo.learning_rate = 1e-2  # the first update surely moves the policy
+    report = simulate(cfg, labeler, comparisons=4, ppo_steps=5, prompts_file=prompts, report_path=None)
+    assert 1 <= report.ppo_steps_run < 5 and report.ppo_steps == 5  # asked for 5, ran fewer
+    assert len(report.reward_curve) == report.ppo_steps_run and report.kl_curve[-1] > cfg.loop.max_kl
+    assert len(report.ppo_stops) == 1, report.ppo_stops
+    stop = report.ppo_stops[0]
+    assert stop["round"] == 1 and stop["after_ppo_steps"] == report.ppo_steps_run
+    assert stop["reason"].startswith("KL to the starting model") and "> 1e-09 nats" in stop["reason"]
+    with store.open_store(cfg.store.db_url)() as session:
+        assert len(store.ppo_steps(session)) == report.ppo_steps_run
+
+
+def test_the_simulation_runs_at_most_the_loops_budget_of_ppo_steps_per_reward_version(
+    tiny_config, tmp_path, monkeypatch
+):
+    """loop.ppo_steps_per_reward caps each reward version's steps in the simulation as in
+    the live loop: 3 steps asked per round, 1 allowed, so each round stops after 1."""
+    cfg = tiny_config
+    labeler, prompts = small_run(cfg, tmp_path, monkeypatch, rounds=2)
+    cfg.loop.ppo_steps_per_reward, cfg.loop.max_kl = 1, 0.0  # no KL bound: only the budget stops PPO
+    report = simulate(cfg, labeler, comparisons=8, ppo_steps=6, prompts_file=prompts, report_path=None)
+    assert [r["version"] for r in report.reward_rounds] == [1, 2]
+    assert report.ppo_steps_run == 2 and len(report.reward_curve) == 2
+    assert [(s["round"], s["after_ppo_steps"]) for s in report.ppo_stops] == [(1, 1), (2, 2)]
+    assert [s["reason"] for s in report.ppo_stops] == [
+        "PPO budget for reward v1 spent (1 steps)", "PPO budget for reward v2 spent (1 steps)"]
+    with store.open_store(cfg.store.db_url)() as session:
+        assert [s.reward_version for s in store.ppo_steps(session)] == [1, 2]
+
+
+def test_a_tripwire_trip_pauses_the_simulations_training_for_the_rest_of_the_run(tiny_config, tmp_path, monkeypatch):
+    """The live loop's tripwire (guards on) runs after each reward round and PPO step of a
+    simulation: a trip is reported and no PPO step or reward round follows it."""
+    cfg = tiny_config
+    labeler, prompts = small_run(cfg, tmp_path, monkeypatch, rounds=2)
+    cfg.loop.ppo_steps_per_reward, cfg.loop.max_kl = 0, 0.0  # no bound of the budget's: only the trip stops PPO
+    cfg.guards.tripwire_kl = 1e-9  # the first step that moves away from the reference trips it
+    cfg.ppo.learning_rate = 1e-2
+    report = simulate(cfg, labeler, comparisons=8, ppo_steps=8, prompts_file=prompts, report_path=None)
+    assert report.tripwire is not None and report.tripwire["round"] == 1
+    assert "KL to the starting model" in report.tripwire["reason"]
+    assert 1 <= report.ppo_steps_run == report.tripwire["after_ppo_steps"] < 4  # round 1's share is 4
+    assert len(report.reward_rounds) == 1 and report.ppo_stops == []  # round 2 trained nothing
+    assert report.votes["a"] == 8  # people still voted

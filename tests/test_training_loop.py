@@ -58,7 +58,7 @@ def test_ties_alone_count_as_feedback_but_start_no_reward_model_and_say_so(idle_
     assert services.worker.call(0, lambda m: m.reward_version) == 0
     assert loop.status.state == "waiting for votes" and "A/B votes" in loop.status.detail
     calls = []
-    monkeypatch.setattr(training_loop, "run_round", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(training_loop, "reward_round_from_config", lambda *a, **k: calls.append(1))
     assert not loop.run_once() and calls == []  # the same votes: no second try
 
 

@@ -2,7 +2,10 @@
 
 pairs -> votes -> reward model -> PPO, in rounds as the live loop takes turns,
 then a blind evaluation against the reference, through the same store,
-worker, reward and PPO code the app uses. As in the app, a share of the pairs
+worker, reward and PPO code the app uses. PPO runs under the live loop's own
+decisions (learning/training_loop.py: the step budget per reward version, the
+KL bound, the tripwire), so that the figures describe a policy the app would
+serve; the report says where a bound stopped PPO (``ppo_stops``). As in the app, a share of the pairs
 are arena pairs and a share of the others mode pairs (``modes.py``). The
 result is a JSON report (see :func:`simulate`): the figures, and what the
 policy learned behaviour by behaviour (``behaviours.py``), per round, with
@@ -27,12 +30,26 @@ from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choic
 from rlhf_chat.evaluation.teachers import Teacher, load_teacher
 from rlhf_chat.generation.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
 from rlhf_chat.generation.modes import Mode, active_modes, mode_record_for, modes_for_pair
-from rlhf_chat.generation.worker import CHAT, ModelWorker
+from rlhf_chat.generation.worker import CHAT, REWARD, ModelWorker
+from rlhf_chat.learning import training_loop
+from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.learning.preferences import modes_differ
+from rlhf_chat.learning.reward import reward_round_from_config
+from rlhf_chat.learning.tax import measure_tax
 from rlhf_chat.storage import store
 from rlhf_chat.storage.arena import win_rate
-from rlhf_chat.text.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
+from rlhf_chat.text.behaviours import DETECTORS, ON_TOPIC, asks_question, behaviour_shares, gives_example, on_topic
 from rlhf_chat.text.chat import clean_message, render_prompt
+from rlhf_chat.text.questions import (
+    FACT,
+    HOW_TO,
+    KINDS,
+    gives_content,
+    load_fact_key,
+    load_reference_answers,
+    question_kind,
+    states_fact,
+)
 
 log = logging.getLogger(__name__)
 EVAL_FRACTION = 0.2  # prompts kept out of pair collection and PPO, for the final evaluation
@@ -124,43 +141,80 @@ def collect_votes(
     done = 0
     while done < n:
         chunk = [rng.choice(prompts) for _ in range(min(cfg.simulation.batch_prompts, n - done))]
-        arena = [rng.random() < arena_fraction for _ in chunk]
-        sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
-        # The record is read per batch, as the UI reads it per message: votes
-        # already cast steer which modes the next pairs show (loop.mode_choice).
-        with sessions() as session:
-            record = mode_record_for(session, cfg.loop.mode_choice) if modes and mode_fraction > 0 else None
-        mode_draws = [modes_for_pair(modes or [], mode_fraction, rng, record) for _ in chunk]
-
-        def job(models, chunk=chunk, arena=arena, sampling=sampling, draws=mode_draws):
-            flags = arena if models.serving_version > 0 else [False] * len(chunk)  # before any update: no arena
-            pair_modes = [None if flag else draw for flag, draw in zip(flags, draws)]
-            return sample_pairs(models, chunk, sampling, flags, pair_modes), flags
-
-        pairs, flags = worker.call(CHAT, job)
+        pairs, flags = draw_pairs(worker, sessions, chunk, cfg, rng, arena_fraction, modes, mode_fraction)
         for prompt, (a, b), is_arena in zip(chunk, pairs, flags):
-            written = None
-            if teacher is not None and not is_arena and counts["demonstration"] < teach_limit:
-                written = teacher(prompt, a.text, b.text)
-                written = clean_message(written, cfg.sampling.max_message_chars).text if written else None
+            teach = teacher is not None and not is_arena and counts["demonstration"] < teach_limit
+            written = written_answer(teacher, prompt, a.text, b.text, cfg) if teach else None
             bad = adversary is not None and not written and rng.random() < adversary_share
             voter = adversary if bad else labeler
             choice = "demonstration" if written else normalize_choice(voter(prompt, a.text, b.text))
-            who, client = (f"{session_id}-{ADVERSARY}", ADVERSARY) if bad else (session_id, "")
-            with sessions() as session, session.begin():
-                comparison = store.save_pair(
-                    session, session_id=who, context=as_context(prompt), a=a, b=b, arena=is_arena,
-                    source="simulate", client=client,
-                )
-                if written:
-                    store.add_demonstration(session, comparison.id, session_id, written)
-                else:
-                    store.record_vote(session, comparison.id, choice)
+            store_feedback(sessions, session_id, prompt, (a, b), is_arena, bad, choice, written)
             counts["adversary" if bad else choice] += 1
         done += len(chunk)
         if progress:
             progress(len(chunk))
     return counts
+
+
+def draw_pairs(
+    worker: ModelWorker,
+    sessions,
+    chunk: list[str],
+    cfg: AppConfig,
+    rng: random.Random,
+    arena_fraction: float,
+    modes: list[Mode] | None,
+    mode_fraction: float,
+) -> tuple[list[tuple[Candidate, Candidate]], list[bool]]:
+    """One batched call's pairs for the prompts in ``chunk``, and which are arena pairs
+    (none before the policy's first update: there is nothing to compare yet)."""
+    arena = [rng.random() < arena_fraction for _ in chunk]
+    sampling = Sampling.from_config(cfg.sampling, rng.randrange(2**31))
+    # The record is read per batch (per prompt where it depends on the question's
+    # kind), as the UI reads it per message: votes already cast steer which modes
+    # the next pairs show (loop.mode_choice).
+    mode_draws = [None] * len(chunk)
+    if modes and mode_fraction > 0:
+        with sessions() as session:
+            records = {p: mode_record_for(session, cfg.loop.mode_choice, p) for p in dict.fromkeys(chunk)}
+        mode_draws = [modes_for_pair(modes, mode_fraction, rng, records[p]) for p in chunk]
+
+    def job(models):
+        flags = arena if models.serving_version > 0 else [False] * len(chunk)
+        pair_modes = [None if flag else draw for flag, draw in zip(flags, mode_draws)]
+        return sample_pairs(models, chunk, sampling, flags, pair_modes), flags
+
+    return worker.call(CHAT, job)
+
+
+def written_answer(teacher: Teacher, prompt: str, a: str, b: str, cfg: AppConfig) -> str | None:
+    """The teacher's answer to a pair, trimmed as the UI trims a message; None when it writes none."""
+    written = teacher(prompt, a, b)
+    return clean_message(written, cfg.sampling.max_message_chars).text if written else None
+
+
+def store_feedback(
+    sessions,
+    session_id: str,
+    prompt: str,
+    pair: tuple[Candidate, Candidate],
+    arena: bool,
+    bad: bool,
+    choice: str,
+    written: str | None = None,
+) -> None:
+    """Store a pair and its vote, or the answer written instead (``written``), as the UI
+    does; the adversary's (``bad``) under its own session and client."""
+    who, client = (f"{session_id}-{ADVERSARY}", ADVERSARY) if bad else (session_id, "")
+    with sessions() as session, session.begin():
+        comparison = store.save_pair(
+            session, session_id=who, context=as_context(prompt), a=pair[0], b=pair[1], arena=arena,
+            source="simulate", client=client,
+        )
+        if written:
+            store.add_demonstration(session, comparison.id, session_id, written)
+        else:
+            store.record_vote(session, comparison.id, choice)
 
 
 ADVERSARY = "adversary"  # the session suffix and client key of the simulation's bad actor
@@ -244,6 +298,21 @@ class Report:
     adversary_share: float = 0.0
     guards: bool = True  # whether the guards weighed the feedback (guards.enabled)
     contributors: list[dict] = field(default_factory=list)  # guards.Contributor rows at the end, by session
+    # What the learned taste cost (learning/tax.py), reference and final policy: facts
+    # kept on the answer key, NLL per token of well-formed answers, the share of answers
+    # that say something; and the same per kind of held-out question (text/questions.py).
+    alignment_tax: dict = field(default_factory=dict)
+    kinds: dict = field(default_factory=dict)
+    # PPO runs under the live loop's bounds (training_loop.ppo_budget_spent): the steps
+    # that ran, and each time a bound stopped a round's PPO before its share of
+    # ppo_steps: {"round" (from 1), "after_ppo_steps", "reason"}.
+    ppo_steps_run: int = 0
+    ppo_stops: list[dict] = field(default_factory=list)
+    # When the tripwire tripped (guards on): {"round", "after_ppo_steps", "reason",
+    # "roll_back_to"}; training then pauses for the rest of the run, as the live loop
+    # does. The final evaluation is of the policy at the trip: the live loop would
+    # serve checkpoint "roll_back_to" (0: the starting model) instead, where it is set.
+    tripwire: dict | None = None
 
     def write(self, path: str | Path) -> None:
         """Save as JSON."""
@@ -289,7 +358,6 @@ def evaluate_against_reference(
     verdict ("policy", "reference", "tie" or "both_bad").
     """
     rng = random.Random(seed)
-    wins = ties = losses = 0
     answers: list[dict] = []
     batch = cfg.simulation.batch_prompts
     for i in range(0, len(prompts), batch):
@@ -307,23 +375,28 @@ def evaluate_against_reference(
             policy, reference = out.texts[2 * k], out.texts[2 * k + 1]
             policy_first = rng.random() < 0.5
             a, b = (policy, reference) if policy_first else (reference, policy)
-            choice = normalize_choice(labeler(prompt, a, b))
-            if choice in ("tie", "both_bad"):
-                ties += 1
-                verdict = choice
-            elif (choice == "a") == policy_first:
-                wins += 1
-                verdict = "policy"
-            else:
-                losses += 1
-                verdict = "reference"
             answers.append({
-                "prompt": prompt, "policy": policy, "reference": reference, "choice": verdict,
+                "prompt": prompt, "policy": policy, "reference": reference,
+                "choice": blind_verdict(normalize_choice(labeler(prompt, a, b)), policy_first),
                 "policy_finished": out.finished[2 * k], "reference_finished": out.finished[2 * k + 1],
             })
-    n = wins + ties + losses
-    win = (wins + 0.5 * ties) / n if n else 0.0
+    verdicts = [a["choice"] for a in answers]
+    wins, losses = verdicts.count("policy"), verdicts.count("reference")
+    ties = len(verdicts) - wins - losses
+    win = (wins + 0.5 * ties) / len(verdicts) if verdicts else 0.0
     return {"wins": wins, "ties": ties, "losses": losses, "win_rate": win, "answers": answers}
+
+
+def blind_verdict(choice: str, policy_first: bool) -> str:
+    """A labeler's choice between two answers shown in random order, as what it chose:
+    "policy", "reference", or the "tie" / "both_bad" it said.
+
+    >>> blind_verdict("a", policy_first=False), blind_verdict("both_bad", True)
+    ('reference', 'both_bad')
+    """
+    if choice in ("tie", "both_bad"):
+        return choice
+    return "policy" if (choice == "a") == policy_first else "reference"
 
 
 def plot_curve(report: Report, path: str | Path) -> Path:
@@ -404,153 +477,326 @@ def simulate(
     teacher_spec: str | None = None,
     adversary_spec: str | None = None,
     adversary_share: float = 0.0,
+    fact_key_path: str | None = None,
+    reference_answers_path: str | None = None,
 ) -> Report:
     """Pairs, votes, reward model, PPO and evaluation, headless; returns (and writes) the report.
 
     The work runs in ``cfg.simulation.rounds`` rounds, in the live loop's
-    order: a share of the pairs and votes, a reward round (continuing the last
-    adapter, on every vote so far), a share of the PPO steps. Then the final
-    policy is judged blind against the reference on held-out prompts.
+    order: a share of the pairs and votes, a reward round (on every vote so
+    far), a share of the PPO steps, each step only where the live loop would
+    take it (:meth:`SimulationRun.ppo_round`). Then the final policy is judged
+    blind against the reference on held-out prompts.
+
+    The report holds the alignment tax beside the win-rate (:func:`measure_final_tax`):
+    facts kept on ``fact_key_path`` (default: the shipped key), the NLL of
+    ``reference_answers_path``'s answers (default: the shipped set), the content share.
 
     A database that already holds votes is refused (:class:`UsedDatabase`)
     unless ``resume`` says to build on the run that left them. With an
     ``adversary_spec`` (:func:`load_adversary`), a share ``adversary_share`` of the
     votes comes from a bad actor; ``cfg.guards.enabled`` says whether the guards
-    (learning/guards.py, learning/tripwire.py's thresholds) weigh it down.
+    (learning/guards.py, learning/tripwire.py) weigh it down and watch the run.
     """
     from tqdm import tqdm
 
-    from rlhf_chat.learning.ppo import PPOTrainer
-    from rlhf_chat.learning.reward import run_round
     from rlhf_chat.runtime import load_for_serving
 
     start = time.perf_counter()
-    labeler = load_labeler(labeler_spec)
-    teacher = load_teacher(teacher_spec) if teacher_spec else None
-    adversary = load_adversary(adversary_spec, labeler) if adversary_spec else None
-    if adversary is not None and not 0 < adversary_share < 1:
-        raise ValueError(f"--adversary-share must be between 0 and 1, got {adversary_share}")
+    people = Voters.load(labeler_spec, teacher_spec, adversary_spec, adversary_share)
+    fact_key, well_formed = load_fact_key(fact_key_path), load_reference_answers(reference_answers_path)
     train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
     rounds = max(1, min(cfg.simulation.rounds, comparisons))
-    report = Report(
-        labeler=labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds, eval_prompts=len(eval_prompts)
-    )
-    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
-    report.teacher = teacher_spec or ""
-    report.adversary, report.adversary_share = adversary_spec or "", adversary_share if adversary_spec else 0.0
-    report.guards = cfg.guards.enabled
-    report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
-    report.settings = {"sampling": asdict(cfg.sampling), "ppo": asdict(cfg.ppo), "reward": asdict(cfg.reward)}
+    report = new_report(cfg, people, comparisons, ppo_steps, rounds, len(eval_prompts))
     sessions = store.open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
     if not resume:
         refuse_used_database(sessions, cfg.store.db_url)
     with sessions() as session:
         modes = active_modes(session)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
-    seconds = {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0}
-    phase_seconds: dict[str, float] = {}  # a PPO step's rollout, scoring and update, summed over steps
     try:
-        worker.ready.wait()
-        if worker.load_error is not None:
-            raise RuntimeError(f"the model failed to load: {worker.load_error}")
-        seconds["load"] = time.perf_counter() - start
-        weight = cfg.loop.demonstration_weight
-        trainer = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                             demonstration_weight=weight, guard_cfg=cfg.guards, tie_weight=cfg.reward.tie_weight)
-        trainer.rng.seed(seed)
-        rng = random.Random(seed)
-        owed = 0  # PPO steps planned before a reward model existed
-        with tqdm(total=comparisons + ppo_steps, desc="simulate", unit="item") as bar:
-            for pairs, steps in zip(split_evenly(comparisons, rounds), split_evenly(ppo_steps, rounds)):
-                # 1) pairs and votes, stored as the UI stores them
-                mark = time.perf_counter()
-                bar.set_description("pairs + votes")
-                counts = collect_votes(
-                    worker, sessions, train_prompts, labeler, pairs, cfg, rng,
-                    session_id=f"simulate-{seed}", arena_fraction=cfg.loop.arena_fraction, progress=bar.update,
-                    modes=modes, mode_fraction=cfg.loop.mode_fraction,
-                    teacher=teacher, teach_limit=cfg.simulation.demonstrations - report.votes["demonstration"],
-                    adversary=adversary, adversary_share=adversary_share,
-                )
-                report.votes = {k: report.votes[k] + v for k, v in counts.items()}
-                report.demonstrations = report.votes["demonstration"]
-                seconds["votes"] += time.perf_counter() - mark
-                # 2) a reward round on every vote so far
-                mark = time.perf_counter()
-                bar.set_description("reward model")
-                result = run_round(worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed,
-                                   demonstration_weight=weight, guard_cfg=cfg.guards)
-                if result is not None:
-                    report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
-                    report.reward_rounds.append(round_summary(result, len(report.reward_curve)))
-                    bar.set_postfix(rm_heldout=f"{result.heldout_accuracy or 0:.2f}")
-                seconds["reward"] += time.perf_counter() - mark
-                # 3) PPO on the prompts the "people" typed
-                mark = time.perf_counter()
-                owed += steps
-                if owed and report.reward_rounds:
-                    bar.set_description("PPO")
-                    with sessions() as session:
-                        contexts = store.user_contexts(session)
-                    rollouts: list[tuple[str, float, int, str]] = []
-                    guided: list[float] = []  # raw scores of the guided rows
-                    for _ in range(owed):
-                        step = trainer.step(trainer.sample_contexts(contexts))
-                        rows = zip(step.texts or [], step.scores or [], step.lengths or [], step.guided or [],
-                                   step.prompts or [])
-                        for text, score, length, was_guided, prompt in rows:
-                            # the plain policy as it trained: a guided row's opening was prefilled
-                            if was_guided:
-                                guided.append(score)
-                            else:
-                                rollouts.append((text, score, length, prompt))
-                        report.reward_curve.append(step.mean_reward)
-                        report.kl_curve.append(step.mean_kl)
-                        report.length_curve.append(step.mean_length)
-                        report.copy_gap_curve.append(round(step.copy_gap, 5))
-                        for phase in ("rollout", "score", "update"):
-                            phase_seconds[phase] = phase_seconds.get(phase, 0.0) + getattr(step, f"{phase}_s")
-                        bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
-                        bar.update(1)
-                    owed = 0
-                    report.behaviour_rounds.append(round_behaviours(rollouts, modes, len(report.reward_curve), guided))
-                    report.reward_length_corr = report.behaviour_rounds[-1]["reward_length_corr"]
-                seconds["ppo"] += time.perf_counter() - mark
-        if report.reward_curve:
-            trainer.save(worker.serving_version)
-            tail = report.kl_curve[-10:]
-            report.mean_kl = sum(tail) / len(tail)
-        # 4) blind evaluation against the starting model on held-out prompts
-        mark = time.perf_counter()
-        outcome = evaluate_against_reference(worker, eval_prompts, labeler, cfg, seed + 1)
-        report.win_rate_vs_reference = outcome.pop("win_rate")
-        report.eval_answers = outcome.pop("answers")
-        report.eval_counts = outcome
-        describe_final_answers(report, modes)
-        report.mode_pairs = count_mode_pairs(sessions)
-        report.contributors = contributor_rows(sessions, cfg)
-        interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
-        report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
-        seconds["eval"] = time.perf_counter() - mark
+        run = SimulationRun.start(cfg, worker, sessions, report, people, train_prompts, modes, seed)
+        run.seconds["load"] = time.perf_counter() - start
+        with tqdm(total=comparisons + ppo_steps, desc="simulate", unit="item") as run.bar:
+            shares = zip(split_evenly(comparisons, rounds), split_evenly(ppo_steps, rounds))
+            for round_no, (pairs, steps) in enumerate(shares, start=1):
+                run.collect_votes(pairs)
+                run.reward_round(round_no)
+                run.ppo_round(round_no, steps)
+        run.finish_training()
+        run.evaluate(eval_prompts)
+        measure_final_tax(run, fact_key, well_formed, eval_prompts)
     finally:
         worker.stop()
     report.wall_seconds = time.perf_counter() - start
-    report.seconds = {k: round(v, 1) for k, v in seconds.items()}
+    report.seconds = {k: round(v, 1) for k, v in run.seconds.items()}
     # summed unrounded: rounding each step's running total drifts past the phase's own total
-    report.ppo_seconds = {k: round(v, 2) for k, v in phase_seconds.items()}
-    if report_path:
-        report.write(report_path)
-        if report.reward_curve:
-            plot_curve(report, plot_path or Path(report_path).with_suffix(".png"))
-            plot_behaviours(report, Path(plot_path or report_path).with_suffix(".behaviours.png"))
+    report.ppo_seconds = {k: round(v, 2) for k, v in run.phase_seconds.items()}
+    write_outputs(report, report_path, plot_path)
     return report
+
+
+@dataclass
+class Voters:
+    """Who gives the feedback of a run: the labeler, and the teacher and adversary when named."""
+
+    labeler_spec: str
+    labeler: Labeler
+    teacher_spec: str = ""
+    teacher: Teacher | None = None
+    adversary_spec: str = ""
+    adversary: Labeler | None = None
+    adversary_share: float = 0.0
+
+    @classmethod
+    def load(cls, labeler_spec: str, teacher_spec: str | None, adversary_spec: str | None, share: float) -> Voters:
+        """Load each spec (a clear error for an unknown one) and check the adversary's share."""
+        labeler = load_labeler(labeler_spec)
+        teacher = load_teacher(teacher_spec) if teacher_spec else None
+        adversary = load_adversary(adversary_spec, labeler) if adversary_spec else None
+        if adversary is not None and not 0 < share < 1:
+            raise ValueError(f"--adversary-share must be between 0 and 1, got {share}")
+        return cls(labeler_spec, labeler, teacher_spec or "", teacher, adversary_spec or "", adversary,
+                   share if adversary_spec else 0.0)
+
+
+def new_report(
+    cfg: AppConfig, people: Voters, comparisons: int, ppo_steps: int, rounds: int, eval_prompts: int
+) -> Report:
+    """The report before anything ran: what was asked for, and the settings it runs with."""
+    report = Report(labeler=people.labeler_spec, comparisons=comparisons, ppo_steps=ppo_steps, rounds=rounds,
+                    eval_prompts=eval_prompts)
+    report.votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
+    report.teacher = people.teacher_spec
+    report.adversary, report.adversary_share = people.adversary_spec, people.adversary_share
+    report.guards = cfg.guards.enabled
+    report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
+    # the loop's settings too: PPO runs under its bounds (ppo_steps_per_reward, max_kl)
+    report.settings = {name: asdict(getattr(cfg, name)) for name in ("sampling", "ppo", "reward", "loop")}
+    return report
+
+
+@dataclass
+class SimulationRun:
+    """A simulation under way: its parts, and each phase of :func:`simulate` as a method."""
+
+    cfg: AppConfig
+    worker: ModelWorker
+    sessions: Callable
+    report: Report
+    people: Voters
+    prompts: list[str]  # the training prompts pairs are collected on
+    modes: list[Mode]
+    trainer: PPOTrainer
+    seed: int
+    rng: random.Random
+    bar: object = None  # the tqdm bar, set by simulate
+    owed: int = 0  # PPO steps planned before a reward model existed
+    seconds: dict = field(default_factory=lambda: {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0})
+    phase_seconds: dict = field(default_factory=dict)  # a PPO step's rollout, scoring and update, summed over steps
+
+    @classmethod
+    def start(cls, cfg: AppConfig, worker: ModelWorker, sessions, report: Report, people: Voters,
+              prompts: list[str], modes: list[Mode], seed: int) -> SimulationRun:
+        """Setup: wait for the model, then build the PPO trainer as the live loop does
+        (``prompts`` and ``modes``: what pairs are collected on, and in)."""
+        worker.ready.wait()
+        if worker.load_error is not None:
+            raise RuntimeError(f"the model failed to load: {worker.load_error}")
+        trainer = PPOTrainer.from_config(worker, sessions, cfg)
+        trainer.rng.seed(seed)
+        return cls(cfg, worker, sessions, report, people, prompts, modes, trainer, seed, random.Random(seed))
+
+    def collect_votes(self, pairs: int) -> None:
+        """Phase 1 of a round: ``pairs`` pairs and their votes, stored as the UI stores them."""
+        mark, cfg, people, report = time.perf_counter(), self.cfg, self.people, self.report
+        self.bar.set_description("pairs + votes")
+        counts = collect_votes(
+            self.worker, self.sessions, self.prompts, people.labeler, pairs, cfg, self.rng,
+            session_id=f"simulate-{self.seed}", arena_fraction=cfg.loop.arena_fraction, progress=self.bar.update,
+            modes=self.modes, mode_fraction=cfg.loop.mode_fraction,
+            teacher=people.teacher, teach_limit=cfg.simulation.demonstrations - report.votes["demonstration"],
+            adversary=people.adversary, adversary_share=people.adversary_share,
+        )
+        report.votes = {k: report.votes[k] + v for k, v in counts.items()}
+        report.demonstrations = report.votes["demonstration"]
+        self.seconds["votes"] += time.perf_counter() - mark
+
+    def reward_round(self, round_no: int) -> None:
+        """Phase 2: a reward round on every vote so far, as the live loop runs one, then
+        the tripwire; none once the tripwire has paused training."""
+        if self.report.tripwire is not None:
+            return
+        mark, report = time.perf_counter(), self.report
+        self.bar.set_description("reward model")
+        result = reward_round_from_config(self.worker, self.sessions, self.cfg, seed=self.seed)
+        if result is not None:
+            report.rm_heldout_accuracy, report.rm_train_accuracy = result.heldout_accuracy, result.train_accuracy
+            report.reward_rounds.append(round_summary(result, len(report.reward_curve)))
+            self.bar.set_postfix(rm_heldout=f"{result.heldout_accuracy or 0:.2f}")
+            self.check_tripwire(round_no)
+        self.seconds["reward"] += time.perf_counter() - mark
+
+    def ppo_round(self, round_no: int, steps: int) -> None:
+        """Phase 3: the round's share of PPO steps (with any owed from rounds before the
+        first reward model), on the prompts the "people" typed. Before each step the
+        live loop's own bounds (:meth:`ppo_stop_reason`); after each, the tripwire. A
+        bound stops the round's PPO, and the steps it stopped are not owed."""
+        mark = time.perf_counter()
+        self.owed += steps
+        if self.owed and self.report.reward_rounds and self.report.tripwire is None:
+            self.bar.set_description("PPO")
+            with self.sessions() as session:
+                contexts = store.user_contexts(session)
+            rollouts: list[tuple[str, float, int, str]] = []
+            guided: list[float] = []  # raw scores of the guided rows
+            ran = 0
+            while ran < self.owed and not self.stopped(round_no):
+                self.record_step(self.trainer.step(self.trainer.sample_contexts(contexts)), rollouts, guided)
+                ran += 1
+                self.check_tripwire(round_no)
+            self.bar.update(self.owed - ran)  # the steps a bound stopped are done with too
+            self.owed = 0
+            if ran:
+                report = self.report
+                report.behaviour_rounds.append(round_behaviours(rollouts, self.modes, len(report.reward_curve), guided))
+                report.reward_length_corr = report.behaviour_rounds[-1]["reward_length_corr"]
+        self.seconds["ppo"] += time.perf_counter() - mark
+
+    def stopped(self, round_no: int) -> bool:
+        """Whether PPO must stop here: the tripwire paused training, or a bound of the live
+        loop holds (:meth:`ppo_stop_reason`, then recorded in ``report.ppo_stops``)."""
+        if self.report.tripwire is not None:
+            return True
+        reason = self.ppo_stop_reason()
+        if reason:
+            self.report.ppo_stops.append(
+                {"round": round_no, "after_ppo_steps": len(self.report.reward_curve), "reason": reason}
+            )
+        return bool(reason)
+
+    def ppo_stop_reason(self) -> str:
+        """Why the live loop would take no PPO step now ("" when it would): PPO is off
+        (``loop.ppo_enabled``), or the reward version's budget or the KL bound says so
+        (:func:`training_loop.ppo_budget_spent`, the loop's own check)."""
+        if not self.cfg.loop.ppo_enabled:
+            return "PPO is off (loop.ppo_enabled)"
+        version = self.worker.call(REWARD, lambda m: m.reward_version)
+        with self.sessions() as session:
+            return training_loop.ppo_budget_spent(session, self.cfg, version)
+
+    def check_tripwire(self, round_no: int) -> None:
+        """After a reward round or a PPO step: the live loop's tripwire
+        (:func:`training_loop.tripwire_trip`); a trip is recorded and pauses training."""
+        if self.report.tripwire is not None:
+            return
+        with self.sessions() as session:
+            trip = training_loop.tripwire_trip(session, self.cfg)
+        if trip is not None:
+            log.warning("the tripwire tripped; training paused for the rest of the run: %s", trip.reason)
+            self.report.tripwire = {"round": round_no, "after_ppo_steps": len(self.report.reward_curve),
+                                    "reason": trip.reason, "roll_back_to": trip.roll_back_to}
+
+    def record_step(self, step, rollouts: list[tuple[str, float, int, str]], guided: list[float]) -> None:
+        """Add a PPO step (``ppo.StepResult``) to the report's curves and the round's rollouts:
+        the plain policy as it trained (a guided row's opening was prefilled)."""
+        rows = zip(step.texts or [], step.scores or [], step.lengths or [], step.guided or [], step.prompts or [])
+        for text, score, length, was_guided, prompt in rows:
+            if was_guided:
+                guided.append(score)
+            else:
+                rollouts.append((text, score, length, prompt))
+        report = self.report
+        report.reward_curve.append(step.mean_reward)
+        report.kl_curve.append(step.mean_kl)
+        report.length_curve.append(step.mean_length)
+        report.copy_gap_curve.append(round(step.copy_gap, 5))
+        report.ppo_steps_run = len(report.reward_curve)
+        for phase in ("rollout", "score", "update"):
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + getattr(step, f"{phase}_s")
+        self.bar.set_postfix(reward=f"{step.mean_reward:+.2f}", kl=f"{step.mean_kl:.2f}")
+        self.bar.update(1)
+
+    def finish_training(self) -> None:
+        """Save the final policy as a checkpoint, and the mean KL of the last ten steps."""
+        report = self.report
+        if report.reward_curve:
+            self.trainer.save(self.worker.serving_version)
+            tail = report.kl_curve[-10:]
+            report.mean_kl = sum(tail) / len(tail)
+
+    def evaluate(self, eval_prompts: list[str]) -> None:
+        """Phase 4: the final policy judged blind against the starting model on held-out
+        prompts; what it learned, behaviour by behaviour; the guards' view of each session."""
+        mark, report = time.perf_counter(), self.report
+        outcome = evaluate_against_reference(self.worker, eval_prompts, self.people.labeler, self.cfg, self.seed + 1)
+        report.win_rate_vs_reference = outcome.pop("win_rate")
+        report.eval_answers = outcome.pop("answers")
+        report.eval_counts = outcome
+        describe_final_answers(report, self.modes)
+        report.mode_pairs = count_mode_pairs(self.sessions)
+        report.contributors = contributor_rows(self.sessions, self.cfg)
+        interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
+        report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
+        self.seconds["eval"] = time.perf_counter() - mark
+
+
+def measure_final_tax(run: SimulationRun, key: dict[str, list[str]], well_formed: list[tuple[str, str]],
+                      eval_prompts: list[str]) -> None:
+    """Phase 5: the alignment tax of the final policy against the reference (learning/tax.py),
+    and what each kind of held-out question got (:func:`kind_shares`)."""
+    mark, cfg = time.perf_counter(), run.cfg
+    sampling = Sampling.from_config(cfg.sampling, run.seed + 2)
+
+    def job(models):
+        return measure_tax(models, key, well_formed, sampling, cfg.simulation.tax_fact_questions,
+                           cfg.simulation.tax_answers_per_question, run.seed, content_prompts=eval_prompts)
+
+    run.report.alignment_tax = run.worker.call(CHAT, job).as_dict()
+    run.report.kinds = kind_shares(run.report.eval_answers, key)
+    run.seconds["tax"] = time.perf_counter() - mark
+
+
+def kind_shares(answers: list[dict], key: dict[str, list[str]]) -> dict:
+    """Per kind of held-out question (text/questions.py), reference and policy: how many
+    questions, and the share of answers that do what the kind calls for: state the fact
+    (and ask instead), ask back on topic, give an example on topic; and say something."""
+    out: dict = {}
+    for kind in KINDS:
+        rows = [a for a in answers if question_kind(a["prompt"], key) == kind]
+        entry: dict = {"questions": len(rows)}
+        for side in ("reference", "policy"):
+            texts = [(a["prompt"], a[side]) for a in rows]
+            n = max(1, len(texts))
+            shares = {"content": sum(gives_content(p, t) for p, t in texts) / n}
+            if kind == FACT:
+                shares["states the fact"] = sum(states_fact(t, key[p.strip()]) for p, t in texts) / n
+                shares["asks instead"] = sum(
+                    (not states_fact(t, key[p.strip()])) and asks_question(t) for p, t in texts) / n
+            elif kind == HOW_TO:
+                shares["asks back on topic"] = sum(asks_question(t) and on_topic(p, t) for p, t in texts) / n
+            else:
+                shares["example on topic"] = sum(gives_example(t) and on_topic(p, t) for p, t in texts) / n
+            entry[side] = {k: round(v, 4) for k, v in shares.items()}
+        out[kind] = entry
+    return out
+
+
+def write_outputs(report: Report, report_path: str | Path | None, plot_path: str | Path | None) -> None:
+    """Write the JSON report and, when PPO ran, the reward-curve and behaviour plots beside it."""
+    if not report_path:
+        return
+    report.write(report_path)
+    if report.reward_curve:
+        plot_curve(report, plot_path or Path(report_path).with_suffix(".png"))
+        plot_behaviours(report, Path(plot_path or report_path).with_suffix(".behaviours.png"))
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
     """Pearson's correlation coefficient; None when either side does not vary.
 
-    >>> pearson([1, 2, 3], [2, 4, 7])
-    0.9933992677987827
+    >>> round(pearson([1, 2, 3], [2, 4, 7]), 6)
+    0.993399
     """
     n = len(xs)
     if n < 2:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_chat.config import GuardConfig, PPOConfig, SamplingConfig
+from rlhf_chat.config import AppConfig, GuardConfig, LoopConfig, PPOConfig, RewardConfig, SamplingConfig
 from rlhf_chat.generation.candidates import Sampling, encode_openings, sample
 from rlhf_chat.generation.modes import PLAIN, active_modes, guided_openings
 from rlhf_chat.generation.worker import PPO as PPO_PRIORITY
@@ -40,13 +40,14 @@ from rlhf_chat.generation.worker import yield_point
 from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.checkpoints import check_base, copy_into, load_verified, publish_checkpoint
 from rlhf_chat.learning.guards import assess_feedback
-from rlhf_chat.learning.reward import encode, score_prefix, score_sequences
+from rlhf_chat.learning.reward import encode, score_prefix, score_sequences, stored_fields
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
 from rlhf_chat.model.decoder import decoder_for
 from rlhf_chat.model.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, fast_matmul_dtype, sync_policy_weights
 from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import PPOStep
 from rlhf_chat.text.chat import prompt_text, render_prompt, trim_to_budget
 
 log = logging.getLogger(__name__)
@@ -512,6 +513,72 @@ class StepResult:
     guided: list[bool] | None = None  # each rollout row: opened by a mode's opening (PPOConfig.guided_fraction)
     prompts: list[str] | None = None  # each rollout row's question (its context's last user turn)
 
+    def row(self) -> dict:
+        """The ``ppo_steps`` row of this step (``reward.stored_fields``: its metrics, a NaN as 0)."""
+        return stored_fields(self, PPOStep)
+
+
+def plain_rows(guided: list[bool]) -> list[int]:
+    """The rows a step reports on: the plain policy's own samples (a guided row's opening
+    was prefilled); every row when all are guided.
+
+    >>> plain_rows([True, False, False]), plain_rows([True])
+    ([1, 2], [0])
+    """
+    return [k for k, g in enumerate(guided) if not g] or list(range(len(guided)))
+
+
+def mean_stat(stats: list[dict], key: str) -> float:
+    """The mean of ``key`` over the minibatches' stats that have it; NaN when none has.
+
+    >>> mean_stat([{"loss": 1.0}, {"loss": 3.0}, {}], "loss"), mean_stat([], "loss")
+    (2.0, nan)
+    """
+    values = [s[key] for s in stats if key in s]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def step_result(
+    batch: Rollout,
+    stats: list[dict],
+    examples: list[SupervisedExample],
+    guided: list[bool],
+    version: int,
+    finite: bool,
+    reward_version: int,
+    times: dict[str, float],
+) -> StepResult:
+    """A step's metrics (``finite``: whether its update was published, not skipped).
+    What it reports (KL of whole answers, as TRL reports it; reward; length) is of the
+    plain policy's own samples (:func:`plain_rows`); the per-row lists cover every row.
+    ``times``: perf_counter marks at the start and after each phase."""
+    plain = plain_rows(guided)
+    return StepResult(
+        version=version,
+        mean_reward=batch.raw_scores[plain].mean().item(),
+        mean_kl=batch.kl.sum(-1)[plain].mean().item(),
+        kl_coef=batch.kl_coef,  # the beta the rewards were computed with
+        policy_loss=mean_stat(stats, "policy_loss"),
+        value_loss=mean_stat(stats, "value_loss"),
+        clip_fraction=mean_stat(stats, "clip_fraction"),
+        approx_kl=mean_stat(stats, "approx_kl"),
+        entropy=mean_stat(stats, "entropy"),
+        mean_length=batch.response_mask.sum(-1)[plain].mean().item(),
+        skipped=not finite,
+        seconds=times["update"] - times["start"],
+        reward_version=reward_version,
+        copy_gap=batch.copy_gap,
+        ptx_loss=mean_stat(stats, "ptx_loss") if examples else None,
+        rollout_s=times["rollout"] - times["start"],
+        score_s=times["score"] - times["rollout"],
+        update_s=times["update"] - times["score"],
+        texts=batch.texts,
+        scores=batch.raw_scores.tolist(),
+        lengths=batch.response_mask.sum(-1).long().tolist(),
+        guided=guided,
+        prompts=[prompt_text(c) for c in batch.contexts],
+    )
+
 
 def snapshot(models: Models, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Copies of the policy weights and optimizer state, to restore after a bad step."""
@@ -557,13 +624,19 @@ class PPOTrainer:
         checkpoint_dir: str,
         score_fn: ScoreFn | None = None,
         sampling: SamplingConfig | None = None,
-        demonstration_weight: float = 1.0,
+        demonstration_weight: float | None = None,
         guard_cfg: GuardConfig | None = None,
-        tie_weight: float = 0.0,
+        tie_weight: float | None = None,
     ):
         self.worker = worker
+        # Settings left out are the config's own defaults (never a second default here);
+        # the app's entry points pass them all through from_config.
+        loop_default, reward_default = LoopConfig(), RewardConfig()
+        if demonstration_weight is None:
+            demonstration_weight = loop_default.demonstration_weight
         self.demonstration_weight = demonstration_weight
-        self.tie_weight = tie_weight  # reward.tie_weight: ties count in a contributor's influence, as in reward rounds
+        # reward.tie_weight: ties count in a contributor's influence, as in reward rounds
+        self.tie_weight = reward_default.tie_weight if tie_weight is None else tie_weight
         self.guard_cfg = guard_cfg or GuardConfig()
         self.sessions = sessions
         self.cfg = cfg
@@ -586,6 +659,17 @@ class PPOTrainer:
         # row the first update's forward as the policy's scoring pass.
         self.keep_prefix = True
         self.reuse_first_forward = True
+
+    @classmethod
+    def from_config(cls, worker, sessions, cfg: AppConfig, score_fn: ScoreFn | None = None) -> PPOTrainer:
+        """A trainer with every setting taken from ``cfg``: PPO's, the checkpoint folder,
+        the sampling scheme people vote on, ``loop.demonstration_weight``, the guards and
+        ``reward.tie_weight``. The one way the live loop, the simulation and the command
+        line build one, so that a ``--set`` reaches each alike."""
+        return cls(
+            worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, score_fn=score_fn, sampling=cfg.sampling,
+            demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, tie_weight=cfg.reward.tie_weight,
+        )
 
     def _call(self, fn):
         return self.worker.call(PPO_PRIORITY, fn)
@@ -613,86 +697,73 @@ class PPOTrainer:
         return guided_openings(modes, rows, self.cfg.guided_fraction, self.rng, record)
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
-        """One PPO step on a batch of contexts (phases in the module docstring)."""
-        cfg, start = self.cfg, time.perf_counter()
+        """One PPO step on a batch of contexts, phase by phase (the module docstring)."""
+        start = time.perf_counter()
         if self.optimizer is None:
-            self.optimizer = self._call(lambda m: make_optimizer(m, cfg))
+            self.optimizer = self._call(lambda m: make_optimizer(m, self.cfg))
         seed = self.rng.randrange(2**31)
         openings = self.guided_openings(len(contexts))
         # 1) rollout on the serving copy
-        batch = self._call(lambda m: rollout(m, contexts, cfg, self.sampling, seed, openings, self.keep_prefix))
-        t_rollout = time.perf_counter()
+        batch = self._call(lambda m: rollout(m, contexts, self.cfg, self.sampling, seed, openings, self.keep_prefix))
+        times = {"start": start, "rollout": time.perf_counter()}
         # 2-3) scores, KL-penalised rewards, advantages
         kl_coef = self.kl_ctl.value
-        # One minibatch of every row: the first update's forward is the policy's scoring pass
-        pass_now = cfg.minibatch_size < len(contexts) or cfg.epochs < 1 or not self.reuse_first_forward
-        batch = self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer, pass_now))
-        reward_version = self.normalizer.reward_version
-        t_score = time.perf_counter()
-        # 4) epochs x minibatches, one worker job each
+        batch = self._score(batch, kl_coef, len(contexts))
+        times["score"] = time.perf_counter()
+        # 4) epochs x minibatches, one worker job each (the policy as it was, should one fail)
         examples = self.supervised_examples()
         saved = self._call(lambda m: snapshot(m, self.optimizer))
-        try:
-            stats, finite = self._update(batch, len(contexts), examples)
-        except BaseException:  # out of memory, a crash mid-update: the step never happened
-            self._call(lambda m: restore(m, self.optimizer, saved))
-            raise
-        if batch.logprobs is None:  # no update ran to fill the policy's terms (a non-finite minibatch fills them)
-            self._call(lambda m: score_policy(m, batch, cfg))
-        t_update = time.perf_counter()
-        # 5) publish (a checkpoint version is saved first: none is served without its
-        # checkpoint on disk and in the database), or restore the adapter as it was
+        stats, finite = self._update_or_restore(batch, len(contexts), examples, saved)
+        times["update"] = time.perf_counter()
+        # 5) publish, or restore the adapter as it was
         guided = [bool(o) for o in openings]
-        # What the step reports (KL of whole answers, as TRL reports it; reward; length)
-        # is of the plain policy's own samples: a guided row's opening was prefilled
-        plain = [k for k, g in enumerate(guided) if not g] or list(range(len(guided)))
-        mean_kl = batch.kl.sum(-1)[plain].mean().item()
-        if finite:
-            upcoming = self.worker.serving_version + 1
-            if upcoming % cfg.checkpoint_every == 0:
-                try:
-                    self.save(upcoming)
-                except BaseException:  # a full disk: the step never happened, retry later
-                    self._call(lambda m: restore(m, self.optimizer, saved))
-                    raise
-            version = self._call(publish)
-            self.kl_ctl.update(mean_kl, len(contexts))
-        else:
-            log.warning("PPO step skipped: non-finite loss or gradient; adapter restored")
-            self._call(lambda m: restore(m, self.optimizer, saved))
-            version = self.worker.serving_version
-
-        def mean(key: str) -> float:
-            values = [s[key] for s in stats if key in s]
-            return float(sum(values) / len(values)) if values else float("nan")
-
-        result = StepResult(
-            version=version,
-            mean_reward=batch.raw_scores[plain].mean().item(),
-            mean_kl=mean_kl,
-            kl_coef=kl_coef,
-            policy_loss=mean("policy_loss"),
-            value_loss=mean("value_loss"),
-            clip_fraction=mean("clip_fraction"),
-            approx_kl=mean("approx_kl"),
-            entropy=mean("entropy"),
-            mean_length=batch.response_mask.sum(-1)[plain].mean().item(),
-            skipped=not finite,
-            seconds=t_update - start,
-            reward_version=reward_version,
-            copy_gap=batch.copy_gap,
-            ptx_loss=mean("ptx_loss") if examples else None,
-            rollout_s=t_rollout - start,
-            score_s=t_score - t_rollout,
-            update_s=t_update - t_score,
-            texts=batch.texts,
-            scores=batch.raw_scores.tolist(),
-            lengths=batch.response_mask.sum(-1).long().tolist(),
-            guided=guided,
-            prompts=[prompt_text(c) for c in batch.contexts],
-        )
+        mean_kl = batch.kl.sum(-1)[plain_rows(guided)].mean().item()
+        version = self._publish_or_restore(finite, saved, mean_kl, len(contexts))
+        # 6) record
+        result = step_result(batch, stats, examples, guided, version, finite, self.normalizer.reward_version, times)
         self._record(result)
         return result
+
+    def _score(self, batch: Rollout, kl_coef: float, n: int) -> Rollout:
+        """Phases 2-3 as one worker job. With one minibatch of every row, the first
+        update's forward is the policy's scoring pass (``score_rollout``'s ``policy_pass``)."""
+        cfg = self.cfg
+        pass_now = cfg.minibatch_size < n or cfg.epochs < 1 or not self.reuse_first_forward
+        return self._call(lambda m: score_rollout(m, batch, cfg, kl_coef, self.score_fn, self.normalizer, pass_now))
+
+    def _update_or_restore(
+        self, batch: Rollout, n: int, examples: list[SupervisedExample], saved: tuple[dict, dict]
+    ) -> tuple[list[dict], bool]:
+        """Phase 4 (:meth:`_update`); a crash mid-update (out of memory) restores ``saved``
+        and re-raises: the step never happened. A batch no update filled gets its policy
+        terms from a scoring pass of their own (a non-finite minibatch fills them)."""
+        try:
+            stats, finite = self._update(batch, n, examples)
+        except BaseException:
+            self._call(lambda m: restore(m, self.optimizer, saved))
+            raise
+        if batch.logprobs is None:
+            self._call(lambda m: score_policy(m, batch, self.cfg))
+        return stats, finite
+
+    def _publish_or_restore(self, finite: bool, saved: tuple[dict, dict], mean_kl: float, n: int) -> int:
+        """Phase 5: after a finite update, save a checkpoint version first (none is served
+        without its checkpoint on disk and in the database), then publish and move the KL
+        controller; else restore the adapter as it was. Returns the version served."""
+        if not finite:
+            log.warning("PPO step skipped: non-finite loss or gradient; adapter restored")
+            self._call(lambda m: restore(m, self.optimizer, saved))
+            return self.worker.serving_version
+        upcoming = self.worker.serving_version + 1
+        if upcoming % self.cfg.checkpoint_every == 0:
+            try:
+                self.save(upcoming)
+            except BaseException:  # a full disk: the step never happened, retry later
+                self._call(lambda m: restore(m, self.optimizer, saved))
+                raise
+        version = self._call(publish)
+        self.kl_ctl.update(mean_kl, n)
+        return version
 
     def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
         """Epochs x minibatches, one worker job each; stops at the first non-finite one.
@@ -710,16 +781,13 @@ class PPOTrainer:
                     return stats, False
         return stats, True
 
-    def _record(self, r: StepResult) -> None:
-        fields = {k: getattr(r, k) for k in (
-            "version", "mean_reward", "mean_kl", "kl_coef", "policy_loss", "value_loss", "clip_fraction",
-            "approx_kl", "entropy", "mean_length", "skipped", "seconds", "reward_version", "copy_gap", "ptx_loss",
-        )}
-        fields = {k: (0.0 if isinstance(v, float) and v != v else v) for k, v in fields.items()}  # NaN -> 0
+    def _record(self, result: StepResult) -> None:
+        """Store the step's row (:meth:`StepResult.row`) in the ``ppo_steps`` table."""
+        row = result.row()
 
         def write() -> None:
             with self.sessions() as session, session.begin():
-                store.add_ppo_step(session, **fields)
+                store.add_ppo_step(session, **row)
 
         store.with_retry(write)
 

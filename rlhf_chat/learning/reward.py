@@ -20,12 +20,12 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 
-from rlhf_chat.config import GuardConfig, RewardConfig
+from rlhf_chat.config import AppConfig, GuardConfig, LoopConfig, RewardConfig
 from rlhf_chat.generation.worker import REWARD as REWARD_PRIORITY
 from rlhf_chat.learning import guards
 from rlhf_chat.learning.checkpoints import (
@@ -48,6 +48,7 @@ from rlhf_chat.model.heads import Prefix, PrefixCache, answer_summary, frozen_pr
 from rlhf_chat.model.loading import REWARD, Models, adapter_state
 from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
+from rlhf_chat.storage.tables import RewardRound
 from rlhf_chat.text.chat import render_prompt, render_response
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,22 @@ class RoundResult:
     checkpoint: str = ""
     train_accuracy: float | None = None
 
+    def row(self) -> dict:
+        """The ``reward_rounds`` row of this round (:func:`stored_fields`)."""
+        return stored_fields(self, RewardRound)
+
+
+def stored_fields(result, table) -> dict:
+    """The fields of a result dataclass that ``table`` has columns for, a NaN stored as 0.
+
+    One helper for a PPO step's row and a reward round's: a field added to a
+    result and to its table is stored without a second list of names to update.
+    A NaN becomes 0 because the columns are NOT NULL and SQLite stores a NaN as NULL.
+    """
+    columns = set(table.__table__.columns.keys())
+    values = {f.name: getattr(result, f.name) for f in fields(result) if f.name in columns}
+    return {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
 
 @torch.no_grad()
 def agreement_of(models: Models, pairs: list[PreferencePair], cfg: RewardConfig) -> dict[int, bool]:
@@ -341,19 +358,39 @@ def usable_feedback(session, tie_weight: float = 0.0) -> int:
     return store.count_votes(session, choices) + store.count_demonstrations(session)
 
 
+def reward_round_from_config(
+    worker, sessions, cfg: AppConfig, seed: int = 0, score_unseen: bool = True
+) -> RoundResult | None:
+    """One reward round with every setting taken from ``cfg``: the reward settings,
+    the checkpoint folder, ``loop.demonstration_weight`` and the guards.
+
+    The one way the live loop, the simulation and the command line run a round,
+    so that a ``--set`` reaches each alike (a setting left to :func:`run_round`'s
+    defaults would silently do nothing on one of them). ``score_unseen``: as in
+    :func:`run_round`; a caller with other settings passes
+    ``dataclasses.replace(cfg, reward=...)``.
+    """
+    return run_round(
+        worker, sessions, cfg.reward, cfg.store.checkpoint_dir, seed=seed,
+        demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, score_unseen=score_unseen,
+    )
+
+
 def run_round(
     worker,
     sessions,
     cfg: RewardConfig,
     checkpoint_dir: str,
     seed: int = 0,
-    demonstration_weight: float = 1.0,
+    demonstration_weight: float | None = None,
     guard_cfg: GuardConfig | None = None,
     score_unseen: bool = True,
 ) -> RoundResult | None:
     """Train one reward round on every usable vote and every written answer (each
     over both answers it was written beside, weighing ``demonstration_weight``),
-    as the guards weigh them (``guard_cfg``, on by default); None when there are too few.
+    as the guards weigh them (``guard_cfg``); None when there are too few. Settings
+    left out are the config's defaults; a caller holding an ``AppConfig`` uses
+    :func:`reward_round_from_config`.
 
     First the reward model being served scores the votes no round has trained on
     (:func:`score_unseen_votes`), which is how the guards see who disagrees;
@@ -365,77 +402,109 @@ def run_round(
     """
     start = time.perf_counter()
     guard_cfg = guard_cfg or GuardConfig()
+    weight = LoopConfig().demonstration_weight if demonstration_weight is None else demonstration_weight
     if score_unseen:
         score_unseen_votes(worker, sessions, cfg)
-    # 1) votes -> weighted pairs -> (train, held-out), stable by comparison id
+    # 1) votes -> weighted pairs -> (train, held-out)
+    pairs = round_pairs(sessions, cfg, guard_cfg, weight)
+    if pairs is None:
+        return None
+    # 2) fit; 3) measure on held-out votes and on the fit
+    loss = fit_round(worker, pairs.train, cfg, seed + pairs.version, pairs.version)
+    held, fit = measure_round(worker, pairs, cfg)
+    tensors, base = worker.call(REWARD_PRIORITY, trained_tensors)
+    result = RoundResult(
+        version=pairs.version,
+        loss=loss,
+        heldout_accuracy=held["accuracy"],
+        mean_margin=fit["mean_margin"],
+        train_pairs=len(pairs.train),
+        heldout_pairs=len(pairs.heldout),
+        votes=pairs.feedback,  # the feedback TrainingLoop counts (usable_feedback), guarded or not
+        seconds=time.perf_counter() - start,
+        train_accuracy=fit["accuracy"],
+    )
+    # 4) checkpoint (atomic), then name it in the database, then serve it
+    meta = {"version": result.version, "train_pairs": len(pairs.train), "base": base,
+            "trained_through": pairs.trained_through}
+    publish_round(worker, sessions, checkpoint_dir, result, tensors, meta)
+    return result
+
+
+@dataclass
+class RoundPairs:
+    """What a reward round trains and measures on."""
+
+    train: list[PreferencePair]
+    heldout: list[PreferencePair]  # votes only: held-out accuracy is on votes, as without ties
+    trained_through: int  # the newest comparison the round's feedback reaches
+    feedback: int  # usable_feedback when the round began
+    version: int  # the version the round will publish
+
+
+def round_pairs(sessions, cfg: RewardConfig, guard_cfg: GuardConfig, demonstration_weight: float) -> RoundPairs | None:
+    """The round's weighted pairs split into (train, held-out), stable by comparison id;
+    None when fewer than ``min_pairs`` training votes rank anything (ties alone cannot)."""
     with sessions() as session:
         pairs, trained_through = guarded_pairs(session, guard_cfg, demonstration_weight, cfg.tie_weight)
         feedback = usable_feedback(session, cfg.tie_weight)
         previous = store.latest_checkpoint(session, "reward")
     train, heldout = split_pairs(pairs, cfg.heldout_fraction)
-    heldout = [p for p in heldout if p.target == 1.0]  # held-out accuracy: on votes, as without ties
-    if sum(p.target == 1.0 for p in train) < cfg.min_pairs:  # ties alone cannot rank anything
+    heldout = [p for p in heldout if p.target == 1.0]
+    if sum(p.target == 1.0 for p in train) < cfg.min_pairs:
         return None
-    version = (previous.version if previous else 0) + 1
+    return RoundPairs(train, heldout, trained_through, feedback, (previous.version if previous else 0) + 1)
 
-    # 2) a new adapter while a full fit fits in the round, else the last one; a fresh optimizer
+
+def fit_round(worker, train: list[PreferencePair], cfg: RewardConfig, seed: int, version: int) -> float:
+    """Train the round's steps on ``train`` (a new adapter while a full fit fits in the
+    round, else the last one; a fresh optimizer either way); returns the mean loss of
+    the last ten steps. A non-finite loss raises: nothing is saved, and a fresh round
+    starts clean next time."""
+
     def make_optimizer(models: Models) -> torch.optim.Optimizer:
         if starts_fresh(len(train), cfg):
-            reset_reward_model(models, seed + version)
+            reset_reward_model(models, seed)
         return torch.optim.AdamW(reward_parameters(models), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     optimizer = worker.call(REWARD_PRIORITY, make_optimizer)
     losses = []
-    for batch in minibatches(train, cfg.batch_size, round_steps(len(train), cfg), seed + version):
+    for batch in minibatches(train, cfg.batch_size, round_steps(len(train), cfg), seed):
         # the worker's prefix cache: a vote's frozen layers run once, not once a round
         stats = worker.call(REWARD_PRIORITY, lambda m, b=batch: train_step(m, optimizer, b, cfg, m.prefix_cache))
         losses.append(stats["loss"])
-
     loss = float(sum(losses[-10:]) / len(losses[-10:]))
-    if not math.isfinite(loss):  # nothing to save; a fresh round starts clean next time
+    if not math.isfinite(loss):
         raise FloatingPointError(f"reward round {version}: the loss was not finite, nothing was saved")
+    return loss
 
-    # 3) measure on held-out votes, and on (some of) the training votes for the fit.
-    # PPO normalises scores by running statistics of its own rollouts' scores
-    # (ppo.ScoreNormalizer), not of these in-sample training answers.
-    held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, heldout, cfg, m.prefix_cache))
-    voted = [p for p in train if p.target == 1.0]  # the fit is read on votes: a tie has no right side
+
+def measure_round(worker, pairs: RoundPairs, cfg: RewardConfig) -> tuple[dict, dict]:
+    """(held-out, fit): :func:`evaluate` on the held-out votes and on (some of) the
+    training votes. The fit is read on votes: a tie has no right side. PPO normalises
+    scores by running statistics of its own rollouts' scores (ppo.ScoreNormalizer),
+    not of these in-sample training answers."""
+    held = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, pairs.heldout, cfg, m.prefix_cache))
+    voted = [p for p in pairs.train if p.target == 1.0]
     fit = worker.call(REWARD_PRIORITY, lambda m: evaluate(m, voted[:256], cfg, m.prefix_cache))
+    return held, fit
 
-    # 4) checkpoint (atomic), then name it in the database, then serve it
-    tensors, base = worker.call(
-        REWARD_PRIORITY, lambda m: ({k: v.detach().clone() for k, v in reward_tensors(m).items()}, m.base)
-    )
-    meta = {"version": version, "train_pairs": len(train), "base": base, "trained_through": trained_through}
-    result = RoundResult(
-        version=version,
-        loss=loss,
-        heldout_accuracy=held["accuracy"],
-        mean_margin=fit["mean_margin"],
-        train_pairs=len(train),
-        heldout_pairs=len(heldout),
-        votes=feedback,  # the feedback TrainingLoop counts (usable_feedback), guarded or not
-        seconds=time.perf_counter() - start,
-        checkpoint="",
-        train_accuracy=fit["accuracy"],
-    )
+
+def trained_tensors(models: Models) -> tuple[dict[str, torch.Tensor], dict]:
+    """Copies of the reward model's tensors (:func:`reward_tensors`) and the base they fit."""
+    return {k: v.detach().clone() for k, v in reward_tensors(models).items()}, models.base
+
+
+def publish_round(worker, sessions, checkpoint_dir: str, result: RoundResult, tensors: dict, meta: dict) -> None:
+    """Save the trained tensors as checkpoint ``result.version`` (atomic), name it and the
+    round's row in the database, then serve it; sets ``result.checkpoint``."""
 
     def record_round(session) -> None:
-        store.add_reward_round(
-            session,
-            version=version,
-            loss=result.loss,
-            heldout_accuracy=result.heldout_accuracy,
-            mean_margin=result.mean_margin,
-            train_pairs=result.train_pairs,
-            heldout_pairs=result.heldout_pairs,
-            votes=result.votes,
-            seconds=result.seconds,
-        )
+        store.add_reward_round(session, **result.row())
 
-    result.checkpoint = str(publish_checkpoint(sessions, checkpoint_dir, "reward", version, tensors, meta, record_round))
-    worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, version))
-    return result
+    path = publish_checkpoint(sessions, checkpoint_dir, "reward", result.version, tensors, meta, record_round)
+    result.checkpoint = str(path)
+    worker.call(REWARD_PRIORITY, lambda m: set_reward_version(m, result.version))
 
 
 # --- restoring -----------------------------------------------------------------------------

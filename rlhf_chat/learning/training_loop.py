@@ -31,10 +31,37 @@ from rlhf_chat.config import AppConfig
 from rlhf_chat.generation.worker import REWARD, ModelWorker
 from rlhf_chat.learning import tripwire
 from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
-from rlhf_chat.learning.reward import run_round, usable_feedback
+from rlhf_chat.learning.reward import reward_round_from_config, usable_feedback
 from rlhf_chat.storage import store
 
 log = logging.getLogger(__name__)
+
+
+# --- the decisions, shared with the simulation (evaluation/simulate.py) ------------------------
+# Module functions of (session, config), so that a simulated run stops where the
+# live loop would, and its figures describe a policy the app would serve.
+
+
+def ppo_budget_spent(session, cfg: AppConfig, reward_version: int) -> str:
+    """Why no more PPO steps may run on ``reward_version`` ("" when one may): the
+    version's budget of ``loop.ppo_steps_per_reward`` completed steps is spent, or the
+    last of them had a KL to the starting model past ``loop.max_kl`` (0: no bound)."""
+    loop = cfg.loop
+    steps = store.ppo_steps_on_reward(session, reward_version)
+    if loop.ppo_steps_per_reward > 0 and len(steps) >= loop.ppo_steps_per_reward:
+        return f"PPO budget for reward v{reward_version} spent ({len(steps)} steps)"
+    if loop.max_kl > 0 and steps and steps[-1].mean_kl > loop.max_kl:
+        return f"KL to the starting model {steps[-1].mean_kl:.1f} > {loop.max_kl:g} nats"
+    return ""
+
+
+def tripwire_trip(session, cfg: AppConfig, after_policy: int = 0, after_reward: int = 0) -> tripwire.Trip | None:
+    """The tripwire's verdict after a reward round or a PPO step (learning/tripwire.py),
+    or None; never a trip with the guards off (``guards.enabled``). Evidence up to
+    ``after_policy`` / ``after_reward`` was seen by an admin at a resume."""
+    if not cfg.guards.enabled:
+        return None
+    return tripwire.check(session, cfg.guards, after_policy, after_reward)
 
 
 @dataclass
@@ -57,9 +84,7 @@ class TrainingLoop:
         self.sessions = sessions
         self.cfg = cfg
         self.status = LoopStatus()
-        self.ppo = PPOTrainer(worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, sampling=cfg.sampling,
-                              demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards,
-                              tie_weight=cfg.reward.tie_weight)
+        self.ppo = PPOTrainer.from_config(worker, sessions, cfg)
         # Called with the version to serve again when the tripwire trips (0: the starting
         # model); returns what it did. The runtime wires it to controls.rollback / reset.
         self.on_trip = on_trip
@@ -160,8 +185,7 @@ class TrainingLoop:
         first_due = votes >= self.cfg.loop.min_votes and votes != self._too_few_at  # no retry on the same votes
         if (reward_version == 0 and first_due) or (reward_version > 0 and due):
             self.status.state, self.status.detail = "training reward model", f"{votes} votes"
-            result = run_round(self.worker, self.sessions, self.cfg.reward, self.cfg.store.checkpoint_dir,
-                               demonstration_weight=self.cfg.loop.demonstration_weight, guard_cfg=self.cfg.guards)
+            result = reward_round_from_config(self.worker, self.sessions, self.cfg)
             self._votes_at_last_round = votes
             self._too_few_at = votes if result is None else None
             if result is not None:
@@ -202,10 +226,10 @@ class TrainingLoop:
         """Pause training when the tripwire trips (arena, KL, reward model), tell the
         admin why, and have the last good policy served (``on_trip``, in the background:
         a rollback waits for this thread to be idle). Returns the trip, if any."""
-        if not self.cfg.guards.enabled or self.tripped is not None:
+        if self.tripped is not None:
             return None
         with self.sessions() as session:
-            trip = tripwire.check(session, self.cfg.guards, self._after_policy, self._after_reward)
+            trip = tripwire_trip(session, self.cfg, self._after_policy, self._after_reward)
         if trip is None:
             return None
         self.tripped = trip
@@ -235,18 +259,14 @@ class TrainingLoop:
             log.exception("could not record a training event")
 
     def ppo_budget_spent(self, reward_version: int) -> str:
-        """Why PPO must wait for new votes ("" when it may run): the reward version's
-        step budget is spent, or the last step's KL passed the bound."""
-        loop = self.cfg.loop
+        """Why PPO must wait for new votes ("" when it may run): :func:`ppo_budget_spent`'s
+        reason, and how many more votes train the next reward model."""
         with self.sessions() as session:
-            steps = store.ppo_steps_on_reward(session, reward_version)
-        due = loop.reward_every_votes - (self._count_votes() - self._votes_at_last_round)
-        more = f"{max(1, due)} more vote{'s' if due != 1 else ''} train the next reward model"
-        if loop.ppo_steps_per_reward > 0 and len(steps) >= loop.ppo_steps_per_reward:
-            return f"PPO budget for reward v{reward_version} spent ({len(steps)} steps); {more}"
-        if loop.max_kl > 0 and steps and steps[-1].mean_kl > loop.max_kl:
-            return f"KL to the starting model {steps[-1].mean_kl:.1f} > {loop.max_kl:g} nats; {more}"
-        return ""
+            spent = ppo_budget_spent(session, self.cfg, reward_version)
+        if not spent:
+            return ""
+        due = self.cfg.loop.reward_every_votes - (self._count_votes() - self._votes_at_last_round)
+        return f"{spent}; {max(1, due)} more vote{'s' if due != 1 else ''} train the next reward model"
 
     def _count_votes(self) -> int:
         """Usable feedback (``reward.usable_feedback``): A/B votes, written answers, and ties where they train."""
