@@ -303,6 +303,31 @@ STUBS: dict[str, tuple[str, str]] = {
         "import rlhf_chat.learning.ppo as p\n_rms = p.reward_model_scores\n"
         "p.reward_model_scores = lambda m, b: p.score_sequences(m, p.stored_layout(m, b))\n",
     ),
+    "the context labeler always ties": (
+        "tests/test_questions.py::test_context_wants_the_fact_for_a_factual_question",
+        "import rlhf_chat.evaluation.labelers as l\nl.context = lambda prompt, a, b: 'tie'\n",
+    ),
+    "the context labeler wants a question back whatever the question": (
+        "tests/test_questions.py::test_context_wants_the_fact_for_a_factual_question",
+        "import rlhf_chat.evaluation.labelers as l\nl.context = l.follow_up\n",
+    ),
+    "the content measure passes every answer": (
+        "tests/test_questions.py::test_an_echo_or_a_canned_phrase_is_not_content",
+        "import rlhf_chat.text.questions as q\nq.gives_content = lambda prompt, text: True\n",
+    ),
+    "the tax's reference NLL keeps the policy adapter on": (
+        "tests/test_questions.py::test_the_nll_reads_the_policy_with_its_adapter_and_the_reference_without",
+        "import contextlib\nfrom peft import PeftModel\nPeftModel.disable_adapter = lambda self: contextlib.nullcontext()\n",
+    ),
+    "the tax measures the reference's answers on both sides": (
+        "tests/test_questions.py::test_a_policy_that_answers_with_a_canned_question_shows_the_loss",
+        "import rlhf_chat.learning.tax as t\n_both = t.answer_both\n"
+        "t.answer_both = lambda *a: (lambda p, r: (r, r))(*_both(*a))\n",
+    ),
+    "per-kind mode records are the global record": (
+        "tests/test_modes.py::test_a_per_kind_record_counts_the_kinds_own_votes_and_a_quarter_of_the_rest",
+        "import rlhf_chat.generation.modes as m\nm.OTHER_KINDS_WEIGHT = 1.0\n",
+    ),
 }
 
 PLUGIN = '''

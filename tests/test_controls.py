@@ -172,7 +172,7 @@ def test_reset_and_rollback_publish_new_versions(services):
     assert all(b.abs().max() == 0 for b in lora_b(models, "trainer") + lora_b(models, "serving"))
     assert all(p.abs().max() == 0 for p in models.value_head.parameters())
     probes = board.answers(worker, wait=True)
-    assert probes.version == 4 and probes.policy == probes.reference  # greedy: same weights, same words
+    assert probes.version == 4 and probes.policy == probes.reference  # one seed: same weights, same words
 
     # rollback to v3: its weights again, as v5
     with pytest.raises(ControlError, match="no policy checkpoint v7"):

@@ -160,7 +160,7 @@ def test_behaviour_table_shows_the_policy_against_the_reference(sessions):
     assert policy["finished"] == 1.0 and reference["finished"] == 0.0
     assert reference["words"] == 7.0
     assert table["policy v3 (probes)"]["gives an example"] == 1.0 and table["reference (probes)"]["warm"] == 0.0
-    assert pd.isna(table["policy v3 (probes)"]["finished"])  # greedy probes: no finished flags
+    assert pd.isna(table["policy v3 (probes)"]["finished"])  # probes: no finished flags
     # the canned question back never names the capital; both reference answers do
     assert policy["on topic"] == 0.5 and reference["on topic"] == 1.0
 

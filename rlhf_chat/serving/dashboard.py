@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -25,10 +24,9 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from rlhf_chat.generation.candidates import count_response_tokens
+from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
 from rlhf_chat.generation.worker import PPO, ModelWorker
 from rlhf_chat.model.loading import Models
-from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.serving.services import Services
 from rlhf_chat.storage import store
 from rlhf_chat.storage.arena import ArenaResult, arena_results, bucket_results, total
@@ -232,30 +230,27 @@ PROBE_PROMPTS = (
 )
 
 
-@torch.no_grad()
-def greedy_answers(models: Models, prompts: list[str], reference: bool, max_new_tokens: int) -> list[str]:
-    """Greedy answers of the serving copy, with its policy adapter or without (the reference).
+PROBE_SEED = 1234  # one fixed draw: the two columns differ by the weights, not the dice
 
-    Greedy, not sampled: the same weights always give the same answer, so a
-    difference between the two columns is the policy's doing, not the dice's,
-    and a policy equal to the reference (version 0, or after a reset) answers
-    exactly as the reference does.
+
+@torch.no_grad()
+def probe_answers(
+    models: Models, prompts: list[str], reference: bool, max_new_tokens: int, temperature: float = 0.7
+) -> list[str]:
+    """The serving copy's answers, with its policy adapter or without (the reference),
+    sampled the way the chat samples (``sampling.temperature`` 0.7, loops stopped), with
+    one fixed seed.
+
+    Greedy decoding loops on the bundled model ("1. **1.1.1.1..."), so greedy probes
+    showed a worse model than people meet. The seed is fixed and the layout the same
+    for both columns, so a difference between them is the policy's doing, and a policy
+    equal to the reference (version 0, or after a reset) answers word for word as it does.
     """
     tok = models.tokenizer
     prompt_ids = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
-    ids, mask = left_pad(prompt_ids, tok.pad_token_id, models.device)  # (B, P) each
-    with models.serving.disable_adapter() if reference else nullcontext():
-        out = models.serving.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    response = out[:, ids.shape[1]:]
-    counts, _ = count_response_tokens(response, tok.eos_token_id)
-    return [tok.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(response.tolist(), counts)]
+    adapter = BASE_ADAPTER if reference else "policy"
+    settings = Sampling(max_new_tokens, temperature, seed=PROBE_SEED, stop_loops=True)
+    return [t.strip() for t in sample(models.serving, tok, prompt_ids, settings, adapter_names=[adapter] * len(prompts)).texts]
 
 
 @dataclass
@@ -299,8 +294,8 @@ class ProbeBoard:
 
     def _job(self, models: Models) -> ProbeAnswers:
         if self._reference is None:
-            self._reference = greedy_answers(models, self.prompts, True, self.max_new_tokens)
-        policy = greedy_answers(models, self.prompts, False, self.max_new_tokens)
+            self._reference = probe_answers(models, self.prompts, True, self.max_new_tokens)
+        policy = probe_answers(models, self.prompts, False, self.max_new_tokens)
         return ProbeAnswers(models.serving_version, self.prompts, self._reference, policy)
 
     def answers(self, worker: ModelWorker, wait: bool = False) -> ProbeAnswers | None:
@@ -355,7 +350,7 @@ def behaviour_table(session: Session, probes: ProbeAnswers | None, limit: int = 
     """What the policy learned, behaviour by behaviour: its share of answers against the reference's.
 
     From the newest arena pairs (sampled, as people see them) and from the
-    probe answers (greedy). A column with no answers yet is left out. "on topic"
+    probe answers (sampled with one seed: no finished flags). A column with no answers yet is left out. "on topic"
     (``behaviours.on_topic``) says how many answers still mention what they were
     asked, which no labeler that counts markers sees.
     """
