@@ -92,6 +92,13 @@ class StoreConfig:
     db_url: str = "sqlite:///feedback.db"
     checkpoint_dir: str = "checkpoints"
     busy_timeout_ms: int = 10_000  # SQLite waits this long for a lock before failing
+    # Checkpoints kept of each kind, newest first (0: all). A policy checkpoint is
+    # about 2 MB and one comes every few PPO steps, a reward one every round: kept
+    # without end they fill a Space's volume in weeks. Five cover a restart, a
+    # replica catching up, and an admin's rollback of the last few versions; the
+    # checkpoint the tripwire would roll back to is kept beyond them
+    # (learning/checkpoints.prune_checkpoints).
+    keep_checkpoints: int = 5
 
 
 @dataclass

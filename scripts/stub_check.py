@@ -328,6 +328,15 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_modes.py::test_a_per_kind_record_counts_the_kinds_own_votes_and_a_quarter_of_the_rest",
         "import rlhf_chat.generation.modes as m\nm.OTHER_KINDS_WEIGHT = 1.0\n",
     ),
+    "pruning ignores the tripwire's roll-back target": (
+        "tests/test_faults.py::test_pruning_keeps_the_newest_and_the_protected_and_a_restart_serves_the_newest",
+        "import rlhf_chat.learning.checkpoints as c\n_prune = c.prune_checkpoints\n"
+        "c.prune_checkpoints = lambda sessions, kind, keep, protect=frozenset(): _prune(sessions, kind, keep)\n",
+    ),
+    "the loop never prunes": (
+        "tests/test_faults.py::test_the_loop_prunes_both_kinds_and_keeps_the_tripwires_target",
+        "import rlhf_chat.learning.training_loop as t\nt.prune_checkpoints = lambda *a, **k: []\n",
+    ),
 }
 
 PLUGIN = '''

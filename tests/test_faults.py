@@ -294,3 +294,51 @@ def test_a_reward_checkpoint_with_an_older_head_is_skipped_on_restore(tmp_path, 
         load_reward(models, str(paths[1]))
     assert all(torch.equal(v, current[k]) for k, v in reward_tensors(models).items())
     assert restore_latest(models, sessions, "reward", load_reward) == 1
+
+
+def published(tmp_path, kind: str, versions) -> tuple:
+    """A store and checkpoint folder holding ``versions`` of ``kind``, published as the trainer does."""
+    root = tmp_path / "checkpoints"
+    sessions = store.open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
+    for v in versions:
+        checkpoints.publish_checkpoint(sessions, root, kind, v, tensors(float(v)), {"version": v})
+    return sessions, root
+
+
+def test_pruning_keeps_the_newest_and_the_protected_and_a_restart_serves_the_newest(tmp_path):
+    """Disk stays bounded: all but the newest ``keep`` go, row first, then folder, and a
+    protected version (the tripwire's roll-back target) stays. A restart then loads the
+    newest, and every checkpoint still named is whole, so a replica following the
+    trainer (it loads the newest published one) never asks for a pruned one."""
+    from rlhf_chat.learning.checkpoints import prune_checkpoints, restore_latest, verify_digest
+
+    sessions, root = published(tmp_path, "policy", range(1, 9))
+    assert prune_checkpoints(sessions, "policy", keep=3, protect={2}) == [1, 3, 4, 5]
+    with sessions() as s:
+        left = store.checkpoints(s, "policy")
+        newest = store.latest_checkpoint(s, "policy")
+    assert [c.version for c in left] == [2, 6, 7, 8] and newest.version == 8
+    for c in left:
+        verify_digest(c.path, c.extra["sha256"])  # whole, as published
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        checkpoint_path(root, "policy", v).name for v in (2, 6, 7, 8)
+    ]
+    assert restore_latest(None, sessions, "policy", fake_load) == 8
+    assert prune_checkpoints(sessions, "policy", keep=3, protect={2}) == []  # nothing more to do
+    assert prune_checkpoints(sessions, "policy", keep=0) == []  # 0 keeps everything
+
+
+def test_the_loop_prunes_both_kinds_and_keeps_the_tripwires_target(tmp_path, monkeypatch):
+    from rlhf_chat.config import AppConfig
+    from rlhf_chat.learning import training_loop, tripwire
+
+    sessions, _ = published(tmp_path, "policy", range(1, 7))
+    for v in range(1, 5):
+        checkpoints.publish_checkpoint(sessions, tmp_path / "checkpoints", "reward", v, tensors(v), {"version": v})
+    monkeypatch.setattr(tripwire, "rollback_target", lambda session, min_votes: 1)
+    cfg = AppConfig()
+    cfg.store.keep_checkpoints = 2
+    assert training_loop.prune_old_checkpoints(sessions, cfg) == [2, 3, 4, 1, 2]
+    with sessions() as s:
+        assert [c.version for c in store.checkpoints(s, "policy")] == [1, 5, 6]
+        assert [c.version for c in store.checkpoints(s, "reward")] == [3, 4]

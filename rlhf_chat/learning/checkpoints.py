@@ -270,3 +270,39 @@ def restore_latest(models, sessions, kind: str, load: Callable[[object, str], in
         except (OSError, KeyError, ValueError) as exc:
             log.warning("cannot load %s checkpoint %s: %s", kind, checkpoint.path, exc)
     return 0
+
+
+def prune_checkpoints(sessions, kind: str, keep: int, protect: set[int] = frozenset()) -> list[int]:
+    """Remove all but the newest ``keep`` checkpoints of ``kind``, and any version in
+    ``protect``; returns the versions removed (none when ``keep`` is 0).
+
+    The newest ones are what a restart and every replica load (they follow the
+    newest published version), so neither ever asks for a removed one. Each goes
+    row first, then folder: a reader never finds a row naming a folder that is
+    going, and the folder is renamed aside before it is deleted, so nothing ever
+    sees half of one. A folder that cannot be deleted is left for the next prune.
+    """
+    if keep <= 0:
+        return []
+    with sessions() as session:
+        saved = store.checkpoints(session, kind)
+    newest = {c.version for c in saved[-keep:]}
+    doomed = [c for c in saved if c.version not in newest and c.version not in protect]
+    for checkpoint in doomed:
+        store.write(sessions, lambda s, c=checkpoint: store.remove_checkpoint(s, c.id))
+        _remove_folder(Path(checkpoint.path))
+    if doomed:
+        log.info("pruned %s checkpoints %s", kind, [c.version for c in doomed])
+    return [c.version for c in doomed]
+
+
+def _remove_folder(path: Path) -> None:
+    """Rename a checkpoint folder aside, then delete it; a failure is logged, not raised."""
+    if not path.exists():
+        return
+    aside = path.with_name(f".{path.name}-pruned")
+    try:
+        os.replace(path, aside)
+        shutil.rmtree(aside)
+    except OSError as exc:
+        log.warning("could not remove checkpoint folder %s: %s", path, exc)

@@ -30,6 +30,7 @@ from typing import Callable
 from rlhf_chat.config import AppConfig
 from rlhf_chat.generation.worker import REWARD, ModelWorker
 from rlhf_chat.learning import tripwire
+from rlhf_chat.learning.checkpoints import prune_checkpoints
 from rlhf_chat.learning.ppo import PPOTrainer, ScoreNormalizer
 from rlhf_chat.learning.reward import reward_round_from_config, usable_feedback
 from rlhf_chat.storage import store
@@ -74,6 +75,17 @@ class LoopStatus:
     reward_rounds: int = 0
     ppo_steps: int = 0
     history: list[str] = field(default_factory=list)
+
+
+def prune_old_checkpoints(sessions, cfg: AppConfig) -> list[int]:
+    """Keep ``store.keep_checkpoints`` of each kind, newest first, and the policy the
+    tripwire would roll back to (``tripwire.rollback_target``); returns what went.
+    An admin's rollback can reach the kept ones; older versions live on only in the
+    arena's records, which need no files."""
+    with sessions() as session:
+        protect = {tripwire.rollback_target(session, cfg.guards.tripwire_arena_votes)}
+    removed = prune_checkpoints(sessions, "policy", cfg.store.keep_checkpoints, protect)
+    return removed + prune_checkpoints(sessions, "reward", cfg.store.keep_checkpoints)
 
 
 class TrainingLoop:
@@ -193,6 +205,7 @@ class TrainingLoop:
                 acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
                 self.status.detail = f"reward v{result.version}, held-out accuracy {acc}"
                 self.check_tripwire()
+                prune_old_checkpoints(self.sessions, self.cfg)
                 return True
         if reward_version == 0:
             self.status.state = "waiting for votes"
@@ -220,6 +233,7 @@ class TrainingLoop:
         self.status.ppo_steps += 1
         self.status.detail = f"policy v{result.version}, reward {result.mean_reward:+.2f}, KL {result.mean_kl:.2f}"
         self.check_tripwire()
+        prune_old_checkpoints(self.sessions, self.cfg)
         return True
 
     def check_tripwire(self) -> tripwire.Trip | None:

@@ -59,6 +59,14 @@ def checkpoint_before(session, version: int) -> int:
     return max(older, default=0)
 
 
+def rollback_target(session, min_votes: int) -> int:
+    """The policy checkpoint an arena trip would roll back to now: the newest saved one
+    older than the newest ``min_votes`` arena votes' versions (0: the starting model).
+    Pruning keeps it (``checkpoints.prune_checkpoints``)."""
+    window = newest_window(arena_results(session), min_votes) if min_votes > 0 else None
+    return checkpoint_before(session, window[1]) if window is not None else 0
+
+
 def arena_trip(session, min_votes: int, after_version: int = 0) -> Trip | None:
     """A trip when people significantly prefer the starting model on the newest arena votes
     (only votes on versions after ``after_version``: those before were seen by an admin)."""

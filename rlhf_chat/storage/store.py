@@ -497,6 +497,11 @@ def latest_checkpoint(session: Session, kind: str) -> Checkpoint | None:
     )
 
 
+def remove_checkpoint(session: Session, checkpoint_id: int) -> None:
+    """Forget a checkpoint (its folder is the caller's to remove, after this commits)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))
+
+
 def checkpoints(session: Session, kind: str) -> list[Checkpoint]:
     """Every checkpoint of a kind, oldest first."""
     return list(session.scalars(select(Checkpoint).where(Checkpoint.kind == kind).order_by(Checkpoint.version)))
