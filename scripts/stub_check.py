@@ -337,6 +337,10 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_faults.py::test_the_loop_prunes_both_kinds_and_keeps_the_tripwires_target",
         "import rlhf_chat.learning.training_loop as t\nt.prune_checkpoints = lambda *a, **k: []\n",
     ),
+    "PPO serves on past the KL bound": (
+        "tests/test_ppo.py::test_a_policy_whose_rollouts_pass_the_kl_bound_gives_way_to_the_last_one_within_it",
+        "import rlhf_chat.learning.ppo as p\np.PPOTrainer._serve_within_bound = lambda self, kl: self._call(p.publish)\n",
+    ),
 }
 
 PLUGIN = '''

@@ -776,3 +776,38 @@ def test_a_steps_stored_row_is_every_ppo_steps_column_it_has_with_nan_as_zero():
     assert row.keys() == set(PPOStep.__table__.columns.keys()) - {"id", "created_at"}
     assert row["policy_loss"] == 0.0 and row["ptx_loss"] is None and row["version"] == 4 and row["reward_version"] == 2
     assert all(row[k] == getattr(result, k) for k in row if k != "policy_loss")
+
+
+def test_a_policy_whose_rollouts_pass_the_kl_bound_gives_way_to_the_last_one_within_it(tiny_config, monkeypatch):
+    """loop.max_kl holds for the policy people meet: when the served policy's own
+    rollouts read past it, the step does not update from there; the newest policy
+    whose rollouts kept the bound is served again, as a new version with its checkpoint."""
+    sessions = store.open_store(tiny_config.store.db_url)
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        trainer = PPOTrainer(worker, sessions, tiny_ppo_config(), tiny_config.store.checkpoint_dir, first_token_rule,
+                             SAMPLING, max_kl=5.0)
+        first = trainer.step(CONTEXTS * 2)  # the starting policy's rollouts: KL 0, within the bound
+        within = {k: v.clone() for k, v in trainer.within_bound[0].items()}
+        moved = worker.call(0, lambda m: any(not torch.equal(within[k], v) for k, v in policy_tensors(m).items()))
+        real_score = trainer._score
+
+        def past_the_bound(batch, kl_coef, n):  # the next rollouts read 1 nat a token more
+            scored = real_score(batch, kl_coef, n)
+            scored.kl = scored.kl + 1.0
+            return scored
+
+        monkeypatch.setattr(trainer, "_score", past_the_bound)
+        second = trainer.step(CONTEXTS * 2)
+        served = worker.call(0, lambda m: {k: v.clone() for k, v in policy_tensors(m).items()})
+        synced = worker.call(
+            0, lambda m: all(torch.equal(adapter_state(m.serving, POLICY)[k], v) for k, v in adapter_state(m.trainer, POLICY).items())
+        )
+        with sessions() as s:
+            saved = [c.version for c in store.checkpoints(s, "policy")]
+    finally:
+        worker.stop()
+    assert first.version == 1 and moved  # the first update moved the policy
+    assert second.mean_kl > 5.0 and not second.skipped and second.version == 2  # published: the loop reads its KL
+    assert all(torch.equal(within[k], served[k]) for k in within) and synced
+    assert 2 in saved and trainer.served_kl == pytest.approx(first.mean_kl)

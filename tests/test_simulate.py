@@ -297,6 +297,8 @@ def test_the_simulation_stops_ppo_where_the_kl_bound_stops_the_live_loop(tiny_co
     assert stop["reason"].startswith("KL to the starting model") and "> 1e-09 nats" in stop["reason"]
     with store.open_store(cfg.store.db_url)() as session:
         assert len(store.ppo_steps(session)) == report.ppo_steps_run
+    # and the policy the run ends with is one whose own rollouts kept the bound
+    assert report.served_kl is not None and report.served_kl <= cfg.loop.max_kl
 
 
 def test_the_simulation_runs_at_most_the_loops_budget_of_ppo_steps_per_reward_version(

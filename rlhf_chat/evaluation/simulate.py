@@ -303,6 +303,9 @@ class Report:
     # that say something; and the same per kind of held-out question (text/questions.py).
     alignment_tax: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
+    # The KL of the final policy's own rollouts (nats per answer): within loop.max_kl,
+    # since a policy whose rollouts pass it gives way to the last one within it.
+    served_kl: float | None = None
     # PPO runs under the live loop's bounds (training_loop.ppo_budget_spent): the steps
     # that ran, and each time a bound stopped a round's PPO before its share of
     # ppo_steps: {"round" (from 1), "after_ppo_steps", "reason"}.
@@ -724,6 +727,7 @@ class SimulationRun:
             self.trainer.save(self.worker.serving_version)
             tail = report.kl_curve[-10:]
             report.mean_kl = sum(tail) / len(tail)
+            report.served_kl = self.trainer.served_kl
 
     def evaluate(self, eval_prompts: list[str]) -> None:
         """Phase 4: the final policy judged blind against the starting model on held-out

@@ -627,8 +627,13 @@ class PPOTrainer:
         demonstration_weight: float | None = None,
         guard_cfg: GuardConfig | None = None,
         tie_weight: float | None = None,
+        max_kl: float = 0.0,
     ):
         self.worker = worker
+        # loop.max_kl: a policy whose own rollouts pass it is never served on (:meth:`step`)
+        self.max_kl = max_kl
+        self.within_bound: tuple[dict, dict] | None = None  # the newest policy whose rollouts kept it
+        self.served_kl: float | None = None  # the KL of the served policy's newest rollouts within it
         # Settings left out are the config's own defaults (never a second default here);
         # the app's entry points pass them all through from_config.
         loop_default, reward_default = LoopConfig(), RewardConfig()
@@ -669,6 +674,7 @@ class PPOTrainer:
         return cls(
             worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, score_fn=score_fn, sampling=cfg.sampling,
             demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, tie_weight=cfg.reward.tie_weight,
+            max_kl=cfg.loop.max_kl,
         )
 
     def _call(self, fn):
@@ -715,10 +721,17 @@ class PPOTrainer:
         saved = self._call(lambda m: snapshot(m, self.optimizer))
         stats, finite = self._update_or_restore(batch, len(contexts), examples, saved)
         times["update"] = time.perf_counter()
-        # 5) publish, or restore the adapter as it was
+        # 5) publish, or restore the adapter as it was; or, where the served policy's own
+        # rollouts passed loop.max_kl (known once the first update's forward scored them),
+        # serve the newest policy whose rollouts kept it instead of going on from here
         guided = [bool(o) for o in openings]
         mean_kl = batch.kl.sum(-1)[plain_rows(guided)].mean().item()
-        version = self._publish_or_restore(finite, saved, mean_kl, len(contexts))
+        if self.max_kl > 0 and mean_kl > self.max_kl and self.within_bound is not None:
+            # published, so recorded as a step: its KL is what stops the next one (the loop's budget)
+            version, finite = self._serve_within_bound(mean_kl), True
+        else:
+            self.within_bound, self.served_kl = saved, mean_kl  # this policy's rollouts kept the bound
+            version = self._publish_or_restore(finite, saved, mean_kl, len(contexts))
         # 6) record
         result = step_result(batch, stats, examples, guided, version, finite, self.normalizer.reward_version, times)
         self._record(result)
@@ -764,6 +777,20 @@ class PPOTrainer:
         version = self._call(publish)
         self.kl_ctl.update(mean_kl, n)
         return version
+
+    def _serve_within_bound(self, mean_kl: float) -> int:
+        """Put back the newest policy whose own rollouts kept ``max_kl`` and serve it as a
+        new version, checkpointed first (a restart serves it too); returns the version.
+
+        The live loop's bound refuses the next step once a step's KL passes it, but one
+        update can overshoot: without this the policy people meet, and the one a
+        simulation reports, would sit past the bound (31 nats seen against 12)."""
+        log.warning("rollouts at KL %.1f > %g nats: serving the last policy within the bound", mean_kl, self.max_kl)
+        # this step's update is dropped with the policy it started from
+        saved = self.within_bound
+        self._call(lambda m: restore(m, self.optimizer, saved))
+        self.save(self.worker.serving_version + 1)
+        return self._call(publish)
 
     def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
         """Epochs x minibatches, one worker job each; stops at the first non-finite one.
