@@ -341,6 +341,31 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_ppo.py::test_a_policy_whose_rollouts_pass_the_kl_bound_gives_way_to_the_last_one_within_it",
         "import rlhf_chat.learning.ppo as p\np.PPOTrainer._serve_within_bound = lambda self, kl: self._call(p.publish)\n",
     ),
+    "the flag always trusts (issue 41)": (
+        "tests/test_guards.py::test_an_always_longer_voter_is_flagged_and_the_honest_crowd_that_ties_often_is_not",
+        "import rlhf_chat.learning.guards as g\ng.assess = lambda agreements, n, rules: False\n",
+    ),
+    "the flag trusts the reward model the suspect helped train (issue 41)": (
+        "tests/test_guards.py::test_the_stored_flag_trusts_the_crowd_not_a_captured_reward_model",
+        "import rlhf_chat.learning.guards as g\n"
+        "def circular(votes, excluded, rules):\n"
+        "    out = {}\n"
+        "    for v in votes:\n"
+        "        for who in (('session', v.session), ('client', v.client)):\n"
+        "            if who[1] and v.rm_agrees is not None:\n"
+        "                a, n = out.get(who, (0, 0))\n"
+        "                out[who] = (a + int(v.rm_agrees), n + 1)\n"
+        "    return out\n"
+        "g.consensus_agreement = circular\n",
+    ),
+    "the tripwire never looks at whom the guards silence (issue 41)": (
+        "tests/test_guards.py::test_the_tripwire_pauses_when_the_flags_silence_most_of_the_feedback",
+        "import rlhf_chat.learning.tripwire as t\nt.trust_trip = lambda *a, **k: None\n",
+    ),
+    "the tripwire counts nobody as newly trusted (issue 41)": (
+        "tests/test_guards.py::test_the_tripwire_pauses_when_contributors_the_last_round_did_not_trust_carry_the_next",
+        "import rlhf_chat.learning.tripwire as t\nt.newly_trusted = lambda now, before: (0.0, [])\n",
+    ),
 }
 
 PLUGIN = '''

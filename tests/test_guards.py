@@ -11,8 +11,10 @@ import pytest
 from sqlalchemy import select
 
 from rlhf_chat.config import AppConfig, GuardConfig
+from rlhf_chat.evaluation import labelers
 from rlhf_chat.generation.candidates import Candidate
-from rlhf_chat.learning import guards, tripwire
+from rlhf_chat.learning import guards, training_loop, tripwire
+from rlhf_chat.learning.consensus import vote_features
 from rlhf_chat.learning.export import demonstration_rows, preference_rows
 from rlhf_chat.learning.guards import (
     Feedback,
@@ -78,42 +80,105 @@ def test_influence_is_capped_by_session_and_by_client():
     assert factors[0] == factors[1] == 1.0
 
 
-# --- agreement: a reversed labeler is flagged, a noisy honest one is not --------------------
+# --- agreement with the others: who votes against the crowd ----------------------------------
+# Synthetic votes on pairs of answers of random lengths: an honest crowd voting as the
+# concise labeler does (the shorter answer; a tie within 10%), and a bad actor.
+
+WORDS = [f"word{k}" for k in range(40)]
 
 
-def scripted_votes(kind: str, n: int, rng: random.Random, rm_accuracy: float = 0.9) -> list[Vote]:
-    """n votes by one session; the reward model is right about the truth rm_accuracy of the
-    time. ``honest`` votes the truth, ``noisy`` flips 25% of its votes at random, ``reversed``
-    always votes against the truth."""
-    votes = []
-    for i in range(n):
-        truth = rng.random() < 0.5
-        rm = truth if rng.random() < rm_accuracy else not truth
-        vote = {"honest": truth, "noisy": truth if rng.random() >= 0.25 else not truth, "reversed": not truth}[kind]
-        votes.append(Vote(i, kind, f"client-{kind}", f"prompt {i % 7}", False, None, vote == rm))
-    return votes
+def answer_of(words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
-def test_a_reversed_labeler_is_flagged_and_weighs_nothing_a_noisy_honest_one_is_not():
-    rng = random.Random(0)
-    votes = [v for kind in ("honest", "noisy", "reversed") for v in scripted_votes(kind, 40, rng)]
+def crowd_votes(rng: random.Random, voters: list[tuple[str, str, str, int]], noise: float = 0.0):
+    """Rows (session, client, prompt, a, b, choice): each voter (session, client, taste, n)
+    votes n times on fresh pairs. Tastes: ``concise``, ``noisy`` (concise with ``noise`` of
+    its decided votes flipped at random, as AlpacaFarm's noisy annotators), ``longer``,
+    ``reversed`` (concise's decided votes flipped). Ties stay ties."""
+    flip = {"a": "b", "b": "a"}
+    rows = []
+    for session, client, taste, n in voters:
+        for i in range(n):
+            prompt = f"{session} asks question {i}?"
+            words = rng.randint(8, 50)  # two answers of similar lengths, as two samples of one policy are
+            a, b = answer_of(words, rng), answer_of(max(1, round(words * rng.uniform(0.8, 1.25))), rng)
+            choice = labelers.longer(prompt, a, b) if taste == "longer" else labelers.concise(prompt, a, b)
+            if taste == "reversed" or (taste == "noisy" and rng.random() < noise):
+                choice = flip.get(choice, choice)
+            rows.append((session, client, prompt, a, b, choice))
+    return rows
+
+
+def as_votes(rows) -> list[Vote]:
+    """The decided rows as the guards see them, with their consensus features."""
+    return [
+        Vote(i, session, client, prompt, False, None, None,
+             vote_features(prompt, *((a, b) if choice == "a" else (b, a))))
+        for i, (session, client, prompt, a, b, choice) in enumerate(rows) if choice in ("a", "b")
+    ]
+
+
+def honest_crowd(people: int, each: int, taste: str = "concise") -> list[tuple[str, str, str, int]]:
+    return [(f"person{k}", f"addr{k}", taste, each) for k in range(people)]
+
+
+def test_a_reversed_labeler_is_flagged_and_weighs_nothing_noisy_honest_people_are_not():
+    rows = crowd_votes(random.Random(0), honest_crowd(8, 40, "noisy") + [("bad", "addr-bad", "reversed", 80)],
+                       noise=0.25)
+    votes = as_votes(rows)
     table = agreement_table(votes, {}, set(), GuardRules(min_votes=10, flag_below=0.5, flagged_weight=0.0))
-    reversed_, noisy = table[("session", "reversed")], table[("session", "noisy")]
-    assert reversed_.flagged and reversed_.weight == 0.0 and reversed_.rm_agreement < 0.3
-    assert "reward model agrees" in reversed_.reasons[0]
-    assert not noisy.flagged and noisy.weight == 1.0 and noisy.rm_agreement > 0.5  # 0.7 expected
-    assert not table[("session", "honest")].flagged
-    # the flag reaches training: the reversed session's feedback weighs nothing
+    bad = table[("session", "bad")]
+    assert bad.flagged and bad.weight == 0.0 and bad.consensus_agreement < 0.2
+    assert "consensus" in bad.reasons[0] and table[("client", "addr-bad")].flagged
+    for k in range(8):  # 25% of their decided votes flipped: about 0.75 agreement, never flagged
+        person = table[("session", f"person{k}")]
+        assert not person.flagged and person.consensus_scored >= 10 and person.consensus_agreement > 0.5
+    # the flag reaches training: the bad actor's feedback weighs nothing
     items = [Feedback(v.comparison_id, v.session, v.client) for v in votes]
     weights = feedback_weights(items, table, share=1.0)
-    assert all(w == 0 for v, w in zip(votes, weights) if v.session == "reversed")
-    assert all(w == 1 for v, w in zip(votes, weights) if v.session != "reversed")
+    assert all(w == 0 for v, w in zip(votes, weights) if v.session == "bad")
+    assert all(w == 1 for v, w in zip(votes, weights) if v.session != "bad")
+
+
+def test_an_always_longer_voter_is_flagged_and_the_honest_crowd_that_ties_often_is_not():
+    """Issue 41's case: the adversary is decisive, the honest people tie whenever the
+    lengths are close. Nobody honest is flagged, the adversary is."""
+    rows = crowd_votes(random.Random(1), honest_crowd(20, 7) + [("longer", "addr-longer", "longer", 60)])
+    ties = sum(r[-1] == "tie" for r in rows if r[0] != "longer")
+    assert ties > 40  # the honest people do tie often (about half their votes)
+    table = agreement_table(as_votes(rows), {}, set(), GuardRules())
+    assert table[("session", "longer")].flagged and table[("client", "addr-longer")].flagged
+    assert not any(c.flagged for (kind, key), c in table.items() if "longer" not in key)
+
+
+def test_ten_sessions_behind_one_address_do_not_vouch_for_each_other():
+    """The adversary's sessions share an address: each is judged against a consensus
+    without all of them, and the address is flagged as well as every session."""
+    bad = [(f"tab{j}", "one-address", "longer", 12) for j in range(10)]
+    rows = crowd_votes(random.Random(2), honest_crowd(20, 14) + bad)
+    table = agreement_table(as_votes(rows), {}, set(), GuardRules())
+    assert table[("client", "one-address")].flagged
+    assert sum(table[("session", f"tab{j}")].flagged for j in range(10)) >= 8  # 12 votes each: some few scored
+    assert not any(c.flagged for (kind, key), c in table.items() if key.startswith(("person", "addr")))
+
+
+def test_ties_are_never_disagreement_and_one_person_alone_is_never_flagged():
+    rows = crowd_votes(random.Random(3), [("alone", "addr", "longer", 60)])
+    table = agreement_table(as_votes(rows), {}, set(), GuardRules())
+    assert not table[("session", "alone")].flagged  # nobody else: no consensus to disagree with
+    assert table[("session", "alone")].consensus_scored == 0
+    # a tie-only contributor beside a crowd: a contributor, never scored, never flagged
+    crowd = as_votes(crowd_votes(random.Random(4), honest_crowd(10, 20)))
+    table = agreement_table(crowd, {}, set(), GuardRules(), ties=[("tier", "addr-tier")] * 40)
+    assert table[("session", "tier")].ties == 40 and not table[("session", "tier")].flagged
+    assert table[("session", "tier")].consensus_scored == 0
 
 
 def test_few_votes_are_never_flagged():
-    votes = scripted_votes("reversed", 6, random.Random(1))
-    table = agreement_table(votes, {}, set(), GuardRules(min_votes=10))
-    assert not table[("session", "reversed")].flagged
+    rows = crowd_votes(random.Random(5), honest_crowd(10, 20) + [("bad", "addr-bad", "reversed", 9)])
+    table = agreement_table(as_votes(rows), {}, set(), GuardRules(min_votes=10))
+    assert table[("session", "bad")].votes < 10 and not table[("session", "bad")].flagged
 
 
 def test_majority_agreement_on_shared_arena_prompts_flags_the_odd_one_out():
@@ -337,19 +402,104 @@ def test_the_tripwire_pauses_the_live_loop_rolls_back_and_keeps_serving(tiny_con
         services.stop()
 
 
-def test_stored_agreement_flags_a_session_and_leaves_its_votes_out(sessions):
-    honest = [add_vote(sessions, "honest", "", prompt=f"h{i}") for i in range(20)]
-    troll = [add_vote(sessions, "troll", "", prompt=f"t{i}") for i in range(20)]
+def add_pair_vote(sessions, session_id: str, client: str, prompt: str, a: str, b: str, choice: str) -> int:
     with sessions() as session, session.begin():
-        store.set_rm_agreement(session, {**{i: True for i in honest}, **{i: k < 3 for k, i in enumerate(troll)}})
+        comparison = store.save_pair(session, session_id=session_id, context=[{"role": "user", "content": prompt}],
+                                     a=candidate(a), b=candidate(b), client=client)
+        assert store.record_vote(session, comparison.id, choice).ok
+        return comparison.id
+
+
+def store_rows(sessions, rows) -> dict[int, tuple]:
+    return {add_pair_vote(sessions, *row): row for row in rows}
+
+
+def test_the_stored_flag_trusts_the_crowd_not_a_captured_reward_model(sessions):
+    """Issue 41 in the store: an always-longer adversary, decisive; honest people who tie
+    often; and ``rm_agrees`` as the first reward model, fitted mostly on the adversary's
+    decided votes, scored them: it prefers the longer answer. Judged against that model
+    the honest people disagree and the adversary agrees (the old, circular flag would
+    flag them and keep it); judged against the others' consensus, only the adversary is."""
+    rows = store_rows(sessions, crowd_votes(random.Random(6), honest_crowd(5, 30) + [("longer", "addr-longer", "longer", 60)]))
+    with sessions() as session, session.begin():
+        captured = {i: len(a.split()) > len(b.split()) if choice == "a" else len(b.split()) > len(a.split())
+                    for i, (_, _, _, a, b, choice) in rows.items() if choice in ("a", "b")}
+        store.set_rm_agreement(session, captured)
     with sessions() as session:
         trust = guards.assess_feedback(session, GuardConfig())
         pairs, _ = guarded_pairs(session, GuardConfig(), 1.0)
-        assert trust.contributors[("session", "troll")].flagged
-        assert {p.comparison_id for p in pairs} == set(honest)
         off, _ = guarded_pairs(session, GuardConfig(enabled=False), 1.0)
-        assert len(off) == 40
-        assert all(c.choice == "a" for c in store.voted_comparisons(session))  # no vote altered
+        assert [c.choice for c in store.voted_comparisons(session)] == [r[-1] for r in rows.values()]  # none altered
+    table = trust.contributors
+    for k in range(5):
+        person = table[("session", f"person{k}")]
+        assert not person.flagged and person.weight == 1.0
+        assert person.rm_agreement < 0.1 and person.rm_scored >= 10  # what the circular flag would have acted on
+    adversary = table[("session", "longer")]
+    assert adversary.flagged and table[("client", "addr-longer")].flagged and adversary.rm_agreement > 0.9
+    assert {rows[p.comparison_id][0] for p in pairs} == {f"person{k}" for k in range(5)}
+    assert len(off) == len(captured)  # with the guards off everything trains
+
+
+def add_reward_round(sessions, version: int) -> None:
+    """A reward checkpoint as a round publishes it: trained on every vote so far."""
+    with sessions() as session, session.begin():
+        through = max(c.id for c in store.voted_comparisons(session))
+        store.add_checkpoint(session, "reward", version, f"reward-v{version}", {"trained_through": through})
+
+
+def test_the_tripwire_pauses_when_the_flags_silence_most_of_the_feedback(sessions):
+    """Three always-longer sessions from three addresses outnumber the one honest person
+    who casts most of the votes: the others' consensus is theirs, and the honest person
+    is flagged. Most of the feedback is then silenced: the loop must pause and say so."""
+    rows = crowd_votes(random.Random(7), [("honest", "addr-h", "concise", 80)]
+                       + [(f"long{j}", f"addr-l{j}", "longer", 15) for j in range(3)])
+    store_rows(sessions, rows)
+    add_reward_round(sessions, 1)
+    cfg = AppConfig()
+    cfg.store.db_url = str(sessions.kw["bind"].url)
+    with sessions() as session:
+        trust = guards.assess_feedback(session, cfg.guards, tie_weight=cfg.reward.tie_weight)
+        assert trust.contributors[("session", "honest")].flagged  # captured: no agreement rule escapes a majority
+        share, flagged = tripwire.silenced_by_flags(trust)
+        assert share > 0.5 and flagged == ["client:addr-h", "session:honest"]
+        trip = training_loop.tripwire_trip(session, cfg)  # as the live loop and the simulation ask it
+        assert trip is not None and "silenced" in trip.reason and "session:honest" in trip.reason
+        assert trip.roll_back_to is None  # the policy did not learn from that round yet
+        assert tripwire.check(session, cfg.guards, after_reward=1) is None  # an admin saw it and resumed
+        cfg.guards.tripwire_silenced_share = 0  # off
+        assert tripwire.trust_verdict(tripwire.trust_shift(session, cfg.guards, 10**6, None, 1.0, 1.0),
+                                      cfg.guards, 1) is None
+
+
+def test_a_flagged_adversary_at_30_percent_does_not_trip_the_tripwire(sessions):
+    rows = crowd_votes(random.Random(8), honest_crowd(10, 14) + [("longer", "addr-longer", "longer", 60)])
+    store_rows(sessions, rows)
+    add_reward_round(sessions, 1)
+    with sessions() as session:
+        assert guards.assess_feedback(session, GuardConfig()).contributors[("session", "longer")].flagged
+        assert tripwire.check(session, GuardConfig()) is None
+
+
+def test_the_tripwire_pauses_when_contributors_the_last_round_did_not_trust_carry_the_next(sessions):
+    store_rows(sessions, crowd_votes(random.Random(9), honest_crowd(6, 10)))
+    add_reward_round(sessions, 1)
+    with sessions() as session:
+        assert tripwire.check(session, GuardConfig()) is None  # a first round: everybody is new
+    store_rows(sessions, crowd_votes(random.Random(10), [("newcomer", "addr-n", "concise", 10)]))
+    add_reward_round(sessions, 2)
+    with sessions() as session:
+        shift = tripwire.trust_shift(session, GuardConfig(), 10**6, 60, 1.0, 1.0)
+        assert shift.newly_trusted_share == pytest.approx(10 / 70) and shift.newly_trusted == [
+            "client:addr-n", "session:newcomer"]
+        assert tripwire.check(session, GuardConfig()) is None  # ordinary traffic: one newcomer
+    store_rows(sessions, crowd_votes(random.Random(11), [(f"wave{j}", f"addr-w{j}", "concise", 10) for j in range(8)]))
+    add_reward_round(sessions, 3)
+    with sessions() as session:
+        trip = tripwire.check(session, GuardConfig())
+        assert trip is not None and "did not trust" in trip.reason and "53%" in trip.reason
+        small = GuardConfig(tripwire_min_weight=1000)  # the previous round too small to compare with
+        assert tripwire.trust_shift(session, small, 10**6, 70, 1.0, 1.0).newly_trusted_share is None
 
 
 def test_a_reward_round_scores_only_the_votes_no_round_trained_on(tiny_config):

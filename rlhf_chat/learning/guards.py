@@ -10,14 +10,22 @@ decide how much each one weighs in training):
   address carries more than ``guards.max_share`` of a round's training weight.
   With k contributors the bound is at least 1/k, so one person alone (a local
   demo) still trains the model; the excess is down-weighted, not dropped.
-* **Agreement** (:func:`agreement_table`): every vote, before the reward model
-  trains on it, is scored by the reward model of the round before
-  (``Comparison.rm_agrees``, out of sample by construction), and where votes
-  overlap (arena pairs on the same prompt) it is compared with the other
+* **Agreement with the others** (:func:`agreement_table`): every decided vote is
+  compared with the consensus of the *other* contributors (learning/consensus.py:
+  a small model of what the others' votes prefer, fitted without the suspect's
+  session and address, each other contributor capped at ``guards.max_share``),
+  and where votes overlap (arena pairs on the same prompt) with the other
   contributors' majority. A contributor whose agreement is significantly below
   chance (the upper end of its Wilson 95% interval under ``guards.flag_below``)
-  after ``guards.min_votes`` votes is flagged; its weight becomes
-  ``guards.flagged_weight`` (FastChat drops outlier judges the same way).
+  after ``guards.min_votes`` scored votes is flagged; its weight becomes
+  ``guards.flagged_weight`` (FastChat drops outlier judges the same way). Ties
+  say "no preference": they are never scored as disagreement.
+  Agreement with the reward model of the round before (``Comparison.rm_agrees``)
+  is still shown to the admin, but never flags anyone: that model was trained on
+  the suspect's earlier votes, so a decisive attacker captures it and the honest
+  crowd then looks wrong against it (issue 41: the honest labeler was flagged and
+  the always-longer adversary kept). An agreement test against evidence the
+  suspect shaped is circular; consensus.py says how the new one can be gamed.
 * **Exclusion** by an admin (``tables.Exclusion``): a session or address whose
   feedback leaves training; it stays in the database and the export, marked.
 
@@ -32,6 +40,10 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from rlhf_chat.config import GuardConfig
+from rlhf_chat.learning import consensus
 from rlhf_chat.storage.arena import win_rate
 from rlhf_chat.text.chat import prompt_text
 
@@ -134,6 +146,7 @@ class Vote:
     arena: bool
     chose_policy: bool | None  # arena pairs: whether the policy's side won; else None
     rm_agrees: bool | None  # whether the previous reward model preferred the chosen answer; None: not scored
+    features: tuple[float, ...] = ()  # consensus.vote_features: chosen minus rejected; () leaves it out
 
 
 @dataclass
@@ -146,7 +159,9 @@ class Contributor:
     written: int = 0
     ties: int = 0  # ties that train (reward.tie_weight > 0)
     rm_scored: int = 0
-    rm_agreement: float | None = None
+    rm_agreement: float | None = None  # shown to the admin only: that model learned from the suspect (circular)
+    consensus_scored: int = 0  # decided votes where the others' consensus has a preference
+    consensus_agreement: float | None = None
     overlaps: int = 0
     majority_agreement: float | None = None
     flagged: bool = False
@@ -156,33 +171,42 @@ class Contributor:
 
 
 def majority_agreement(votes: list[Vote]) -> dict[str, tuple[int, int]]:
-    """Per session, (agreements, overlaps) with the other sessions' majority on arena
-    pairs of the same prompt (leave one out: a session never votes in its own majority).
-    A prompt where the others are split evenly, or absent, gives no overlap."""
+    """Per session, (agreements, overlaps) with the other contributors' majority on
+    arena pairs of the same prompt. Left out of a vote's majority: its own session and
+    every vote from its address, so that sessions behind one address never vouch for
+    each other. A prompt where the others are split evenly, or absent, gives no overlap."""
     by_prompt: dict[str, list[Vote]] = defaultdict(list)
     for v in votes:
         if v.arena and v.chose_policy is not None:
             by_prompt[v.prompt].append(v)
     result: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for group in by_prompt.values():
-        per_session = Counter((v.session, v.chose_policy) for v in group)
         for v in group:
-            others_policy = sum(n for (s, c), n in per_session.items() if s != v.session and c)
-            others_reference = sum(n for (s, c), n in per_session.items() if s != v.session and not c)
-            if others_policy == others_reference:
+            others = [o.chose_policy for o in group if o.session != v.session and not (v.client and o.client == v.client)]
+            for_policy = sum(others)
+            if 2 * for_policy == len(others):
                 continue
             result[v.session][1] += 1
-            result[v.session][0] += int(v.chose_policy == (others_policy > others_reference))
+            result[v.session][0] += int(v.chose_policy == (2 * for_policy > len(others)))
     return {k: (a, n) for k, (a, n) in result.items()}
 
 
 @dataclass
 class GuardRules:
-    """The thresholds (a ``config.GuardConfig`` carries the defaults)."""
+    """The thresholds (``config.GuardConfig`` carries the defaults, and is their one source)."""
 
-    min_votes: int = 10
-    flag_below: float = 0.5
-    flagged_weight: float = 0.0
+    min_votes: int = GuardConfig.min_votes
+    flag_below: float = GuardConfig.flag_below
+    flagged_weight: float = GuardConfig.flagged_weight
+    max_share: float = GuardConfig.max_share  # each other contributor's cap in a consensus, as in training
+    consensus_margin: float = GuardConfig.consensus_margin
+    consensus_l2: float = GuardConfig.consensus_l2
+
+    @classmethod
+    def from_config(cls, cfg: GuardConfig) -> GuardRules:
+        """The rules a ``GuardConfig`` sets."""
+        return cls(cfg.min_votes, cfg.flag_below, cfg.flagged_weight, cfg.max_share, cfg.consensus_margin,
+                   cfg.consensus_l2)
 
 
 def assess(agreements: int, n: int, rules: GuardRules) -> bool:
@@ -191,18 +215,9 @@ def assess(agreements: int, n: int, rules: GuardRules) -> bool:
     return n >= rules.min_votes and wilson_interval(agreements, n)[1] < rules.flag_below
 
 
-def agreement_table(
-    votes: list[Vote], written: dict[str, int], excluded: set[tuple[str, str]], rules: GuardRules,
-    ties: list[tuple[str, str]] = (),
-) -> dict[tuple[str, str], Contributor]:
-    """Every contributor (by session and by client), its agreement, flag and weight.
-
-    ``written`` counts written answers per session; ``ties`` holds (session, client)
-    of each tie that trains, so that somebody who only ties is a contributor too
-    (an exclusion must reach their ties); ``excluded`` holds the (kind, key) an
-    admin excluded. A flagged contributor's weight is ``rules.flagged_weight``; an
-    excluded one's is 0. Agreement is judged on decided votes only.
-    """
+def contributions(votes: list[Vote], written: dict[str, int], ties: list[tuple[str, str]]) -> dict:
+    """Every contributor (by session and by client) with what it gave: decided votes,
+    written answers, ties, and the reward model's agreement tallied (not yet a share)."""
     table: dict[tuple[str, str], Contributor] = {}
 
     def entry(kind: str, key: str) -> Contributor:
@@ -223,17 +238,61 @@ def agreement_table(
         for kind, key in ((SESSION, session), (CLIENT, client)):
             if key:
                 entry(kind, key).ties += 1
+    return table
+
+
+def consensus_agreement(
+    votes: list[Vote], excluded: set[tuple[str, str]], rules: GuardRules
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """Per contributor with at least ``rules.min_votes`` decided votes (nobody else can
+    be flagged), (agreements, scored) with the consensus of everyone outside its
+    footprint (consensus.leave_out_agreement). Each vote weighs in a consensus what
+    the influence cap (``rules.max_share``) gives it among all decided votes; an
+    admin's exclusions weigh nothing."""
+    known = [v for v in votes if v.features]
+    if not known:
+        return {}
+    sessions, clients = [v.session for v in known], [v.client for v in known]
+    decided = Counter((SESSION, s) for s in sessions) + Counter((CLIENT, c) for c in clients if c)
+    suspects = sorted(who for who, n in decided.items() if n >= rules.min_votes)
+    capped = influence_factors([Feedback(v.comparison_id, v.session, v.client) for v in known], rules.max_share)
+    kept = [(SESSION, s) not in excluded and (CLIENT, c) not in excluded for s, c in zip(sessions, clients)]
+    weights = np.array(capped, dtype=float) * np.array(kept, dtype=float)
+    x = np.array([v.features for v in known], dtype=float)
+    return consensus.leave_out_agreement(x, sessions, clients, suspects, weights, rules.consensus_l2,
+                                         rules.consensus_margin)
+
+
+def agreement_table(
+    votes: list[Vote], written: dict[str, int], excluded: set[tuple[str, str]], rules: GuardRules,
+    ties: list[tuple[str, str]] = (),
+) -> dict[tuple[str, str], Contributor]:
+    """Every contributor (by session and by client), its agreement, flag and weight.
+
+    ``written`` counts written answers per session; ``ties`` holds (session, client)
+    of each tie that trains, so that somebody who only ties is a contributor too
+    (an exclusion must reach their ties); ``excluded`` holds the (kind, key) an
+    admin excluded. A flagged contributor's weight is ``rules.flagged_weight``; an
+    excluded one's is 0. Agreement is judged on decided votes only, against the
+    others (their consensus, their majority on shared arena prompts); the reward
+    model's agreement is shown, never acted on (this module's docstring says why).
+    """
+    table = contributions(votes, written, ties)
     majority = majority_agreement(votes)
+    others = consensus_agreement(votes, excluded, rules)
     for (kind, key), c in table.items():
-        agreed_rm = c.rm_agreement or 0.0
-        c.rm_agreement = agreed_rm / c.rm_scored if c.rm_scored else None
+        c.rm_agreement = c.rm_agreement / c.rm_scored if c.rm_scored else None
+        if (kind, key) in others:
+            agreed, c.consensus_scored = others[(kind, key)]
+            c.consensus_agreement = agreed / c.consensus_scored if c.consensus_scored else None
+            if assess(agreed, c.consensus_scored, rules):
+                c.reasons.append(f"agrees with the other contributors' consensus on {agreed} of its "
+                                 f"{c.consensus_scored} votes where they have a preference")
         if kind == SESSION and key in majority:
             agreed, c.overlaps = majority[key]
             c.majority_agreement = agreed / c.overlaps if c.overlaps else None
             if assess(agreed, c.overlaps, rules):
                 c.reasons.append(f"agrees with the others' majority on {agreed} of {c.overlaps} shared arena prompts")
-        if assess(round(agreed_rm), c.rm_scored, rules):
-            c.reasons.append(f"the reward model agrees with {round(agreed_rm)} of its {c.rm_scored} scored votes")
         c.flagged = bool(c.reasons)
         c.excluded = (kind, key) in excluded
         c.weight = 0.0 if c.excluded else (rules.flagged_weight if c.flagged else 1.0)
@@ -312,6 +371,8 @@ class Trust:
     written_factor: dict[int, float]  # comparison id -> factor on its written answer's weight
     held_back: dict[int, list[str]]  # demonstration id -> why it trains nothing
     excluded_comparisons: set[int] = field(default_factory=set)  # feedback of excluded contributors
+    # every piece of feedback (its weight before the guards) with its weight after them: the tripwire reads it
+    weighed: list[tuple[Feedback, float]] = field(default_factory=list)
 
     def vote_weight(self, comparison_id: int) -> float:
         """The factor on one vote (1 where the guards know nothing of it)."""
@@ -335,8 +396,38 @@ def prompt_of(context: list[dict]) -> str:
     return normalized(prompt_text(context))
 
 
-def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight: float = 0.0) -> Trust:
-    """The guards over every vote and written answer in the store (``cfg``: a ``config.GuardConfig``).
+def vote_of(comparison) -> Vote:
+    """A decided comparison as the guards see it, with its consensus features."""
+    sides = {row.side: row for row in comparison.candidates}
+    finished = {side: bool(sides[side].finished) if side in sides else True for side in ("a", "b")}
+    texts = {"a": comparison.response_a, "b": comparison.response_b}
+    chosen, rejected = comparison.choice, "b" if comparison.choice == "a" else "a"
+    prompt = prompt_text(comparison.context)
+    features = consensus.vote_features(prompt, texts[chosen], texts[rejected], finished[chosen], finished[rejected])
+    return Vote(comparison.id, comparison.session_id, comparison.client or "", prompt_of(comparison.context),
+                bool(comparison.arena), policy_won(comparison), comparison.rm_agrees, features)
+
+
+def held_back_answers(written, cfg) -> dict[int, list[str]]:
+    """Written answer id -> why it trains nothing: :func:`written_answer_problems`, or
+    another session wrote the same text."""
+    duplicates = duplicate_sessions([(d.session_id, d.text) for d in written])
+    held_back: dict[int, list[str]] = {}
+    for i, d in enumerate(written):
+        problems = written_answer_problems(d.text, cfg.written_min_chars, cfg.written_max_chars)
+        if i in duplicates:
+            problems.append("another session wrote the same text")
+        if problems:
+            held_back[d.id] = problems
+    return held_back
+
+
+def assess_feedback(
+    session, cfg, demonstration_weight: float = 1.0, tie_weight: float = 0.0, through: int | None = None
+) -> Trust:
+    """The guards over every vote and written answer in the store (``cfg``: a ``config.GuardConfig``),
+    or, with ``through``, over those on comparisons up to that id (what a reward round
+    with that ``trained_through`` mark saw: the tripwire compares two rounds).
 
     Ties train the reward model too when ``tie_weight`` is above 0: each then
     counts in its contributor's influence (so nobody flattens the reward model
@@ -349,27 +440,17 @@ def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight:
     """
     from rlhf_chat.storage import store
 
-    rules = GuardRules(cfg.min_votes, cfg.flag_below, cfg.flagged_weight)
-    voted = store.voted_comparisons(session)
+    limit = float("inf") if through is None else through
+    voted = [c for c in store.voted_comparisons(session) if c.id <= limit]
     decided = [c for c in voted if c.choice in ("a", "b")]
     ties = [c for c in voted if c.choice == "tie"] if tie_weight > 0 else []
-    written = store.demonstrations(session)
+    written = [d for d in store.demonstrations(session) if d.comparison_id <= limit]
     excluded = {(e.kind, e.key) for e in store.exclusions(session)}
-    duplicates = duplicate_sessions([(d.session_id, d.text) for d in written])
-    held_back: dict[int, list[str]] = {}
-    for i, d in enumerate(written):
-        problems = written_answer_problems(d.text, cfg.written_min_chars, cfg.written_max_chars)
-        if i in duplicates:
-            problems.append("another session wrote the same text")
-        if problems:
-            held_back[d.id] = problems
+    held_back = held_back_answers(written, cfg)
     trained_written = [d for d in written if d.id not in held_back]
-    votes = [
-        Vote(c.id, c.session_id, c.client or "", prompt_of(c.context), bool(c.arena), policy_won(c), c.rm_agrees)
-        for c in decided
-    ]
     per_session = Counter(d.session_id for d in trained_written)
-    table = agreement_table(votes, dict(per_session), excluded, rules, [(c.session_id, c.client or "") for c in ties])
+    table = agreement_table([vote_of(c) for c in decided], dict(per_session), excluded, GuardRules.from_config(cfg),
+                            [(c.session_id, c.client or "") for c in ties])
     items = [Feedback(c.id, c.session_id, c.client or "", 1.0) for c in decided]
     items += [Feedback(c.id, c.session_id, c.client or "", tie_weight) for c in ties]
     n_votes = len(items)
@@ -383,4 +464,4 @@ def assess_feedback(session, cfg, demonstration_weight: float = 1.0, tie_weight:
         item.comparison_id for item in items
         for kind in (SESSION, CLIENT) if (kind, getattr(item, kind)) in excluded
     }
-    return Trust(table, vote_factor, written_factor, held_back, left_out)
+    return Trust(table, vote_factor, written_factor, held_back, left_out, list(zip(items, weights)))

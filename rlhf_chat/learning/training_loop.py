@@ -14,7 +14,7 @@ chatting wait at most one slice:
 * pause/resume at any time; an exception is logged, shown in the UI, and
   retried with exponential back-off; it never takes the chat down;
 * after every reward round and PPO step the tripwire (learning/tripwire.py)
-  looks at the arena, the KL and the reward model: when it trips, training
+  looks at the arena, the KL, the reward model and whom the guards trust: when it trips, training
   pauses, the admin is told why, and the policy being served goes back to the
   last good one (``on_trip``, wired to the admin's rollback by the runtime).
 """
@@ -62,7 +62,8 @@ def tripwire_trip(session, cfg: AppConfig, after_policy: int = 0, after_reward: 
     ``after_policy`` / ``after_reward`` was seen by an admin at a resume."""
     if not cfg.guards.enabled:
         return None
-    return tripwire.check(session, cfg.guards, after_policy, after_reward)
+    return tripwire.check(session, cfg.guards, after_policy, after_reward,
+                          cfg.loop.demonstration_weight, cfg.reward.tie_weight)
 
 
 @dataclass

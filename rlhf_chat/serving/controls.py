@@ -317,7 +317,8 @@ def remove_mode(services, name) -> str:
 
 def contributors_table(services) -> list[list]:
     """Every session and client address with feedback, most votes first: what the guards
-    made of it (agreement with the reward model and with the others, weight, flag, why)."""
+    made of it (agreement with the others' consensus, which flags; with the reward model,
+    shown only, since that model learned from it; with the arena majority; weight, flag, why)."""
     from rlhf_chat.learning.guards import assess_feedback
 
     with services.sessions() as session:
@@ -328,6 +329,7 @@ def contributors_table(services) -> list[list]:
         status = "excluded" if c.excluded else ("flagged" if c.flagged else "")
         rows.append([
             f"{c.kind}:{c.key}", c.votes, c.ties, c.written,
+            "" if c.consensus_agreement is None else f"{c.consensus_agreement:.2f} of {c.consensus_scored}",
             "" if c.rm_agreement is None else f"{c.rm_agreement:.2f} of {c.rm_scored}",
             "" if c.majority_agreement is None else f"{c.majority_agreement:.2f} of {c.overlaps}",
             round(c.weight, 2), status, "; ".join(c.reasons),
@@ -335,8 +337,8 @@ def contributors_table(services) -> list[list]:
     return rows
 
 
-CONTRIBUTOR_COLUMNS = ["who", "votes", "ties", "written", "agrees with the reward model", "agrees with the majority",
-                       "weight", "status", "why"]
+CONTRIBUTOR_COLUMNS = ["who", "votes", "ties", "written", "agrees with the others", "agrees with the reward model",
+                       "agrees with the majority", "weight", "status", "why"]
 
 
 def _who(who) -> tuple[str, str]:
