@@ -2,7 +2,8 @@
 
     python -m rlhf_chat train-reward [--db URL]
     python -m rlhf_chat train-policy --steps K [--db URL]
-    python -m rlhf_chat simulate --labeler NAME_OR_MODULE:CALLABLE [--comparisons N] [--ppo-steps K] ...
+    python -m rlhf_chat simulate --labeler NAME_OR_MODULE:CALLABLE [--comparisons N] [--ppo-steps K]
+        [--people N] [--adversary reversed|longer|shorter|SPEC --adversary-sessions K --adversary-addresses A] ...
     python -m rlhf_chat export --format jsonl|parquet [--out PATH] [--demonstrations-out PATH]
 """
 
@@ -97,6 +98,9 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
             print("--rounds must be at least 1", file=sys.stderr)
             return 2
         cfg.simulation.rounds = args.rounds
+    for flag in ("people", "adversary_sessions", "adversary_addresses"):  # None: the config's default
+        if getattr(args, flag) is not None:
+            setattr(cfg.simulation, flag, getattr(args, flag))
     try:
         report = simulate(
             cfg,
@@ -183,10 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--adversary", default=None,
-        help="a bad actor voting on a share of the pairs under its own session: reversed (the labeler's "
-        "choice reversed) or package.module:function, a labeler",
+        help="a bad actor voting on a share of the pairs under its own sessions: reversed (the labeler's "
+        "choice reversed), longer (always the longer answer), shorter (always the shorter), a built-in "
+        "labeler, or package.module:function, a labeler",
     )
     p.add_argument("--adversary-share", type=float, default=0.3, help="its share of the votes (default 0.3)")
+    p.add_argument("--people", type=int, default=None,
+                   help="the honest votes come from this many people, each its own session and address "
+                   "(default simulation.people, 20; 1: one voice)")
+    p.add_argument("--adversary-sessions", type=int, default=None,
+                   help="the adversary votes from this many sessions (default simulation.adversary_sessions, 1)")
+    p.add_argument("--adversary-addresses", type=int, default=None,
+                   help="... behind this many addresses, 1 up to --adversary-sessions: 1 is one person's tabs, "
+                   "as many as the sessions a crowd of its own (default simulation.adversary_addresses, 1)")
     p.add_argument("--no-guards", action="store_true",
                    help="turn the guards off (guards.enabled=false): the influence cap, the flags and the tripwire")
     p.add_argument("--fact-key", default=None,

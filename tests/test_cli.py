@@ -91,3 +91,56 @@ def test_a_component_left_without_a_setting_takes_the_configs_default():
     assert trainer.tie_weight == defaults.reward.tie_weight == 1.0
     assert trainer.demonstration_weight == defaults.loop.demonstration_weight
     assert trainer.guard_cfg == defaults.guards and trainer.sampling == defaults.sampling
+
+
+# --- simulate: every flag reaches the simulation ---------------------------------------------
+
+SIMULATE_FLAGS = {  # flag -> (its value on the command line, what the simulation must see)
+    "--labeler": ("friendly", lambda cfg, kw: kw["labeler_spec"] == "friendly"),
+    "--comparisons": ("17", lambda cfg, kw: kw["comparisons"] == 17),
+    "--ppo-steps": ("5", lambda cfg, kw: kw["ppo_steps"] == 5),
+    "--prompts": ("prompts.txt", lambda cfg, kw: kw["prompts_file"] == "prompts.txt"),
+    "--seed": ("7", lambda cfg, kw: kw["seed"] == 7),
+    "--rounds": ("3", lambda cfg, kw: cfg.simulation.rounds == 3),
+    "--continue": (None, lambda cfg, kw: kw["resume"] is True),
+    "--teacher": ("follow_up", lambda cfg, kw: kw["teacher_spec"] == "follow_up"),
+    "--adversary": ("longer", lambda cfg, kw: kw["adversary_spec"] == "longer"),
+    "--adversary-share": ("0.25", lambda cfg, kw: kw["adversary_share"] == 0.25),
+    "--people": ("13", lambda cfg, kw: cfg.simulation.people == 13),
+    "--adversary-sessions": ("10", lambda cfg, kw: cfg.simulation.adversary_sessions == 10),
+    "--adversary-addresses": ("5", lambda cfg, kw: cfg.simulation.adversary_addresses == 5),
+    "--no-guards": (None, lambda cfg, kw: cfg.guards.enabled is False),
+    "--fact-key": ("key.json", lambda cfg, kw: kw["fact_key_path"] == "key.json"),
+    "--reference-answers": ("answers.json", lambda cfg, kw: kw["reference_answers_path"] == "answers.json"),
+    "--report": ("out.json", lambda cfg, kw: kw["report_path"] == "out.json"),
+    "--plot": ("out.png", lambda cfg, kw: kw["plot_path"] == "out.png"),
+}
+
+
+def test_every_simulate_flag_reaches_the_simulation(tmp_path, monkeypatch, capsys):
+    """Each of ``simulate``'s own flags, given a value other than its default, arrives in
+    the simulation's arguments or its config; a flag added without a line here fails."""
+    from rlhf_chat.cli import build_parser
+    from rlhf_chat.evaluation import simulate as simulation
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["simulate"]
+    common = {"--model", "--db", "--checkpoints", "--weights", "--no-4bit", "--set", "-h", "--help"}
+    own = {s for action in sub._actions for s in action.option_strings} - common
+    assert own == set(SIMULATE_FLAGS), own ^ set(SIMULATE_FLAGS)
+    seen = []
+
+    def recording(cfg, **kwargs):
+        seen.append((cfg, kwargs))
+        return simulation.Report(labeler=kwargs["labeler_spec"], comparisons=kwargs["comparisons"],
+                                 ppo_steps=kwargs["ppo_steps"])
+
+    monkeypatch.setattr(simulation, "simulate", recording)
+    argv = ["simulate", "--db", f"sqlite:///{tmp_path / 'sim.db'}", "--checkpoints", str(tmp_path / "ck")]
+    for flag, (value, _) in SIMULATE_FLAGS.items():
+        argv += [flag] if value is None else [flag, value]
+    with pytest.raises(SystemExit) as done:
+        cli_main(argv)
+    assert done.value.code == 0, capsys.readouterr().err
+    (cfg, kwargs), = seen
+    assert [flag for flag, (_, reached) in SIMULATE_FLAGS.items() if not reached(cfg, kwargs)] == []
+    assert cfg.store.db_url.endswith("sim.db")

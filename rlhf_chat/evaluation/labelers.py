@@ -20,6 +20,11 @@ can show the policy drifting towards it:
   question back for a request that depends on the person, an example for an
   idea (the seed's "which one is right depends on the question").
 
+Two built-in *adversaries* (``BUILTIN_ADVERSARIES``) stand in for a bad actor
+in the simulation's crowd (``--adversary``): ``longer`` always votes for the
+longer answer and ``shorter`` for the shorter one, decisively, whatever the
+question. A decisive voter is what captured the first reward model in issue 41.
+
 Your own labeler can be plugged in with ``load_labeler("package.module:func")``.
 Whatever a labeler returns should be passed through ``normalize_choice`` before
 it is recorded, so a sloppy custom labeler fails loudly instead of silently
@@ -37,6 +42,7 @@ from rlhf_chat.text.behaviours import FRIENDLY_MARKERS, asks_question, friendlin
 from rlhf_chat.text.questions import CONCEPT, FACT, HOW_TO, question_kind, shipped_fact_key, states_fact
 
 __all__ = [
+    "BUILTIN_ADVERSARIES",
     "BUILTIN_LABELERS",
     "CHOICES",
     "CONCISE_TIE_FRACTION",
@@ -50,7 +56,9 @@ __all__ = [
     "friendly",
     "friendliness_score",
     "load_labeler",
+    "longer",
     "normalize_choice",
+    "shorter",
     "strict_choice",
 ]
 
@@ -165,6 +173,31 @@ def context(prompt: str, response_a: str, response_b: str) -> Choice:
         return strict_choice(*shows)
     return "tie"
 
+
+def by_length(response_a: str, response_b: str, longer_wins: bool) -> Choice:
+    """The answer with more words wins (``longer_wins``) or the one with fewer;
+    "tie" only when both have as many words. No tie band and no exception for an
+    empty answer: an adversary is decisive wherever it can be."""
+    len_a, len_b = len(response_a.split()), len(response_b.split())
+    if len_a == len_b:
+        return "tie"
+    return "a" if (len_a > len_b) == longer_wins else "b"
+
+
+def longer(prompt: str, response_a: str, response_b: str) -> Choice:
+    """An adversary: always the longer answer (by words), as a bad actor who wants
+    the model to ramble would vote."""
+    del prompt
+    return by_length(response_a, response_b, longer_wins=True)
+
+
+def shorter(prompt: str, response_a: str, response_b: str) -> Choice:
+    """An adversary: always the shorter answer (by words), an empty one included."""
+    del prompt
+    return by_length(response_a, response_b, longer_wins=False)
+
+
+BUILTIN_ADVERSARIES: dict[str, Labeler] = {"longer": longer, "shorter": shorter}
 
 BUILTIN_LABELERS: dict[str, Labeler] = {
     "concise": concise,

@@ -26,12 +26,20 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf_chat.config import AppConfig
-from rlhf_chat.evaluation.labelers import Labeler, load_labeler, normalize_choice
+from rlhf_chat.evaluation.labelers import (
+    BUILTIN_ADVERSARIES,
+    BUILTIN_LABELERS,
+    Labeler,
+    load_callable,
+    load_labeler,
+    normalize_choice,
+)
 from rlhf_chat.evaluation.teachers import Teacher, load_teacher
 from rlhf_chat.generation.candidates import BASE_ADAPTER, Candidate, Sampling, generate_pairs, sample
 from rlhf_chat.generation.modes import Mode, active_modes, mode_record_for, modes_for_pair
 from rlhf_chat.generation.worker import CHAT, REWARD, ModelWorker
 from rlhf_chat.learning import training_loop
+from rlhf_chat.learning.guards import CLIENT, SESSION, assess_feedback, client_key
 from rlhf_chat.learning.ppo import PPOTrainer
 from rlhf_chat.learning.preferences import modes_differ
 from rlhf_chat.learning.reward import reward_round_from_config
@@ -123,6 +131,7 @@ def collect_votes(
     teach_limit: int = 0,
     adversary: Labeler | None = None,
     adversary_share: float = 0.0,
+    crowd: Crowd | None = None,
 ) -> dict[str, int]:
     """Generate ``n`` pairs from the serving policy, ask the labeler, and store pairs
     and votes as the UI does.
@@ -134,9 +143,11 @@ def collect_votes(
     ``teach_limit`` policy pairs get the answer it writes instead of a vote,
     stored as the UI stores a written answer (counted as ``demonstration``).
     With an ``adversary``, a share ``adversary_share`` of the pairs is voted on by
-    it instead, under its own session and client (``ADVERSARY``), as one bad
-    actor among the people would (counted under ``adversary``).
+    it instead, under its own sessions and addresses, as a bad actor among the
+    people would (counted under ``adversary``). Who casts each vote is the
+    ``crowd``'s draw (:class:`Crowd`; by default one honest voice, ``session_id``).
     """
+    crowd = crowd or Crowd(session_id)
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
     done = 0
     while done < n:
@@ -148,7 +159,8 @@ def collect_votes(
             bad = adversary is not None and not written and rng.random() < adversary_share
             voter = adversary if bad else labeler
             choice = "demonstration" if written else normalize_choice(voter(prompt, a.text, b.text))
-            store_feedback(sessions, session_id, prompt, (a, b), is_arena, bad, choice, written)
+            who = crowd.adversary() if bad else crowd.honest()
+            store_feedback(sessions, who, prompt, (a, b), is_arena, choice, written)
             counts["adversary" if bad else choice] += 1
         done += len(chunk)
         if progress:
@@ -195,20 +207,19 @@ def written_answer(teacher: Teacher, prompt: str, a: str, b: str, cfg: AppConfig
 
 def store_feedback(
     sessions,
-    session_id: str,
+    who: tuple[str, str],
     prompt: str,
     pair: tuple[Candidate, Candidate],
     arena: bool,
-    bad: bool,
     choice: str,
     written: str | None = None,
 ) -> None:
     """Store a pair and its vote, or the answer written instead (``written``), as the UI
-    does; the adversary's (``bad``) under its own session and client."""
-    who, client = (f"{session_id}-{ADVERSARY}", ADVERSARY) if bad else (session_id, "")
+    does, under ``who``: the (session, client key) that cast it (:class:`Crowd`)."""
+    session_id, client = who
     with sessions() as session, session.begin():
         comparison = store.save_pair(
-            session, session_id=who, context=as_context(prompt), a=pair[0], b=pair[1], arena=arena,
+            session, session_id=session_id, context=as_context(prompt), a=pair[0], b=pair[1], arena=arena,
             source="simulate", client=client,
         )
         if written:
@@ -217,12 +228,64 @@ def store_feedback(
             store.record_vote(session, comparison.id, choice)
 
 
-ADVERSARY = "adversary"  # the session suffix and client key of the simulation's bad actor
+ADVERSARY = "adversary"  # the session suffix of the simulation's bad actor, and its addresses' name
+
+
+@dataclass
+class Crowd:
+    """Who casts a simulation's votes (issue 41): ``people`` honest people, each with a
+    session and an address of their own, and the adversary's ``adversary_sessions``
+    sessions behind ``adversary_addresses`` addresses (session j at address j mod
+    that). Addresses are stored as the app stores them (``guards.client_key``).
+
+    One person (``people`` 1) is the single voice of old: one session, ``base``, and
+    no address. Who casts each vote is drawn uniformly from a random stream of its
+    own, so that the pairs, arena and mode draws, and votes of a seed stay those of
+    the single-voice run whatever the crowd.
+    """
+
+    base: str
+    people: int = 1
+    adversary_sessions: int = 1
+    adversary_addresses: int = 1
+    salt: str = ""
+    seed: int = 0
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.people < 1 or self.adversary_sessions < 1:
+            raise ValueError(f"--people ({self.people}) and --adversary-sessions ({self.adversary_sessions}) "
+                             "must be at least 1")
+        if not 1 <= self.adversary_addresses <= self.adversary_sessions:
+            raise ValueError(f"--adversary-addresses ({self.adversary_addresses}) must be between 1 and "
+                             f"--adversary-sessions ({self.adversary_sessions})")
+        self.rng = random.Random(f"crowd-{self.seed}")
+
+    @classmethod
+    def from_config(cls, base: str, cfg: AppConfig, seed: int) -> Crowd:
+        """The crowd ``cfg.simulation`` describes, its addresses salted as the app salts them."""
+        sim = cfg.simulation
+        return cls(base, sim.people, sim.adversary_sessions, sim.adversary_addresses, cfg.guards.client_salt, seed)
+
+    def honest(self) -> tuple[str, str]:
+        """(session, client key) of the honest person who casts the next honest vote."""
+        if self.people == 1:
+            return self.base, ""
+        k = self.rng.randrange(self.people)
+        return f"{self.base}-person{k:02d}", client_key(f"person-{k}", self.salt)
+
+    def adversary(self) -> tuple[str, str]:
+        """(session, client key) of the adversary's session that casts its next vote."""
+        j = self.rng.randrange(self.adversary_sessions)
+        session = f"{self.base}-{ADVERSARY}" + (f"{j:02d}" if self.adversary_sessions > 1 else "")
+        return session, client_key(f"{ADVERSARY}-{j % self.adversary_addresses}", self.salt)
 
 
 def load_adversary(spec: str, honest: Labeler) -> Labeler:
     """The bad actor of ``--adversary``: ``reversed`` (the honest labeler's choice
-    reversed: A for B, B for A, ties kept) or a labeler spec (``MODULE:CALLABLE``)."""
+    reversed: A for B, B for A, ties kept), a built-in adversary (``longer``,
+    ``shorter``: labelers.BUILTIN_ADVERSARIES), a built-in labeler, or a labeler
+    spec (``MODULE:CALLABLE``)."""
     if spec.strip() == "reversed":
         flip = {"a": "b", "b": "a"}
 
@@ -231,19 +294,19 @@ def load_adversary(spec: str, honest: Labeler) -> Labeler:
             return flip.get(choice, choice)
 
         return reversed_labeler
-    return load_labeler(spec)
+    return load_callable(spec, {**BUILTIN_LABELERS, **BUILTIN_ADVERSARIES}, "adversary")
 
 
-def contributor_rows(sessions, cfg: AppConfig) -> list[dict]:
-    """What the guards made of each session at the end of a run (learning/guards.py)."""
-    from rlhf_chat.learning.guards import SESSION, assess_feedback
-
+def contributor_rows(sessions, cfg: AppConfig) -> tuple[list[dict], list[dict]]:
+    """What the guards made of each session, and of each address, at the end of a run
+    (learning/guards.py): a vote weighs its session's weight times its address's, so
+    sessions behind one flagged address weigh nothing though none of them is flagged."""
     with sessions() as session:
         trust = assess_feedback(session, cfg.guards, cfg.loop.demonstration_weight, cfg.reward.tie_weight)
-    return [
-        {k: v for k, v in asdict(c).items() if k != "kind"}
-        for (kind, _), c in sorted(trust.contributors.items()) if kind == SESSION
-    ]
+    rows = {SESSION: [], CLIENT: []}
+    for (kind, _), c in sorted(trust.contributors.items()):
+        rows[kind].append({k: v for k, v in asdict(c).items() if k != "kind"})
+    return rows[SESSION], rows[CLIENT]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -298,6 +361,7 @@ class Report:
     adversary_share: float = 0.0
     guards: bool = True  # whether the guards weighed the feedback (guards.enabled)
     contributors: list[dict] = field(default_factory=list)  # guards.Contributor rows at the end, by session
+    addresses: list[dict] = field(default_factory=list)  # the same by client address (salted hash)
     # What the learned taste cost (learning/tax.py), reference and final policy: facts
     # kept on the answer key, NLL per token of well-formed answers, the share of answers
     # that say something; and the same per kind of held-out question (text/questions.py).
@@ -496,9 +560,11 @@ def simulate(
     ``reference_answers_path``'s answers (default: the shipped set), the content share.
 
     A database that already holds votes is refused (:class:`UsedDatabase`)
-    unless ``resume`` says to build on the run that left them. With an
-    ``adversary_spec`` (:func:`load_adversary`), a share ``adversary_share`` of the
-    votes comes from a bad actor; ``cfg.guards.enabled`` says whether the guards
+    unless ``resume`` says to build on the run that left them. The honest votes come
+    from ``cfg.simulation.people`` people (:class:`Crowd`). With an ``adversary_spec``
+    (:func:`load_adversary`), a share ``adversary_share`` of the votes comes from a
+    bad actor, from ``cfg.simulation.adversary_sessions`` sessions behind
+    ``adversary_addresses`` addresses; ``cfg.guards.enabled`` says whether the guards
     (learning/guards.py, learning/tripwire.py) weigh it down and watch the run.
     """
     from tqdm import tqdm
@@ -507,6 +573,7 @@ def simulate(
 
     start = time.perf_counter()
     people = Voters.load(labeler_spec, teacher_spec, adversary_spec, adversary_share)
+    crowd = Crowd.from_config(f"simulate-{seed}", cfg, seed)  # a bad --people refused before the model loads
     fact_key, well_formed = load_fact_key(fact_key_path), load_reference_answers(reference_answers_path)
     train_prompts, eval_prompts = split_prompts(load_prompts(prompts_file))
     rounds = max(1, min(cfg.simulation.rounds, comparisons))
@@ -518,7 +585,7 @@ def simulate(
         modes = active_modes(session)
     worker = ModelWorker(lambda: load_for_serving(cfg, sessions)).start()
     try:
-        run = SimulationRun.start(cfg, worker, sessions, report, people, train_prompts, modes, seed)
+        run = SimulationRun.start(cfg, worker, sessions, report, people, train_prompts, modes, seed, crowd)
         run.seconds["load"] = time.perf_counter() - start
         with tqdm(total=comparisons + ppo_steps, desc="simulate", unit="item") as run.bar:
             shares = zip(split_evenly(comparisons, rounds), split_evenly(ppo_steps, rounds))
@@ -575,7 +642,9 @@ def new_report(
     report.guards = cfg.guards.enabled
     report.db_url, report.checkpoint_dir = cfg.store.db_url, cfg.store.checkpoint_dir
     # the loop's settings too: PPO runs under its bounds (ppo_steps_per_reward, max_kl)
-    report.settings = {name: asdict(getattr(cfg, name)) for name in ("sampling", "ppo", "reward", "loop")}
+    # the guards' thresholds and the crowd (simulation.people, adversary_sessions, adversary_addresses) too
+    report.settings = {name: asdict(getattr(cfg, name))
+                       for name in ("sampling", "ppo", "reward", "loop", "guards", "simulation")}
     return report
 
 
@@ -593,6 +662,7 @@ class SimulationRun:
     trainer: PPOTrainer
     seed: int
     rng: random.Random
+    crowd: Crowd  # who casts each vote: the honest people and the adversary's sessions
     bar: object = None  # the tqdm bar, set by simulate
     owed: int = 0  # PPO steps planned before a reward model existed
     seconds: dict = field(default_factory=lambda: {"load": 0.0, "votes": 0.0, "reward": 0.0, "ppo": 0.0, "eval": 0.0})
@@ -600,15 +670,15 @@ class SimulationRun:
 
     @classmethod
     def start(cls, cfg: AppConfig, worker: ModelWorker, sessions, report: Report, people: Voters,
-              prompts: list[str], modes: list[Mode], seed: int) -> SimulationRun:
+              prompts: list[str], modes: list[Mode], seed: int, crowd: Crowd) -> SimulationRun:
         """Setup: wait for the model, then build the PPO trainer as the live loop does
-        (``prompts`` and ``modes``: what pairs are collected on, and in)."""
+        (``prompts`` and ``modes``: what pairs are collected on, and in; ``crowd``: who votes)."""
         worker.ready.wait()
         if worker.load_error is not None:
             raise RuntimeError(f"the model failed to load: {worker.load_error}")
         trainer = PPOTrainer.from_config(worker, sessions, cfg)
         trainer.rng.seed(seed)
-        return cls(cfg, worker, sessions, report, people, prompts, modes, trainer, seed, random.Random(seed))
+        return cls(cfg, worker, sessions, report, people, prompts, modes, trainer, seed, random.Random(seed), crowd)
 
     def collect_votes(self, pairs: int) -> None:
         """Phase 1 of a round: ``pairs`` pairs and their votes, stored as the UI stores them."""
@@ -616,10 +686,10 @@ class SimulationRun:
         self.bar.set_description("pairs + votes")
         counts = collect_votes(
             self.worker, self.sessions, self.prompts, people.labeler, pairs, cfg, self.rng,
-            session_id=f"simulate-{self.seed}", arena_fraction=cfg.loop.arena_fraction, progress=self.bar.update,
+            arena_fraction=cfg.loop.arena_fraction, progress=self.bar.update,
             modes=self.modes, mode_fraction=cfg.loop.mode_fraction,
             teacher=people.teacher, teach_limit=cfg.simulation.demonstrations - report.votes["demonstration"],
-            adversary=people.adversary, adversary_share=people.adversary_share,
+            adversary=people.adversary, adversary_share=people.adversary_share, crowd=self.crowd,
         )
         report.votes = {k: report.votes[k] + v for k, v in counts.items()}
         report.demonstrations = report.votes["demonstration"]
@@ -739,7 +809,7 @@ class SimulationRun:
         report.eval_counts = outcome
         describe_final_answers(report, self.modes)
         report.mode_pairs = count_mode_pairs(self.sessions)
-        report.contributors = contributor_rows(self.sessions, self.cfg)
+        report.contributors, report.addresses = contributor_rows(self.sessions, self.cfg)
         interval = win_rate(outcome["wins"], outcome["ties"], outcome["losses"])
         report.win_rate_interval = [round(interval.low, 3), round(interval.high, 3)]
         self.seconds["eval"] = time.perf_counter() - mark
