@@ -194,7 +194,9 @@ def _names(who: list[str], most: int = 5) -> str:
     return ", ".join(who[:most]) + (f" and {len(who) - most} more" if len(who) > most else "")
 
 
-_SEEN: dict[tuple[str, int], Trip | None] = {}  # (database, reward checkpoint id) -> its verdict
+# (database, reward checkpoint id, version, trained_through) -> its verdict; all four, so
+# that a row id reused after a deletion never meets an old verdict
+_SEEN: dict[tuple[str, int, int, int], Trip | None] = {}
 
 
 def trust_trip(session, cfg, after_reward: int = 0, demonstration_weight: float = LoopConfig.demonstration_weight,
@@ -210,7 +212,7 @@ def trust_trip(session, cfg, after_reward: int = 0, demonstration_weight: float 
     if cfg.tripwire_silenced_share <= 0 and cfg.tripwire_newly_trusted_share <= 0:
         return None
     latest = rounds[-1]
-    key = (str(session.get_bind().url), latest.id)
+    key = (str(session.get_bind().url), latest.id, latest.version, int(latest.extra["trained_through"]))
     if key not in _SEEN:
         previous = rounds[-2].extra["trained_through"] if len(rounds) > 1 else None
         shift = trust_shift(session, cfg, latest.extra["trained_through"], previous, demonstration_weight, tie_weight)
