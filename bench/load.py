@@ -62,6 +62,7 @@ from rlhf_chat.storage.tables import Comparison, Message  # noqa: E402
 OUT_NOTICE = 3  # the notice Markdown among the endpoints' outputs (gr.State is not returned)
 RATE_LIMITED = "You are voting very fast"
 DB_BUSY = "The database is busy"  # ui.DB_BUSY: nothing stored, the person is asked to try again
+TOO_MANY_ANSWERS = "Too many answers requested"  # admission.generation: the per-minute limit, as meant
 RATE_LIMIT_WAIT_S = 2.0  # then vote again: the pair is still on screen, as for a person
 MAX_VOTE_TRIES = 40  # 80 s of waiting covers the one-minute rate-limit window
 BARRIER_TIMEOUT_S = 300.0  # connecting takes seconds; a hang here is a bug, not a slow run
@@ -76,7 +77,7 @@ class UserStats:
     respond_requests: int = 0
     vote_requests: int = 0
     acknowledged: int = 0  # votes answered "Recorded..."
-    rate_limited: int = 0  # votes refused by the per-session flood limit (then retried)
+    rate_limited: int = 0  # votes (or messages) refused by the per-session flood limits (then retried)
     db_busy: int = 0  # requests refused because the database stayed locked (vote retried, message dropped)
     errors: list[str] = field(default_factory=list)
 
@@ -150,6 +151,9 @@ def respond_once(client, message: str, index: int, stats: UserStats) -> bool:
     notice = notice_of(output)
     if notice.startswith(DB_BUSY):
         stats.db_busy += 1
+        return False
+    if notice.startswith(TOO_MANY_ANSWERS):  # the app working as meant: nothing stored, try later
+        stats.rate_limited += 1
         return False
     if "Which answer is better?" not in notice:
         stats.errors.append(f"user {index}: respond refused: {notice!r}")
