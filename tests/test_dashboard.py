@@ -9,8 +9,17 @@ import pandas as pd
 import pytest
 from sqlalchemy import select, update
 
+from rlhf_chat.config import AppConfig
+from rlhf_chat.learning.reward import RoundResult
 from rlhf_chat.learning.training_loop import LoopStatus
-from rlhf_chat.serving.dashboard import REFRESH_OUTPUTS, loop_state, recent_events, refresh, thin
+from rlhf_chat.serving.dashboard import (
+    REFRESH_OUTPUTS,
+    loop_state,
+    not_yet,
+    recent_events,
+    refresh,
+    thin,
+)
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import Comparison
 from tests.test_arena import add_pair
@@ -187,3 +196,24 @@ def test_mode_table_shows_which_ways_of_answering_people_chose(sessions):
         "mode": ["warm", "steps", "direct"], "chosen": [2, 1, 0], "not chosen": [1, 1, 1],
         "share chosen": [0.67, 0.5, 0.0],
     }
+
+
+def test_every_empty_chart_says_why_and_what_it_waits_for(sessions):
+    cfg = AppConfig()
+    with sessions() as session:
+        empty = not_yet(session, cfg)
+    assert "Held-out accuracy:** n/a: needs 1 held-out vote" in empty and "0 so far" in empty
+    assert f"needs {cfg.loop.min_votes} votes; 0 so far" in empty
+    assert "no vote between two response modes" in empty
+    loop_md = dict(zip(REFRESH_OUTPUTS, refresh(sessions, FakeLoop("waiting for votes"), cfg=cfg)))["loop"]
+    assert empty in loop_md  # shown on the tab, under the loop's state
+    fill(sessions)  # a round with a held-out accuracy, PPO steps
+    with sessions() as session:
+        full = not_yet(session, cfg)
+    assert "Held-out accuracy" not in full and "PPO charts" not in full
+    # a reward round with no held-out vote says so, wherever its accuracy is shown
+    result = RoundResult(version=1, loss=0.5, heldout_accuracy=None, mean_margin=0.0, train_pairs=8,
+                         heldout_pairs=0, votes=8, seconds=1.0)
+    assert result.accuracy_text() == "n/a (needs 1 held-out vote; 0 so far)"
+    result.heldout_accuracy, result.heldout_pairs = 0.75, 4
+    assert result.accuracy_text() == "0.75 on 4 held-out votes"

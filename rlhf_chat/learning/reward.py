@@ -281,6 +281,16 @@ class RoundResult:
         """The ``reward_rounds`` row of this round (:func:`stored_fields`)."""
         return stored_fields(self, RewardRound)
 
+    def accuracy_text(self) -> str:
+        """The held-out accuracy for a status line, or why there is none yet.
+
+        >>> RoundResult(1, 0.5, None, 0.0, 8, 0, 8, 1.0).accuracy_text()
+        'n/a (needs 1 held-out vote; 0 so far)'
+        """
+        if self.heldout_accuracy is None:
+            return f"n/a (needs 1 held-out vote; {self.heldout_pairs} so far)"
+        return f"{self.heldout_accuracy:.2f} on {self.heldout_pairs} held-out votes"
+
 
 def stored_fields(result, table) -> dict:
     """The fields of a result dataclass that ``table`` has columns for, a NaN stored as 0.

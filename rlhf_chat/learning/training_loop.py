@@ -203,8 +203,7 @@ class TrainingLoop:
             self._too_few_at = votes if result is None else None
             if result is not None:
                 self.status.reward_rounds += 1
-                acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
-                self.status.detail = f"reward v{result.version}, held-out accuracy {acc}"
+                self.status.detail = f"reward v{result.version}, held-out accuracy {result.accuracy_text()}"
                 self.check_tripwire()
                 prune_old_checkpoints(self.sessions, self.cfg)
                 return True

@@ -397,13 +397,13 @@ def retrain_reward(services) -> str:
             )
         finally:
             if result is None:  # failed, or too few votes: serve the last reward model again
-                from rlhf_chat.learning.reward import load_reward
                 from rlhf_chat.learning.checkpoints import restore_latest
+                from rlhf_chat.learning.reward import load_reward
 
                 services.worker.call(CHAT, lambda m: restore_latest(m, services.sessions, "reward", load_reward))
     if result is None:
         return "Too few votes to train a reward model; the last one is served again."
-    acc = "n/a" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.2f}"
+    acc = result.accuracy_text()
     event = f"an admin retrained the reward model: v{result.version}, held-out accuracy {acc}"
     store.write(services.sessions, lambda session: store.add_event(session, "info", event))
     return f"Reward model v{result.version} trained on {result.train_pairs} pairs; held-out accuracy {acc}."

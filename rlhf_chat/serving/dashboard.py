@@ -21,16 +21,19 @@ from datetime import datetime
 
 import pandas as pd
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from rlhf_chat.config import AppConfig
 from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
 from rlhf_chat.generation.worker import PPO, ModelWorker
+from rlhf_chat.learning.preferences import is_heldout
+from rlhf_chat.learning.reward import usable_feedback
 from rlhf_chat.model.loading import Models
 from rlhf_chat.serving.services import Services
 from rlhf_chat.storage import store
 from rlhf_chat.storage.arena import ArenaResult, arena_results, bucket_results, total
-from rlhf_chat.storage.tables import CandidateRow, Comparison, TrainingEvent
+from rlhf_chat.storage.tables import CandidateRow, Comparison, PPOStep, TrainingEvent
 from rlhf_chat.text.behaviours import DETECTORS, ON_TOPIC, behaviour_shares
 from rlhf_chat.text.chat import prompt_text, render_prompt
 
@@ -103,7 +106,11 @@ def ppo_metrics(session: Session, max_points: int = MAX_POINTS) -> pd.DataFrame:
     copy's log-probabilities and the training copy's (NaN for steps recorded
     before it was measured).
     """
-    steps = store.ppo_steps(session)
+    # The plotted columns only: a step's row also holds its answers and prompts, and a
+    # Space that trains for days has thousands, read again at every refresh.
+    columns = (PPOStep.created_at, PPOStep.version, PPOStep.mean_reward, PPOStep.mean_kl, PPOStep.kl_coef,
+               PPOStep.copy_gap)
+    steps = session.execute(select(*columns).order_by(PPOStep.id)).all()
     frame = pd.DataFrame(
         {
             "time": _times([s.created_at for s in steps]),
@@ -197,8 +204,34 @@ def recent_events(session: Session, limit: int = 5, details: bool = False) -> st
     return "**Recent events**\n\n" + "\n".join(lines)
 
 
-def refresh(sessions: sessionmaker[Session], loop, follower=None) -> tuple:
-    """Everything the Training tab shows, in the order of :data:`REFRESH_OUTPUTS`.
+def not_yet(session: Session, cfg: AppConfig) -> str:
+    """Why each chart or table that is still empty is empty, and what it waits for,
+    one Markdown line each ("" when everything has something to show)."""
+    lines = []
+    if reward_accuracy(session).empty:
+        # preferences.is_heldout: the same votes stay held out across rounds and restarts
+        voted = session.scalars(select(Comparison.id).where(Comparison.choice.in_(("a", "b"))))
+        held = sum(is_heldout(i, cfg.reward.heldout_fraction) for i in voted)
+        lines.append(
+            f"**Held-out accuracy:** n/a: needs 1 held-out vote and a reward round after it; {held} so far "
+            f"(one A/B vote in {round(1 / cfg.reward.heldout_fraction)} is held out, never trained on)."
+            if cfg.reward.heldout_fraction > 0 else "**Held-out accuracy:** n/a: no votes are held out "
+            "(reward.heldout_fraction is 0)."
+        )
+    if session.scalar(select(func.count()).select_from(PPOStep)) == 0:
+        usable = usable_feedback(session, cfg.reward.tie_weight)
+        lines.append(
+            f"**PPO charts:** empty until the first PPO step, which follows the first reward model "
+            f"(needs {cfg.loop.min_votes} votes; {usable} so far)."
+        )
+    if not store.mode_record(session):
+        lines.append("**Ways of answering:** no vote between two response modes yet.")
+    return "\n\n".join(lines)
+
+
+def refresh(sessions: sessionmaker[Session], loop, follower=None, cfg: AppConfig | None = None) -> tuple:
+    """Everything the Training tab shows, in the order of :data:`REFRESH_OUTPUTS`;
+    with ``cfg``, the first part also says why an empty chart is empty (:func:`not_yet`).
 
     One database session per refresh; every part is a plain value (Markdown or
     a DataFrame), so the UI's ``gr.Timer`` hands them straight to its components.
@@ -206,8 +239,9 @@ def refresh(sessions: sessionmaker[Session], loop, follower=None) -> tuple:
     with sessions() as session:
         ppo = ppo_metrics(session)
         arena = arena_results(session)
+        missing = not_yet(session, cfg) if cfg is not None else ""
         return (
-            loop_state(loop, follower) + "\n\n" + feedback_counts(session),
+            "\n\n".join(filter(None, (loop_state(loop, follower), feedback_counts(session), missing))),
             votes_over_time(session),
             reward_accuracy(session),
             ppo[["time", "mean_reward"]],
@@ -407,5 +441,5 @@ def training_tick(services: Services, board: ProbeBoard) -> tuple:
     with services.sessions() as session:
         behaviours = behaviour_table(session, probes)
         modes = mode_table(session)
-    refreshed = refresh(services.sessions, services.loop, services.follower)
+    refreshed = refresh(services.sessions, services.loop, services.follower, services.config)
     return (*refreshed, probe_table(probes), behaviours, modes)
