@@ -1,0 +1,97 @@
+"""Memory: bounds on what the native libraries keep, and freed memory given back.
+
+A Space runs for days, and two things below Python grew its resident memory
+there while nothing in Python did (issue 42):
+
+* **Shape caches.** oneDNN (the bf16 matrix products of the training copy)
+  keeps a compiled kernel per input shape, 1024 of them by default, and
+  PyTorch's ideep layer keeps its own per-shape cache beside it. Every rollout,
+  reward batch and chat batch has other lengths, so both fill. On this 2-core
+  CPU (AVX512-BF16), 60 token counts of a layer's six products, forward and
+  backward, grew resident memory by 790 MB at the defaults, 195 MB at 128,
+  102 MB at 64, in the same time (``bench/shape_caches.py``). Both variables
+  are read once, at the first product, so they are set before the model loads.
+* **Freed memory the allocator keeps.** glibc serves tensors below 32 MB from
+  its heaps, and a long-lived small tensor (a prefix-cache entry) between freed
+  key/value caches pins the pages around it: 40 decoding calls' worth of that
+  pattern kept 832 MB resident for 59 MB in use, and ``malloc_trim(0)`` gave
+  all but 63 MB back (same script). The model worker trims now and then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import time
+from collections.abc import Callable, MutableMapping
+
+log = logging.getLogger(__name__)
+
+# oneDNN's primitive cache and PyTorch's ideep cache, each in compiled kernels
+SHAPE_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def limit_shape_caches(capacity: int, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Cap the native per-shape kernel caches at ``capacity`` entries (``model.shape_cache_capacity``;
+    0 leaves the libraries' defaults), unless the environment already names a value:
+    an operator's setting wins. Returns the values in effect.
+
+    Effective only before the process's first bf16 product: the libraries read
+    the variables once (the model loader calls this first).
+    """
+    env = os.environ if environ is None else environ
+    if capacity > 0:
+        for name in SHAPE_CACHE_VARIABLES:
+            env.setdefault(name, str(capacity))
+    return {name: env[name] for name in SHAPE_CACHE_VARIABLES if name in env}
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of every freed heap chunk back to the system (``malloc_trim(0)``);
+    False where the allocator cannot (no glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+class MemoryTrimmer:
+    """Calls :func:`release_freed_memory` at most once per ``every_s`` seconds
+    (``model.trim_memory_every_s``; 0: never), from the thread that allocates most.
+
+    A trim walks every heap, so it runs between jobs and not after each one.
+    """
+
+    def __init__(self, every_s: float, release: Callable[[], bool] = release_freed_memory,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self.release = release
+        self.clock = clock
+        self.last = clock()
+        self.trims = 0
+
+    def maybe_trim(self) -> bool:
+        """Trim if ``every_s`` has passed since the last trim; True when it did."""
+        now = self.clock()
+        if self.every_s <= 0 or now - self.last < self.every_s:
+            return False
+        self.last = now
+        try:
+            done = self.release()
+        except OSError:  # never let housekeeping take a job down
+            log.exception("could not give freed memory back")
+            return False
+        self.trims += done
+        return done
