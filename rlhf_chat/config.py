@@ -52,6 +52,16 @@ class ModelConfig:
     # token at width 576, so about 460 MB at most): each round then runs only the
     # new votes through the frozen layers.
     prefix_cache_tokens: int = 200_000
+    # Compiled kernels kept per input shape by oneDNN and PyTorch's ideep layer
+    # (model/memory.py; 0: their default, 1024 each). Every batch has other
+    # lengths, so they fill: 60 token counts of one layer's products grew resident
+    # memory by 790 MB at the default and 102 MB at 64, in the same time
+    # (bench/shape_caches.py); a training step uses about 30 shapes.
+    shape_cache_capacity: int = 64
+    # The model worker gives freed heap pages back to the system (malloc_trim) at
+    # most this often (0: never): glibc kept 832 MB resident for 59 MB in use after
+    # 40 decoding calls' worth of allocations, 63 MB after a trim (model/memory.py).
+    trim_memory_every_s: float = 30.0
     seed: int = 0
 
 
@@ -202,6 +212,12 @@ class PPOConfig:
     importance_cap: float = 2.0
     value_head_lr_mult: float = 10.0  # the fresh value head starts at zero and must catch up fast
     checkpoint_every: int = 5  # steps between saved policy checkpoints
+    # The alignment tax of each checkpointed policy (learning/tax.py), stored with the
+    # checkpoint for the Training tab and the tripwire: this many factual questions of
+    # the shipped key, one answer each, and the NLL of the shipped well-formed answers.
+    # 16 answers of 64 tokens and 60 scored answers add about 3 s to every fifth step
+    # on the 2-core CPU (the reference's side is measured once); 0: not measured.
+    tax_questions: int = 16
     max_prompt_tokens: int = 256
 
 
@@ -234,6 +250,11 @@ class LoopConfig:
     # kinds' votes at a quarter, so asking back can win on how-to requests and
     # lose on facts (modes.mode_record_for).
     mode_choice: str = "thompson"
+    # Answer-first modes (modes.py): the question back and the example follow the
+    # answer's first sentence instead of replacing the answer, so a vote for them
+    # never teaches the policy to drop the answer (issue 40). False: every opening
+    # starts the answer, as before.
+    answer_first: bool = True
     # How much an answer a person wrote weighs against one vote: each written
     # answer is a reward-model pair over each of the two answers beside it, and
     # a supervised example for the policy (the LM term), each with this weight.
@@ -255,6 +276,15 @@ class GuardConfig:
     min_votes: int = 10
     flag_below: float = 0.5
     flagged_weight: float = 0.0  # what a flagged contributor's feedback weighs in training
+    # The others' consensus (learning/consensus.py) scores a decided vote only where it
+    # gives the chosen side at least 0.5 + this (an agreement) or at most 0.5 - this (a
+    # disagreement): a vote where the other contributors are near even is evidence of
+    # nothing, and a taste the consensus cannot see must never count against anyone.
+    consensus_margin: float = 0.1
+    # The consensus's L2 penalty, in votes: a prior worth about one vote against any
+    # feature mattering, so a handful of votes leaves it unsure (scoring nothing)
+    # instead of following their noise, while a crowd's hundred votes outweigh it.
+    consensus_l2: float = 1.0
     # A written answer trains only between these lengths, without links, e-mail
     # addresses or phone numbers, and when no other session wrote the same text.
     written_min_chars: int = 2
@@ -268,6 +298,20 @@ class GuardConfig:
     tripwire_arena_votes: int = 20
     tripwire_kl: float = 25.0
     tripwire_rm_accuracy: float = 0.5
+    # After a reward round (learning/tripwire.py, trust_trip), two more reasons to pause:
+    # * the flags silence at least this share of the feedback (its weight before the
+    #   guards): guards meant to remove a few bad actors are then deciding whose taste
+    #   wins, as when the first reward model flagged the honest majority (issue 41). A
+    #   flagged adversary casting 30% of the votes stays under it. 0: off.
+    tripwire_silenced_share: float = 0.5
+    # * at least this share of the round's training weight (after the guards) comes
+    #   from contributors the previous round did not trust (flagged then, or not there
+    #   yet): a wave of new sessions, or a lifted flag, would decide the model. Checked
+    #   only once the previous round trained on tripwire_min_weight or more, so the
+    #   first rounds' growth (every contributor new) never trips it; between two rounds
+    #   ten votes apart it cannot be reached by ordinary traffic. 0: off.
+    tripwire_newly_trusted_share: float = 0.5
+    tripwire_min_weight: float = 50.0
 
 
 @dataclass
@@ -291,6 +335,17 @@ class SimulationConfig:
     # each. 40 x 2 answers a side put the facts share's standard error near 0.05.
     tax_fact_questions: int = 40
     tax_answers_per_question: int = 2
+    # The honest votes come from this many people, each with a session and an address
+    # of their own, as on a public demo: so that the influence cap (guards.max_share,
+    # 10%) binds on one bad actor and not on an honest person. 20 people share the
+    # honest votes at about 3.5% each at a 30% adversary; 1 is the old single voice.
+    people: int = 20
+    # The adversary (--adversary) votes from this many sessions (1: one person) behind
+    # this many addresses (1: one address, ten tabs of one person; equal to
+    # adversary_sessions: one address each, a crowd of its own). Session j uses
+    # address j mod adversary_addresses.
+    adversary_sessions: int = 1
+    adversary_addresses: int = 1
 
 
 @dataclass
@@ -326,6 +381,13 @@ class UIConfig:
     # all): people who press Enter at the same moment share one call, and a lone
     # person's first token comes this much later (batcher.PairBatcher._gather).
     batch_wait_s: float = 0.1
+    # Browser sessions whose state Gradio keeps in memory, the least recently used
+    # dropped beyond it (Gradio's state_session_capacity, 10,000 by default). One
+    # costs about 95 KB (its own copy of every component's config, and the chat
+    # state; measured with tracemalloc on this app), so 10,000 would be ~950 MB;
+    # 1,000 are ~95 MB and still far more people than a 2-core Space serves within
+    # the hour Gradio keeps a closed tab's state.
+    max_sessions: int = 1000
 
 
 ROLES = ("all", "serve", "train")  # deploy.role

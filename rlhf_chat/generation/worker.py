@@ -21,7 +21,9 @@ import threading
 from concurrent.futures import Future
 from typing import Callable, TypeVar
 
+from rlhf_chat.config import ModelConfig
 from rlhf_chat.model.loading import Models
+from rlhf_chat.model.memory import MemoryTrimmer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,8 +43,12 @@ def yield_point() -> None:
 class ModelWorker:
     """Runs ``fn(models)`` jobs one at a time, most urgent first, on its own thread."""
 
-    def __init__(self, load: Callable[[], Models]):
+    def __init__(self, load: Callable[[], Models], trim_every_s: float | None = None):
         self._load = load
+        # Freed memory goes back to the system from this thread, which allocates the
+        # tensors (model/memory.py); ``model.trim_memory_every_s`` unless told otherwise.
+        every = ModelConfig().trim_memory_every_s if trim_every_s is None else trim_every_s
+        self.trimmer = MemoryTrimmer(every)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()  # FIFO among equal priorities
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
@@ -92,6 +98,8 @@ class ModelWorker:
             if fn is _STOP:
                 return
             self._execute(priority, fn, future)
+            if self._jobs.empty():  # between jobs, so that nobody waits behind a trim
+                self.trimmer.maybe_trim()
 
     def _execute(self, priority: int, fn: Callable, future: Future) -> None:
         if not future.set_running_or_notify_cancel():

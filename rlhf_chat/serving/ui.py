@@ -35,6 +35,10 @@ from rlhf_chat.text.behaviours import DETECTORS
 
 CSS = ".pane textarea { font-size: 0.95rem; }"
 REFRESH_S = 5.0  # the Training tab's refresh period
+# A plot's title is cut at its plot's width: four plots share a row of a 1280-pixel
+# window, and "Serving vs training copy: |log-prob gap| per token (nats)" lost both
+# ends there (issue 42). Titles stay within this many characters (a test reads them).
+MAX_TITLE_CHARS = 28
 
 PRIVACY_NOTICE = (
     "Your messages, the answers you saw and your votes are stored in this app's database, with a "
@@ -144,29 +148,34 @@ def build_training(services: Services) -> tuple[gr.Timer, list, dashboard.ProbeB
         votes = gr.LinePlot(x="time", y="votes", title="Votes collected", height=220)
         # Points, not lines: a round (or an arena bucket) is a sparse, separate measurement.
         accuracy = gr.ScatterPlot(
-            x="time", y="accuracy", title="Reward model: held-out accuracy", y_lim=[0, 1], height=220
+            x="time", y="accuracy", title="Reward model: held-out acc.", y_lim=[0, 1], height=220
         )
     with gr.Row():
-        reward = gr.LinePlot(x="time", y="mean_reward", title="PPO: mean reward-model score", height=220)
-        kl = gr.LinePlot(x="time", y="mean_kl", title="PPO: KL to the reference", height=220)
+        reward = gr.LinePlot(x="time", y="mean_reward", title="PPO: mean reward score", height=220)
+        kl = gr.LinePlot(x="time", y="mean_kl", title="PPO: KL to the start (nats)", height=220)
         version = gr.LinePlot(x="time", y="version", title="Policy version", height=220)
-        copy_gap = gr.LinePlot(
-            x="time", y="copy_gap", title="Serving vs training copy: |log-prob gap| per token (nats)", height=220
-        )
+        copy_gap = gr.LinePlot(x="time", y="copy_gap", title="Copy gap (nats per token)", height=220)
+    gr.Markdown(
+        "*Copy gap*: the mean |log-prob gap| per sampled token between the serving copy, which writes the "
+        "answers, and the training copy, which scores them."
+    )
     gr.Markdown(
         "### Arena: the policy against where it started\n"
         "Some pairs in the chat put the current policy against the starting model, blind, on random sides."
     )
     arena = gr.ScatterPlot(
-        x="version", y="win_rate", color="series", title="Win-rate against the reference (95% interval)",
+        x="version", y="win_rate", color="series", title="Win-rate vs the start (95%)",
         y_lim=[0, 1], height=260,
     )
     arena_md = gr.Markdown("")
     gr.Markdown(
-        "### Before and after\nFixed prompts answered greedily by the starting model and by the latest policy "
-        "(refreshed at most once a minute when the policy changes)."
+        "### Before and after\nFixed prompts answered by the starting model and by the latest policy as the "
+        "chat answers (sampled, one fixed seed, loops stopped; refreshed at most once a minute when the policy "
+        "changes)."
     )
-    probes = gr.Dataframe(wrap=True, interactive=False, label="Probe prompts")
+    # Fixed shares of the width, wrapped: left to itself the table grew past a 1280-pixel
+    # window and cut the policy's column off (issue 42).
+    probes = gr.Dataframe(wrap=True, interactive=False, label="Probe prompts", column_widths=["20%", "40%", "40%"])
     gr.Markdown(
         "### What changed\nHow often answers do each thing, the policy against the starting model: from the "
         "newest arena pairs and from the probe answers above."
@@ -330,9 +339,11 @@ def build_demo(services: Services) -> gr.Blocks:
 
 def launch_options(cfg: AppConfig, services: Services | None = None) -> dict:
     """``demo.launch`` arguments that app.py and the benchmarks share: the upload
-    limit (the app has no upload field, but Gradio's upload route is open to anyone)
-    and, given the services, the ``/health`` route (``health.health``)."""
-    options = {"max_file_size": cfg.ui.max_upload_bytes, "css": CSS}
+    limit (the app has no upload field, but Gradio's upload route is open to anyone),
+    the sessions whose state stays in memory (``ui.max_sessions``: the least recently
+    used go first, so the state of people who left is bounded) and, given the
+    services, the ``/health`` route (``health.health``)."""
+    options = {"max_file_size": cfg.ui.max_upload_bytes, "css": CSS, "state_session_capacity": cfg.ui.max_sessions}
     if services is not None:
         options["app_kwargs"] = {"routes": [health_route(services)]}
     return options
