@@ -13,6 +13,7 @@ from rlhf_chat.generation.candidates import Candidate, Sampling, generate_pair, 
 from rlhf_chat.generation.modes import (
     BUILTIN_MODES,
     Mode,
+    ModeDraw,
     active_modes,
     by_name,
     guided_openings,
@@ -112,7 +113,7 @@ def test_modes_pick_two_different_ones_at_the_configured_share():
     pairs = [d for d in draws if d is not None]
     assert 900 < len(pairs) < 1100  # the share, not "always" or "never"
     names = by_name(modes)
-    for (name_a, opening_a), (name_b, opening_b) in pairs:
+    for (name_a, opening_a, _), (name_b, opening_b, _) in pairs:
         assert name_a != name_b
         assert opening_a in (names[name_a].openings or ("",)) and opening_b in (names[name_b].openings or ("",))
     assert {p[0][0] for p in pairs} == set(names)  # every mode appears on side A
@@ -257,7 +258,7 @@ def test_a_mode_pair_records_its_modes_and_an_arena_pair_refuses_them(tiny_model
     tok = tiny_models.tokenizer
     prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
     sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=1)
-    modes = (("follow_up", "Could you tell me"), ("direct", ""))
+    modes = (ModeDraw("follow_up", "Could you tell me"), ModeDraw("direct", ""))
     a, b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0, modes=modes)
     assert (a.mode, b.mode) == ("follow_up", "direct") and a.text.startswith("Could you tell me")
     plain_a, plain_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0)
@@ -295,3 +296,45 @@ def test_a_per_kind_record_counts_the_kinds_own_votes_and_a_quarter_of_the_rest(
     assert fact == {"direct": (4.0, 1.0), "follow_up": (1.0, 4.0)}
     assert how_to == {"direct": (1.0, 4.0), "follow_up": (4.0, 1.0)}
     assert overall == {"direct": (4, 4), "follow_up": (4, 4)}
+
+
+# --- answer-first modes (issue 40): the question back follows the answer -------------
+
+
+def test_an_answer_first_opening_follows_the_answers_first_sentence(tiny_models, monkeypatch):
+    """The side in an answer-first mode is the first call's head, then the opening, then
+    what the model writes on; the plain side is untouched; without a head the side keeps
+    its first answer. The tiny model never ends a sentence, so its head is given."""
+    from rlhf_chat.generation import candidates
+
+    tok = tiny_models.tokenizer
+    prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    sampling = Sampling(max_new_tokens=5, temperature=1.0, seed=4, stop_loops=False)
+    draws = (ModeDraw("follow_up", "Could you tell me", True), ModeDraw("direct", ""))
+    plain_a, plain_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0)
+    monkeypatch.setattr(candidates, "answer_head", lambda text: None)
+    kept_a, kept_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0, modes=draws)
+    assert (kept_a.text, kept_b.text) == (plain_a.text, plain_b.text)  # no head: the first answers stand
+    assert (kept_a.mode, kept_b.mode) == ("follow_up", "direct")
+    head = "The oven should be hot first."
+    monkeypatch.setattr(candidates, "answer_head", lambda text: head)
+    seen: list[list[str]] = []
+    a, b = candidates.generate_pairs(tiny_models.serving, tok, [prompt], sampling, 0, modes=[draws],
+                                     on_updates=[seen.append])[0]
+    assert a.text.startswith(f"{head} Could you tell me") and len(a.text) > len(f"{head} Could you tell me")
+    assert b.text == plain_b.text and b.mode == "direct"
+    assert a.token_count > len(tok.encode(head, add_special_tokens=False))  # the head counts as written
+    assert seen[-1][0] == a.text and seen[-1][1] == b.text  # the pane shows the second call's answer
+
+
+def test_loop_answer_first_places_the_builtin_follow_up_and_example_after_the_answer(tmp_path):
+    sessions = store.open_store(f"sqlite:///{tmp_path / 'f.db'}")
+    with sessions() as s:
+        first = by_name(active_modes(s))
+        start = by_name(active_modes(s, answer_first=False))
+    assert first["follow_up"].after_first_sentence and first["example"].after_first_sentence
+    assert not first["warm"].after_first_sentence and not first["direct"].after_first_sentence
+    assert not any(m.after_first_sentence for m in start.values())
+    rng = random.Random(0)
+    assert first["follow_up"].draw(rng).after_first_sentence and not start["follow_up"].draw(rng).after_first_sentence
+    assert not first["direct"].draw(rng).after_first_sentence  # no opening: nothing to place

@@ -811,3 +811,31 @@ def test_a_policy_whose_rollouts_pass_the_kl_bound_gives_way_to_the_last_one_wit
     assert second.mean_kl > 5.0 and not second.skipped and second.version == 2  # published: the loop reads its KL
     assert all(torch.equal(within[k], served[k]) for k in within) and synced
     assert 2 in saved and trainer.served_kl == pytest.approx(first.mean_kl)
+
+
+def test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_model(tiny_config):
+    """Every ``checkpoint_every``-th version carries its tax (facts, NLL, content) and the
+    reference's, measured on the same draws; a policy the step moved reads another NLL."""
+    sessions = store.open_store(tiny_config.store.db_url)
+    worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+    try:
+        cfg = tiny_ppo_config(checkpoint_every=1, tax_questions=3)
+        trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+        first = trainer.step(CONTEXTS * 2)
+        reference = trainer.reference_tax
+        trainer.step(CONTEXTS * 2)
+        assert trainer.reference_tax is reference  # measured once
+        trainer.cfg.tax_questions = 0
+        trainer.step(CONTEXTS * 2)
+    finally:
+        worker.stop()
+    with sessions() as s:
+        rows = {c.version: c.extra for c in store.checkpoints(s, "policy")}
+    assert sorted(rows) == [1, 2, 3] and first.version == 1
+    for version in (1, 2):
+        tax, ref = rows[version]["tax"], rows[version]["tax_reference"]
+        assert set(tax) == set(ref) == {"facts", "nll", "content", "asks_instead"}
+        assert 0 <= tax["facts"] <= 1 and 0 <= tax["content"] <= 1 and tax["nll"] > 0
+        assert tax["nll"] != ref["nll"]  # the policy moved; the reference did not
+    assert rows[1]["tax_reference"] == rows[2]["tax_reference"]
+    assert "tax" not in rows[3]  # ppo.tax_questions 0: not measured

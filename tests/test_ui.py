@@ -250,6 +250,7 @@ def test_mode_pairs_store_their_modes_never_show_them_and_arena_pairs_have_none(
     from rlhf_chat.generation.modes import BUILTIN_MODES, by_name
 
     services.config.loop.mode_fraction = 1.0
+    services.config.loop.answer_first = False  # every opening starts its answer (answer-first: test below)
     names = by_name(BUILTIN_MODES)
     seen_modes = set()
     for k in range(4):
@@ -274,3 +275,26 @@ def test_mode_pairs_store_their_modes_never_show_them_and_arena_pairs_have_none(
     with services.sessions() as s:
         row = s.get(Comparison, final[OUT_STATE].pair_id)
         assert row.arena and [c.mode or "" for c in row.candidates] == ["", ""]
+
+
+def test_with_answer_first_the_ui_puts_the_question_back_after_the_answers_first_sentence(services, monkeypatch):
+    """loop.answer_first reaches the chat: a follow-up side is the answer's first
+    sentence, then the opening (the tiny model never ends a sentence: its head is given)."""
+    from rlhf_chat.generation import candidates
+    from rlhf_chat.generation.modes import BUILTIN_MODES, by_name
+
+    head = "Here is the short answer first."
+    monkeypatch.setattr(candidates, "answer_head", lambda text: head)
+    services.config.loop.mode_fraction = 1.0
+    openings = by_name(BUILTIN_MODES)["follow_up"].openings
+    for k in range(12):
+        _, final = send(services, f"How should I plan week {k}?")
+        state = final[OUT_STATE]
+        with services.sessions() as s:
+            modes = [c.mode for c in s.get(Comparison, state.pair_id).candidates]
+        vote(services, "tie", None, state)
+        if "follow_up" in modes:
+            text = final[(OUT_A, OUT_B)[modes.index("follow_up")]]["value"]
+            assert any(text.startswith(f"{head} {o}") for o in openings), text
+            return
+    raise AssertionError("no follow-up side in 12 mode pairs")

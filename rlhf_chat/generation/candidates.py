@@ -17,11 +17,13 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from rlhf_chat.generation.modes import PLAIN_DRAW, ModeDraw
 from rlhf_chat.generation.nucleus import NucleusSampler, sample_next_tokens
 from rlhf_chat.generation.repetition import LoopStop
 from rlhf_chat.model.decoder import Decoder, decoder_for
 from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage.records import Candidate
+from rlhf_chat.text.behaviours import answer_head
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch: the reference
 
@@ -308,7 +310,7 @@ def adapter_names_for(sources: list[str]) -> list[str]:
     return [BASE_ADAPTER if s == "reference" else "policy" for s in sources]
 
 
-PairModes = tuple[tuple[str, str], tuple[str, str]]  # (mode name, opening) for sides A and B
+PairModes = tuple[ModeDraw, ModeDraw]  # how sides A and B are written (modes.py)
 
 
 def generate_pairs(
@@ -327,9 +329,10 @@ def generate_pairs(
     Where ``arena[k]`` is true, prompt k gets an arena pair: the policy against
     the reference (peft mixed adapters in the same call), on a side drawn from
     the seed, so that people judge blind. Where ``modes[k]`` is set, prompt k's
-    two sides are written in those modes (policy pairs only). ``on_updates[k]``
-    receives prompt k's two texts as they are written, so several people's
-    pairs can share a call and each person still watches their own.
+    two sides are written in those modes (policy pairs only); an answer-first
+    mode's side is written in two calls (:func:`continue_after_heads`).
+    ``on_updates[k]`` receives prompt k's two texts as they are written, so
+    several people's pairs can share a call and each person still watches their own.
     """
     arena = arena or [False] * len(prompts)
     modes = modes or [None] * len(prompts)
@@ -338,8 +341,8 @@ def generate_pairs(
     rng = random.Random(sampling.seed)
     sources = [pair_sources(flag, rng) for flag in arena]
     names = [name for pair in sources for name in adapter_names_for(pair)] if any(arena) else None
-    sides = [pair or (("", ""), ("", "")) for pair in modes]
-    openings = [opening for pair in sides for _, opening in pair]
+    draws = [draw for pair in modes for draw in (pair or (PLAIN_DRAW, PLAIN_DRAW))]
+    openings = [PLAIN_DRAW.opening if d.after_first_sentence else d.opening for d in draws]
     on_update = None
     if on_updates and any(on_updates):
         def on_update(texts: list[str]) -> None:
@@ -350,13 +353,53 @@ def generate_pairs(
     rows = [ids for ids in prompts for _ in range(2)]
     out = sample(model, tokenizer, rows, sampling, names, on_update, on_step,
                  openings=openings if any(openings) else None)
-    return [
-        tuple(  # type: ignore[misc]
-            to_candidate(out, 2 * k + side, sampling, sources[k][side], policy_version, sides[k][side][0])
-            for side in (0, 1)
-        )
-        for k in range(len(prompts))
-    ]
+    sources_by_row = [source for pair in sources for source in pair]
+    written = [to_candidate(out, r, sampling, sources_by_row[r], policy_version, d.name) for r, d in enumerate(draws)]
+    if any(d.after_first_sentence for d in draws):
+        written = continue_after_heads(model, tokenizer, rows, written, draws, sampling, names, on_update, on_step)
+    return [(written[2 * k], written[2 * k + 1]) for k in range(len(prompts))]
+
+
+def continue_after_heads(
+    model,
+    tokenizer,
+    rows: list[list[int]],
+    written: list[Candidate],
+    draws: list[ModeDraw],
+    sampling: Sampling,
+    adapter_names: list[str] | None,
+    on_update: Callable[[list[str]], None] | None,
+    on_step: Callable[[], None] | None,
+) -> list[Candidate]:
+    """The second call of answer-first modes: each such row's answer is cut after its
+    first sentence (``behaviours.answer_head``), the mode's opening follows, and the
+    model writes on from there. A row whose answer has no sentence end near its start
+    keeps what it wrote (the mode was not followed; its name is still stored)."""
+    heads = {r: answer_head(written[r].text) for r, d in enumerate(draws) if d.after_first_sentence}
+    again = [r for r, head in heads.items() if head is not None]
+    if not again:
+        return written
+    shown = [c.text for c in written]
+
+    def update_again(texts: list[str]) -> None:
+        for r, text in zip(again, texts):
+            shown[r] = text
+        on_update(shown)
+
+    out = sample(
+        model, tokenizer, [rows[r] for r in again], sampling,
+        [adapter_names[r] for r in again] if adapter_names else None,
+        update_again if on_update else None, on_step,
+        openings=[f"{heads[r]} {draws[r].opening}" for r in again],
+    )
+    written = list(written)
+    for i, r in enumerate(again):
+        head_tokens = len(tokenizer.encode(heads[r], add_special_tokens=False))
+        candidate = to_candidate(out, i, sampling, written[r].source, written[r].policy_version, draws[r].name)
+        candidate.token_count += head_tokens  # the head is the model's own writing too
+        candidate.latency_s += written[r].latency_s
+        written[r] = candidate
+    return written
 
 
 def generate_pair(

@@ -6,9 +6,19 @@ samples almost never differ in such a behaviour and a vote between them
 carries no signal about it. A share of chat pairs therefore shows the policy
 under two different modes. The bundled model ignores instructions in a system
 prompt but continues an opening written into its answer (DESIGN.md), so a
-mode is a set of prefilled openings: the answer starts with one of them (picked
-at random, so that no single canned phrase is learned) and the model writes the
-rest. ``bench/modes.py`` measures how often each mode is followed.
+mode is a set of prefilled openings (picked at random, so that no single canned
+phrase is learned) and the model writes the rest. ``bench/modes.py`` measures how
+often each mode is followed.
+
+Where the opening goes matters as much as what it says. At the start of the
+answer, "Could you tell me a bit more about" replaces the answer: a person who
+asked for the capital of Australia gets a question back, and the supervised
+term distils that into every answer (issue 40). So the question back and the
+example are *answer-first* modes: the policy writes its answer's first sentence
+(``behaviours.answer_head``), the opening follows it, and the model goes on
+from there, adding to the answer instead of replacing it ("Preheat the oven to
+220 C. Could you tell me which vegetables you have?"). ``loop.answer_first``
+False puts every opening at the start again, as before.
 
 The mode is stored with each candidate and never shown: the person sees the
 whole answer, opening included, and votes on it as on any other. Learning
@@ -20,7 +30,8 @@ this one, to questions like this", which the plain policy can then write by itse
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from rlhf_chat.text.chat import prompt_text
 from rlhf_chat.text.questions import question_kind
@@ -37,10 +48,33 @@ class Mode:
     description: str
     openings: tuple[str, ...] = ()  # empty: the policy's own answer
     behaviour: str = ""
+    after_first_sentence: bool = False  # answer-first: the opening follows the answer's first sentence
 
     def opening(self, rng: random.Random) -> str:
         """One of the mode's openings, at random ("" for a mode without any)."""
         return rng.choice(self.openings) if self.openings else PLAIN
+
+    def draw(self, rng: random.Random) -> ModeDraw:
+        """One side's mode for a pair: the name, an opening at random, and where it goes."""
+        return ModeDraw(self.name, self.opening(rng), self.after_first_sentence and bool(self.openings))
+
+
+class ModeDraw(NamedTuple):
+    """How one side of a pair is written: the mode's name, its opening ("" for none),
+    and whether the opening follows the answer's first sentence instead of starting it."""
+
+    name: str
+    opening: str
+    after_first_sentence: bool = False
+
+
+PLAIN_DRAW = ModeDraw(PLAIN, PLAIN)
+
+
+def placed(modes: list[Mode], answer_first: bool) -> list[Mode]:
+    """The modes as ``loop.answer_first`` places them: as defined, or (False) every
+    opening at the start of the answer."""
+    return list(modes) if answer_first else [replace(m, after_first_sentence=False) for m in modes]
 
 
 # Openings chosen by measurement on the bundled model (bench/modes.py; the
@@ -51,15 +85,17 @@ BUILTIN_MODES: tuple[Mode, ...] = (
     Mode("direct", "the policy's own answer, no opening (the bundled model answers directly)"),
     Mode(
         "follow_up",
-        "a follow-up question to clarify or to learn more",
-        ("To help you better, could you tell me", "Before I answer, may I ask", "Could you tell me a bit more about"),
+        "a follow-up question to clarify or to learn more, after the answer's first sentence",
+        ("To help you further, could you tell me", "May I ask", "Could you tell me a bit more about"),
         "asks a question",
+        after_first_sentence=True,
     ),
     Mode(
         "example",
-        "an example that illustrates",
+        "an example that illustrates, after the answer's first sentence",
         ("For example,", "Here is an example:", "Let me give you an example."),
         "gives an example",
+        after_first_sentence=True,
     ),
     Mode(
         "background",
@@ -124,8 +160,9 @@ def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:
     return {m.name: m for m in modes}
 
 
-def active_modes(session) -> list[Mode]:
-    """The modes in use: the built-ins, with an admin's additions and removals (stored) applied."""
+def active_modes(session, answer_first: bool = True) -> list[Mode]:
+    """The modes in use: the built-ins, with an admin's additions and removals (stored)
+    applied, placed as ``loop.answer_first`` says (:func:`placed`)."""
     from rlhf_chat.storage import store
 
     modes = by_name(BUILTIN_MODES)
@@ -134,7 +171,7 @@ def active_modes(session) -> list[Mode]:
             modes.pop(row.name, None)
         else:
             modes[row.name] = Mode(row.name, row.description, tuple(row.openings), row.behaviour)
-    return list(modes.values())
+    return placed(list(modes.values()), answer_first)
 
 
 # How much the votes on other kinds of question count in a per-kind record: a
@@ -187,12 +224,12 @@ def record_for_kind(
 
 def modes_for_pair(
     modes: list[Mode], fraction: float, rng: random.Random, record: dict[str, tuple[int, int]] | None = None
-) -> tuple[tuple[str, str], tuple[str, str]] | None:
-    """With probability ``fraction``, two different modes as (name, opening) for
-    sides A and B (picked by ``pick_pair`` with ``record``); else None (plain)."""
+) -> tuple[ModeDraw, ModeDraw] | None:
+    """With probability ``fraction``, two different modes drawn for sides A and B
+    (picked by ``pick_pair`` with ``record``); else None (plain)."""
     if fraction <= 0 or rng.random() >= fraction:
         return None
     pair = pick_pair(modes, rng, record)
     if pair is None:
         return None
-    return tuple((m.name, m.opening(rng)) for m in pair)  # type: ignore[return-value]
+    return pair[0].draw(rng), pair[1].draw(rng)

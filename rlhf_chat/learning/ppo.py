@@ -27,7 +27,7 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -42,6 +42,7 @@ from rlhf_chat.learning.checkpoints import check_base, copy_into, load_verified,
 from rlhf_chat.learning.guards import assess_feedback
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences, stored_fields
 from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
+from rlhf_chat.learning.tax import SideTax, measure_tax
 from rlhf_chat.model.decoder import decoder_for
 from rlhf_chat.model.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
 from rlhf_chat.model.loading import POLICY, Models, adapter_state, fast_matmul_dtype, sync_policy_weights
@@ -49,8 +50,11 @@ from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import PPOStep
 from rlhf_chat.text.chat import prompt_text, render_prompt, trim_to_budget
+from rlhf_chat.text.questions import load_reference_answers, shipped_fact_key
 
 log = logging.getLogger(__name__)
+# One seed for every live tax measurement, so that versions are compared on the same draws.
+TAX_SEED = 7
 
 # (models, rollout) -> raw scores (B,). The reward model by default; tests pass
 # a rule, the way a scripted labeler stands in for people.
@@ -655,6 +659,7 @@ class PPOTrainer:
         )
         self.normalizer = ScoreNormalizer()
         self.optimizer: torch.optim.Optimizer | None = None
+        self.reference_tax: SideTax | None = None  # the starting model's side of the tax, measured once
         if cfg.ptx_from not in ("modes", "all"):
             raise ValueError(f"ppo.ptx_from {cfg.ptx_from!r}: expected 'modes' or 'all'")
         self.rng = random.Random(0)
@@ -699,7 +704,7 @@ class PPOTrainer:
         if self.cfg.guided_fraction <= 0:
             return [PLAIN] * rows
         with self.sessions() as session:
-            modes, record = active_modes(session), store.mode_record(session)
+            modes, record = active_modes(session, answer_first=False), store.mode_record(session)
         return guided_openings(modes, rows, self.cfg.guided_fraction, self.rng, record)
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
@@ -776,7 +781,31 @@ class PPOTrainer:
                 raise
         version = self._call(publish)
         self.kl_ctl.update(mean_kl, n)
+        if upcoming % self.cfg.checkpoint_every == 0:
+            self.record_tax(version)
         return version
+
+    def record_tax(self, version: int) -> SideTax | None:
+        """Measure the alignment tax of the policy just published as ``version`` and store
+        it with its checkpoint (``extra["tax"]``, ``extra["tax_reference"]``): facts kept on
+        ``tax_questions`` factual questions, NLL of the well-formed answers, content
+        (learning/tax.py). The reference's side is measured once and kept. Returns the
+        policy's figures (None when ``ppo.tax_questions`` is 0)."""
+        if self.cfg.tax_questions <= 0:
+            return None
+        sampling = Sampling.from_config(self.sampling, TAX_SEED)
+        key, answers, count = shipped_fact_key(), load_reference_answers(), self.cfg.tax_questions
+        reference = self.reference_tax
+        tax = self._call(lambda m: measure_tax(m, key, answers, sampling, count, 1, TAX_SEED, reference=reference))
+        self.reference_tax = tax.reference
+
+        def write() -> None:
+            with self.sessions() as session, session.begin():
+                store.add_checkpoint_facts(session, "policy", version, tax=asdict(tax.policy),
+                                           tax_reference=asdict(tax.reference), tax_questions=tax.fact_questions)
+
+        store.with_retry(write)
+        return tax.policy
 
     def _serve_within_bound(self, mean_kl: float) -> int:
         """Put back the newest policy whose own rollouts kept ``max_kl`` and serve it as a

@@ -70,18 +70,6 @@ def pick_fact_questions(key: dict[str, list[str]], count: int, seed: int) -> lis
 
 
 @torch.no_grad()
-def answer_both(models, questions: list[str], sampling: Sampling, per_question: int) -> tuple[list[str], list[str]]:
-    """``per_question`` sampled answers of the policy and of the reference to each
-    question: two calls with the same seed and layout, so that a policy equal to the
-    reference writes the reference's answers, word for word, and shows no tax."""
-    tok = models.tokenizer
-    rows = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions for _ in range(per_question)]
-    policy = sample(models.serving, tok, rows, sampling, adapter_names=["policy"] * len(rows)).texts
-    reference = sample(models.serving, tok, rows, sampling, adapter_names=[BASE_ADAPTER] * len(rows)).texts
-    return policy, reference
-
-
-@torch.no_grad()
 def answers_nll(models, pairs: list[tuple[str, str]], reference: bool, max_prompt_tokens: int = 256) -> float:
     """Mean NLL per answer token of the (question, answer) pairs under the training
     copy's policy adapter, or with adapters off (the reference)."""
@@ -103,6 +91,36 @@ def fact_shares(questions: list[str], answers: list[str], key: dict[str, list[st
     return stated / n, asked / n
 
 
+def measure_side(
+    models,
+    key: dict[str, list[str]],
+    reference_answers: list[tuple[str, str]],
+    sampling: Sampling,
+    questions: list[str],
+    per_question: int = 2,
+    content_prompts: list[str] | None = None,
+    reference: bool = False,
+) -> SideTax:
+    """The three figures of one side: the policy the models hold now, or (``reference``)
+    the starting model. Facts: ``per_question`` sampled answers to each of ``questions``.
+    Content: the same answers, plus ``content_prompts`` answered once each. NLL: the
+    well-formed answers. One side's call has the layout and seed of the other's, so a
+    policy equal to the reference writes the reference's answers and shows no tax."""
+    tok = models.tokenizer
+    name = BASE_ADAPTER if reference else "policy"
+    extra = list(content_prompts or [])
+    asked = [q for q in questions for _ in range(per_question)]
+    answers = []
+    for prompts in (asked, extra):  # two calls, each side alike, so that the layouts match
+        if prompts:
+            rows = [render_prompt(tok, [{"role": "user", "content": q}]) for q in prompts]
+            answers += sample(models.serving, tok, rows, sampling, adapter_names=[name] * len(rows)).texts
+    facts, asks = fact_shares(questions, answers[: len(asked)], key, per_question)
+    content = sum(gives_content(p, a) for p, a in zip(asked + extra, answers)) / max(1, len(answers))
+    nll = answers_nll(models, reference_answers, reference=reference)
+    return SideTax(facts=round(facts, 4), nll=round(nll, 4), content=round(content, 4), asks_instead=round(asks, 4))
+
+
 def measure_tax(
     models,
     key: dict[str, list[str]],
@@ -112,25 +130,33 @@ def measure_tax(
     per_question: int = 2,
     seed: int = 0,
     content_prompts: list[str] | None = None,
+    reference: SideTax | None = None,
 ) -> Tax:
-    """The alignment tax of the policy the models hold now (run it as a model-worker job).
-
-    Facts: ``fact_questions`` questions of ``key``, ``per_question`` sampled answers
-    each, from both sides. Content: the same answers, plus ``content_prompts`` (e.g.
-    the held-out prompts) answered once each. NLL: the well-formed answers.
-    """
+    """The alignment tax of the policy the models hold now (run it as a model-worker job):
+    :func:`measure_side` for the reference (or the ``reference`` figures measured before
+    with the same arguments) and for the policy, on ``fact_questions`` questions of
+    ``key`` drawn with ``seed``."""
     questions = pick_fact_questions(key, fact_questions, seed)
-    policy, reference = answer_both(models, questions, sampling, per_question)
-    extra = content_prompts or []
-    more_policy, more_reference = answer_both(models, extra, sampling, 1) if extra else ([], [])
-    prompts = [q for q in questions for _ in range(per_question)] + list(extra)
-    sides = {}
-    for name, answers, more in (("policy", policy, more_policy), ("reference", reference, more_reference)):
-        facts, asks = fact_shares(questions, answers, key, per_question)
-        everything = answers + more
-        content = sum(gives_content(p, a) for p, a in zip(prompts, everything)) / max(1, len(everything))
-        nll = answers_nll(models, reference_answers, reference=name == "reference")
-        sides[name] = SideTax(facts=round(facts, 4), nll=round(nll, 4), content=round(content, 4),
-                              asks_instead=round(asks, 4))
-    return Tax(reference=sides["reference"], policy=sides["policy"], fact_questions=len(questions),
-               fact_answers=len(policy), nll_answers=len(reference_answers))
+    args = (models, key, reference_answers, sampling, questions, per_question, content_prompts)
+    if reference is None:
+        reference = measure_side(*args, reference=True)
+    policy = measure_side(*args, reference=False)
+    return Tax(reference=reference, policy=policy, fact_questions=len(questions),
+               fact_answers=len(questions) * per_question, nll_answers=len(reference_answers))
+
+
+def tax_markdown(version: int, policy: dict, reference: dict, questions: int) -> str:
+    """The Training tab's line on what policy ``version`` has paid for its taste (the
+    figures :meth:`PPOTrainer.record_tax` stores with a checkpoint), starting model
+    first, so that a win-rate is never read without its cost.
+
+    >>> print(tax_markdown(5, {"facts": 0.4, "nll": 2.5, "content": 0.9, "asks_instead": 0.1},
+    ...                    {"facts": 0.5, "nll": 2.4, "content": 0.95, "asks_instead": 0.0}, 16))
+    **What the taste costs** (policy v5 against the starting model, 16 factual questions): facts stated 0.50 → 0.40; NLL of well-formed answers 2.40 → 2.50 (lower is better); answers that say something 0.95 → 0.90.
+    """
+    return (
+        f"**What the taste costs** (policy v{version} against the starting model, {questions} factual questions): "
+        f"facts stated {reference['facts']:.2f} → {policy['facts']:.2f}; "
+        f"NLL of well-formed answers {reference['nll']:.2f} → {policy['nll']:.2f} (lower is better); "
+        f"answers that say something {reference['content']:.2f} → {policy['content']:.2f}."
+    )

@@ -259,7 +259,7 @@ def _draw_modes(services: Services, prompt: str):
         return None
     try:
         with services.sessions() as session:
-            modes = active_modes(session)
+            modes = active_modes(session, services.config.loop.answer_first)
             record = mode_record_for(session, services.config.loop.mode_choice, prompt)
     except OperationalError:
         return None

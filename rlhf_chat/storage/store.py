@@ -497,6 +497,16 @@ def latest_checkpoint(session: Session, kind: str) -> Checkpoint | None:
     )
 
 
+def add_checkpoint_facts(session: Session, kind: str, version: int, **facts) -> bool:
+    """Add measured facts to a checkpoint's ``extra`` (its alignment tax); False when
+    no checkpoint has that version (pruned meanwhile)."""
+    row = session.scalar(select(Checkpoint).where(Checkpoint.kind == kind, Checkpoint.version == version))
+    if row is None:
+        return False
+    row.extra = {**(row.extra or {}), **facts}  # a new dict: the JSON column sees the change
+    return True
+
+
 def remove_checkpoint(session: Session, checkpoint_id: int) -> None:
     """Forget a checkpoint (its folder is the caller's to remove, after this commits)."""
     session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))

@@ -71,6 +71,34 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
+# A sentence's end: a closing mark before white space or the end, or a line end.
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def answer_head(text: str, min_words: int = 5, max_words: int = 40) -> str | None:
+    """The answer's opening sentences, up to the first sentence end once they hold
+    ``min_words`` words ("Sure!" alone is not yet an answer); None when no sentence
+    ends within ``max_words`` words. Where an answer-first mode (``modes.py``) puts its
+    opening, so that the question back or the example follows the answer instead of
+    replacing it.
+
+    >>> answer_head("Canberra is the capital of Australia. It is inland.")
+    'Canberra is the capital of Australia.'
+    >>> answer_head("Sure! To roast vegetables, heat the oven to 220 C. Then cut them.")
+    'Sure! To roast vegetables, heat the oven to 220 C.'
+    >>> answer_head("Pi is about 3.14 and it never ends") is None
+    True
+    """
+    for end in _SENTENCE_END.finditer(text):
+        head = text[: end.end()].strip()
+        words = len(head.split())
+        if words > max_words:
+            return None
+        if words >= min_words:
+            return head
+    return None
+
+
 def asks_question(text: str) -> bool:
     """Whether the answer asks the reader something: a sentence ending in '?' that says "you".
 
