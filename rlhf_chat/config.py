@@ -193,6 +193,13 @@ class PPOConfig:
     # Which chosen answers: "modes" (votes between two different modes: the
     # winners that differ, AlpacaFarm's lesson) or "all" (every winner).
     ptx_from: str = "modes"
+    # PPO-ptx's anchor: the same language-model loss on answers the starting model
+    # wrote itself (the reference side of arena pairs, supervised.reference_answers),
+    # with this weight and ptx_batch of them a minibatch. InstructGPT mixes its
+    # pretraining data into PPO for this end: to keep what the model could already do
+    # while PPO chases a reward fitted to a few votes (issue 40: facts 0.46 -> 0.33 and
+    # NLL +0.22 on the `context` taste without it). 0: off.
+    ptx_reference_coef: float = 0.5
     # Guided rollouts: this share of each step's rollout rows opens with an opening
     # of the mode people have been choosing (a Thompson draw over the votes between
     # modes, modes.guided_openings); the opening is scored and updated as the plain
@@ -248,8 +255,11 @@ class LoopConfig:
     # "per_kind": the same draw over the votes on questions of the message's kind
     # (a fact, a how-to request, an idea, other; text/questions.py), the other
     # kinds' votes at a quarter, so asking back can win on how-to requests and
-    # lose on facts (modes.mode_record_for).
-    mode_choice: str = "thompson"
+    # lose on facts (modes.mode_record_for). per_kind by default: the seed's taste
+    # (the fact for a factual question, a question back for a request that depends
+    # on the person) is a taste per kind of question; a taste of tone, chosen
+    # everywhere, still reaches every kind through the other kinds' quarter weight.
+    mode_choice: str = "per_kind"
     # Answer-first modes (modes.py): the question back and the example follow the
     # answer's first sentence instead of replacing the answer, so a vote for them
     # never teaches the policy to drop the answer (issue 40). False: every opening
@@ -296,6 +306,14 @@ class GuardConfig:
     # per answer; 0: off), or when the reward model's held-out accuracy falls below
     # tripwire_rm_accuracy on at least 20 held-out pairs (0: off).
     tripwire_arena_votes: int = 20
+    # The tax trip (tripwire.tax_trip), on the figures measured with each saved policy
+    # (ppo.tax_questions): NLL of the well-formed answers more than this many nats per
+    # token above the starting model's (the drifted `context` run reached +0.22 at its
+    # end, the issue's bar for a run is +0.10), or facts stated in this share fewer of
+    # 16 answers (one answer's worth is 0.06; paired draws; the same run lost 0.14 of
+    # 80). 0: that test off.
+    tripwire_nll_rise: float = 0.3
+    tripwire_facts_drop: float = 0.25
     tripwire_kl: float = 25.0
     tripwire_rm_accuracy: float = 0.5
     # After a reward round (learning/tripwire.py, trust_trip), two more reasons to pause:

@@ -217,3 +217,20 @@ def test_every_empty_chart_says_why_and_what_it_waits_for(sessions):
     assert result.accuracy_text() == "n/a (needs 1 held-out vote; 0 so far)"
     result.heldout_accuracy, result.heldout_pairs = 0.75, 4
     assert result.accuracy_text() == "0.75 on 4 held-out votes"
+
+
+def test_the_win_rate_is_shown_with_what_the_newest_measured_policy_paid_for_it(sessions):
+    """The Training tab's arena line carries the tax stored with the newest checkpoint
+    that has one (PPOTrainer.record_tax); before any, it says so."""
+    empty = dict(zip(REFRESH_OUTPUTS, refresh(sessions, None)))
+    assert "no policy saved with it yet" in empty["arena_summary"]
+    ref = {"facts": 0.5, "nll": 2.43, "content": 0.93, "asks_instead": 0.0}
+    with sessions() as s, s.begin():
+        store.add_checkpoint(s, "policy", 5, "/x/5", {"tax": {**ref, "facts": 0.45}, "tax_reference": ref,
+                                                       "tax_questions": 16})
+        store.add_checkpoint(s, "policy", 10, "/x/10", {"tax": {**ref, "facts": 0.31, "nll": 2.61},
+                                                        "tax_reference": ref, "tax_questions": 16})
+        store.add_checkpoint(s, "policy", 11, "/x/11", {})  # saved by a rollback: not measured
+    shown = dict(zip(REFRESH_OUTPUTS, refresh(sessions, None)))["arena_summary"]
+    assert "policy v10" in shown and "facts stated 0.50 → 0.31" in shown and "2.43 → 2.61" in shown
+    assert "16 factual questions" in shown

@@ -523,3 +523,32 @@ def test_a_reward_round_scores_only_the_votes_no_round_trained_on(tiny_config):
     assert all(scored[i] is None for i in first)
     assert all(scored[i] is not None for i in later)
     assert latest.extra["trained_through"] == max(later)
+
+
+def test_the_tax_trip_rolls_back_a_policy_that_forgets_what_the_starting_model_knew(sessions):
+    """tripwire.tax_trip reads the tax stored with the newest measured checkpoint: NLL past
+    its bound or facts dropped past theirs trips it (through check, with the config's
+    bounds), back to the checkpoint before; within both, or seen at a resume, it does not."""
+    from rlhf_chat.config import GuardConfig
+
+    ref = {"facts": 0.5, "nll": 2.4, "content": 0.9, "asks_instead": 0.0}
+
+    def save(version: int, **policy) -> None:
+        with sessions() as session, session.begin():
+            store.add_checkpoint(session, "policy", version, f"/ckpt/{version}",
+                                 {"tax": {**ref, **policy}, "tax_reference": ref})
+
+    save(5, nll=2.5, facts=0.45)
+    with sessions() as session:
+        assert tripwire.tax_trip(session, 0.3, 0.25) is None  # within both bounds
+    save(10, nll=2.8, facts=0.45)
+    with sessions() as session:
+        trip = tripwire.check(session, GuardConfig())
+        assert trip is not None and "v10 is forgetting" in trip.reason and "0.40 nats" in trip.reason
+        assert trip.roll_back_to == 5
+        assert tripwire.tax_trip(session, 0.0, 0.25) is None  # the NLL test off
+        assert tripwire.tax_trip(session, 0.3, 0.25, after_version=10) is None  # seen at a resume
+    save(15, nll=2.45, facts=0.19)
+    with sessions() as session:
+        trip = tripwire.tax_trip(session, 0.3, 0.25)
+        assert trip is not None and "facts in 31% fewer answers" in trip.reason and trip.roll_back_to == 10

@@ -839,3 +839,38 @@ def test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_
         assert tax["nll"] != ref["nll"]  # the policy moved; the reference did not
     assert rows[1]["tax_reference"] == rows[2]["tax_reference"]
     assert "tax" not in rows[3]  # ppo.tax_questions 0: not measured
+
+
+def test_ptx_anchor_keeps_the_starting_models_own_answers_likely(tiny_config):
+    """PPO-ptx's anchor: with ptx_reference_coef > 0 the update also lowers the policy's
+    loss on the starting model's answers in arena pairs; with 0 the same steps do not."""
+    from rlhf_chat.generation.candidates import Candidate
+    from rlhf_chat.learning.supervised import lm_loss, reference_answers
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as s, s.begin():
+        for i, ctx in enumerate(CONTEXTS):
+            a = Candidate("Tea is a drink.", "reference", 0, 0, 0.7, 1.0, 10, 3, True, 0.1)
+            b = Candidate(f"policy {i}", "policy", 1, 0, 0.7, 1.0, 10, 3, True, 0.1)
+            store.save_pair(s, session_id="t", context=ctx, a=a, b=b, arena=True)
+    with sessions() as s:
+        anchors = reference_answers(s, 100)
+        assert [e.text for e in reference_answers(s, 2)] == ["Tea is a drink."] * 2 and reference_answers(s, 0) == []
+    assert [e.text for e in anchors] == ["Tea is a drink."] * 4 and [e.context for e in anchors] == CONTEXTS
+
+    def run(coef: float) -> tuple[float, float]:
+        worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+        try:
+            cfg = tiny_ppo_config(ptx_reference_coef=coef, ptx_coef=0.0, learning_rate=3e-3, ptx_batch=4)
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+            trainer.rng.seed(0)
+            before = worker.call(0, lambda m: lm_loss(m, anchors, 256).item())
+            for _ in range(4):
+                trainer.step(CONTEXTS * 2)
+            return before, worker.call(0, lambda m: lm_loss(m, anchors, 256).item())
+        finally:
+            worker.stop()
+
+    before, anchored = run(1.0)
+    _, free = run(0.0)
+    assert anchored < before - 0.5 and anchored < free - 0.5, (before, anchored, free)

@@ -41,7 +41,13 @@ from rlhf_chat.learning import ppo_math as pm
 from rlhf_chat.learning.checkpoints import check_base, copy_into, load_verified, publish_checkpoint
 from rlhf_chat.learning.guards import assess_feedback
 from rlhf_chat.learning.reward import encode, score_prefix, score_sequences, stored_fields
-from rlhf_chat.learning.supervised import SupervisedExample, chosen_answers, demonstrated_answers, lm_loss
+from rlhf_chat.learning.supervised import (
+    SupervisedExample,
+    chosen_answers,
+    demonstrated_answers,
+    lm_loss,
+    reference_answers,
+)
 from rlhf_chat.learning.tax import SideTax, measure_tax
 from rlhf_chat.model.decoder import decoder_for
 from rlhf_chat.model.heads import Prefix, first_adapted_layer, frozen_prefix, top_hidden
@@ -426,9 +432,12 @@ def minibatch_update(
     rows: list[int],
     cfg: PPOConfig,
     ptx_examples: list[SupervisedExample] | None = None,
+    anchor_examples: list[SupervisedExample] | None = None,
 ) -> dict:
-    """One gradient step on a minibatch of the rollout. Returns stats, with
-    ``finite=False`` (and no step taken) when the loss or a gradient is not finite.
+    """One gradient step on a minibatch of the rollout, with PPO-ptx's terms on
+    ``ptx_examples`` (answers people chose) and ``anchor_examples`` (the starting
+    model's own answers). Returns stats, with ``finite=False`` (and no step taken)
+    when the loss or a gradient is not finite.
 
     A batch scored without its policy pass (``score_rollout(policy_pass=False)``)
     gets its policy terms from this forward, which must then cover every row.
@@ -457,6 +466,10 @@ def minibatch_update(
         ptx = lm_loss(models, ptx_examples, cfg.max_prompt_tokens)
         loss = loss + cfg.ptx_coef * ptx
         ptx_stats = {"ptx_loss": ptx.item()}
+    if cfg.ptx_reference_coef > 0 and anchor_examples:
+        anchor = lm_loss(models, anchor_examples, cfg.max_prompt_tokens)
+        loss = loss + cfg.ptx_reference_coef * anchor
+        ptx_stats["ptx_reference_loss"] = anchor.item()
     with torch.no_grad():  # pragma: no mutate (memory only: a float is kept)
         entropy = pm.entropy_from_logprobs(logp).mean().item()  # logp holds real tokens only
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (every update ends with one: a safeguard)
@@ -821,17 +834,28 @@ class PPOTrainer:
         self.save(self.worker.serving_version + 1)
         return self._call(publish)
 
+    def reference_examples(self) -> list[SupervisedExample]:
+        """PPO-ptx's anchor: the starting model's newest own answers (``ptx_examples`` of
+        them; none when ``ptx_reference_coef`` is 0)."""
+        if self.cfg.ptx_reference_coef <= 0:
+            return []
+        with self.sessions() as session:
+            return reference_answers(session, self.cfg.ptx_examples)
+
     def _update(self, batch: Rollout, n: int, examples: list[SupervisedExample]) -> tuple[list[dict], bool]:
         """Epochs x minibatches, one worker job each; stops at the first non-finite one.
-        Each minibatch's LM term (PPO-ptx) draws ``ptx_batch`` chosen answers."""
+        Each minibatch's LM terms (PPO-ptx) draw ``ptx_batch`` chosen answers and
+        ``ptx_batch`` of the starting model's own."""
         cfg, stats = self.cfg, []
+        anchors = self.reference_examples()
         for _ in range(cfg.epochs):
             order = list(range(n))
             self.rng.shuffle(order)
             for i in range(0, n, cfg.minibatch_size):
                 rows = order[i : i + cfg.minibatch_size]
                 ptx = self.rng.sample(examples, min(len(examples), cfg.ptx_batch)) if examples else None
-                s = self._call(lambda m, r=rows, x=ptx: minibatch_update(m, self.optimizer, batch, r, cfg, x))
+                anchor = self.rng.sample(anchors, min(len(anchors), cfg.ptx_batch)) if anchors else None
+                s = self._call(lambda m, r=rows, x=ptx, a=anchor: minibatch_update(m, self.optimizer, batch, r, cfg, x, a))
                 stats.append(s)
                 if not s["finite"]:
                     return stats, False

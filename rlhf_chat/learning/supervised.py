@@ -68,6 +68,14 @@ def demonstrated_answers(session, limit: int, weight: float, trust: Trust | None
     return [SupervisedExample(list(d.context), d.text, True, weight * factor(d.comparison_id)) for d in written]
 
 
+def reference_answers(session, limit: int) -> list[SupervisedExample]:
+    """The newest ``limit`` answers the starting model wrote itself (the reference side
+    of arena pairs), oldest first: PPO-ptx's anchor (``PPOConfig.ptx_reference_coef``),
+    what the policy could already write, in the layout it was written in."""
+    return [SupervisedExample(context, text, finished) for context, text, finished in store.reference_samples(session, limit)
+            if text.strip()]
+
+
 def example_sequences(tokenizer, examples: list[SupervisedExample], max_prompt_tokens: int) -> tuple[list, list]:
     """Each example as one token sequence (prompt + answer) and its answer's length."""
     sequences, answer_lens = [], []

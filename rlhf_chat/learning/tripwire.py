@@ -2,7 +2,7 @@
 
 Rate limits slow a flood and the guards (learning/guards.py) bound a few bad
 contributors, but a patient adversary, or a reward model gone wrong, can still
-steer PPO. Four signals, each read from the store after every piece of
+steer PPO. Five signals, each read from the store after every piece of
 training (``config.GuardConfig`` holds the thresholds):
 
 * **Arena**: people judge the policy against the starting model blind. When the
@@ -28,6 +28,11 @@ training (``config.GuardConfig`` holds the thresholds):
     move the consensus, would decide the model. Checked only when the previous
     round trained on ``tripwire_min_weight`` or more, so that the first rounds,
     where everybody is new, do not trip it.
+
+* **Tax** (:func:`tax_trip`): the newest policy measured for its alignment tax
+  (learning/tax.py, stored with its checkpoint) finds well-formed answers much less
+  likely, or states facts much less often, than the starting model: it is paying
+  for its taste with what the model already knew (issue 40).
 
 A trip pauses training, tells the admin why (an event and the status line),
 and names the policy to go back to (:attr:`Trip.roll_back_to`): the newest saved
@@ -243,10 +248,33 @@ def newest_policy_evidence(session) -> int:
     return max(versions, default=0)
 
 
+def tax_trip(session, max_nll_rise: float, max_facts_drop: float, after_version: int = 0) -> Trip | None:
+    """A trip when the newest policy measured for its alignment tax (``PPOTrainer.record_tax``,
+    a version after ``after_version``) finds well-formed answers more than
+    ``max_nll_rise`` nats per token less likely than the starting model does, or states
+    facts in ``max_facts_drop`` fewer of its answers (either 0: that test off): it is
+    forgetting what the starting model knew, whatever the reward model says."""
+    measured = [c for c in store.checkpoints(session, "policy")
+                if c.version > after_version and (c.extra or {}).get("tax")]
+    if not measured:
+        return None
+    newest = measured[-1]
+    policy, reference = newest.extra["tax"], newest.extra["tax_reference"]
+    rise, drop = policy["nll"] - reference["nll"], reference["facts"] - policy["facts"]
+    if max_nll_rise > 0 and rise > max_nll_rise:
+        why = f"well-formed answers got {rise:.2f} nats per token less likely (bound {max_nll_rise:g})"
+    elif max_facts_drop > 0 and drop > max_facts_drop:
+        why = f"it stated facts in {drop:.0%} fewer answers (bound {max_facts_drop:.0%})"
+    else:
+        return None
+    return Trip(f"policy v{newest.version} is forgetting what the starting model knew: {why}",
+                checkpoint_before(session, newest.version))
+
+
 def check(session, cfg, after_policy: int = 0, after_reward: int = 0,
           demonstration_weight: float = LoopConfig.demonstration_weight,
           tie_weight: float = RewardConfig.tie_weight) -> Trip | None:
-    """The first of the four trips that holds (``cfg``: a ``config.GuardConfig``), or None.
+    """The first of the five trips that holds (``cfg``: a ``config.GuardConfig``), or None.
     Evidence an admin has seen (policy versions up to ``after_policy``, reward versions
     up to ``after_reward``, the marks at the last resume) does not trip it again. The
     weights are the training's own (``loop.demonstration_weight``, ``reward.tie_weight``),
@@ -256,4 +284,5 @@ def check(session, cfg, after_policy: int = 0, after_reward: int = 0,
         or kl_trip(session, cfg.tripwire_kl, after_policy)
         or reward_trip(session, cfg.tripwire_rm_accuracy, after_reward)
         or trust_trip(session, cfg, after_reward, demonstration_weight, tie_weight)
+        or tax_trip(session, cfg.tripwire_nll_rise, cfg.tripwire_facts_drop, after_policy)
     )

@@ -29,6 +29,7 @@ from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
 from rlhf_chat.generation.worker import PPO, ModelWorker
 from rlhf_chat.learning.preferences import is_heldout
 from rlhf_chat.learning.reward import usable_feedback
+from rlhf_chat.learning.tax import tax_markdown
 from rlhf_chat.model.loading import Models
 from rlhf_chat.serving.services import Services
 from rlhf_chat.storage import store
@@ -163,6 +164,19 @@ def arena_summary(results: list[ArenaResult]) -> str:
     )
 
 
+def tax_summary(session: Session) -> str:
+    """What the newest measured policy has paid for its taste (``learning/tax.py``): the
+    figures stored with its checkpoint, beside the win-rate, so that a rising win-rate
+    is never read without its cost; else why there are none yet."""
+    measured = [c for c in store.checkpoints(session, "policy") if (c.extra or {}).get("tax")]
+    if not measured:
+        return ("**What the taste costs:** measured with each saved policy (facts stated, NLL of well-formed "
+                "answers, answers that say something, against the starting model); no policy saved with it yet.")
+    newest = measured[-1]
+    extra = newest.extra
+    return tax_markdown(newest.version, extra["tax"], extra["tax_reference"], extra.get("tax_questions", 0))
+
+
 # --- the loop's state and its events -----------------------------------------------------
 
 
@@ -249,7 +263,7 @@ def refresh(sessions: sessionmaker[Session], loop, follower=None, cfg: AppConfig
             ppo[["time", "version"]],
             ppo[["time", "copy_gap"]].dropna(),
             arena_curve(arena),
-            arena_summary(arena),
+            arena_summary(arena) + "\n\n" + tax_summary(session),
             recent_events(session),
         )
 

@@ -385,6 +385,21 @@ def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
     return list(session.scalars(query))
 
 
+def reference_samples(session: Session, limit: int) -> list[tuple[list, str, bool]]:
+    """The newest ``limit`` answers the starting model wrote in arena pairs, oldest
+    first, as (context, text, finished): its own writing on what people ask."""
+    if limit <= 0:
+        return []
+    query = (
+        select(Comparison.context, CandidateRow.text, CandidateRow.finished)
+        .join(CandidateRow, CandidateRow.comparison_id == Comparison.id)
+        .where(CandidateRow.source == "reference")
+        .order_by(CandidateRow.id.desc())
+        .limit(limit)
+    )
+    return [(list(context), text, bool(finished)) for context, text, finished in reversed(session.execute(query).all())]
+
+
 def count_votes(session: Session, choices: tuple[str, ...] = CHOICES) -> int:
     """How many comparisons have a vote among ``choices``."""
     return session.scalar(select(func.count()).select_from(Comparison).where(Comparison.choice.in_(choices))) or 0
