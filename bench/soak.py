@@ -160,7 +160,7 @@ def pace(person: Person, per_minute: int) -> None:
     now = time.monotonic()
     while person.generations and now - person.generations[0] >= 60.0:
         person.generations.popleft()
-    if len(person.generations) >= per_minute - 1:
+    if person.generations and len(person.generations) >= max(1, per_minute - 1):
         time.sleep(max(0.0, 60.0 - (now - person.generations[0])) + 0.5)
     person.generations.append(time.monotonic())
 

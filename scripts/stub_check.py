@@ -321,8 +321,24 @@ STUBS: dict[str, tuple[str, str]] = {
     ),
     "the tax measures the reference's answers on both sides": (
         "tests/test_questions.py::test_a_policy_that_answers_with_a_canned_question_shows_the_loss",
-        "import rlhf_chat.learning.tax as t\n_both = t.answer_both\n"
-        "t.answer_both = lambda *a: (lambda p, r: (r, r))(*_both(*a))\n",
+        "import rlhf_chat.learning.tax as t\n_side = t.measure_side\n"
+        "t.measure_side = lambda *a, reference=False, **k: _side(*a, reference=True, **k)\n",
+    ),
+    "answer-first modes write nothing after the answer's first sentence": (
+        "tests/test_modes.py::test_an_answer_first_opening_follows_the_answers_first_sentence",
+        "import rlhf_chat.generation.candidates as c\nc.continue_after_heads = lambda m, t, rows, written, *a: written\n",
+    ),
+    "PPO-ptx's anchor draws no reference answers": (
+        "tests/test_ppo.py::test_ptx_anchor_keeps_the_starting_models_own_answers_likely",
+        "from rlhf_chat.learning.ppo import PPOTrainer\nPPOTrainer.reference_examples = lambda self: []\n",
+    ),
+    "a checkpointed policy's tax is never measured": (
+        "tests/test_ppo.py::test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_model",
+        "from rlhf_chat.learning.ppo import PPOTrainer\nPPOTrainer.record_tax = lambda self, version: None\n",
+    ),
+    "the tripwire never reads the tax": (
+        "tests/test_guards.py::test_the_tax_trip_rolls_back_a_policy_that_forgets_what_the_starting_model_knew",
+        "import rlhf_chat.learning.tripwire as t\nt.tax_trip = lambda *a, **k: None\n",
     ),
     "per-kind mode records are the global record": (
         "tests/test_modes.py::test_a_per_kind_record_counts_the_kinds_own_votes_and_a_quarter_of_the_rest",

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from rlhf_chat.config import SamplingConfig
+from rlhf_chat.generation.modes import ModeDraw
 from rlhf_chat.generation.worker import CHAT, ModelWorker
 from rlhf_chat.serving.batcher import PairBatcher, PairRequest
 from rlhf_chat.text.chat import render_prompt
@@ -40,7 +41,7 @@ def test_people_waiting_together_share_one_call_and_each_sees_only_their_own_row
     batcher = PairBatcher(worker, SAMPLING, max_people=8)
     release = hold(worker)
     seen = [[] for _ in range(4)]
-    modes = (("follow_up", "Could you tell me"), ("direct", ""))
+    modes = (ModeDraw("follow_up", "Could you tell me"), ModeDraw("direct", ""))
     requests = [
         request_for("hi", seen[0]),
         request_for("what is a cat", seen[1], modes=modes),

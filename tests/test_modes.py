@@ -309,13 +309,13 @@ def test_an_answer_first_opening_follows_the_answers_first_sentence(tiny_models,
 
     tok = tiny_models.tokenizer
     prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
-    sampling = Sampling(max_new_tokens=5, temperature=1.0, seed=4, stop_loops=False)
+    sampling = Sampling(max_new_tokens=24, temperature=1.0, seed=4, stop_loops=False)
     draws = (ModeDraw("follow_up", "Could you tell me", True), ModeDraw("direct", ""))
     plain_a, plain_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0)
     monkeypatch.setattr(candidates, "answer_head", lambda text: None)
     kept_a, kept_b = generate_pair(tiny_models.serving, tok, prompt, sampling, 0, modes=draws)
     assert (kept_a.text, kept_b.text) == (plain_a.text, plain_b.text)  # no head: the first answers stand
-    assert (kept_a.mode, kept_b.mode) == ("follow_up", "direct")
+    assert (kept_a.mode, kept_b.mode) == ("", "direct")  # the mode was not followed: stored as plain
     head = "The oven should be hot first."
     monkeypatch.setattr(candidates, "answer_head", lambda text: head)
     seen: list[list[str]] = []
@@ -323,7 +323,11 @@ def test_an_answer_first_opening_follows_the_answers_first_sentence(tiny_models,
                                      on_updates=[seen.append])[0]
     assert a.text.startswith(f"{head} Could you tell me") and len(a.text) > len(f"{head} Could you tell me")
     assert b.text == plain_b.text and b.mode == "direct"
-    assert a.token_count > len(tok.encode(head, add_special_tokens=False))  # the head counts as written
+    head_tokens = len(tok.encode(head, add_special_tokens=False))
+    prefix_tokens = len(tok.encode(f"{head} Could you tell me", add_special_tokens=False))
+    assert a.token_count > head_tokens  # the head counts as written
+    # the rest of the answer fits what the head and the opening left of the budget: no longer than a plain one
+    assert a.token_count - head_tokens <= sampling.max_new_tokens - prefix_tokens
     assert seen[-1][0] == a.text and seen[-1][1] == b.text  # the pane shows the second call's answer
 
 

@@ -833,6 +833,7 @@ def test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_
         rows = {c.version: c.extra for c in store.checkpoints(s, "policy")}
     assert sorted(rows) == [1, 2, 3] and first.version == 1
     for version in (1, 2):
+        assert {"tax", "tax_reference", "tax_questions"} <= set(rows[version]), rows[version]
         tax, ref = rows[version]["tax"], rows[version]["tax_reference"]
         assert set(tax) == set(ref) == {"facts", "nll", "content", "asks_instead"}
         assert 0 <= tax["facts"] <= 1 and 0 <= tax["content"] <= 1 and tax["nll"] > 0
@@ -857,6 +858,13 @@ def test_ptx_anchor_keeps_the_starting_models_own_answers_likely(tiny_config):
         anchors = reference_answers(s, 100)
         assert [e.text for e in reference_answers(s, 2)] == ["Tea is a drink."] * 2 and reference_answers(s, 0) == []
     assert [e.text for e in anchors] == ["Tea is a drink."] * 4 and [e.context for e in anchors] == CONTEXTS
+    with sessions() as s, s.begin():
+        store.add_exclusion(s, "session", "t", "test")
+    with sessions() as s:
+        assert reference_answers(s, 100) == []  # an admin's exclusion reaches the anchor too
+    with sessions() as s, s.begin():
+        for row in store.exclusions(s):
+            s.delete(row)
 
     def run(coef: float) -> tuple[float, float]:
         worker = ModelWorker(lambda: load_models(tiny_config.model)).start()

@@ -162,8 +162,8 @@ def test_a_policy_that_answers_with_a_canned_question_shows_the_loss(models, mon
     facts and content fall to zero, and every factual answer asks instead."""
     real = tax_module.sample
 
-    def stubbed(model, tok, rows, sampling, adapter_names):
-        out = real(model, tok, rows, sampling, adapter_names=adapter_names)
+    def stubbed(model, tok, rows, sampling, adapter_names, **kwargs):
+        out = real(model, tok, rows, sampling, adapter_names=adapter_names, **kwargs)
         canned = adapter_names[0] == "policy"
         texts = ["Could you tell me a bit more about that?" if canned else "It is Canberra, or Nairobi." for _ in rows]
         out.texts = texts

@@ -16,6 +16,7 @@ from rlhf_chat.evaluation.simulate import (
     split_prompts,
 )
 from rlhf_chat.generation.candidates import Sampling
+from rlhf_chat.generation.modes import ModeDraw
 from rlhf_chat.storage import store
 
 REPORT_FIELDS = {
@@ -136,7 +137,7 @@ def test_later_rounds_collect_pairs_from_the_updated_policy(tiny_config, tmp_pat
 
 def test_sample_pairs_writes_mode_pairs_in_their_modes_and_refuses_modes_in_the_arena(tiny_models):
     prompts = ["What is rain?", "Name a fruit."]
-    modes = [(("follow_up", "Could you tell me"), ("warm", "Thank you for asking!")), None]
+    modes = [(ModeDraw("follow_up", "Could you tell me"), ModeDraw("warm", "Thank you for asking!")), None]
     sampling = Sampling(max_new_tokens=4, temperature=1.0, seed=3)
     (a, b), (c, d) = sample_pairs(tiny_models, prompts, sampling, modes=modes)
     assert (a.mode, b.mode, c.mode, d.mode) == ("follow_up", "warm", "", "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -373,13 +373,23 @@ def continue_after_heads(
 ) -> list[Candidate]:
     """The second call of answer-first modes: each such row's answer is cut after its
     first sentence (``behaviours.answer_head``), the mode's opening follows, and the
-    model writes on from there. A row whose answer has no sentence end near its start
-    keeps what it wrote (the mode was not followed; its name is still stored)."""
+    model writes on from there, within what is left of ``max_new_tokens`` after the
+    head and the opening (so that such an answer is no longer than a plain one: a vote
+    between them is not a vote on length). A row whose answer has no sentence end near
+    its start keeps what it wrote, stored as a plain answer (the mode was not followed)."""
     heads = {r: answer_head(written[r].text) for r, d in enumerate(draws) if d.after_first_sentence}
+    written = list(written)
+    for r, head in heads.items():
+        if head is None:
+            written[r].mode = PLAIN_DRAW.name
     again = [r for r, head in heads.items() if head is not None]
     if not again:
         return written
     shown = [c.text for c in written]
+    prefixes = [f"{heads[r]} {draws[r].opening}" for r in again]
+    used = max(len(ids) for ids in encode_openings(tokenizer, prefixes, len(prefixes)))
+    # its own seed: the first call's random stream is not drawn again
+    rest = replace(sampling, max_new_tokens=max(1, sampling.max_new_tokens - used), seed=sampling.seed + 1)
 
     def update_again(texts: list[str]) -> None:
         for r, text in zip(again, texts):
@@ -387,12 +397,11 @@ def continue_after_heads(
         on_update(shown)
 
     out = sample(
-        model, tokenizer, [rows[r] for r in again], sampling,
+        model, tokenizer, [rows[r] for r in again], rest,
         [adapter_names[r] for r in again] if adapter_names else None,
         update_again if on_update else None, on_step,
-        openings=[f"{heads[r]} {draws[r].opening}" for r in again],
+        openings=prefixes,
     )
-    written = list(written)
     for i, r in enumerate(again):
         head_tokens = len(tokenizer.encode(heads[r], add_special_tokens=False))
         candidate = to_candidate(out, i, sampling, written[r].source, written[r].policy_version, draws[r].name)

@@ -170,7 +170,10 @@ def active_modes(session, answer_first: bool = True) -> list[Mode]:
         if not row.enabled:
             modes.pop(row.name, None)
         else:
-            modes[row.name] = Mode(row.name, row.description, tuple(row.openings), row.behaviour)
+            # an edited built-in keeps its placement: follow_up stays answer-first
+            builtin = by_name(BUILTIN_MODES).get(row.name)
+            after = builtin.after_first_sentence if builtin is not None else False
+            modes[row.name] = Mode(row.name, row.description, tuple(row.openings), row.behaviour, after)
     return placed(list(modes.values()), answer_first)
 
 

@@ -795,7 +795,10 @@ class PPOTrainer:
         version = self._call(publish)
         self.kl_ctl.update(mean_kl, n)
         if upcoming % self.cfg.checkpoint_every == 0:
-            self.record_tax(version)
+            try:
+                self.record_tax(version)
+            except Exception:  # a measurement, not the step: the step stands and is recorded
+                log.exception("could not measure the alignment tax of policy v%d", version)
         return version
 
     def record_tax(self, version: int) -> SideTax | None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rlhf_chat.generation.candidates import BASE_ADAPTER, Sampling, sample
+from rlhf_chat.generation.worker import yield_point
 from rlhf_chat.learning.supervised import SupervisedExample, lm_loss
 from rlhf_chat.model.loading import POLICY
 from rlhf_chat.text.chat import render_prompt
@@ -114,7 +115,9 @@ def measure_side(
     for prompts in (asked, extra):  # two calls, each side alike, so that the layouts match
         if prompts:
             rows = [render_prompt(tok, [{"role": "user", "content": q}]) for q in prompts]
-            answers += sample(models.serving, tok, rows, sampling, adapter_names=[name] * len(rows)).texts
+            # yield_point: a person's request runs between two decoding steps, as in a rollout
+            answers += sample(models.serving, tok, rows, sampling, adapter_names=[name] * len(rows),
+                              on_step=yield_point).texts
     facts, asks = fact_shares(questions, answers[: len(asked)], key, per_question)
     content = sum(gives_content(p, a) for p, a in zip(asked + extra, answers)) / max(1, len(answers))
     nll = answers_nll(models, reference_answers, reference=reference)

@@ -249,16 +249,17 @@ def newest_policy_evidence(session) -> int:
 
 
 def tax_trip(session, max_nll_rise: float, max_facts_drop: float, after_version: int = 0) -> Trip | None:
-    """A trip when the newest policy measured for its alignment tax (``PPOTrainer.record_tax``,
-    a version after ``after_version``) finds well-formed answers more than
+    """A trip when the newest saved policy, measured for its alignment tax
+    (``PPOTrainer.record_tax``; a version after ``after_version``), finds well-formed answers more than
     ``max_nll_rise`` nats per token less likely than the starting model does, or states
     facts in ``max_facts_drop`` fewer of its answers (either 0: that test off): it is
     forgetting what the starting model knew, whatever the reward model says."""
-    measured = [c for c in store.checkpoints(session, "policy")
-                if c.version > after_version and (c.extra or {}).get("tax")]
-    if not measured:
+    saved = store.checkpoints(session, "policy")
+    newest = saved[-1] if saved else None
+    # only the newest checkpoint's figures: an older measurement (a restart before the
+    # next one) says nothing of what training did since
+    if newest is None or newest.version <= after_version or not (newest.extra or {}).get("tax"):
         return None
-    newest = measured[-1]
     policy, reference = newest.extra["tax"], newest.extra["tax_reference"]
     rise, drop = policy["nll"] - reference["nll"], reference["facts"] - policy["facts"]
     if max_nll_rise > 0 and rise > max_nll_rise:

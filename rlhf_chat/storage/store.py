@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make_url, select, text, update
+from sqlalchemy import Engine, create_engine, delete, event, func, inspect, make_url, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -387,13 +387,17 @@ def voted_comparisons(session: Session, after_id: int = 0) -> list[Comparison]:
 
 def reference_samples(session: Session, limit: int) -> list[tuple[list, str, bool]]:
     """The newest ``limit`` answers the starting model wrote in arena pairs, oldest
-    first, as (context, text, finished): its own writing on what people ask."""
+    first, as (context, text, finished): its own writing on what people ask. Pairs
+    of sessions or addresses an admin left out of training are left out here too."""
     if limit <= 0:
         return []
+    sessions_out = select(Exclusion.key).where(Exclusion.kind == "session")
+    clients_out = select(Exclusion.key).where(Exclusion.kind == "client")
     query = (
         select(Comparison.context, CandidateRow.text, CandidateRow.finished)
         .join(CandidateRow, CandidateRow.comparison_id == Comparison.id)
-        .where(CandidateRow.source == "reference")
+        .where(CandidateRow.source == "reference", Comparison.session_id.not_in(sessions_out))
+        .where(or_(Comparison.client.is_(None), Comparison.client.not_in(clients_out)))
         .order_by(CandidateRow.id.desc())
         .limit(limit)
     )

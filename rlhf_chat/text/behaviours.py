@@ -71,12 +71,14 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
-# A sentence's end: a closing mark before white space or the end, or a line end.
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+# A sentence's end: a closing mark before white space or the end, not after a digit
+# (a list's "1.") or in "e.g." / "i.e."; or a line end after a closing mark. A line
+# that ends in ":" introduces what follows (a list, the answer itself): not an end.
+_SENTENCE_END = re.compile(r"(?<![0-9])(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s|$)")
 
 
 def answer_head(text: str, min_words: int = 5, max_words: int = 40) -> str | None:
-    """The answer's opening sentences, up to the first sentence end once they hold
+    r"""The answer's opening sentences, up to the first sentence end once they hold
     ``min_words`` words ("Sure!" alone is not yet an answer); None when no sentence
     ends within ``max_words`` words. Where an answer-first mode (``modes.py``) puts its
     opening, so that the question back or the example follows the answer instead of
@@ -88,6 +90,10 @@ def answer_head(text: str, min_words: int = 5, max_words: int = 40) -> str | Non
     'Sure! To roast vegetables, heat the oven to 220 C.'
     >>> answer_head("Pi is about 3.14 and it never ends") is None
     True
+    >>> answer_head("Here is how to roast them:\n1. Heat the oven to 220 C.\n2. Cut them.")
+    'Here is how to roast them:\n1. Heat the oven to 220 C.'
+    >>> answer_head("Many cities, e.g. Canberra, were planned. They grew.")
+    'Many cities, e.g. Canberra, were planned.'
     """
     for end in _SENTENCE_END.finditer(text):
         head = text[: end.end()].strip()
