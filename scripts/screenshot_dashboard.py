@@ -48,7 +48,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1700})
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_role("tab", name="Training").click()
-            page.wait_for_timeout(15_000)  # the timer's first refresh, the plots and the probe answers
+            page.wait_for_timeout(60_000)  # the timer's first refresh, the plots and the sampled probe answers (CPU)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:
