@@ -823,6 +823,8 @@ def test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_
         trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
         first = trainer.step(CONTEXTS * 2)
         reference = trainer.reference_tax
+        # one small step may leave a rounded NLL where it was: move the policy for sure
+        worker.call(0, lambda m: perturb_policy(m, seed=3))
         trainer.step(CONTEXTS * 2)
         assert trainer.reference_tax is reference  # measured once
         trainer.cfg.tax_questions = 0
@@ -837,7 +839,7 @@ def test_each_checkpointed_policy_stores_its_alignment_tax_against_the_starting_
         tax, ref = rows[version]["tax"], rows[version]["tax_reference"]
         assert set(tax) == set(ref) == {"facts", "nll", "content", "asks_instead"}
         assert 0 <= tax["facts"] <= 1 and 0 <= tax["content"] <= 1 and tax["nll"] > 0
-        assert tax["nll"] != ref["nll"]  # the policy moved; the reference did not
+    assert rows[2]["tax"]["nll"] != rows[2]["tax_reference"]["nll"]  # the policy moved; the reference did not
     assert rows[1]["tax_reference"] == rows[2]["tax_reference"]
     assert "tax" not in rows[3]  # ppo.tax_questions 0: not measured
 
