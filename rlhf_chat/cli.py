@@ -24,7 +24,9 @@ def _start_worker(cfg: AppConfig):
     from rlhf_chat.storage.store import open_store
 
     sessions = open_store(cfg.store.db_url, cfg.store.busy_timeout_ms)
-    worker = ModelWorker(lambda: load_for_serving(cfg, sessions), cfg.model.trim_memory_every_s).start()
+    worker = ModelWorker(
+        lambda: load_for_serving(cfg, sessions), cfg.model.trim_memory_every_s, cfg.model.training_share
+    ).start()
     worker.ready.wait()
     if worker.load_error is not None:
         raise SystemExit(f"the model failed to load: {worker.load_error}")

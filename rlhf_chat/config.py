@@ -62,6 +62,13 @@ class ModelConfig:
     # most this often (0: never): glibc kept 832 MB resident for 59 MB in use after
     # 40 decoding calls' worth of allocations, 63 MB after a trim (model/memory.py).
     trim_memory_every_s: float = 30.0
+    # The least share of the model worker's recent busy time (generation/worker.py)
+    # that training (reward and PPO jobs) gets while chat jobs wait. Strict priority
+    # starved training: a 20-minute soak with 8 people never ran a reward round
+    # (issue 42), and a demo that stops learning under load is not a live RLHF demo.
+    # A quarter keeps chat first three quarters of the time. 0: strict priority,
+    # chat always first.
+    training_share: float = 0.25
     seed: int = 0
 
 
@@ -482,6 +489,8 @@ def validate(cfg: AppConfig) -> AppConfig:
             f"deploy.lease_ttl_s ({cfg.deploy.lease_ttl_s:g}) must exceed twice deploy.heartbeat_s "
             f"({cfg.deploy.heartbeat_s:g}): one late heartbeat must not lose the lease"
         )
+    if not 0 <= cfg.model.training_share <= 1:
+        raise ValueError(f"model.training_share ({cfg.model.training_share:g}) must be in [0, 1]: a share of the time")
     if cfg.loop.mode_choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
     if not 0 < cfg.guards.max_share <= 1 or not 0 <= cfg.guards.flagged_weight <= 1:

@@ -67,7 +67,9 @@ def start_services(cfg: AppConfig, train: bool = True) -> Services:
         me = lease.Holder.this_process()
         lease.take(sessions, me, cfg.deploy.lease_ttl_s)
     training = role != "serve"
-    worker = ModelWorker(lambda: load_for_serving(cfg, sessions, training), cfg.model.trim_memory_every_s).start()
+    worker = ModelWorker(
+        lambda: load_for_serving(cfg, sessions, training), cfg.model.trim_memory_every_s, cfg.model.training_share
+    ).start()
     loop = TrainingLoop(worker, sessions, cfg) if training and (train or role == "train") else None
     follower = PolicyFollower(worker, sessions, cfg.deploy).start() if role == "serve" else None
     keeper = None

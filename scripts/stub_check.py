@@ -149,6 +149,20 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_worker.py::test_a_person_waits_at_most_one_step_of_a_training_slice",
         "import rlhf_chat.generation.worker as w\nw.ModelWorker.run_urgent = lambda self: 0\n",
     ),
+    "training gets no share of a busy worker (strict priority starves it)": (
+        "tests/test_worker.py::test_training_gets_its_share_of_a_worker_that_chat_keeps_busy",
+        "import rlhf_chat.generation.worker as w\nw.ModelWorker._training_owed = lambda self: False\n",
+    ),
+    "a nested chat job's time is charged to the training slice around it": (
+        "tests/test_worker.py::test_the_share_is_charged_to_the_nested_job_not_the_slice_around_it",
+        "import rlhf_chat.generation.worker as w\n_charge = w.ModelWorker._charge\n"
+        "def charge(self):  # to the outermost job under way\n"
+        "    nested = self._running[1:]\n"
+        "    del self._running[1:]\n"
+        "    _charge(self)\n"
+        "    self._running.extend(nested)\n"
+        "w.ModelWorker._charge = charge\n",
+    ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
         "import rlhf_chat.serving.admission as a\na.Admission.vote = lambda self, session_id, address: None\n",

@@ -80,3 +80,87 @@ def test_a_chat_job_runs_inside_a_real_rollout(tiny_models):
         worker.stop()
     assert batch.response_ids.shape[1] == 48
     assert done["chat"] < done["rollout"]
+
+
+def _busy_share_under_chat_load(training_share: float, seconds: float = 1.5) -> tuple[float, int]:
+    """Chat jobs always waiting (a feeder keeps three queued) while a training loop
+    submits one slice after another (four 5 ms steps with a yield point between, as a
+    rollout does); returns training's share of the busy time and its finished slices."""
+    worker = ModelWorker(lambda: SimpleNamespace(serving_version=0), training_share=training_share).start()
+    busy = {"chat": 0.0, "training": 0.0}
+    slices, stop = [0], threading.Event()
+
+    def chat_job(models):
+        t = time.perf_counter()
+        time.sleep(0.005)
+        busy["chat"] += time.perf_counter() - t
+
+    def training_slice(models):
+        for _ in range(4):
+            t = time.perf_counter()
+            time.sleep(0.005)
+            busy["training"] += time.perf_counter() - t  # nested chat time is not counted here
+            yield_point()
+        slices[0] += 1
+
+    def feed_chat():
+        while not stop.is_set():
+            if worker.pending(CHAT) < 3:
+                worker.submit(CHAT, chat_job)
+            time.sleep(0.001)
+
+    def train():  # the next slice once the last is done, as the training loop does
+        while not stop.is_set():
+            done = worker.submit(PPO, training_slice)
+            while not stop.is_set() and not done.done():
+                time.sleep(0.001)
+
+    threads = [threading.Thread(target=feed_chat), threading.Thread(target=train)]
+    try:
+        threads[0].start()
+        time.sleep(0.1)  # chat alone first: the worker is busy before training asks
+        threads[1].start()
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        threads[0].join(5)
+        worker.stop()  # the last slice finishes first
+        threads[1].join(5)
+    return busy["training"] / (busy["chat"] + busy["training"]), slices[0]
+
+
+def test_training_gets_its_share_of_a_worker_that_chat_keeps_busy(monkeypatch):
+    """Strict priority starved training under load (a 20-minute soak with 8 people ran
+    no reward round): with chat always waiting, training still gets about
+    ``training_share`` of the busy time, and a share of 0 restores strict priority."""
+    import rlhf_chat.generation.worker as w
+
+    monkeypatch.setattr(w, "SHARE_HALF_LIFE_S", 0.5)  # "recent" on the test's time scale
+    share, slices = _busy_share_under_chat_load(0.25)
+    assert slices >= 5 and 0.15 <= share <= 0.45, (share, slices)
+    strict_share, strict_slices = _busy_share_under_chat_load(0.0)
+    assert strict_slices <= 1 and strict_share < 0.05, (strict_share, strict_slices)
+
+
+def test_the_share_is_charged_to_the_nested_job_not_the_slice_around_it():
+    """A chat job run at a training slice's yield point is chat time, not training time."""
+    worker = ModelWorker(lambda: SimpleNamespace(serving_version=0), training_share=0.25).start()
+    started, release, nested = threading.Event(), threading.Event(), []
+
+    def slice_(models):
+        started.set()
+        time.sleep(0.05)
+        release.wait(5)
+        yield_point()  # the chat job waiting runs here, nested
+        return worker.recent_busy_s()
+
+    try:
+        future = worker.submit(PPO, slice_)
+        started.wait(5)  # the slice is under way before the chat job is queued
+        worker.submit(CHAT, lambda m: (nested.append(worker._running[:]), time.sleep(0.2)))
+        release.set()
+        chat_s, training_s = future.result(10)
+    finally:
+        worker.stop()
+    assert nested == [[PPO, CHAT]]  # it did run inside the slice
+    assert 0.15 <= chat_s <= 0.4 and 0.04 <= training_s < 0.15, (chat_s, training_s)

@@ -583,7 +583,9 @@ def simulate(
         refuse_used_database(sessions, cfg.store.db_url)
     with sessions() as session:
         modes = active_modes(session, cfg.loop.answer_first)
-    worker = ModelWorker(lambda: load_for_serving(cfg, sessions), cfg.model.trim_memory_every_s).start()
+    worker = ModelWorker(
+        lambda: load_for_serving(cfg, sessions), cfg.model.trim_memory_every_s, cfg.model.training_share
+    ).start()
     try:
         run = SimulationRun.start(cfg, worker, sessions, report, people, train_prompts, modes, seed, crowd)
         run.seconds["load"] = time.perf_counter() - start
