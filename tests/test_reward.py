@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -567,3 +568,20 @@ def test_a_rounds_stored_row_is_its_results_columns_with_nan_as_zero():
                          heldout_pairs=1, votes=10, seconds=2.0, checkpoint="c/3", train_accuracy=0.9)
     assert result.row() == {"version": 3, "loss": 0.5, "heldout_accuracy": None, "mean_margin": 0.0,
                             "train_pairs": 9, "heldout_pairs": 1, "votes": 10, "seconds": 2.0}
+
+
+def test_scoring_many_votes_gives_way_to_a_person_after_each_batch(tiny_models, monkeypatch):
+    """``evaluate`` and ``agreement_of`` run in one worker job over up to hundreds of
+    votes; each batch ends at a yield point, so a person waits one batch, not the job
+    (a soak with training on saw p95 80 s without them)."""
+    import rlhf_chat.generation.worker as w
+    import rlhf_chat.learning.reward as reward
+
+    calls = []  # this thread plays the worker's: yield_point asks it to run urgent jobs
+    monkeypatch.setattr(w._current, "worker", SimpleNamespace(run_urgent=lambda: calls.append(1)), raising=False)
+    cfg = RewardConfig(batch_size=4)
+    pairs = length_pairs(10)  # three batches
+    reward.evaluate(tiny_models, pairs, cfg)
+    assert len(calls) == 3
+    reward.agreement_of(tiny_models, pairs, cfg)
+    assert len(calls) == 6

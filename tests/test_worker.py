@@ -164,3 +164,20 @@ def test_the_share_is_charged_to_the_nested_job_not_the_slice_around_it():
         worker.stop()
     assert nested == [[PPO, CHAT]]  # it did run inside the slice
     assert 0.15 <= chat_s <= 0.4 and 0.04 <= training_s < 0.15, (chat_s, training_s)
+
+
+def test_freed_memory_is_given_back_while_jobs_keep_waiting():
+    """Under sustained chat the queue is never empty; the worker still trims (at most
+    every ``trim_memory_every_s``), or a Space with training on grows by gigabytes."""
+    from rlhf_chat.model.memory import MemoryTrimmer
+
+    worker = ModelWorker(lambda: SimpleNamespace(serving_version=0)).start()
+    trims = []
+    worker.trimmer = MemoryTrimmer(0.05, release=lambda: trims.append(time.monotonic()) or True)
+    try:
+        futures = [worker.submit(CHAT, lambda m: time.sleep(0.01)) for _ in range(60)]  # 0.6 s, never idle
+        for f in futures:
+            f.result(10)
+    finally:
+        worker.stop()
+    assert len(trims) >= 5 and min(b - a for a, b in zip(trims, trims[1:])) >= 0.05, trims

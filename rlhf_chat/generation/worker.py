@@ -133,8 +133,14 @@ class ModelWorker:
             if job[0] <= CHAT and self._training_owed():
                 job = self._prefer_training(job)
             self._execute(job[0], job[2], job[3])
-            if self._jobs.empty():  # between jobs, so that nobody waits behind a trim
-                self.trimmer.maybe_trim()
+            self._between_jobs()
+
+    def _between_jobs(self) -> None:
+        """Give freed memory back, at most every ``trim_memory_every_s``, whether or not
+        jobs wait: under sustained chat the queue is never empty, and a soak with
+        training on grew 4.9 -> 5.9 GB in 5 minutes, while a trim after each reward
+        round or PPO step held the same jobs near 2.1 GB. A trim takes milliseconds."""
+        self.trimmer.maybe_trim()
 
     def _prefer_training(self, chat_job: tuple) -> tuple:
         """The most urgent waiting training job, the chat job put back; or the chat job if none waits."""

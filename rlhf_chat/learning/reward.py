@@ -27,6 +27,7 @@ import torch
 
 from rlhf_chat.config import AppConfig, GuardConfig, LoopConfig, RewardConfig
 from rlhf_chat.generation.worker import REWARD as REWARD_PRIORITY
+from rlhf_chat.generation.worker import yield_point
 from rlhf_chat.learning import guards
 from rlhf_chat.learning.checkpoints import (
     check_base,
@@ -208,6 +209,7 @@ def evaluate(models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cac
         c, r = pair_scores(models, pairs[i : i + cfg.batch_size], cfg, cache)
         chosen.append(c)
         rejected.append(r)
+        yield_point()  # a person waits one batch, not the whole evaluation (256 votes: a minute under load)
     c, r = torch.cat(chosen), torch.cat(rejected)
     device = models.device
     _, stats = bradley_terry_loss(c, r, pair_margins(pairs, cfg, device), cfg.center_coef, None, pair_targets(pairs, device))
@@ -312,6 +314,7 @@ def agreement_of(models: Models, pairs: list[PreferencePair], cfg: RewardConfig)
         batch = pairs[i : i + cfg.batch_size]
         chosen, rejected = pair_scores(models, batch, cfg, models.prefix_cache)
         agrees.update({p.comparison_id: bool(c > r) for p, c, r in zip(batch, chosen.tolist(), rejected.tolist())})
+        yield_point()  # as in evaluate
     return agrees
 
 
