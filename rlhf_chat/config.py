@@ -207,6 +207,12 @@ class PPOConfig:
     # while PPO chases a reward fitted to a few votes (issue 40: facts 0.46 -> 0.33 and
     # NLL +0.22 on the `context` taste without it). 0: off.
     ptx_reference_coef: float = 0.5
+    # The anchor's loss: "nll" (the log-likelihood of those answers' tokens) or "kl"
+    # (KL(reference || policy) over the whole vocabulary at those answers' tokens,
+    # supervised.reference_kl_loss: distillation, zero exactly at the starting model).
+    # The log-likelihood of nucleus samples is lowest at a distribution sharper than
+    # the one that sampled them, so "nll" pulls away from the model it anchors to.
+    anchor_loss: str = "nll"
     # Guided rollouts: this share of each step's rollout rows opens with an opening
     # of the mode people have been choosing (a Thompson draw over the votes between
     # modes, modes.guided_openings); the opening is scored and updated as the plain
@@ -477,6 +483,7 @@ def _parse_value(text: str, current: object) -> object:
 
 
 MODE_CHOICES = ("uniform", "thompson", "per_kind")  # loop.mode_choice
+ANCHOR_LOSSES = ("nll", "kl")  # ppo.anchor_loss
 
 
 def validate(cfg: AppConfig) -> AppConfig:
@@ -491,6 +498,8 @@ def validate(cfg: AppConfig) -> AppConfig:
         )
     if not 0 <= cfg.model.training_share <= 1:
         raise ValueError(f"model.training_share ({cfg.model.training_share:g}) must be in [0, 1]: a share of the time")
+    if cfg.ppo.anchor_loss not in ANCHOR_LOSSES:
+        raise ValueError(f"ppo.anchor_loss {cfg.ppo.anchor_loss!r}: expected one of {', '.join(ANCHOR_LOSSES)}")
     if cfg.loop.mode_choice not in MODE_CHOICES:
         raise ValueError(f"loop.mode_choice {cfg.loop.mode_choice!r}: expected one of {', '.join(MODE_CHOICES)}")
     if not 0 < cfg.guards.max_share <= 1 or not 0 <= cfg.guards.flagged_weight <= 1:

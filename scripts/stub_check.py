@@ -163,6 +163,24 @@ STUBS: dict[str, tuple[str, str]] = {
         "    self._running.extend(nested)\n"
         "w.ModelWorker._charge = charge\n",
     ),
+    "the KL anchor adds nothing (ppo.anchor_loss='kl' silently off)": (
+        "tests/test_ppo.py::test_a_kl_anchor_keeps_the_policy_near_the_starting_model_at_its_answers",
+        "import torch\nimport rlhf_chat.learning.ppo as p\n"
+        "p.reference_kl_loss = lambda models, examples, n: torch.zeros((), requires_grad=True)\n",
+    ),
+    "the KL anchor's reference pass leaves the adapter on (the policy anchored to itself)": (
+        "tests/test_ppo.py::test_a_kl_anchor_keeps_the_policy_near_the_starting_model_at_its_answers",
+        "import contextlib\nfrom peft import PeftModel\nPeftModel.disable_adapter = lambda self: contextlib.nullcontext()\n",
+    ),
+    "the worker trims freed memory only when no job waits (never under load)": (
+        "tests/test_worker.py::test_freed_memory_is_given_back_while_jobs_keep_waiting",
+        "import rlhf_chat.generation.worker as w\n"
+        "w.ModelWorker._between_jobs = lambda self: self._jobs.empty() and self.trimmer.maybe_trim()\n",
+    ),
+    "reward scoring never gives way to a person (no yield point between batches)": (
+        "tests/test_reward.py::test_scoring_many_votes_gives_way_to_a_person_after_each_batch",
+        "import rlhf_chat.learning.reward as r\nr.yield_point = lambda: None\n",
+    ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
         "import rlhf_chat.serving.admission as a\na.Admission.vote = lambda self, session_id, address: None\n",

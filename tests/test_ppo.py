@@ -884,3 +884,40 @@ def test_ptx_anchor_keeps_the_starting_models_own_answers_likely(tiny_config):
     before, anchored = run(1.0)
     _, free = run(0.0)
     assert anchored < before - 0.5 and anchored < free - 0.5, (before, anchored, free)
+
+
+def test_a_kl_anchor_keeps_the_policy_near_the_starting_model_at_its_answers(tiny_config):
+    """``ppo.anchor_loss = "kl"``: the anchor is KL(reference || policy) over the whole
+    vocabulary at the starting model's answers. After the same PPO steps, the policy's
+    KL there is far lower with the anchor on than off; at the start it is 0."""
+    from rlhf_chat.generation.candidates import Candidate
+    from rlhf_chat.learning.supervised import reference_answers, reference_kl_loss
+
+    sessions = store.open_store(tiny_config.store.db_url)
+    with sessions() as s, s.begin():
+        for i, ctx in enumerate(CONTEXTS):
+            a = Candidate(f"Tea is a drink, {i}.", "reference", 0, 0, 0.7, 1.0, 10, 3, True, 0.1)
+            b = Candidate(f"policy {i}", "policy", 1, 0, 0.7, 1.0, 10, 3, True, 0.1)
+            store.save_pair(s, session_id="t", context=ctx, a=a, b=b, arena=True)
+    with sessions() as s:
+        anchors = reference_answers(s, 100)
+
+    def run(coef: float) -> tuple[float, float]:
+        worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
+        try:
+            cfg = tiny_ppo_config(
+                ptx_reference_coef=coef, anchor_loss="kl", ptx_coef=0.0, learning_rate=3e-3, ptx_batch=4
+            )
+            trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
+            trainer.rng.seed(0)
+            before = worker.call(0, lambda m: reference_kl_loss(m, anchors, 256).item())
+            for _ in range(4):
+                trainer.step(CONTEXTS * 2)
+            return before, worker.call(0, lambda m: reference_kl_loss(m, anchors, 256).item())
+        finally:
+            worker.stop()
+
+    before, anchored = run(1.0)
+    _, free = run(0.0)
+    assert before == pytest.approx(0.0, abs=1e-5) and free > 0.01, (before, free)
+    assert anchored < 0.5 * free, (anchored, free)

@@ -47,6 +47,7 @@ from rlhf_chat.learning.supervised import (
     demonstrated_answers,
     lm_loss,
     reference_answers,
+    reference_kl_loss,
 )
 from rlhf_chat.learning.tax import SideTax, measure_tax
 from rlhf_chat.model.decoder import decoder_for
@@ -467,7 +468,8 @@ def minibatch_update(
         loss = loss + cfg.ptx_coef * ptx
         ptx_stats = {"ptx_loss": ptx.item()}
     if cfg.ptx_reference_coef > 0 and anchor_examples:
-        anchor = lm_loss(models, anchor_examples, cfg.max_prompt_tokens)
+        anchor_loss = reference_kl_loss if cfg.anchor_loss == "kl" else lm_loss
+        anchor = anchor_loss(models, anchor_examples, cfg.max_prompt_tokens)
         loss = loss + cfg.ptx_reference_coef * anchor
         ptx_stats["ptx_reference_loss"] = anchor.item()
     with torch.no_grad():  # pragma: no mutate (memory only: a float is kept)

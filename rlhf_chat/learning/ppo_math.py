@@ -300,6 +300,25 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     return gather_logprobs(log_softmax_at(logits, temperature), labels)
 
 
+def full_kl(reference_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(reference || policy) over the whole vocabulary at each position: (N, V), (N, V) -> (N,).
+
+    ``sum_v p_ref(v) * (log p_ref(v) - log p(v))``, at temperature 1. Unlike the
+    log-likelihood of one sampled token, it has its minimum, zero, exactly at the
+    reference's distribution: a loss on it pulls the policy back to what the
+    starting model would say without making it surer of its own samples
+    (distillation's target; GKD, Agarwal et al. 2024).
+
+    >>> full_kl(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0]]))
+    tensor([0.])
+    >>> round(full_kl(torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.9, 0.1]]))).item(), 4)
+    0.5108
+    """
+    ref_logp = F.log_softmax(reference_logits.float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
 def entropy_from_logprobs(logp: Tensor) -> Tensor:
     """Entropy ``H = -sum_i p_i log p_i`` of a distribution given by its log-probabilities: (B, T, V) -> (B, T).
 

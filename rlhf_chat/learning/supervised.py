@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_chat.learning.guards import Trust
-from rlhf_chat.learning.ppo_math import gather_logprobs, log_softmax_at
+from rlhf_chat.learning.ppo_math import full_kl, gather_logprobs, log_softmax_at
 from rlhf_chat.learning.preferences import modes_differ, preference_pairs
 from rlhf_chat.model.heads import frozen_prefix, top_hidden
 from rlhf_chat.model.tensors import left_pad
@@ -103,27 +103,47 @@ def answer_positions(answer_lens: list[int], width: int, device) -> torch.Tensor
     return mask
 
 
-def weighted_nll(logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per answer token, each answer weighted.
+def weighted_token_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-token quantity over the answer tokens, each answer weighted.
 
-    ``sum_b w_b * sum_t -logp[b, t] * mask[b, t]  /  sum_b w_b * n_b``: with
-    equal weights, the plain mean over every answer token of the batch.
+    ``sum_b w_b * sum_t v[b, t] * mask[b, t]  /  sum_b w_b * n_b``: with equal
+    weights, the plain mean over every answer token of the batch.
     Shapes: (B, R), (B, R), (B,) -> scalar.
+
+    >>> weighted_token_mean(torch.tensor([[1.0, 3.0], [2.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.ones(2))
+    tensor(2.)
+    """
+    token_weights = mask * weights.unsqueeze(-1).to(mask.dtype)  # (B, R)
+    return (values * token_weights).sum() / token_weights.sum().clamp(min=1e-8)
+
+
+def weighted_nll(logprobs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per answer token, each answer weighted
+    (:func:`weighted_token_mean` of ``-logprobs``). Shapes: (B, R), (B, R), (B,) -> scalar.
 
     >>> weighted_nll(torch.tensor([[-1.0, -3.0], [-2.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.ones(2))
     tensor(2.)
     """
-    token_weights = mask * weights.unsqueeze(-1).to(mask.dtype)  # (B, R)
-    return -(logprobs * token_weights).sum() / token_weights.sum().clamp(min=1e-8)
+    return weighted_token_mean(-logprobs, mask, weights)
 
 
-def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -> torch.Tensor:
-    """The language-model loss of the policy on the examples (differentiable).
+@dataclass
+class AnswerTokens:
+    """A batch of examples laid out for a loss on their answer tokens."""
 
-    The frozen layers' states of an example never change, and the same chosen
-    answers recur step after step, so they come from the worker's prefix cache
-    (shared with the reward model, which reads the same sequences): only the
-    adapted top layers run, forward and backward.
+    prefix: object  # the frozen layers' output (model.heads.Prefix)
+    ids: torch.Tensor  # (B, L) left-padded prompt + answer tokens
+    mask: torch.Tensor  # (B, L-1) 1 at the states that emit an answer token
+    weights: torch.Tensor  # (B,)
+
+
+def answer_tokens(models, examples: list[SupervisedExample], max_prompt_tokens: int) -> AnswerTokens:
+    """Lay the examples out as one left-padded batch, with the frozen layers run.
+
+    The frozen layers' states of an example never change, and the same answers
+    recur step after step, so they come from the worker's prefix cache (shared
+    with the reward model, which reads the same sequences): only the adapted
+    top layers run, forward and backward.
     """
     tok = models.tokenizer
     sequences, answer_lens = example_sequences(tok, examples, max_prompt_tokens)
@@ -132,14 +152,50 @@ def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -
     else:
         prefix = frozen_prefix(models.trainer, *left_pad(sequences, tok.pad_token_id, models.device))
     ids, _ = left_pad(sequences, tok.pad_token_id, models.device)
-    hidden = top_hidden(models.trainer, prefix)  # (B, L, H)
     mask = answer_positions(answer_lens, ids.shape[1], models.device)  # (B, L-1)
+    weights = torch.tensor([e.weight for e in examples], dtype=torch.float32, device=models.device)
+    return AnswerTokens(prefix, ids, mask, weights)
+
+
+def answer_logits(models, batch: AnswerTokens) -> torch.Tensor:
+    """(N, V) logits at the N answer tokens of the batch, under the active adapter."""
+    hidden = top_hidden(models.trainer, batch.prefix)  # (B, L, H)
     # None would index every position: the same loss (the mask zeroes the rest), at the
     # cost of the output layer over prompts too
-    real = mask.bool()  # pragma: no mutate (a cost mutant: one value either way)
-    # the 49k-word output layer on the answer tokens only, at temperature 1
-    logits = models.trainer.get_base_model().lm_head(hidden[:, :-1][real]).float()  # (N, V)
-    logprobs = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
-    logprobs[real] = gather_logprobs(log_softmax_at(logits, 1.0), ids[:, 1:][real])
-    weights = torch.tensor([e.weight for e in examples], dtype=torch.float32, device=models.device)
-    return weighted_nll(logprobs, mask, weights)
+    real = batch.mask.bool()  # pragma: no mutate (a cost mutant: one value either way)
+    # the 49k-word output layer on the answer tokens only
+    return models.trainer.get_base_model().lm_head(hidden[:, :-1][real]).float()
+
+
+def placed(batch: AnswerTokens, values: torch.Tensor) -> torch.Tensor:
+    """The (N,) per-answer-token values back in the batch's (B, L-1) layout (0 elsewhere)."""
+    out = torch.zeros(batch.mask.shape, dtype=values.dtype, device=values.device)
+    out[batch.mask.bool()] = values
+    return out
+
+
+def lm_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -> torch.Tensor:
+    """The language-model loss of the policy on the examples (differentiable), at
+    temperature 1."""
+    batch = answer_tokens(models, examples, max_prompt_tokens)
+    logits = answer_logits(models, batch)
+    logprobs = gather_logprobs(log_softmax_at(logits, 1.0), batch.ids[:, 1:][batch.mask.bool()])
+    return weighted_nll(placed(batch, logprobs), batch.mask, batch.weights)
+
+
+def reference_kl_loss(models, examples: list[SupervisedExample], max_prompt_tokens: int) -> torch.Tensor:
+    """The policy's mean KL(reference || policy) per answer token over the whole
+    vocabulary, at the examples' answers (differentiable in the policy).
+
+    PPO-ptx's anchor as distillation: the target at each position is the starting
+    model's whole distribution, not the token it happened to sample. The
+    log-likelihood of the reference's own nucleus samples has its optimum at a
+    sharper distribution than the reference (those samples leave out its tail),
+    so an anchor on it pulls the policy away from the reference it is meant to
+    keep; this one is zero exactly at the reference.
+    """
+    batch = answer_tokens(models, examples, max_prompt_tokens)
+    with torch.no_grad(), models.trainer.disable_adapter():
+        reference = answer_logits(models, batch)
+    kl = full_kl(reference, answer_logits(models, batch))
+    return weighted_token_mean(placed(batch, kl), batch.mask, batch.weights)
