@@ -78,6 +78,12 @@ def cmd_train_policy(cfg: AppConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+# simulate()'s parameters after the config; each is the dest of the simulate flag that sets it
+SIMULATE_PARAMETERS = ("labeler_spec", "comparisons", "ppo_steps", "prompts_file", "seed", "report_path", "plot_path",
+                       "resume", "teacher_spec", "adversary_spec", "adversary_share", "fact_key_path",
+                       "reference_answers_path")
+
+
 def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Run the whole loop headless with a scripted labeler; write the JSON report.
 
@@ -104,22 +110,7 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             setattr(cfg.simulation, flag, getattr(args, flag))
     try:
-        report = simulate(
-            cfg,
-            labeler_spec=args.labeler,
-            comparisons=args.comparisons,
-            ppo_steps=args.ppo_steps,
-            prompts_file=args.prompts,
-            seed=args.seed,
-            report_path=args.report,
-            plot_path=args.plot,
-            resume=args.resume,
-            teacher_spec=args.teacher,
-            adversary_spec=args.adversary,
-            adversary_share=args.adversary_share,
-            fact_key_path=args.fact_key,
-            reference_answers_path=args.reference_answers,
-        )
+        report = simulate(cfg, **{name: getattr(args, name) for name in SIMULATE_PARAMETERS})
     except (UsedDatabase, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -169,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="the whole loop headless, with a scripted labeler")
     add_common_args(p)
-    p.add_argument("--labeler", required=True, help="a built-in name (concise, friendly) or package.module:function")
+    p.add_argument("--labeler", dest="labeler_spec", required=True,
+                   help="a built-in name (concise, friendly) or package.module:function")
     p.add_argument("--comparisons", type=int, default=200)
     p.add_argument("--ppo-steps", type=int, default=60)
-    p.add_argument("--prompts", default=None, help="a file of prompts, one per line (default: the shipped set)")
+    p.add_argument("--prompts", dest="prompts_file", default=None,
+                   help="a file of prompts, one per line (default: the shipped set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rounds", type=int, default=None,
@@ -183,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="build on a --db that already holds votes (by default such a database is refused)",
     )
     p.add_argument(
-        "--teacher", default=None,
+        "--teacher", dest="teacher_spec", default=None,
         help="who writes the answer they wanted for some pairs instead of voting: a built-in (follow_up) or "
         "package.module:function, (prompt, a, b) -> str | None; at most simulation.demonstrations (20)",
     )
     p.add_argument(
-        "--adversary", default=None,
+        "--adversary", dest="adversary_spec", default=None,
         help="a bad actor voting on a share of the pairs under its own sessions: reversed (the labeler's "
         "choice reversed), longer (always the longer answer), shorter (always the shorter), a built-in "
         "labeler, or package.module:function, a labeler",
@@ -204,12 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "as many as the sessions a crowd of its own (default simulation.adversary_addresses, 1)")
     p.add_argument("--no-guards", action="store_true",
                    help="turn the guards off (guards.enabled=false): the influence cap, the flags and the tripwire")
-    p.add_argument("--fact-key", default=None,
+    p.add_argument("--fact-key", dest="fact_key_path", default=None,
                    help='JSON {"question": ["accepted answer", ...]} for the facts-kept measure (default: the shipped key)')
-    p.add_argument("--reference-answers", default=None,
+    p.add_argument("--reference-answers", dest="reference_answers_path", default=None,
                    help='JSON [["question", "answer"], ...] of well-formed answers for the NLL measure (default: shipped)')
-    p.add_argument("--report", default="simulation.json")
-    p.add_argument("--plot", default=None, help="PNG of the reward curve (default: beside the report)")
+    p.add_argument("--report", dest="report_path", default="simulation.json")
+    p.add_argument("--plot", dest="plot_path", default=None,
+                   help="PNG of the reward curve (default: beside the report)")
     p.set_defaults(run=cmd_simulate)
 
     p = sub.add_parser("export", help="write preferences for TRL's reward / DPO trainers")
