@@ -254,6 +254,14 @@ class LoopConfig:
     # policy's KL to the reference passes max_kl (nats per answer; 0: no bound).
     ppo_steps_per_reward: int = 15
     max_kl: float = 12.0
+    # PPO's turn between two reward rounds: with votes due, the next reward round
+    # still waits until PPO has taken this many steps on the current reward model
+    # (or can take no more: its budget, the KL bound). Under load a reward round
+    # takes minutes while 8 people cast ten votes in under a minute, so a round was
+    # always due and a 10-minute soak ran no PPO step at all (issue 42). Three steps
+    # a round: the policy moves with every reward model, and new votes still reach a
+    # reward model within a few minutes. 0: reward rounds whenever votes are due.
+    ppo_steps_between_rewards: int = 3
     retry_backoff_s: float = 5.0  # first back-off after a training error; doubles up to max
     max_backoff_s: float = 300.0
     arena_fraction: float = 0.25  # share of pairs that put the policy against the reference
@@ -498,6 +506,8 @@ def validate(cfg: AppConfig) -> AppConfig:
         )
     if not 0 <= cfg.model.training_share <= 1:
         raise ValueError(f"model.training_share ({cfg.model.training_share:g}) must be in [0, 1]: a share of the time")
+    if cfg.loop.ppo_steps_between_rewards < 0:
+        raise ValueError(f"loop.ppo_steps_between_rewards ({cfg.loop.ppo_steps_between_rewards}) must be 0 or more")
     if cfg.ppo.anchor_loss not in ANCHOR_LOSSES:
         raise ValueError(f"ppo.anchor_loss {cfg.ppo.anchor_loss!r}: expected one of {', '.join(ANCHOR_LOSSES)}")
     if cfg.loop.mode_choice not in MODE_CHOICES:

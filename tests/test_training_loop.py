@@ -214,3 +214,23 @@ def test_ppo_samples_with_the_scheme_people_vote_on(idle_loop):
     sampling = services.config.sampling
     assert shown == {(sampling.temperature, sampling.top_p, sampling.max_new_tokens)}
     assert batch.temperature == sampling.temperature and batch.response_ids.shape[1] <= sampling.max_new_tokens
+
+
+@pytest.mark.parametrize("turn", [2, 0])
+def test_votes_due_wait_for_ppos_turn_before_the_next_reward_round(idle_loop, turn):
+    """Under load votes are always due (ten arrive while a reward round runs), so a
+    reward round first on due votes left PPO no step at all: the next round waits
+    for ``loop.ppo_steps_between_rewards`` PPO steps on the current reward model
+    (0: the old order, a reward round whenever votes are due)."""
+    services, loop = idle_loop
+    loop.cfg.loop.ppo_steps_between_rewards = turn
+    usable_votes(services, 4, seed=0)
+    assert loop.run_once() and loop.status.state == "training reward model"
+    usable_votes(services, 6, seed=1)  # due at once, as under load
+    states = []
+    for _ in range(3):
+        assert loop.run_once()
+        states.append(loop.status.state)
+    expected = ["running PPO", "running PPO", "training reward model"] if turn else [
+        "training reward model", "running PPO", "running PPO"]
+    assert states == expected

@@ -194,7 +194,9 @@ class TrainingLoop:
         """Do the next piece of training; False when there is nothing to do yet."""
         votes = self._count_votes()
         reward_version = self.worker.call(REWARD, lambda m: m.reward_version)
-        due = votes - self._votes_at_last_round >= self.cfg.loop.reward_every_votes
+        due = votes - self._votes_at_last_round >= self.cfg.loop.reward_every_votes and self._ppo_had_its_turn(
+            reward_version
+        )
         first_due = votes >= self.cfg.loop.min_votes and votes != self._too_few_at  # no retry on the same votes
         if (reward_version == 0 and first_due) or (reward_version > 0 and due):
             self.status.state, self.status.detail = "training reward model", f"{votes} votes"
@@ -271,6 +273,17 @@ class TrainingLoop:
                 store.add_event(session, kind, message)
         except Exception:  # the database itself may be what failed
             log.exception("could not record a training event")
+
+    def _ppo_had_its_turn(self, reward_version: int) -> bool:
+        """Whether PPO has taken ``loop.ppo_steps_between_rewards`` steps on ``reward_version``,
+        or can take none (off, its budget spent, past the KL bound): only then may new
+        votes start the next reward round."""
+        turn = self.cfg.loop.ppo_steps_between_rewards
+        if reward_version == 0 or turn <= 0 or not self.cfg.loop.ppo_enabled:
+            return True
+        with self.sessions() as session:
+            taken = len(store.ppo_steps_on_reward(session, reward_version))
+            return taken >= turn or bool(ppo_budget_spent(session, self.cfg, reward_version))
 
     def ppo_budget_spent(self, reward_version: int) -> str:
         """Why PPO must wait for new votes ("" when it may run): :func:`ppo_budget_spent`'s
