@@ -193,3 +193,19 @@ def test_the_nll_reads_the_policy_with_its_adapter_and_the_reference_without(mod
                 if name in saved:
                     param.copy_(saved[name])
         sync_policy_weights(models.trainer, models.serving)
+
+
+def test_the_nll_in_chunks_is_the_mean_over_every_answer_token(models, monkeypatch):
+    """answers_nll runs NLL_CHUNK answers a forward (the whole set at once peaked at
+    2 GB); chunks of one give the same per-token mean as one batch of all."""
+    import rlhf_chat.learning.tax as tax_module
+
+    answers = WELL_FORMED + [("Who wrote Hamlet?", "Shakespeare."), ("What is two and two?", "Two and two make four.")]
+    monkeypatch.setattr(tax_module, "NLL_CHUNK", 100)
+    whole = answers_nll(models, answers, reference=True)
+    monkeypatch.setattr(tax_module, "NLL_CHUNK", 1)
+    one_by_one = answers_nll(models, answers, reference=True)
+    means = [answers_nll(models, [a], reference=True) for a in answers]
+    assert one_by_one == pytest.approx(whole, rel=1e-4)
+    assert max(means) - min(means) > 0.1  # unequal answers: a mean of the three means would differ
+    assert whole != pytest.approx(sum(means) / 3, rel=1e-3)
