@@ -181,6 +181,22 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_reward.py::test_scoring_many_votes_gives_way_to_a_person_after_each_batch",
         "import rlhf_chat.learning.reward as r\nr.yield_point = lambda: None\n",
     ),
+    "due votes start a reward round before PPO's turn (the live loop under load trains no policy)": (
+        "tests/test_training_loop.py::test_votes_due_wait_for_ppos_turn_before_the_next_reward_round",
+        "import rlhf_chat.learning.training_loop as tl\ntl.ppo_had_its_turn = lambda *a, **k: True\n",
+    ),
+    "the simulation's reward rounds ignore PPO's turn": (
+        "tests/test_simulate.py::test_the_simulations_next_reward_round_waits_for_ppos_turn_as_the_live_loop",
+        "import rlhf_chat.learning.training_loop as tl\ntl.ppo_had_its_turn = lambda *a, **k: True\n",
+    ),
+    "a chunked reward step carries back the first chunk only": (
+        "tests/test_reward.py::test_a_batch_too_long_for_one_pass_gets_the_same_step_a_chunk_at_a_time",
+        "import rlhf_chat.learning.reward as r\n_chunks = r.token_chunks\n"
+        "def backward(models, sequences, grads, max_tokens, cache):\n"
+        "    first = _chunks([len(s.ids) for s in sequences], max_tokens)[0]\n"
+        "    r.score_sequences(models, [sequences[i] for i in first], cache).backward(grads[first])\n"
+        "r.backward_through_scores = backward\n",
+    ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
         "import rlhf_chat.serving.admission as a\na.Admission.vote = lambda self, session_id, address: None\n",

@@ -585,3 +585,38 @@ def test_scoring_many_votes_gives_way_to_a_person_after_each_batch(tiny_models, 
     assert len(calls) == 3
     reward.agreement_of(tiny_models, pairs, cfg)
     assert len(calls) == 6
+
+
+def test_a_batch_too_long_for_one_pass_gets_the_same_step_a_chunk_at_a_time(tiny_path):
+    """reward.max_batch_tokens: the batch is scored once, and the loss's gradient goes
+    back through the scorer a chunk of sequences at a time. The step equals the
+    one-pass step (the chain rule through the scores), with no chunk left out."""
+    from rlhf_chat.config import ModelConfig
+    from rlhf_chat.learning.reward import reward_parameters, token_chunks, train_step
+    from rlhf_chat.model.loading import load_models
+
+    pairs = length_pairs(6)
+    deltas = []
+    for budget in (0, 40):  # one pass; chunks of at most 40 padded tokens (several)
+        models = load_models(ModelConfig(name=tiny_path))
+        params = reward_parameters(models)
+        with torch.no_grad():  # a reward model that is not flat, so every chunk's scores matter
+            models.reward_head.weight.copy_(torch.randn(models.reward_head.weight.shape,
+                                                        generator=torch.Generator().manual_seed(0)))
+        before = [p.detach().clone() for p in params]
+        cfg = RewardConfig(max_batch_tokens=budget)
+        lengths = [len(s) for s in _sequence_ids(models, pairs, cfg)]
+        assert (len(token_chunks(lengths, budget)) > 2) == (budget > 0)
+        stats = train_step(models, torch.optim.SGD(params, lr=1.0), pairs, cfg)
+        assert not stats["skipped"]
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]))
+    assert deltas[0].abs().max() > 1e-4
+    # equal up to rounding: the chunks are padded to other widths than the one batch
+    gap = ((deltas[1] - deltas[0]).norm() / deltas[0].norm()).item()
+    assert gap < 1e-3, gap
+
+
+def _sequence_ids(models, pairs, cfg):
+    from rlhf_chat.learning.reward import pair_sequences
+
+    return [s.ids for s in pair_sequences(models.tokenizer, pairs, cfg)]

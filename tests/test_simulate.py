@@ -320,6 +320,22 @@ def test_the_simulation_runs_at_most_the_loops_budget_of_ppo_steps_per_reward_ve
         assert [s.reward_version for s in store.ppo_steps(session)] == [1, 2]
 
 
+@pytest.mark.parametrize("turn, versions", [(3, [1]), (2, [1, 2])])
+def test_the_simulations_next_reward_round_waits_for_ppos_turn_as_the_live_loop(
+    tiny_config, tmp_path, monkeypatch, turn, versions
+):
+    """loop.ppo_steps_between_rewards holds in the simulation too: two rounds of two PPO
+    steps each; with a turn of 3 the second round's votes train no new reward model
+    (PPO took only 2 steps on v1), with a turn of 2 they do."""
+    cfg = tiny_config
+    labeler, prompts = small_run(cfg, tmp_path, monkeypatch, rounds=2)
+    cfg.loop.ppo_steps_per_reward, cfg.loop.max_kl = 0, 0.0  # no bound: only the turn decides
+    cfg.loop.ppo_steps_between_rewards = turn
+    report = simulate(cfg, labeler, comparisons=8, ppo_steps=4, prompts_file=prompts, report_path=None)
+    assert [r["version"] for r in report.reward_rounds] == versions
+    assert report.ppo_steps_run == 4
+
+
 def test_a_tripwire_trip_pauses_the_simulations_training_for_the_rest_of_the_run(tiny_config, tmp_path, monkeypatch):
     """The live loop's tripwire (guards on) runs after each reward round and PPO step of a
     simulation: a trip is reported and no PPO step or reward round follows it."""

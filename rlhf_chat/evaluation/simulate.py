@@ -699,9 +699,14 @@ class SimulationRun:
 
     def reward_round(self, round_no: int) -> None:
         """Phase 2: a reward round on every vote so far, as the live loop runs one, then
-        the tripwire; none once the tripwire has paused training."""
+        the tripwire; none once the tripwire has paused training, nor before PPO has had
+        its turn on the reward model before (``loop.ppo_steps_between_rewards``)."""
         if self.report.tripwire is not None:
             return
+        version = self.worker.call(REWARD, lambda m: m.reward_version)
+        with self.sessions() as session:
+            if not training_loop.ppo_had_its_turn(session, self.cfg, version):
+                return
         mark, report = time.perf_counter(), self.report
         self.bar.set_description("reward model")
         result = reward_round_from_config(self.worker, self.sessions, self.cfg, seed=self.seed)

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -159,15 +160,53 @@ def pair_targets(pairs: list[PreferencePair], device: torch.device) -> torch.Ten
     return torch.tensor([p.target for p in pairs], dtype=torch.float32, device=device)  # pragma: no mutate (default dtype)
 
 
+def pair_sequences(tok, pairs: list[PreferencePair], cfg: RewardConfig) -> list[Encoded]:
+    """The 2B encoded sequences of the pairs: every chosen answer, then every rejected one."""
+    chosen = [encode(tok, p.context, p.chosen, cfg.max_length, p.chosen_finished) for p in pairs]
+    rejected = [encode(tok, p.context, p.rejected, cfg.max_length, p.rejected_finished) for p in pairs]
+    return chosen + rejected
+
+
 def pair_scores(
     models: Models, pairs: list[PreferencePair], cfg: RewardConfig, cache: PrefixCache | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) scores, both (B,), from one forward over the 2B sequences."""
-    tok = models.tokenizer
-    chosen = [encode(tok, p.context, p.chosen, cfg.max_length, p.chosen_finished) for p in pairs]
-    rejected = [encode(tok, p.context, p.rejected, cfg.max_length, p.rejected_finished) for p in pairs]
-    scores = score_sequences(models, chosen + rejected, cache)
+    scores = score_sequences(models, pair_sequences(models.tokenizer, pairs, cfg), cache)
     return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def token_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of sequences grouped so that each group, left-padded to its longest,
+    holds at most ``max_tokens`` tokens (one sequence at least); longest first, so
+    that sequences of like length share a group. ``max_tokens`` 0: one group.
+
+    >>> token_chunks([100, 500, 120, 480], 1000)
+    [[1, 3], [2, 0]]
+    >>> token_chunks([100, 500], 0)
+    [[0, 1]]
+    """
+    if max_tokens <= 0:
+        return [list(range(len(lengths)))]
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        # the group's longest is its first: a new member pads to that length
+        if chunks and lengths[chunks[-1][0]] * (len(chunks[-1]) + 1) <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def backward_through_scores(
+    models: Models, sequences: list[Encoded], score_grads: torch.Tensor, max_tokens: int, cache: PrefixCache | None
+) -> None:
+    """Accumulate ``sum_i score_grads[i] * d score_i / d weights`` a chunk of sequences
+    at a time (:func:`token_chunks`): the gradient a backward pass of the whole
+    batch would give (the chain rule through the scores), holding one chunk's
+    activations instead of the whole batch's."""
+    for chunk in token_chunks([len(s.ids) for s in sequences], max_tokens):
+        scores = score_sequences(models, [sequences[i] for i in chunk], cache)
+        scores.backward(score_grads[chunk])
 
 
 def train_step(
@@ -180,15 +219,26 @@ def train_step(
     """One minibatch of Bradley-Terry training. A non-finite loss, or a finite loss
     with a non-finite gradient, is skipped: no optimizer step, the weights as they were."""
     models.trainer.train()  # never eval: see loading.py  # pragma: no mutate (dropout 0: train() changes nothing)
-    chosen, rejected = pair_scores(models, pairs, cfg, cache)
+    sequences = pair_sequences(models.tokenizer, pairs, cfg)
+    chunked = len(token_chunks([len(s.ids) for s in sequences], cfg.max_batch_tokens)) > 1
+    # A batch too long for one backward pass (reward.max_batch_tokens) is scored once
+    # without gradients, and its loss's gradient with respect to the scores is then
+    # carried back a chunk at a time.
+    with torch.no_grad() if chunked else nullcontext():
+        scores = score_sequences(models, sequences, cache)
+    if chunked:
+        scores.requires_grad_(True)  # a leaf: loss.backward() stops at the scores
     margins, weights = pair_margins(pairs, cfg, models.device), pair_weights(pairs, models.device)
     targets = pair_targets(pairs, models.device)
-    loss, stats = bradley_terry_loss(chosen, rejected, margins, cfg.center_coef, weights, targets)
+    n = len(pairs)
+    loss, stats = bradley_terry_loss(scores[:n], scores[n:], margins, cfg.center_coef, weights, targets)
     # Each of the three zero_grad calls is a safeguard for the others (no mutant of one changes a step).
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate
     if not torch.isfinite(loss):
         return {**stats, "skipped": True}
-    loss.backward()
+    loss.backward()  # chunked: as far as the scores only
+    if chunked:
+        backward_through_scores(models, sequences, scores.grad, cfg.max_batch_tokens, cache)
     grad_norm = torch.nn.utils.clip_grad_norm_(reward_parameters(models), 1.0)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)  # pragma: no mutate

@@ -56,6 +56,17 @@ def ppo_budget_spent(session, cfg: AppConfig, reward_version: int) -> str:
     return ""
 
 
+def ppo_had_its_turn(session, cfg: AppConfig, reward_version: int) -> bool:
+    """Whether new votes may start the next reward round: PPO has taken
+    ``loop.ppo_steps_between_rewards`` steps on ``reward_version``, or can take none
+    (off, its budget spent, past the KL bound), or there is no reward model yet."""
+    turn = cfg.loop.ppo_steps_between_rewards
+    if reward_version == 0 or turn <= 0 or not cfg.loop.ppo_enabled:
+        return True
+    taken = len(store.ppo_steps_on_reward(session, reward_version))
+    return taken >= turn or bool(ppo_budget_spent(session, cfg, reward_version))
+
+
 def tripwire_trip(session, cfg: AppConfig, after_policy: int = 0, after_reward: int = 0) -> tripwire.Trip | None:
     """The tripwire's verdict after a reward round or a PPO step (learning/tripwire.py),
     or None; never a trip with the guards off (``guards.enabled``). Evidence up to
@@ -275,15 +286,9 @@ class TrainingLoop:
             log.exception("could not record a training event")
 
     def _ppo_had_its_turn(self, reward_version: int) -> bool:
-        """Whether PPO has taken ``loop.ppo_steps_between_rewards`` steps on ``reward_version``,
-        or can take none (off, its budget spent, past the KL bound): only then may new
-        votes start the next reward round."""
-        turn = self.cfg.loop.ppo_steps_between_rewards
-        if reward_version == 0 or turn <= 0 or not self.cfg.loop.ppo_enabled:
-            return True
+        """:func:`ppo_had_its_turn` on this loop's database and settings."""
         with self.sessions() as session:
-            taken = len(store.ppo_steps_on_reward(session, reward_version))
-            return taken >= turn or bool(ppo_budget_spent(session, self.cfg, reward_version))
+            return ppo_had_its_turn(session, self.cfg, reward_version)
 
     def ppo_budget_spent(self, reward_version: int) -> str:
         """Why PPO must wait for new votes ("" when it may run): :func:`ppo_budget_spent`'s
