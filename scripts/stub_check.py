@@ -197,6 +197,10 @@ STUBS: dict[str, tuple[str, str]] = {
         "    r.score_sequences(models, [sequences[i] for i in first], cache).backward(grads[first])\n"
         "r.backward_through_scores = backward\n",
     ),
+    "no grace for the training loop's next job (chat slips in between every two slices)": (
+        "tests/test_worker.py::test_a_training_loop_that_submits_one_job_at_a_time_still_gets_its_share",
+        "import rlhf_chat.generation.worker as w\nw.TRAINING_GRACE_S = 0.0\n",
+    ),
     "no vote limit": (
         "tests/test_ui.py::test_votes_beyond_the_per_minute_limit_are_refused_and_not_stored",
         "import rlhf_chat.serving.admission as a\na.Admission.vote = lambda self, session_id, address: None\n",

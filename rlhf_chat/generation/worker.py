@@ -50,6 +50,12 @@ CHAT, REWARD, PPO = 0, 1, 2  # lower runs first; above CHAT is training
 # burst owed after chat alone is -ln(1 - share) * half-life / ln 2: 25 s at a
 # share of 0.25, during which a person waits.
 SHARE_HALF_LIFE_S = 60.0
+# While training is owed its share, after a training job the worker waits this long
+# for the training loop's next one before it takes a waiting person's. The loop
+# submits its slices one at a time (a reward step, a PPO phase) with a little work
+# between; without the wait a chat job (seconds long) slipped in between every two
+# slices, and a reward round under 8 people's load took over 12 minutes.
+TRAINING_GRACE_S = 0.1
 _STOP = object()
 _current = threading.local()  # the worker whose thread this is (yield_point elsewhere does nothing)
 
@@ -85,6 +91,7 @@ class ModelWorker:
         self._chat_s = self._training_s = 0.0
         self._running: list[int] = []  # priorities of the jobs under way, the nested one last
         self._mark = time.monotonic()  # when time was last charged
+        self._last_priority = CHAT  # of the last job run at the top level
 
     def start(self) -> ModelWorker:
         """Load the models and start taking jobs (returns at once)."""
@@ -133,6 +140,7 @@ class ModelWorker:
             if job[0] <= CHAT and self._training_owed():
                 job = self._prefer_training(job)
             self._execute(job[0], job[2], job[3])
+            self._last_priority = job[0]
             self._between_jobs()
 
     def _between_jobs(self) -> None:
@@ -143,8 +151,14 @@ class ModelWorker:
         self.trimmer.maybe_trim()
 
     def _prefer_training(self, chat_job: tuple) -> tuple:
-        """The most urgent waiting training job, the chat job put back; or the chat job if none waits."""
+        """The most urgent waiting training job, the chat job put back; or the chat job if
+        none waits, after a grace of :data:`TRAINING_GRACE_S` when a training job just ended."""
         training = self._take(CHAT + 1, math.inf)
+        if training is None and self._last_priority > CHAT:
+            deadline = time.monotonic() + TRAINING_GRACE_S
+            while training is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+                training = self._take(CHAT + 1, math.inf)
         if training is None:
             return chat_job
         self._jobs.put(chat_job)  # its (priority, order) keeps its place in the queue
