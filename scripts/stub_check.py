@@ -434,6 +434,15 @@ STUBS: dict[str, tuple[str, str]] = {
         "tests/test_guards.py::test_the_tripwire_pauses_when_contributors_the_last_round_did_not_trust_carry_the_next",
         "import rlhf_chat.learning.tripwire as t\nt.newly_trusted = lambda now, before: (0.0, [])\n",
     ),
+    "a minibatch update holds every term's graph until one backward of their sum": (
+        "tests/test_ppo.py::test_a_minibatch_update_sends_each_term_back_alone_with_the_gradients_of_their_sum",
+        "import torch\nimport rlhf_chat.learning.ppo as ppo\nheld = []\n"
+        "def hold(loss):\n    held.append(loss)\n    return loss.item()\n"
+        "real_clip = torch.nn.utils.clip_grad_norm_\n"
+        "def clip(params, max_norm):\n    if held:\n        sum(held).backward()\n        held.clear()\n"
+        "    return real_clip(params, max_norm)\n"
+        "ppo.backward_if_finite = hold\ntorch.nn.utils.clip_grad_norm_ = clip\n",
+    ),
 }
 
 PLUGIN = '''

@@ -192,6 +192,89 @@ def test_a_minibatch_update_moves_the_policy_adapter_whatever_was_active(fresh_m
     assert minibatch_update(m, optimizer, batch, [0, 1], tiny_ppo_config(ptx_coef=0.5), examples)["ptx_loss"] > 0
 
 
+class SavedTensorPeak:
+    """The most bytes autograd held saved for backward at any one time, while active
+    (each saved tensor counted by its own size, so views overcount alike everywhere)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, tensor):
+        import weakref
+
+        size = tensor.numel() * tensor.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        holder = _Held(tensor)
+        weakref.finalize(holder, self.free, size)
+        return holder
+
+    def free(self, size: int) -> None:
+        self.live -= size
+
+    def unpack(self, holder):
+        return holder.tensor
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+class _Held:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def test_a_minibatch_update_sends_each_term_back_alone_with_the_gradients_of_their_sum(fresh_models, monkeypatch):
+    """PPO's term and PPO-ptx's two terms go back one at a time: the update is the one
+    their sum would make, and autograd never holds the three graphs at once (the
+    biggest job of a Space under load, bench/job_memory.py)."""
+    from rlhf_chat.learning.ppo import make_optimizer, minibatch_update, restore, snapshot
+    from rlhf_chat.learning.supervised import SupervisedExample
+
+    m = fresh_models
+    batch = scored_batch(m)
+    cfg = tiny_ppo_config(ptx_coef=0.5, ptx_reference_coef=0.5)
+    optimizer = make_optimizer(m, cfg)
+    chosen = [SupervisedExample(c, "Blue is calm and the sea is wide.") for c in CONTEXTS]
+    anchors = [SupervisedExample(c, "Tea is a drink made from leaves.") for c in CONTEXTS]
+    saved = snapshot(m, optimizer)
+    real_step, real_clip, held, grads = optimizer.step, torch.nn.utils.clip_grad_norm_, [], []
+
+    def record_then_step(*args, **kwargs):  # the gradients the update applies
+        grads.append(torch.cat([p.grad.flatten() for p in ppo_module.policy_parameters(m)]).clone())
+        return real_step(*args, **kwargs)
+
+    def update() -> tuple[dict, int]:
+        restore(m, optimizer, saved)
+        with SavedTensorPeak() as peak:
+            stats = minibatch_update(m, optimizer, batch, [0, 1, 2, 3], cfg, chosen, anchors)
+        return stats, peak.peak
+
+    def hold(loss):  # the sum's way: every graph kept until one backward of the total
+        held.append(loss)
+        return loss.item()
+
+    def backward_the_sum_then_clip(params, max_norm):
+        sum(held).backward()
+        held.clear()
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(optimizer, "step", record_then_step)
+    split, split_peak = update()
+    monkeypatch.setattr(ppo_module, "backward_if_finite", hold)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", backward_the_sum_then_clip)
+    summed, summed_peak = update()
+    assert split["finite"] and summed["finite"] and split["loss"] == pytest.approx(summed["loss"], rel=1e-6)
+    assert split["ptx_loss"] > 0 and split["ptx_reference_loss"] > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[1].abs().max().item())
+    assert split_peak < 0.75 * summed_peak, (split_peak, summed_peak)
+
+
 def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fresh_models):
     """Tokens sampled by the serving copy are weighted by min(p_train / p_serving, cap)
     in the policy loss: with the serving log-probs 0.5 below the training copy's, every

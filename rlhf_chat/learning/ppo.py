@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -461,24 +462,30 @@ def minibatch_update(
     vf_loss, vf_stats = pm.clipped_value_loss(
         values, batch.values[idx], batch.returns[idx], mask, cfg.clip_range_value
     )
-    loss = pg_loss + cfg.vf_coef * vf_loss
-    ptx_stats = {}
-    if cfg.ptx_coef > 0 and ptx_examples:
-        ptx = lm_loss(models, ptx_examples, cfg.max_prompt_tokens)
-        loss = loss + cfg.ptx_coef * ptx
-        ptx_stats = {"ptx_loss": ptx.item()}
-    if cfg.ptx_reference_coef > 0 and anchor_examples:
-        anchor_loss = reference_kl_loss if cfg.anchor_loss == "kl" else lm_loss
-        anchor = anchor_loss(models, anchor_examples, cfg.max_prompt_tokens)
-        loss = loss + cfg.ptx_reference_coef * anchor
-        ptx_stats["ptx_reference_loss"] = anchor.item()
     with torch.no_grad():  # pragma: no mutate (memory only: a float is kept)
         entropy = pm.entropy_from_logprobs(logp).mean().item()  # logp holds real tokens only
+    del logp  # (N, V): 12 MB a 64-token row, not needed past the entropy
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (every update ends with one: a safeguard)
-    stats = {**pg_stats, **vf_stats, **ptx_stats, "entropy": entropy, "loss": loss.item(), "finite": False}
-    if not torch.isfinite(loss):
+    stats = {**pg_stats, **vf_stats, "entropy": entropy, "finite": False}
+    # Each term goes back on its own: the gradients add up to those of the sum,
+    # and only one term's graph is alive at a time. On long conversations the
+    # PPO rows' and the PPO-ptx answers' graphs held together were the biggest
+    # job of a Space under load (bench/job_memory.py, docs/performance.md).
+    total = backward_if_finite(pg_loss + cfg.vf_coef * vf_loss)
+    del logprobs, values, pg_loss, vf_loss
+    if total is not None and cfg.ptx_coef > 0 and ptx_examples:
+        ptx = lm_loss(models, ptx_examples, cfg.max_prompt_tokens)
+        stats["ptx_loss"] = ptx.item()
+        total = add_if_finite(total, backward_if_finite(cfg.ptx_coef * ptx))
+    if total is not None and cfg.ptx_reference_coef > 0 and anchor_examples:
+        anchor_loss = reference_kl_loss if cfg.anchor_loss == "kl" else lm_loss
+        anchor = anchor_loss(models, anchor_examples, cfg.max_prompt_tokens)
+        stats["ptx_reference_loss"] = anchor.item()
+        total = add_if_finite(total, backward_if_finite(cfg.ptx_reference_coef * anchor))
+    stats["loss"] = float("nan") if total is None else total
+    if total is None:
+        optimizer.zero_grad(set_to_none=True)  # a term that went back before a non-finite one
         return stats
-    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters(models), cfg.max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (the next update starts with one, too)
@@ -486,6 +493,32 @@ def minibatch_update(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # pragma: no mutate (the next update starts with one, too)
     return {**stats, "finite": True, "grad_norm": grad_norm.item()}
+
+
+def backward_if_finite(loss: torch.Tensor) -> float | None:
+    """Backpropagate ``loss`` (its gradients add to those already there) and return
+    its value; None, with nothing backpropagated, when it is not finite.
+
+    >>> w = torch.ones(1, requires_grad=True)
+    >>> backward_if_finite((2 * w).sum()), w.grad.tolist()
+    (2.0, [2.0])
+    >>> backward_if_finite(w.sum() * float("nan")), w.grad.tolist()
+    (None, [2.0])
+    """
+    value = loss.item()
+    if not math.isfinite(value):
+        return None
+    loss.backward()
+    return value
+
+
+def add_if_finite(total: float, part: float | None) -> float | None:
+    """``total + part``, or None when ``part`` is None (a term that was not finite).
+
+    >>> add_if_finite(1.0, 0.5), add_if_finite(1.0, None)
+    (1.5, None)
+    """
+    return None if part is None else total + part
 
 
 def in_row_order(idx: torch.Tensor, rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
