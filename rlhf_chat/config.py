@@ -52,6 +52,13 @@ class ModelConfig:
     # token at width 576, so about 460 MB at most): each round then runs only the
     # new votes through the frozen layers.
     prefix_cache_tokens: int = 200_000
+    # The policy's training forwards (PPO's update, PPO-ptx's terms) keep only each
+    # adapted layer's input and run the layer again in the backward pass (activation
+    # recomputation). A PPO step on long conversations, the biggest job of a Space
+    # under load, peaked +1.8-2.6 GB above the models without it and +0.9-1.0 GB with
+    # it, at 1.08x the time (bench/job_memory.py, AMD EPYC AVX512-BF16). The reward
+    # model's steps carry their gradient back in chunks instead (reward.max_batch_tokens).
+    recompute_top_layers: bool = True
     # Compiled kernels kept per input shape by oneDNN and PyTorch's ideep layer
     # (model/memory.py; 0: their default, 1024 each). Every batch has other
     # lengths, so they fill: 60 token counts of one layer's products grew resident

@@ -443,6 +443,13 @@ STUBS: dict[str, tuple[str, str]] = {
         "    return real_clip(params, max_norm)\n"
         "ppo.backward_if_finite = hold\ntorch.nn.utils.clip_grad_norm_ = clip\n",
     ),
+    "model.recompute_top_layers silently does nothing": (
+        "tests/test_ppo.py::test_recomputing_the_top_layers_makes_the_same_update_with_less_kept_for_backward",
+        "import rlhf_chat.model.heads as h\n_real = h.top_hidden\n"
+        "def top_hidden(peft_model, prefix, recompute=False):\n    return _real(peft_model, prefix, False)\n"
+        "h.top_hidden = top_hidden\n"
+        "import rlhf_chat.learning.ppo as p, rlhf_chat.learning.supervised as s\np.top_hidden = s.top_hidden = top_hidden\n",
+    ),
 }
 
 PLUGIN = '''

@@ -275,6 +275,38 @@ def test_a_minibatch_update_sends_each_term_back_alone_with_the_gradients_of_the
     assert split_peak < 0.75 * summed_peak, (split_peak, summed_peak)
 
 
+def test_recomputing_the_top_layers_makes_the_same_update_with_less_kept_for_backward(fresh_models, monkeypatch):
+    """model.recompute_top_layers: PPO's update and PPO-ptx's term keep only each adapted
+    layer's input for the backward pass and run the layer again there: the same
+    gradients, and far fewer bytes held by autograd at once."""
+    from rlhf_chat.learning.ppo import make_optimizer, minibatch_update, restore, snapshot
+    from rlhf_chat.learning.supervised import SupervisedExample
+
+    m = fresh_models
+    batch = scored_batch(m)
+    cfg = tiny_ppo_config(ptx_coef=0.5)
+    optimizer = make_optimizer(m, cfg)
+    chosen = [SupervisedExample(c, "Blue is calm and the sea is wide.") for c in CONTEXTS]
+    saved, real_step, grads = snapshot(m, optimizer), optimizer.step, []
+
+    def record_then_step(*args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for p in ppo_module.policy_parameters(m)]).clone())
+        return real_step(*args, **kwargs)
+
+    def update(recompute: bool) -> int:
+        restore(m, optimizer, saved)
+        monkeypatch.setattr(m, "recompute_top_layers", recompute)
+        with SavedTensorPeak() as peak:
+            assert minibatch_update(m, optimizer, batch, [0, 1, 2, 3], cfg, chosen)["finite"]
+        return peak.peak
+
+    monkeypatch.setattr(optimizer, "step", record_then_step)
+    kept, recomputed = update(False), update(True)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+    assert recomputed < 0.9 * kept, (recomputed, kept)  # 0.76 on the tiny model: its vocabulary dominates
+    assert ModelConfig().recompute_top_layers  # the default
+
+
 def test_a_minibatch_update_weights_tokens_by_the_truncated_importance_ratio(fresh_models):
     """Tokens sampled by the serving copy are weighted by min(p_train / p_serving, cap)
     in the policy loss: with the serving log-probs 0.5 below the training copy's, every

@@ -229,7 +229,7 @@ def policy_forward(
     The 49k-word output layer and log-softmax run on the real tokens only: once
     the policy learns to stop early, most of a batch's R columns are padding.
     """
-    hidden = top_hidden(models.trainer, prefix)  # (B, P+R, H)
+    hidden = top_hidden(models.trainer, prefix, models.recompute_top_layers)  # (B, P+R, H)
     before_each = hidden[:, prompt_len - 1 : -1]  # (B, R, H): the state that emitted each response token
     real = response_mask.bool()
     logits = models.trainer.get_base_model().lm_head(before_each[real]).float()  # (N, V)

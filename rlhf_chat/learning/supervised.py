@@ -159,7 +159,7 @@ def answer_tokens(models, examples: list[SupervisedExample], max_prompt_tokens: 
 
 def answer_logits(models, batch: AnswerTokens) -> torch.Tensor:
     """(N, V) logits at the N answer tokens of the batch, under the active adapter."""
-    hidden = top_hidden(models.trainer, batch.prefix)  # (B, L, H)
+    hidden = top_hidden(models.trainer, batch.prefix, models.recompute_top_layers)  # (B, L, H)
     # None would index every position: the same loss (the mask zeroes the rest), at the
     # cost of the output layer over prompts too
     real = batch.mask.bool()  # pragma: no mutate (a cost mutant: one value either way)

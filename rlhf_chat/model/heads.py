@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rlhf_chat.model.tensors import left_pad, masked_mean
 
@@ -136,13 +137,21 @@ def frozen_prefix(peft_model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
     return Prefix(hidden, mask, split)
 
 
-def top_hidden(peft_model: nn.Module, prefix: Prefix) -> torch.Tensor:
-    """Last-layer hidden states (B, T, H) from a prefix, under the active adapter."""
+def top_hidden(peft_model: nn.Module, prefix: Prefix, recompute: bool = False) -> torch.Tensor:
+    """Last-layer hidden states (B, T, H) from a prefix, under the active adapter.
+
+    With ``recompute`` (``model.recompute_top_layers``) and gradients on, autograd
+    keeps only each layer's input and runs the layer again in the backward pass:
+    the same gradients, a fraction of the memory, one more forward of the top layers.
+    """
     model = backbone(peft_model)
     hidden = prefix.hidden
     inputs = _layer_inputs(model, hidden, prefix.mask)
     for layer in model.layers[prefix.split :]:
-        hidden = layer(hidden, **inputs)
+        if recompute and torch.is_grad_enabled():
+            hidden = checkpoint(layer, hidden, use_reentrant=False, **inputs)
+        else:
+            hidden = layer(hidden, **inputs)
     return model.norm(hidden)
 
 

@@ -77,6 +77,7 @@ class Models:
     serving_version: int = 0  # policy version the serving copy holds; goes up per completed update
     reward_version: int = 0  # 0: no reward model trained yet
     prefix_cache: PrefixCache | None = None  # frozen-layer states of voted answers, across reward rounds
+    recompute_top_layers: bool = False  # model.recompute_top_layers: the policy's training forwards recompute
     kernel: str = ""  # the serving copy's int4 kernel ("avx2" | "torch"); "" off the int4 path
 
     @property
@@ -458,6 +459,7 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None, training: 
         device=device,
         base=base_identity(cfg, device),
         prefix_cache=PrefixCache(cfg.prefix_cache_tokens) if training else None,
+        recompute_top_layers=cfg.recompute_top_layers,
         kernel=kernel,
     )
 
