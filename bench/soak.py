@@ -13,7 +13,8 @@ their own; each paces itself under the app's per-minute limit, as a person
 reading the answers would.
 
 Every ``--window-minutes`` it records: the resident memory of the app process
-and its children (``VmRSS``), the median and p95 of the time to two answers in
+and its children (``VmRSS``) at the window's end and the highest of the
+readings taken every ``MEMORY_EVERY_S`` seconds within it, the median and p95 of the time to two answers in
 that window, the database's size (with SQLite's journal files), the checkpoint
 folder's size, errors so far, and votes (and written answers) acknowledged
 against those stored. At the end it prints the table, checks that nothing
@@ -59,6 +60,9 @@ WRITE_SHARE = 0.05  # writes an answer instead of voting
 CONTINUE_SHARE = 0.3  # after a vote, presses Continue (refused, and not counted, unless the answer was cut off)
 TURNS = 4  # messages per conversation before a new one, as in bench/load.py
 NO_CONTINUE = "There is no cut-off answer to continue."
+# A window's memory peak: read this often. One reading at a window's end lands
+# between jobs or in the middle of one, by chance, and moved by a few hundred MB.
+MEMORY_EVERY_S = 2.0
 
 
 # --- the app under test ------------------------------------------------------------------------
@@ -276,6 +280,29 @@ def health(port: int) -> dict:
         return {}
 
 
+class MemoryPeaks(threading.Thread):
+    """Reads the resident memory of ``pid`` and its descendants every ``every_s``
+    seconds; :meth:`take` returns the highest reading since the last take."""
+
+    def __init__(self, pid: int, every_s: float = MEMORY_EVERY_S):
+        super().__init__(name="memory-peaks", daemon=True)
+        self.pid, self.every_s, self.peak = pid, every_s, 0.0
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            reading = resident_mb(self.pid)
+            with self.lock:
+                self.peak = max(self.peak, reading)
+
+    def take(self, now_mb: float) -> float:
+        """The window's peak (at least ``now_mb``, the reading at its end), and start the next window."""
+        with self.lock:
+            peak, self.peak = max(self.peak, now_mb), 0.0
+        return peak
+
+
 def stored_counts(sessions) -> tuple[int, int]:
     """(votes, written answers) in the database."""
     with sessions() as session:
@@ -283,15 +310,17 @@ def stored_counts(sessions) -> tuple[int, int]:
 
 
 def window_row(app: subprocess.Popen, port: int, work: Path, sessions, people: list[Person],
-               start: float, since: float) -> dict:
+               start: float, since: float, peaks: MemoryPeaks) -> dict:
     """One row of the table: the process's memory, the window's latency, disk, and the counts so far."""
     now = time.monotonic()
+    rss = resident_mb(app.pid)
     waits = [s for p in people for done, s in list(p.answered) if since < done <= now]
     votes, written = stored_counts(sessions)
     status = health(port)
     return {
         "minute": round((now - start) / 60, 2),
-        "rss_mb": round(resident_mb(app.pid), 1),
+        "rss_mb": round(rss, 1),
+        "rss_peak_mb": round(peaks.take(rss), 1),
         "answers": len(waits),
         "p50_s": round(percentile(waits, 0.5), 2) if waits else None,
         "p95_s": round(percentile(waits, 0.95), 2) if waits else None,
@@ -310,19 +339,24 @@ def window_row(app: subprocess.Popen, port: int, work: Path, sessions, people: l
 def watch(app, port, work, sessions, people, threads, start, window_s) -> list[dict]:
     """A row every ``window_s`` until every person has finished, then a last one."""
     rows, since = [], start
-    while any(t.is_alive() for t in threads):
-        next_at = since + window_s
-        while time.monotonic() < next_at and any(t.is_alive() for t in threads):
-            time.sleep(min(1.0, max(0.0, next_at - time.monotonic())))
-        rows.append(window_row(app, port, work, sessions, people, start, since))
-        since = time.monotonic()
-        print(table_line(rows[-1]), flush=True)
+    peaks = MemoryPeaks(app.pid)
+    peaks.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            next_at = since + window_s
+            while time.monotonic() < next_at and any(t.is_alive() for t in threads):
+                time.sleep(min(1.0, max(0.0, next_at - time.monotonic())))
+            rows.append(window_row(app, port, work, sessions, people, start, since, peaks))
+            since = time.monotonic()
+            print(table_line(rows[-1]), flush=True)
+    finally:
+        peaks.stopped.set()
     return rows
 
 
 # --- the report ----------------------------------------------------------------------------------
 
-COLUMNS = ("minute", "rss_mb", "answers", "p50_s", "p95_s", "db_mb", "checkpoints_mb", "errors",
+COLUMNS = ("minute", "rss_mb", "rss_peak_mb", "answers", "p50_s", "p95_s", "db_mb", "checkpoints_mb", "errors",
            "votes_acknowledged", "votes_stored", "written_acknowledged", "written_stored",
            "policy_version", "reward_version")
 
@@ -343,8 +377,10 @@ def write_plot(rows: list[dict], path: Path) -> bool:
         return False  # the JSON and CSV carry the same figures
     minutes = [r["minute"] for r in rows]
     fig, (mem, lat, disk) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    mem.plot(minutes, [r["rss_mb"] / 1024 for r in rows], marker="o")
+    mem.plot(minutes, [r["rss_peak_mb"] / 1024 for r in rows], marker="o", label="peak in the window")
+    mem.plot(minutes, [r["rss_mb"] / 1024 for r in rows], marker=".", label="at the window's end")
     mem.set_ylabel("resident memory (GB)")
+    mem.legend()
     for key, label in (("p50_s", "median"), ("p95_s", "p95")):
         lat.plot(minutes, [r[key] for r in rows], marker="o", label=label)
     lat.set_ylabel("two answers (s)")

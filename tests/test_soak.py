@@ -36,4 +36,5 @@ def test_a_short_soak_loses_nothing_and_errors_nowhere(tiny_path, tmp_path):
     assert windows[-1]["votes_stored"] == windows[-1]["votes_acknowledged"] == report["final_stored"]["votes"]
     assert windows[-1]["reward_version"] >= 1  # the training loop ran, on the votes cast
     assert all(w["rss_mb"] > 100 for w in windows)  # the app process's own memory, read from /proc
+    assert all(w["rss_peak_mb"] >= w["rss_mb"] for w in windows)  # the highest reading within each window
     assert (tmp_path / "soak.csv").exists() and (tmp_path / "app.log").exists()
