@@ -986,7 +986,9 @@ def test_ptx_anchor_keeps_the_starting_models_own_answers_likely(tiny_config):
     def run(coef: float) -> tuple[float, float]:
         worker = ModelWorker(lambda: load_models(tiny_config.model)).start()
         try:
-            cfg = tiny_ppo_config(ptx_reference_coef=coef, ptx_coef=0.0, learning_rate=3e-3, ptx_batch=4)
+            cfg = tiny_ppo_config(
+                ptx_reference_coef=coef, anchor_loss="nll", ptx_coef=0.0, learning_rate=3e-3, ptx_batch=4
+            )
             trainer = PPOTrainer(worker, sessions, cfg, tiny_config.store.checkpoint_dir, first_token_rule, SAMPLING)
             trainer.rng.seed(0)
             before = worker.call(0, lambda m: lm_loss(m, anchors, 256).item())
