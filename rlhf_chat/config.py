@@ -49,9 +49,13 @@ class ModelConfig:
     # tokens took 18.6 s with all 30 layers adapted and 3.1 s with the top 10.
     lora_top_layers: int = 8  # 0: every layer
     # Frozen-layer outputs of voted answers kept between reward rounds (~2.3 KB a
-    # token at width 576, so about 460 MB at most): each round then runs only the
-    # new votes through the frozen layers.
-    prefix_cache_tokens: int = 200_000
+    # token at width 576): each round then runs only the new votes through the
+    # frozen layers. 50,000 tokens (~115 MB) hold a young Space's votes (about 100
+    # of 250 tokens a side), where rounds come often. A bigger cache buys little
+    # later: at 400 long votes a 200,000-token cache made the next round 9% faster
+    # (574 s against 632 s) and held 490 MB for it, the whole of the 60-minute
+    # soak's growth after minute 10 (bench/job_memory.py, AMD EPYC AVX512-BF16).
+    prefix_cache_tokens: int = 50_000
     # The policy's training forwards (PPO's update, PPO-ptx's terms) keep only each
     # adapted layer's input and run the layer again in the backward pass (activation
     # recomputation). A PPO step on long conversations, the biggest job of a Space
