@@ -53,8 +53,8 @@ class ModelConfig:
     # frozen layers. 50,000 tokens (~115 MB) hold a young Space's votes (about 100
     # of 250 tokens a side), where rounds come often. A bigger cache buys little
     # later: at 400 long votes a 200,000-token cache made the next round 9% faster
-    # (574 s against 632 s) and held 490 MB for it, the whole of the 60-minute
-    # soak's growth after minute 10 (bench/job_memory.py, AMD EPYC AVX512-BF16).
+    # (574 s against 632 s) and held 490 MB for it (bench/job_memory.py, AMD EPYC
+    # AVX512-BF16). The soak's peaks were the same with either bound (docs/performance.md).
     prefix_cache_tokens: int = 50_000
     # The policy's training forwards (PPO's update, PPO-ptx's terms) keep only each
     # adapted layer's input and run the layer again in the backward pass (activation
