@@ -73,6 +73,15 @@ class ModelConfig:
     # most this often (0: never): glibc kept 832 MB resident for 59 MB in use after
     # 40 decoding calls' worth of allocations, 63 MB after a trim (model/memory.py).
     trim_memory_every_s: float = 30.0
+    # Allocations of this many bytes or more get their own mapping, given back when
+    # freed (model/memory.py; 0: glibc's sliding threshold, which climbs to 32 MB and
+    # leaves most tensors on heaps whose holes add up between trims). 4 MiB: a PPO
+    # step on 4-exchange conversations peaked +0.95 GB above the models with the
+    # sliding threshold and +0.63 GB with this one, chat's batch of 8 pairs +0.57
+    # against +0.51 GB; 16 MiB saved nothing (bench/job_memory.py, AMD EPYC
+    # AVX512-BF16). Fresh mappings cost page faults: those jobs took 5-25% longer
+    # in the same runs (docs/performance.md).
+    mmap_threshold_bytes: int = 4 * 2**20
     # The least share of the model worker's recent busy time (generation/worker.py)
     # that training (reward and PPO jobs) gets while chat jobs wait. Strict priority
     # starved training: a 20-minute soak with 8 people never ran a reward round

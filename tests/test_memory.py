@@ -145,3 +145,66 @@ def test_admission_windows_forget_people_who_left():
     clock.now = 61.0  # a minute later, only one person is still there
     window.admit({"session:still-here": 8})
     assert set(window._events) == {"session:still-here"}
+
+
+MALLINFO_PROBE = """
+import ctypes, ctypes.util, sys
+import torch
+from rlhf_chat.model.memory import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+fixed = fix_mmap_threshold(int(sys.argv[1]))
+big = torch.empty(16 * 2**20, dtype=torch.uint8)
+del big  # glibc's sliding threshold now climbs to 16 MB
+before = libc.mallinfo2().hblks
+block = torch.empty(4 * 2**20, dtype=torch.uint8)
+print(fixed, libc.mallinfo2().hblks - before)
+"""
+
+
+def test_a_fixed_mmap_threshold_gives_large_blocks_their_own_mapping(tmp_path):
+    """After a 16 MB block is freed, glibc's sliding threshold serves a 4 MB tensor
+    from its heaps; with model.mmap_threshold_bytes at 1 MiB it gets a mapping of
+    its own (counted by glibc's mallinfo2), which goes back to the system when freed.
+    A separate process: the setting is the whole process's allocator."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if not ctypes.util.find_library("c") or not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
+        pytest.skip("needs glibc 2.33 or later (mallinfo2)")
+    root = Path(__file__).resolve().parents[1]
+
+    def probe(threshold: int) -> str:
+        done = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, str(threshold)], cwd=root, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert probe(0) == ["False", "0"]  # the sliding threshold: from the heap
+    assert probe(2**20) == ["True", "1"]
+
+
+def test_the_model_loader_fixes_the_mmap_threshold(monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(loading, "fix_mmap_threshold", lambda n: seen.append(n))
+    monkeypatch.setattr(loading, "pick_device", lambda: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        loading.load_models(ModelConfig(mmap_threshold_bytes=12345))
+    assert seen == [12345]
+
+
+def test_mmap_threshold_zero_leaves_the_allocator_alone():
+    assert memory.fix_mmap_threshold(0, mallopt=lambda *a: pytest.fail("mallopt called at 0")) is False
+    calls = []
+    assert memory.fix_mmap_threshold(4096, mallopt=lambda p, v: calls.append((p, v)) or 1) is True
+    assert calls == [(memory.M_MMAP_THRESHOLD, 4096)]

@@ -52,7 +52,7 @@ from torch import nn
 
 from rlhf_chat.config import BUNDLED_MODEL, WEIGHT_PATHS, ModelConfig
 from rlhf_chat.model.heads import PrefixCache, make_scalar_head
-from rlhf_chat.model.memory import limit_shape_caches
+from rlhf_chat.model.memory import fix_mmap_threshold, limit_shape_caches
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +427,7 @@ def load_models(cfg: ModelConfig, device: torch.device | None = None, training: 
     """Load the tokenizer, the serving copy and (unless ``training`` is False: a
     serve replica, which only answers) the training copy of the base."""
     limit_shape_caches(cfg.shape_cache_capacity)  # before the first product reads them (memory.py)
+    fix_mmap_threshold(cfg.mmap_threshold_bytes)  # before the weights: they go on their own mappings too
     device = device or pick_device()
     path = resolve_model_path(cfg)
     weights = resolve_weights(cfg, device)

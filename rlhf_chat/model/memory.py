@@ -16,6 +16,13 @@ there while nothing in Python did (issue 42):
   key/value caches pins the pages around it: 40 decoding calls' worth of that
   pattern kept 832 MB resident for 59 MB in use, and ``malloc_trim(0)`` gave
   all but 63 MB back (same script). The model worker trims now and then.
+* **Freed memory between trims.** glibc's mmap threshold rises to the size of
+  every large block freed, up to 32 MB, so after the first job nearly every
+  activation and cache comes from its heaps, where a freed block is reused only
+  by what fits in its hole. Over an hour the holes added up to a job's peak: a
+  60-minute soak's window peaks rose 3.1 -> 3.7 GB with nothing held. A fixed
+  threshold (``model.mmap_threshold_bytes``) gives each block above it its own
+  mapping, returned to the system when freed.
 """
 
 from __future__ import annotations
@@ -48,13 +55,38 @@ def limit_shape_caches(capacity: int, environ: MutableMapping[str, str] | None =
     return {name: env[name] for name in SHAPE_CACHE_VARIABLES if name in env}
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+
+
+def _libc_function(name: str) -> Callable | None:
+    """A glibc allocator function by name, or None where the C library has none (musl, macOS)."""
+    library = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
+
+
+def fix_mmap_threshold(threshold_bytes: int, mallopt: Callable[[int, int], int] | None = None) -> bool:
+    """Serve every allocation of ``threshold_bytes`` or more from its own mapping, given
+    back when it is freed (``model.mmap_threshold_bytes``; 0 leaves glibc's sliding
+    threshold). True when the allocator took the setting; False at 0 or without glibc.
+
+    A fixed threshold also stops glibc from raising it, which is the point: the
+    sliding one climbs to 32 MB after the first large free and puts every later
+    tensor below that on the heaps (the module docstring).
+    """
+    if threshold_bytes <= 0:
+        return False
+    mallopt = mallopt or _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    return _libc_function("malloc_trim")
 
 
 def release_freed_memory() -> bool:
