@@ -245,8 +245,9 @@ class PPOConfig:
     # (follow_up and context, seed 0), win-rates alike (docs/learning.md).
     anchor_loss: str = "kl"
     # Guided rollouts: this share of each step's rollout rows opens with an opening
-    # of the mode people have been choosing (a Thompson draw over the votes between
-    # modes, modes.guided_openings); the opening is scored and updated as the plain
+    # of the mode people have been choosing on that kind of question (a Thompson draw
+    # over the votes between modes, read as loop.mode_choice says: per kind by
+    # default, modes.guided_openings); the opening is scored and updated as the plain
     # policy's own answer under the plain context, so PPO reinforces, by the reward
     # model's judgement, a behaviour the plain policy almost never samples (off-policy
     # guidance, as LUFFY, Yan et al. 2025, mixes guided traces into on-policy RL).

@@ -86,7 +86,13 @@ STUBS: dict[str, tuple[str, str]] = {
     "PPO's guided rows get no opening (every rollout row plain)": (
         "tests/test_ppo.py::test_guided_rollouts_teach_the_plain_policy_an_opening_it_never_samples",
         "import rlhf_chat.learning.ppo as ppo\n"
-        "ppo.guided_openings = lambda modes, rows, fraction, rng, record: [''] * rows\n",
+        "ppo.guided_openings = lambda modes, fraction, rng, records: [''] * len(records)\n",
+    ),
+    "PPO's guided rows read the votes on every kind of question alike": (
+        "tests/test_modes.py::test_the_trainer_opens_guided_rows_as_people_chose_on_that_kind_of_question",
+        "import rlhf_chat.learning.ppo as ppo\n"
+        "_read = ppo.mode_record_for\n"
+        "ppo.mode_record_for = lambda session, choice, prompt=None: _read(session, 'thompson', prompt)\n",
     ),
     "a guided row's opening stays in the prompt (PPO never scores it)": (
         "tests/test_ppo.py::test_a_guided_row_opens_its_answer_with_the_opening_scored_as_the_policys_own",

@@ -153,14 +153,70 @@ def test_guided_openings_open_the_configured_share_of_rows_as_the_mode_people_ch
     rng = random.Random(2)
     modes = list(BUILTIN_MODES)
     record = {m.name: (5, 5) for m in modes} | {"warm": (30, 1)}
-    rows = guided_openings(modes, 4000, 0.25, rng, record)
+    rows = guided_openings(modes, 0.25, rng, [record] * 4000)
     guided = [o for o in rows if o]
     assert 900 < len(guided) < 1100  # the share
     warm = set(by_name(modes)["warm"].openings)
     assert sum(o in warm for o in guided) > 0.8 * len(guided)  # mostly the favourite ...
     assert len(set(guided) - warm) > 0  # ... while the others still get tried now and then
-    assert guided_openings(modes, 50, 0.0, rng, record) == [""] * 50
-    assert guided_openings([], 5, 1.0, rng, record) == [""] * 5
+    assert guided_openings(modes, 0.0, rng, [record] * 50) == [""] * 50
+    assert guided_openings([], 1.0, rng, [record] * 5) == [""] * 5
+
+
+def test_each_guided_row_follows_its_own_record():
+    """A row's mode comes from its own record: rows of a kind whose votes chose asking
+    back open with a question back, rows of a kind whose votes chose the direct answer
+    open with that, in one batch; a row without a record draws every mode alike."""
+    rng = random.Random(0)
+    modes = list(BUILTIN_MODES)
+    asks = {m.name: (1, 30) for m in modes} | {"follow_up": (40, 1)}
+    direct = {m.name: (1, 30) for m in modes} | {"direct": (40, 1)}
+    rows = guided_openings(modes, 1.0, rng, [asks, direct] * 200)
+    follow_up, plain = set(by_name(modes)["follow_up"].openings), set(by_name(modes)["direct"].openings)
+    assert sum(o in follow_up for o in rows[0::2]) > 190
+    assert sum(o in plain or o == "" for o in rows[1::2]) > 190  # direct's openings ("" where it has none)
+    uniform = guided_openings(modes, 1.0, rng, [None] * 2000)
+    assert len(set(uniform)) > 2 * len(modes)  # every mode's openings turn up
+
+
+def test_the_trainer_opens_guided_rows_as_people_chose_on_that_kind_of_question(tmp_path):
+    """PPO's guided rows read the votes per kind of question (loop.mode_choice per_kind):
+    asking back won on how-to requests and lost on facts, so a how-to request's guided
+    row asks back and a factual question's does not. With the global record (what the
+    trainer read before, and what "thompson" still reads) the direct answer, which won
+    more votes overall, opens both."""
+    from rlhf_chat.config import PPOConfig
+    from rlhf_chat.learning.ppo import PPOTrainer
+
+    sessions = store.open_store(f"sqlite:///{tmp_path / 'guided.db'}")
+    with sessions() as s, s.begin():
+        for name in by_name(BUILTIN_MODES):
+            if name not in ("direct", "follow_up"):
+                store.remove_mode(s, name)  # two modes: the draw is between them alone
+
+    def vote(prompt: str, winner: str, loser: str) -> None:
+        with sessions() as s, s.begin():
+            pair = store.save_pair(s, session_id="t", context=[{"role": "user", "content": prompt}],
+                                   a=candidate(PLAIN, winner), b=candidate(ASKS, loser))
+            store.record_vote(s, pair.id, "a")
+
+    for _ in range(30):
+        vote("What is the capital of Canada?", "direct", "follow_up")
+    for _ in range(20):
+        vote("How should I prepare for a job interview?", "follow_up", "direct")
+    contexts = [[{"role": "user", "content": "How do I start running?"}],
+                [{"role": "user", "content": "What is the capital of Kenya?"}]] * 50
+    follow_up = set(by_name(BUILTIN_MODES)["follow_up"].openings)
+
+    def asked_back(choice: str) -> tuple[int, int]:
+        trainer = PPOTrainer(None, sessions, PPOConfig(guided_fraction=1.0), str(tmp_path), mode_choice=choice)
+        rows = trainer.guided_openings(contexts)
+        return sum(o in follow_up for o in rows[0::2]), sum(o in follow_up for o in rows[1::2])
+
+    how_to, fact = asked_back("per_kind")
+    assert how_to > 40 and fact < 10, (how_to, fact)
+    how_to, fact = asked_back("thompson")
+    assert how_to < 10 and fact < 10, (how_to, fact)
 
 
 def test_the_mode_record_counts_wins_and_losses_of_votes_between_modes_only(tmp_path):

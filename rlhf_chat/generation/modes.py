@@ -143,16 +143,25 @@ def thompson_favourite(modes: list[Mode], rng: random.Random, record: dict[str, 
 
 
 def guided_openings(
-    modes: list[Mode], rows: int, fraction: float, rng: random.Random, record: dict[str, tuple[int, int]]
+    modes: list[Mode], fraction: float, rng: random.Random, records: list[dict[str, tuple[float, float]] | None]
 ) -> list[str]:
-    """For PPO's guided rollouts (``PPOConfig.guided_fraction``): each of ``rows``
-    rollout rows, with probability ``fraction``, gets an opening of the mode a
-    Thompson draw over the votes favours ("" otherwise, and for a mode without
+    """For PPO's guided rollouts (``PPOConfig.guided_fraction``): each rollout row,
+    with probability ``fraction``, gets an opening of the mode a Thompson draw over
+    its own ``records`` entry favours ("" otherwise, and for a mode without
     openings): the plain policy then tries, and the reward model scores, what
-    people have been choosing, which it would almost never sample by itself."""
+    people have been choosing, which it would almost never sample by itself.
+
+    One record per row, as ``mode_record_for`` gives it for the row's prompt: with
+    ``loop.mode_choice`` per_kind a how-to request is opened as people chose on
+    how-to requests (asking back) and a factual question as they chose on facts
+    (the direct answer). None (uniform) draws every mode alike.
+    """
     if fraction <= 0 or not modes:
-        return [PLAIN] * rows
-    return [thompson_favourite(modes, rng, record).opening(rng) if rng.random() < fraction else PLAIN for _ in range(rows)]
+        return [PLAIN] * len(records)
+    return [
+        thompson_favourite(modes, rng, record or {}).opening(rng) if rng.random() < fraction else PLAIN
+        for record in records
+    ]
 
 
 def by_name(modes: list[Mode] | tuple[Mode, ...]) -> dict[str, Mode]:

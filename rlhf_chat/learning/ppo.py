@@ -35,7 +35,7 @@ import torch
 
 from rlhf_chat.config import AppConfig, GuardConfig, LoopConfig, PPOConfig, RewardConfig, SamplingConfig
 from rlhf_chat.generation.candidates import Sampling, encode_openings, sample
-from rlhf_chat.generation.modes import PLAIN, active_modes, guided_openings
+from rlhf_chat.generation.modes import PLAIN, active_modes, guided_openings, mode_record_for
 from rlhf_chat.generation.worker import PPO as PPO_PRIORITY
 from rlhf_chat.generation.worker import yield_point
 from rlhf_chat.learning import ppo_math as pm
@@ -58,7 +58,7 @@ from rlhf_chat.model.tensors import left_pad
 from rlhf_chat.storage import store
 from rlhf_chat.storage.tables import PPOStep
 from rlhf_chat.text.chat import prompt_text, render_prompt, trim_to_budget
-from rlhf_chat.text.questions import load_reference_answers, shipped_fact_key
+from rlhf_chat.text.questions import load_reference_answers, question_kind, shipped_fact_key
 
 log = logging.getLogger(__name__)
 # One seed for every live tax measurement, so that versions are compared on the same draws.
@@ -680,6 +680,7 @@ class PPOTrainer:
         guard_cfg: GuardConfig | None = None,
         tie_weight: float | None = None,
         max_kl: float = 0.0,
+        mode_choice: str | None = None,
     ):
         self.worker = worker
         # loop.max_kl: a policy whose own rollouts pass it is never served on (:meth:`step`)
@@ -694,6 +695,8 @@ class PPOTrainer:
         self.demonstration_weight = demonstration_weight
         # reward.tie_weight: ties count in a contributor's influence, as in reward rounds
         self.tie_weight = reward_default.tie_weight if tie_weight is None else tie_weight
+        # loop.mode_choice: whose votes pick a guided row's mode (:meth:`guided_openings`)
+        self.mode_choice = loop_default.mode_choice if mode_choice is None else mode_choice
         self.guard_cfg = guard_cfg or GuardConfig()
         self.sessions = sessions
         self.cfg = cfg
@@ -727,7 +730,7 @@ class PPOTrainer:
         return cls(
             worker, sessions, cfg.ppo, cfg.store.checkpoint_dir, score_fn=score_fn, sampling=cfg.sampling,
             demonstration_weight=cfg.loop.demonstration_weight, guard_cfg=cfg.guards, tie_weight=cfg.reward.tie_weight,
-            max_kl=cfg.loop.max_kl,
+            max_kl=cfg.loop.max_kl, mode_choice=cfg.loop.mode_choice,
         )
 
     def _call(self, fn):
@@ -746,14 +749,18 @@ class PPOTrainer:
             chosen = chosen_answers(session, cfg.ptx_examples, only_mode_pairs=cfg.ptx_from == "modes", trust=trust)
             return chosen + demonstrated_answers(session, cfg.ptx_examples, self.demonstration_weight, trust)
 
-    def guided_openings(self, rows: int) -> list[str]:
+    def guided_openings(self, contexts: list[list[dict]]) -> list[str]:
         """Each rollout row's opening ("" for a plain row): ``PPOConfig.guided_fraction``
-        of them open as the mode people have been choosing (``modes.guided_openings``)."""
+        of them open as the mode people have been choosing on questions like the row's
+        (``modes.guided_openings``, the votes as ``loop.mode_choice`` reads them)."""
         if self.cfg.guided_fraction <= 0:
-            return [PLAIN] * rows
+            return [PLAIN] * len(contexts)
         with self.sessions() as session:
-            modes, record = active_modes(session, answer_first=False), store.mode_record(session)
-        return guided_openings(modes, rows, self.cfg.guided_fraction, self.rng, record)
+            modes = active_modes(session, answer_first=False)
+            kinds = [question_kind(prompt_text(context)) for context in contexts]
+            one_prompt_of = {kind: prompt_text(c) for kind, c in zip(kinds, contexts)}  # a kind's record is one
+            records = {kind: mode_record_for(session, self.mode_choice, p) for kind, p in one_prompt_of.items()}
+        return guided_openings(modes, self.cfg.guided_fraction, self.rng, [records[kind] for kind in kinds])
 
     def step(self, contexts: list[list[dict]]) -> StepResult:
         """One PPO step on a batch of contexts, phase by phase (the module docstring)."""
@@ -761,7 +768,7 @@ class PPOTrainer:
         if self.optimizer is None:
             self.optimizer = self._call(lambda m: make_optimizer(m, self.cfg))
         seed = self.rng.randrange(2**31)
-        openings = self.guided_openings(len(contexts))
+        openings = self.guided_openings(contexts)
         # 1) rollout on the serving copy
         batch = self._call(lambda m: rollout(m, contexts, self.cfg, self.sampling, seed, openings, self.keep_prefix))
         times = {"start": start, "rollout": time.perf_counter()}
