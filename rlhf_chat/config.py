@@ -78,9 +78,9 @@ class ModelConfig:
     # leaves most tensors on heaps whose holes add up between trims). 4 MiB: a PPO
     # step on 4-exchange conversations peaked +0.95 GB above the models with the
     # sliding threshold and +0.63 GB with this one, chat's batch of 8 pairs +0.57
-    # against +0.51 GB; 16 MiB saved nothing (bench/job_memory.py, AMD EPYC
-    # AVX512-BF16). Fresh mappings cost page faults: those jobs took 5-25% longer
-    # in the same runs (docs/performance.md).
+    # against +0.51 GB; 16 MiB saved nothing (bench/job_memory.py, AMD EPYC, AVX2
+    # only). Fresh mappings cost page faults: those jobs took about 1.2x as long on
+    # the same machine the same hour (docs/performance.md).
     mmap_threshold_bytes: int = 4 * 2**20
     # The least share of the model worker's recent busy time (generation/worker.py)
     # that training (reward and PPO jobs) gets while chat jobs wait. Strict priority
