@@ -75,13 +75,14 @@ class ModelConfig:
     trim_memory_every_s: float = 30.0
     # Allocations of this many bytes or more get their own mapping, given back when
     # freed (model/memory.py; 0: glibc's sliding threshold, which climbs to 32 MB and
-    # leaves most tensors on heaps whose holes add up between trims). 4 MiB: a PPO
-    # step on 4-exchange conversations peaked +0.95 GB above the models with the
-    # sliding threshold and +0.63 GB with this one, chat's batch of 8 pairs +0.57
-    # against +0.51 GB; 16 MiB saved nothing (bench/job_memory.py, AMD EPYC, AVX2
-    # only). Fresh mappings cost page faults: those jobs took about 1.2x as long on
-    # the same machine the same hour (docs/performance.md).
-    mmap_threshold_bytes: int = 4 * 2**20
+    # leaves most tensors on heaps whose holes add up between trims). At 4 MiB a PPO
+    # step on 4-exchange conversations peaked +0.63 GB above the models against
+    # +0.95 GB, chat's batch of 8 pairs +0.51 against +0.57 GB (16 MiB saved
+    # nothing), but fresh mappings cost page faults: both jobs took about 1.2x as
+    # long (bench/job_memory.py, AMD EPYC, AVX2 only, same hour). A 60-minute soak
+    # at 4 MiB still grew +13% after minute 10 (docs/performance.md). So it is off:
+    # a person's wait matters more than 0.3 GB well under a Space's memory.
+    mmap_threshold_bytes: int = 0
     # The least share of the model worker's recent busy time (generation/worker.py)
     # that training (reward and PPO jobs) gets while chat jobs wait. Strict priority
     # starved training: a 20-minute soak with 8 people never ran a reward round

@@ -16,13 +16,14 @@ there while nothing in Python did (issue 42):
   key/value caches pins the pages around it: 40 decoding calls' worth of that
   pattern kept 832 MB resident for 59 MB in use, and ``malloc_trim(0)`` gave
   all but 63 MB back (same script). The model worker trims now and then.
-* **Freed memory between trims.** glibc's mmap threshold rises to the size of
-  every large block freed, up to 32 MB, so after the first job nearly every
-  activation and cache comes from its heaps, where a freed block is reused only
-  by what fits in its hole. Over an hour the holes added up to a job's peak: a
-  60-minute soak's window peaks rose 3.1 -> 3.7 GB with nothing held. A fixed
-  threshold (``model.mmap_threshold_bytes``) gives each block above it its own
-  mapping, returned to the system when freed.
+* **Freed memory between trims** (an option, off by default). glibc's mmap
+  threshold rises to the size of every large block freed, up to 32 MB, so
+  after the first job most activations come from its heaps, where a freed
+  block is reused only by what fits in its hole. A fixed threshold
+  (``model.mmap_threshold_bytes``) gives each block above it its own mapping,
+  returned to the system when freed: a PPO step's peak fell by a third, but
+  every job took about 1.2x as long (page faults on fresh mappings), and a
+  60-minute soak with it still grew after minute 10 (docs/performance.md).
 """
 
 from __future__ import annotations
