@@ -30,9 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # small and quick: a reward round on 4 votes, a PPO step of 2 short answers, each step published
     "deploy.heartbeat_s=0.5", "deploy.lease_ttl_s=4", "deploy.follow_every_s=0.5",
     "loop.min_votes=4", "loop.reward_every_votes=4", "loop.arena_fraction=0", "loop.mode_fraction=0",
+    "loop.ppo_steps_between_rewards=1",  # the restarted trainer's round waits for one PPO step, not three
     "reward.min_pairs=2", "reward.steps_per_round=4", "ppo.batch_size=2", "ppo.minibatch_size=2",
     "ppo.epochs=1", "ppo.checkpoint_every=1", "sampling.max_new_tokens=8",
 ]
+# How long training may take to show (a published policy, a reward round): generous, as
+# the assertion is that it happens, not how fast. The AVX2-only machine, running the
+# suite's other worker beside it, took over 180 s for the restarted trainer's round.
+TRAINING_WAIT_S = 480
 PROMPTS = ["What is rain?", "Name a bird.", "How do I boil an egg?", "Why is the sky blue?", "What is tea?"]
 
 
@@ -137,7 +142,7 @@ def test_two_replicas_and_one_trainer_share_one_postgresql_database(bundled_path
             # Votes through both replicas reach the trainer, which trains and publishes.
             cast = sum(chat_and_vote(replica, 3) for replica in replicas)
             assert wait_until(lambda: (trainer.health() or {}).get("votes", 0) >= cast, 30, "the votes in /health")
-            published = wait_until(lambda: (trainer.health() or {}).get("published_policy_version", 0), 180,
+            published = wait_until(lambda: (trainer.health() or {}).get("published_policy_version", 0), TRAINING_WAIT_S,
                                    "a published policy")
             seen = time.monotonic()
             for replica in replicas:
@@ -170,12 +175,12 @@ def test_two_replicas_and_one_trainer_share_one_postgresql_database(bundled_path
             assert body["policy_version"] >= last_published
             assert "restored policy checkpoint" in restarted.log.read_text()
             assert wait_until(lambda: (restarted.health() or {}).get("reward_version", 0) > before_kill["reward_version"],
-                              180, "a reward round on the votes stored during the outage")
+                              TRAINING_WAIT_S, "a reward round on the votes stored during the outage")
             def newer_published() -> int:
                 version = (restarted.health() or {}).get("published_policy_version", 0)
                 return version if version > last_published else 0
 
-            newer = wait_until(newer_published, 180, "a newer policy from the restarted trainer")
+            newer = wait_until(newer_published, TRAINING_WAIT_S, "a newer policy from the restarted trainer")
             for replica in replicas:
                 wait_until(lambda r=replica: (r.health() or {}).get("policy_version", 0) >= newer, 10,
                            f"{replica.name} to follow the restarted trainer")
