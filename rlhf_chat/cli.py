@@ -3,7 +3,8 @@
     python -m rlhf_chat train-reward [--db URL]
     python -m rlhf_chat train-policy --steps K [--db URL]
     python -m rlhf_chat simulate --labeler NAME_OR_MODULE:CALLABLE [--comparisons N] [--ppo-steps K]
-        [--people N] [--adversary reversed|longer|shorter|SPEC --adversary-sessions K --adversary-addresses A] ...
+        [--people N] [--adversary reversed|longer|shorter|SPEC --adversary-sessions K --adversary-addresses A]
+        [--label-noise P] ...
     python -m rlhf_chat export --format jsonl|parquet [--out PATH] [--demonstrations-out PATH]
 """
 
@@ -106,7 +107,7 @@ def cmd_simulate(cfg: AppConfig, args: argparse.Namespace) -> int:
             print("--rounds must be at least 1", file=sys.stderr)
             return 2
         cfg.simulation.rounds = args.rounds
-    for flag in ("people", "adversary_sessions", "adversary_addresses"):  # None: the config's default
+    for flag in ("people", "adversary_sessions", "adversary_addresses", "label_noise"):  # None: the config's default
         if getattr(args, flag) is not None:
             setattr(cfg.simulation, flag, getattr(args, flag))
     try:
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversary-addresses", type=int, default=None,
                    help="... behind this many addresses, 1 up to --adversary-sessions: 1 is one person's tabs, "
                    "as many as the sessions a crowd of its own (default simulation.adversary_addresses, 1)")
+    p.add_argument("--label-noise", type=float, default=None,
+                   help="flip each honest decided vote with this probability, as noisy annotators "
+                   "(default simulation.label_noise, 0)")
     p.add_argument("--no-guards", action="store_true",
                    help="turn the guards off (guards.enabled=false): the influence cap, the flags and the tripwire")
     p.add_argument("--fact-key", dest="fact_key_path", default=None,

@@ -418,6 +418,10 @@ class SimulationConfig:
     # address j mod adversary_addresses.
     adversary_sessions: int = 1
     adversary_addresses: int = 1
+    # Each honest person's decided vote (A or B) is flipped with this probability, as
+    # AlpacaFarm's noisy simulated annotators (issue 41: 0.25 for the crowd-alone
+    # runs); ties and "both bad" are kept. 0: people vote exactly their taste.
+    label_noise: float = 0.0
 
 
 @dataclass

@@ -60,9 +60,11 @@ def make_config(model: str, tmp: Path) -> AppConfig:
 
 @pytest.fixture
 def tiny_config(tiny_path, tmp_path) -> AppConfig:
-    """App config on the tiny model, with short answers so tests run in seconds."""
+    """App config on the tiny model, with short answers and a small tax measure, so tests run in seconds."""
     cfg = make_config(str(tiny_path), tmp_path)
     cfg.sampling.max_new_tokens = 12
+    # a simulation's tax measure on 4 factual questions, one answer each, not 40 x 2
+    cfg.simulation.tax_fact_questions, cfg.simulation.tax_answers_per_question = 4, 1
     return cfg
 
 

@@ -4,6 +4,7 @@ adversaries ``longer`` and ``shorter``."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -76,3 +77,47 @@ def test_a_simulated_crowd_stores_each_vote_under_its_person_and_reports_them(ti
     assert {r["key"] for r in report.contributors} == {s for s, _ in honest | bad}
     assert {r["key"] for r in report.addresses} == {c for _, c in honest | bad}
     assert report.settings["simulation"]["people"] == 4 and "consensus_margin" in report.settings["guards"]
+
+
+def test_label_noise_flips_a_share_of_decided_votes_and_keeps_ties_and_voters():
+    noisy, clean = Crowd("x", people=20, seed=4, label_noise=0.25), Crowd("x", people=20, seed=4)
+    cast = [noisy.noisy("a") for _ in range(2000)]
+    assert 0.22 < cast.count("b") / 2000 < 0.28 and noisy.flipped == cast.count("b")
+    assert {noisy.noisy(c) for c in ("tie", "both_bad", "demonstration") for _ in range(50)} == {
+        "tie", "both_bad", "demonstration"}
+    assert [noisy.honest() for _ in range(30)] == [clean.honest() for _ in range(30)]  # the same people vote
+    assert [clean.noisy("a") for _ in range(100)] == ["a"] * 100 and clean.flipped == 0
+    for bad in (-0.1, 0.5, 1.0):
+        with pytest.raises(ValueError, match="label_noise"):
+            Crowd("x", label_noise=bad)
+
+
+def always_a(prompt: str, a: str, b: str) -> str:
+    """A labeler for the noise test: always A."""
+    return "a"
+
+
+def test_label_noise_set_on_the_command_line_flips_stored_honest_votes(tiny_config, tmp_path, capsys):
+    from rlhf_chat.cli import main as cli_main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"question {i}?" for i in range(30)))
+    report = tmp_path / "noisy.json"
+    with pytest.raises(SystemExit) as done:
+        cli_main(["simulate", "--labeler", "tests.test_crowd:always_a", "--comparisons", "40", "--ppo-steps", "0",
+                  "--label-noise", "0.25", "--set", "reward.min_pairs=1000", "--set", "sampling.max_new_tokens=4",
+                  "--set", "simulation.tax_fact_questions=1", "--set", "simulation.tax_answers_per_question=1",
+                  "--set", "loop.arena_fraction=0", "--set", "loop.mode_fraction=0",
+                  "--model", tiny_config.model.name, "--db", tiny_config.store.db_url,
+                  "--checkpoints", tiny_config.store.checkpoint_dir, "--prompts", str(prompts), "--report", str(report)])
+    assert done.value.code == 0
+    saved = json.loads(report.read_text())
+    with store.open_store(tiny_config.store.db_url)() as session:
+        choices = Counter(c.choice for c in store.voted_comparisons(session))
+    assert saved["settings"]["simulation"]["label_noise"] == 0.25
+    assert 0 < choices["b"] == saved["flipped_votes"] == saved["votes"]["b"] < choices["a"] == saved["votes"]["a"]
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["simulate", "--labeler", "concise", "--comparisons", "2", "--label-noise", "0.7",
+                  "--model", tiny_config.model.name, "--db", f"sqlite:///{tmp_path / 'other.db'}",
+                  "--prompts", str(prompts), "--report", str(tmp_path / "x.json")])
+    assert refused.value.code == 2 and "label_noise" in capsys.readouterr().err

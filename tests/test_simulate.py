@@ -19,6 +19,11 @@ from rlhf_chat.generation.candidates import Sampling
 from rlhf_chat.generation.modes import ModeDraw
 from rlhf_chat.storage import store
 
+# For the command-line runs, which start from the defaults: short answers and a small
+# tax measure, as tiny_config's, so that each run takes seconds (64-token answers of
+# the tiny model, which never ends one, and 80 tax answers made them 14-29 s each).
+QUICK = ["--set", "sampling.max_new_tokens=12", "--set", "simulation.tax_fact_questions=2",
+         "--set", "simulation.tax_answers_per_question=1"]
 REPORT_FIELDS = {
     "rm_heldout_accuracy", "win_rate_vs_reference", "mean_kl", "comparisons", "ppo_steps", "wall_seconds",
     "reward_curve", "kl_curve", "votes", "eval_counts", "win_rate_interval", "rounds", "reward_rounds",
@@ -172,6 +177,7 @@ def test_cli_simulate_writes_the_report(tiny_config, tmp_path, capsys):
             "simulate", "--labeler", "rlhf_chat.evaluation.labelers:friendly", "--comparisons", "4", "--ppo-steps", "0",
             "--model", tiny_config.model.name, "--db", tiny_config.store.db_url,
             "--checkpoints", tiny_config.store.checkpoint_dir, "--prompts", str(prompts), "--report", str(report),
+            *QUICK,
         ])
     assert done.value.code == 0
     assert json.loads(report.read_text())["comparisons"] == 4
@@ -204,7 +210,7 @@ def test_cli_simulate_defaults_to_a_fresh_database_named_in_the_report(tiny_conf
         report = tmp_path / f"r{k}.json"
         with pytest.raises(SystemExit) as done:
             cli_main(["simulate", "--labeler", "concise", "--comparisons", "2", "--ppo-steps", "0",
-                      "--model", tiny_config.model.name, "--prompts", str(prompts), "--report", str(report)])
+                      "--model", tiny_config.model.name, "--prompts", str(prompts), "--report", str(report), *QUICK])
         assert done.value.code == 0
         reports.append(json.loads(report.read_text()))
     first, second = (r["db_url"] for r in reports)
@@ -237,6 +243,7 @@ def test_cli_simulate_with_a_teacher_stores_its_written_answers_up_to_the_limit(
             "--comparisons", "6", "--ppo-steps", "0", "--set", "simulation.demonstrations=3", "--set", "loop.arena_fraction=0",
             "--model", tiny_config.model.name, "--db", tiny_config.store.db_url,
             "--checkpoints", tiny_config.store.checkpoint_dir, "--prompts", str(prompts), "--report", str(report),
+            *QUICK,
         ])
     assert done.value.code == 0
     saved = json.loads(report.read_text())

@@ -145,7 +145,9 @@ def collect_votes(
     With an ``adversary``, a share ``adversary_share`` of the pairs is voted on by
     it instead, under its own sessions and addresses, as a bad actor among the
     people would (counted under ``adversary``). Who casts each vote is the
-    ``crowd``'s draw (:class:`Crowd`; by default one honest voice, ``session_id``).
+    ``crowd``'s draw (:class:`Crowd`; by default one honest voice, ``session_id``),
+    and an honest decided vote is flipped as the crowd's ``label_noise`` says
+    (counted under the choice cast).
     """
     crowd = crowd or Crowd(session_id)
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0, "demonstration": 0, "adversary": 0}
@@ -159,6 +161,8 @@ def collect_votes(
             bad = adversary is not None and not written and rng.random() < adversary_share
             voter = adversary if bad else labeler
             choice = "demonstration" if written else normalize_choice(voter(prompt, a.text, b.text))
+            if not bad and not written:
+                choice = crowd.noisy(choice)
             who = crowd.adversary() if bad else crowd.honest()
             store_feedback(sessions, who, prompt, (a, b), is_arena, choice, written)
             counts["adversary" if bad else choice] += 1
@@ -250,7 +254,10 @@ class Crowd:
     adversary_addresses: int = 1
     salt: str = ""
     seed: int = 0
+    label_noise: float = 0.0  # the share of honest decided votes flipped (simulation.label_noise)
+    flipped: int = 0  # how many were
     rng: random.Random = field(init=False, repr=False)
+    noise_rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.people < 1 or self.adversary_sessions < 1:
@@ -259,13 +266,25 @@ class Crowd:
         if not 1 <= self.adversary_addresses <= self.adversary_sessions:
             raise ValueError(f"--adversary-addresses ({self.adversary_addresses}) must be between 1 and "
                              f"--adversary-sessions ({self.adversary_sessions})")
+        if not 0 <= self.label_noise < 0.5:
+            raise ValueError(f"simulation.label_noise must be at least 0 and below 0.5, got {self.label_noise}")
         self.rng = random.Random(f"crowd-{self.seed}")
+        self.noise_rng = random.Random(f"noise-{self.seed}")  # its own stream: the same voters with or without noise
 
     @classmethod
     def from_config(cls, base: str, cfg: AppConfig, seed: int) -> Crowd:
         """The crowd ``cfg.simulation`` describes, its addresses salted as the app salts them."""
         sim = cfg.simulation
-        return cls(base, sim.people, sim.adversary_sessions, sim.adversary_addresses, cfg.guards.client_salt, seed)
+        return cls(base, sim.people, sim.adversary_sessions, sim.adversary_addresses, cfg.guards.client_salt, seed,
+                   sim.label_noise)
+
+    def noisy(self, choice: str) -> str:
+        """An honest person's ``choice`` as a noisy annotator casts it: a decided vote
+        ("a" or "b") flipped with probability ``label_noise``; any other kept."""
+        if choice in ("a", "b") and self.label_noise and self.noise_rng.random() < self.label_noise:
+            self.flipped += 1
+            return "b" if choice == "a" else "a"
+        return choice
 
     def honest(self) -> tuple[str, str]:
         """(session, client key) of the honest person who casts the next honest vote."""
@@ -359,6 +378,7 @@ class Report:
     eval_answers: list[dict] = field(default_factory=list)  # {"prompt", "policy", "reference", "choice", ...}
     adversary: str = ""  # --adversary: who voted for a share of the pairs under its own session
     adversary_share: float = 0.0
+    flipped_votes: int = 0  # honest decided votes flipped at random (simulation.label_noise)
     guards: bool = True  # whether the guards weighed the feedback (guards.enabled)
     contributors: list[dict] = field(default_factory=list)  # guards.Contributor rows at the end, by session
     addresses: list[dict] = field(default_factory=list)  # the same by client address (salted hash)
@@ -694,6 +714,7 @@ class SimulationRun:
             adversary=people.adversary, adversary_share=people.adversary_share, crowd=self.crowd,
         )
         report.votes = {k: report.votes[k] + v for k, v in counts.items()}
+        report.flipped_votes = self.crowd.flipped
         report.demonstrations = report.votes["demonstration"]
         self.seconds["votes"] += time.perf_counter() - mark
 
