@@ -109,6 +109,7 @@ SIMULATE_FLAGS = {  # flag -> (its value on the command line, what the simulatio
     "--people": ("13", lambda cfg, kw: cfg.simulation.people == 13),
     "--adversary-sessions": ("10", lambda cfg, kw: cfg.simulation.adversary_sessions == 10),
     "--adversary-addresses": ("5", lambda cfg, kw: cfg.simulation.adversary_addresses == 5),
+    "--label-noise": ("0.2", lambda cfg, kw: cfg.simulation.label_noise == 0.2),
     "--no-guards": (None, lambda cfg, kw: cfg.guards.enabled is False),
     "--fact-key": ("key.json", lambda cfg, kw: kw["fact_key_path"] == "key.json"),
     "--reference-answers": ("answers.json", lambda cfg, kw: kw["reference_answers_path"] == "answers.json"),
